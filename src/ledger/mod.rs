@@ -1,0 +1,1 @@
+//! The wallet domain. No IO, no clock, no randomness.

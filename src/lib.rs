@@ -1,0 +1,12 @@
+//! stormledger: an in-memory, durable, sharded ledger for a live-streaming wallet.
+//!
+//! Modules in reading order:
+//! - `layout`: the fixed little-endian command/reply records shared by the log and the wire.
+//! - `ledger`: the deterministic wallet state machine (no IO, no clock, no randomness).
+//! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
+//! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
+
+pub mod layout;
+pub mod ledger;
+pub mod storage;
+pub mod wal;
