@@ -1,12 +1,18 @@
 //! stormledger: an in-memory, durable, sharded ledger for a live-streaming wallet.
 //!
 //! Modules in reading order:
+//! - `config`: every limit and business parameter, validated at startup.
 //! - `layout`: the fixed little-endian command/reply records shared by the log and the wire.
 //! - `ledger`: the deterministic wallet state machine (no IO, no clock, no randomness).
+//! - `shard`: routing, the id directory, bounded queues and the single-writer worker loop.
+//! - `engine`: the facade that starts the workers and routes commands and reads.
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
 //! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
 
+pub mod config;
+pub mod engine;
 pub mod layout;
 pub mod ledger;
+pub mod shard;
 pub mod storage;
 pub mod wal;

@@ -1,1 +1,15 @@
-//! The wallet domain. No IO, no clock, no randomness.
+//! The wallet domain: amounts, accounts, commands, statuses and the state machine.
+//!
+//! Architecture invariant: no IO, no clock, no randomness, no `async`, no serialization derives.
+//! Everything here is a pure function of (state, command, timestamp).
+
+pub mod account;
+pub mod amount;
+pub mod command;
+pub mod index;
+pub mod state_machine;
+pub mod status;
+
+pub use command::{AccountKind, Channel, Command, FailReason};
+pub use state_machine::{Fanout, Reply, ShardState, TopUpState};
+pub use status::Status;

@@ -1,0 +1,630 @@
+//! The engine facade: starts one worker per shard and routes commands and reads to them.
+//!
+//! Ingest (any thread): decode and shape-check each record, refuse what cannot run (maintenance,
+//! full queue) with a status, claim transfer ids in the directory, and push one `Part` per
+//! shard onto that shard's bounded queue. Nothing here blocks: a full queue answers `busy`.
+//! Balance reads are answered on the calling thread from the shards' published balances.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded, Sender, TrySendError};
+use parking_lot::Mutex;
+
+use crate::config::{ConfigError, LedgerConfig, ShardLimits};
+use crate::layout::{CommandRecord, HistoryRecord, QueryRecord, ReplyRecord};
+use crate::ledger::account::HistoryEntry;
+use crate::ledger::command::kind;
+use crate::ledger::index::AccountIndex;
+use crate::ledger::state_machine::REPLICATION_IN_FLIGHT_MAX;
+use crate::ledger::{Command, Reply, ShardState, Status};
+use crate::shard::directory::{Claim, IdDirectory};
+use crate::shard::router::home_shard;
+use crate::shard::worker::{
+    self, reply_record, AuditSummary, Clock, Collector, Internal, Journal, NullJournal, Part, Peers, QueryMsg,
+    ShardAnswer, ShardQuery, SystemClock, WorkerConfig, WriteItem,
+};
+
+/// Query kinds (`QueryRecord::kind`).
+pub mod query_kind {
+    pub const BALANCE: u8 = 1;
+    pub const HISTORY: u8 = 2;
+    pub const LOOKUP: u8 = 3;
+    pub const TOPUP_STATUS: u8 = 4;
+}
+
+/// Largest page of history one query returns.
+pub const HISTORY_LIMIT_MAX: u32 = 1000;
+
+/// Engine tunables. Defaults are documented in README "Limits".
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub shards: u16,
+    pub ledger: LedgerConfig,
+    pub limits: ShardLimits,
+    /// Parts (per-shard slices of a submitted batch) one shard's write queue holds.
+    pub queue_depth_max: usize,
+    /// Reads one shard's query queue holds.
+    pub query_depth_max: usize,
+    /// Commands one shard applies per journal append; also the largest part.
+    pub batch_commands_max: usize,
+    /// How often an idle shard checks for expired top-ups.
+    pub tick_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            shards: std::thread::available_parallelism().map(|n| n.get() as u16).unwrap_or(1).clamp(1, 64),
+            ledger: LedgerConfig::default(),
+            limits: ShardLimits::default(),
+            queue_depth_max: 1024,
+            query_depth_max: 4096,
+            batch_commands_max: 8192,
+            tick_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.ledger.validate()?;
+        self.limits.validate()?;
+        if self.shards == 0 || self.shards > 64 {
+            return Err(ConfigError("shards must be in 1..=64".into()));
+        }
+        if self.queue_depth_max == 0 || self.query_depth_max == 0 {
+            return Err(ConfigError("queue depths must be at least 1".into()));
+        }
+        if self.batch_commands_max == 0 || self.batch_commands_max > 65_536 {
+            return Err(ConfigError("batch_commands_max must be in 1..=65536".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The answer to a read.
+#[derive(Clone, Debug, Default)]
+pub struct QueryAnswer {
+    /// Status, and per kind: balance (value); top-up state code (value) and fen (value2).
+    pub reply: ReplyRecord,
+    /// Lookup: the command as it was applied (with its timestamp).
+    pub command: Option<CommandRecord>,
+    /// History: newest first.
+    pub history: Vec<HistoryRecord>,
+    /// History: the cursor for the next page, if there may be one.
+    pub next_cursor: Option<(u64, u16)>,
+}
+
+/// See the module docs.
+pub struct Engine {
+    shards: u16,
+    writes: Vec<Sender<Part>>,
+    internal: Vec<Sender<Internal>>,
+    queries: Vec<Sender<QueryMsg>>,
+    indexes: Vec<Arc<AccountIndex>>,
+    directory: Arc<IdDirectory>,
+    permits: Arc<AtomicUsize>,
+    maintenance: AtomicBool,
+    batch_commands_max: usize,
+    threads: Mutex<Vec<JoinHandle<ShardState>>>,
+}
+
+impl Engine {
+    /// An engine that keeps nothing on disk (tests, benchmarks of the engine alone).
+    pub fn in_memory(config: EngineConfig) -> Result<Engine, ConfigError> {
+        config.validate()?;
+        let states = (0..config.shards)
+            .map(|s| ShardState::new(s, config.shards, config.ledger.clone(), config.limits.clone()))
+            .collect();
+        let journals = (0..config.shards).map(|_| Box::new(NullJournal) as Box<dyn Journal>).collect();
+        Ok(Engine::start(&config, states, journals, Arc::new(SystemClock)))
+    }
+
+    /// Starts the workers over recovered (or fresh) shard states. Replica messages that a crash
+    /// cut off are queued first, so every shard completes the cross-shard work before anything new.
+    pub fn start(
+        config: &EngineConfig,
+        states: Vec<ShardState>,
+        journals: Vec<Box<dyn Journal>>,
+        clock: Arc<dyn Clock>,
+    ) -> Engine {
+        let n = config.shards as usize;
+        assert_eq!(states.len(), n);
+        assert_eq!(journals.len(), n);
+        let directory = Arc::new(IdDirectory::default());
+        for state in &states {
+            for (id, record) in state.id_records() {
+                if !matches!(record.command, Command::ReplicaSettle { .. }) {
+                    directory.insert(id, state.shard());
+                }
+            }
+        }
+        let mut write_tx = Vec::new();
+        let mut write_rx = Vec::new();
+        let mut internal_tx = Vec::new();
+        let mut internal_rx = Vec::new();
+        let mut query_tx = Vec::new();
+        let mut query_rx = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = bounded(config.queue_depth_max);
+            write_tx.push(tx);
+            write_rx.push(rx);
+            let (tx, rx) = unbounded();
+            internal_tx.push(tx);
+            internal_rx.push(rx);
+            let (tx, rx) = bounded(config.query_depth_max);
+            query_tx.push(tx);
+            query_rx.push(rx);
+        }
+        // Complete replication cut off by a crash, in per-source order.
+        for source in &states {
+            for target in &states {
+                if source.shard() == target.shard() {
+                    continue;
+                }
+                let applied = target.replica_in(source.shard());
+                let missing = source.outbox_after(applied);
+                assert_eq!(
+                    missing.len() as u64,
+                    source.replica_out() - applied,
+                    "shard {} lost replica messages for shard {}",
+                    source.shard(),
+                    target.shard()
+                );
+                for (_, command) in missing {
+                    let msg = Internal::Replica { command, join: None };
+                    internal_tx[target.shard() as usize].send(msg).expect("receiver alive");
+                }
+            }
+        }
+        let permits = Arc::new(AtomicUsize::new(REPLICATION_IN_FLIGHT_MAX));
+        let indexes = states.iter().map(|s| s.index().clone()).collect();
+        let worker_config =
+            WorkerConfig { batch_commands_max: config.batch_commands_max, tick_interval: config.tick_interval };
+        let mut threads = Vec::new();
+        let rx = write_rx.into_iter().zip(internal_rx).zip(query_rx);
+        for ((state, journal), ((writes, internal), queries)) in states.into_iter().zip(journals).zip(rx) {
+            let peers = Peers {
+                internal: internal_tx.clone(),
+                queries: query_tx.clone(),
+                directory: directory.clone(),
+                permits: permits.clone(),
+            };
+            let clock = clock.clone();
+            let worker_config = worker_config.clone();
+            let name = format!("shard-{}", state.shard());
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker::run(state, journal, clock, writes, internal, queries, peers, worker_config))
+                .expect("spawn shard worker");
+            threads.push(handle);
+        }
+        Engine {
+            shards: config.shards,
+            writes: write_tx,
+            internal: internal_tx,
+            queries: query_tx,
+            indexes,
+            directory,
+            permits,
+            maintenance: AtomicBool::new(false),
+            batch_commands_max: config.batch_commands_max,
+            threads: Mutex::new(threads),
+        }
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// Pauses (or resumes) writes: while on, every write is answered `maintenance`.
+    pub fn set_maintenance(&self, on: bool) {
+        self.maintenance.store(on, Ordering::Release);
+    }
+
+    pub fn maintenance(&self) -> bool {
+        self.maintenance.load(Ordering::Acquire)
+    }
+
+    /// Submits write commands. `done` is called exactly once, from an engine thread or this
+    /// one, with one reply per record in order, after every accepted command is durable.
+    pub fn submit(&self, records: Vec<CommandRecord>, done: Box<dyn FnOnce(Vec<ReplyRecord>) + Send>) {
+        let n = records.len();
+        if n == 0 {
+            done(Vec::new());
+            return;
+        }
+        let collector = Collector::new(n, done);
+        let mut immediate: Vec<(u32, ReplyRecord)> = Vec::new();
+        let mut per_shard: Vec<Vec<WriteItem>> = (0..self.shards).map(|_| Vec::new()).collect();
+        let mut claims: Vec<Vec<u64>> = (0..self.shards).map(|_| Vec::new()).collect();
+        let maintenance = self.maintenance();
+        for (tag, record) in records.iter().enumerate() {
+            let tag = tag as u32;
+            let refuse = |status: Status| {
+                let mut r = ReplyRecord { kind: record.kind, ..ReplyRecord::default() };
+                r.status.set(status.code());
+                r.id.set(record.id.get());
+                (tag, r)
+            };
+            if !kind::is_client_kind(record.kind) {
+                immediate.push(refuse(Status::InvalidKind));
+                continue;
+            }
+            let command = match Command::from_record(record) {
+                Ok(c) => c,
+                Err(status) => {
+                    immediate.push(refuse(status));
+                    continue;
+                }
+            };
+            if maintenance {
+                immediate.push((tag, reply_record(&command, Reply::status(Status::Maintenance))));
+                continue;
+            }
+            let (shard, claimed) = match self.route(&command) {
+                Ok(route) => route,
+                Err(status) => {
+                    immediate.push((tag, reply_record(&command, Reply::status(status))));
+                    continue;
+                }
+            };
+            let permit = needs_permit(&command);
+            if permit && !self.take_permit() {
+                if claimed {
+                    self.directory.release(command.transfer_id().expect("claimed"), shard);
+                }
+                immediate.push((tag, reply_record(&command, Reply::status(Status::Busy))));
+                continue;
+            }
+            if claimed {
+                claims[shard as usize].push(command.transfer_id().expect("claimed"));
+            }
+            per_shard[shard as usize].push(WriteItem { tag, command, permit });
+        }
+        for (shard, items) in per_shard.into_iter().enumerate() {
+            let mut items = items;
+            while !items.is_empty() {
+                let rest = if items.len() > self.batch_commands_max {
+                    items.split_off(self.batch_commands_max)
+                } else {
+                    Vec::new()
+                };
+                let part = Part { items, collector: collector.clone() };
+                match self.writes[shard].try_send(part) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(part) | TrySendError::Disconnected(part)) => {
+                        for item in part.items {
+                            immediate.push((item.tag, reply_record(&item.command, Reply::status(Status::Busy))));
+                            if item.permit {
+                                self.permits.fetch_add(1, Ordering::AcqRel);
+                            }
+                            if let Some(id) = item.command.transfer_id() {
+                                if claims[shard].contains(&id) {
+                                    self.directory.release(id, shard as u16);
+                                }
+                            }
+                        }
+                    }
+                }
+                items = rest;
+            }
+        }
+        collector.fill(&immediate);
+    }
+
+    /// Submits and waits (tests, tools).
+    pub fn execute(&self, commands: &[Command]) -> Vec<ReplyRecord> {
+        let (tx, rx) = bounded(1);
+        let records = commands.iter().map(|c| c.to_record()).collect();
+        self.submit(
+            records,
+            Box::new(move |replies| {
+                let _ = tx.send(replies);
+            }),
+        );
+        rx.recv().expect("engine replies")
+    }
+
+    fn take_permit(&self) -> bool {
+        self.permits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1)).is_ok()
+    }
+
+    /// The shard a command runs on, and whether its id was newly claimed.
+    fn route(&self, command: &Command) -> Result<(u16, bool), Status> {
+        let home = |account: u64| home_shard(account, self.shards);
+        let claim = |id: u64, shard: u16| match self.directory.claim(id, shard) {
+            Claim::New => (shard, true),
+            Claim::Existing(owner) => (owner, false),
+        };
+        Ok(match *command {
+            Command::CreateAccount { account, .. } => (home(account), false),
+            Command::BindMethod { user, .. } | Command::SetDailyCap { user, .. } => (home(user), false),
+            Command::Freeze { account, .. } => (home(account), false),
+            Command::TopUpBegin { id, user, .. } => claim(id, home(user)),
+            Command::Tip { id, from, .. } | Command::Gift { id, from, .. } | Command::PayEvent { id, from, .. } => {
+                claim(id, home(from))
+            }
+            Command::Settle { id, account } => claim(id, home(account)),
+            Command::TopUpConfirm { id, .. } | Command::TopUpFail { id, .. } => {
+                (self.directory.owner(id).ok_or(Status::NotFound)?, false)
+            }
+            Command::Tick
+            | Command::ReplicaCreate { .. }
+            | Command::ReplicaFreeze { .. }
+            | Command::ReplicaSettle { .. } => return Err(Status::InvalidKind),
+        })
+    }
+
+    /// The committed balance of `account`: lock-free, on the calling thread. For a striped
+    /// account it is the sum of its stripes, each committed (not one atomic cut across shards).
+    pub fn balance(&self, account: u64) -> Option<i64> {
+        let home = home_shard(account, self.shards) as usize;
+        let balance = self.indexes[home].balance(account)?;
+        if self.shards == 1 {
+            return Some(balance);
+        }
+        let other = (home + 1) % self.shards as usize;
+        if self.indexes[other].lookup(account).is_none() {
+            return Some(balance);
+        }
+        Some(self.indexes.iter().map(|index| index.balance(account).unwrap_or(0)).sum())
+    }
+
+    /// Is `account` striped (present on more than its home shard)?
+    fn is_striped(&self, account: u64) -> bool {
+        self.shards > 1 && {
+            let home = home_shard(account, self.shards) as usize;
+            self.indexes[(home + 1) % self.shards as usize].lookup(account).is_some()
+        }
+    }
+
+    fn ask(&self, shard: usize, query: ShardQuery, done: Box<dyn FnOnce(ShardAnswer) + Send>) -> Result<(), Status> {
+        match self.queries[shard].try_send(QueryMsg { query, done }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(Status::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(Status::Unavailable),
+        }
+    }
+
+    /// Answers a read. `done` is called exactly once.
+    pub fn query(&self, query: QueryRecord, done: Box<dyn FnOnce(QueryAnswer) + Send>) {
+        let key = query.key.get();
+        let query_kind = query.kind;
+        let status_answer = move |status: Status| {
+            let mut reply = ReplyRecord { kind: query_kind, ..ReplyRecord::default() };
+            reply.status.set(status.code());
+            reply.id.set(key);
+            QueryAnswer { reply, ..QueryAnswer::default() }
+        };
+        match query.kind {
+            query_kind::BALANCE => {
+                let answer = match self.balance(key) {
+                    Some(balance) => {
+                        let mut a = status_answer(Status::Ok);
+                        a.reply.value.set(balance);
+                        a
+                    }
+                    None => status_answer(Status::NotFound),
+                };
+                done(answer);
+            }
+            query_kind::HISTORY => {
+                let limit = query.limit.get().clamp(1, HISTORY_LIMIT_MAX) as usize;
+                let before = match query.before_ts.get() {
+                    0 => None,
+                    ts => Some((ts, query.before_shard.get() as u16)),
+                };
+                let home = home_shard(key, self.shards) as usize;
+                if self.indexes[home].lookup(key).is_none() {
+                    return done(status_answer(Status::NotFound));
+                }
+                let shards: Vec<usize> =
+                    if self.is_striped(key) { (0..self.shards as usize).collect() } else { vec![home] };
+                let gather = Arc::new(Gather::new(shards.len(), move |parts: Vec<(u16, Vec<HistoryEntry>)>| {
+                    let mut all: Vec<(u16, HistoryEntry)> =
+                        parts.into_iter().flat_map(|(s, entries)| entries.into_iter().map(move |e| (s, e))).collect();
+                    all.sort_by(|a, b| (b.1.timestamp, b.0).cmp(&(a.1.timestamp, a.0)));
+                    all.truncate(limit);
+                    let mut answer = status_answer(Status::Ok);
+                    answer.next_cursor =
+                        if all.len() == limit { all.last().map(|(s, e)| (e.timestamp, *s)) } else { None };
+                    answer.history = all.iter().map(|(s, e)| history_record(*s, e)).collect();
+                    done(answer);
+                }));
+                for shard in shards {
+                    let g = gather.clone();
+                    let q = ShardQuery::History { account: key, limit, before };
+                    let result = self.ask(
+                        shard,
+                        q,
+                        Box::new(move |a| {
+                            if let ShardAnswer::History(h) = a {
+                                g.add(shard as u16, h);
+                            }
+                        }),
+                    );
+                    if result.is_err() {
+                        gather.add(shard as u16, Vec::new());
+                    }
+                }
+            }
+            query_kind::LOOKUP | query_kind::TOPUP_STATUS => {
+                let Some(owner) = self.directory.owner(key) else { return done(status_answer(Status::NotFound)) };
+                let is_lookup = query.kind == query_kind::LOOKUP;
+                let q = if is_lookup { ShardQuery::Lookup { id: key } } else { ShardQuery::TopUp { id: key } };
+                let shards = self.shards;
+                let queries = self.queries.clone();
+                let done = Arc::new(Mutex::new(Some(done)));
+                let finish = {
+                    let done = done.clone();
+                    move |answer: QueryAnswer| {
+                        if let Some(d) = done.lock().take() {
+                            d(answer)
+                        }
+                    }
+                };
+                let finish2 = finish.clone();
+                let result = self.ask(
+                    owner as usize,
+                    q,
+                    Box::new(move |a| match a {
+                        ShardAnswer::Lookup(Some(record)) => {
+                            let mut command = record.command.to_record();
+                            command.timestamp.set(record.timestamp);
+                            let reply = reply_record(&record.command, record.reply);
+                            let base = QueryAnswer { reply, command: Some(command), ..QueryAnswer::default() };
+                            if !matches!(record.command, Command::Settle { .. })
+                                || shards == 1
+                                || record.reply.status != Status::Ok
+                            {
+                                return finish(base);
+                            }
+                            // A settlement's total is the sum of its parts on every shard.
+                            let gather = Arc::new(Gather::new(shards as usize - 1, move |parts: Vec<(u16, i64)>| {
+                                let mut base = base;
+                                let total = base.reply.value.get() + parts.iter().map(|p| p.1).sum::<i64>();
+                                base.reply.value.set(total);
+                                finish(base);
+                            }));
+                            for (s, tx) in queries.iter().enumerate() {
+                                if s == owner as usize {
+                                    continue;
+                                }
+                                let g = gather.clone();
+                                let msg = QueryMsg {
+                                    query: ShardQuery::Lookup { id: key },
+                                    done: Box::new(move |a| {
+                                        let v = match a {
+                                            ShardAnswer::Lookup(Some(r)) => r.reply.value,
+                                            _ => 0,
+                                        };
+                                        g.add(s as u16, v);
+                                    }),
+                                };
+                                // Never block a shard thread on another shard's queue.
+                                if tx.try_send(msg).is_err() {
+                                    gather.add(s as u16, 0);
+                                }
+                            }
+                        }
+                        ShardAnswer::TopUp(Some(topup)) => {
+                            let mut answer = status_answer(Status::Ok);
+                            answer.reply.kind = kind::TOPUP_BEGIN;
+                            answer.reply.value.set(topup.state as i64);
+                            answer.reply.value2.set(topup.fen as i64);
+                            finish(answer);
+                        }
+                        _ => finish(status_answer(Status::NotFound)),
+                    }),
+                );
+                if let Err(status) = result {
+                    finish2(status_answer(status));
+                }
+            }
+            _ => done(status_answer(Status::InvalidKind)),
+        }
+    }
+
+    /// Reads and waits (tests, tools).
+    pub fn query_blocking(&self, query: QueryRecord) -> QueryAnswer {
+        let (tx, rx) = bounded(1);
+        self.query(
+            query,
+            Box::new(move |a| {
+                let _ = tx.send(a);
+            }),
+        );
+        rx.recv().expect("engine answers")
+    }
+
+    /// Every shard's summary (after all work queued before this call).
+    pub fn audit(&self) -> Vec<AuditSummary> {
+        let (tx, rx) = unbounded();
+        for shard in 0..self.shards as usize {
+            let tx = tx.clone();
+            let q = QueryMsg {
+                query: ShardQuery::Audit,
+                done: Box::new(move |a| {
+                    if let ShardAnswer::Audit(s) = a {
+                        let _ = tx.send(s);
+                    }
+                }),
+            };
+            self.queries[shard].send(q).expect("shard alive");
+        }
+        drop(tx);
+        let mut all: Vec<AuditSummary> = rx.iter().collect();
+        all.sort_by_key(|s| s.shard);
+        all
+    }
+
+    /// Stops the workers after they finish what is queued, and returns the shard states.
+    pub fn shutdown(&self) -> Vec<ShardState> {
+        for tx in &self.internal {
+            let _ = tx.send(Internal::Shutdown);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock());
+        threads.into_iter().map(|t| t.join().expect("shard worker panicked")).collect()
+    }
+
+    /// Transfer ids the directory knows (for tests and metrics).
+    pub fn directory_len(&self) -> usize {
+        self.directory.len()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if !self.threads.lock().is_empty() {
+            self.shutdown();
+        }
+    }
+}
+
+fn needs_permit(command: &Command) -> bool {
+    match command {
+        Command::CreateAccount { kind, .. } => kind.is_striped(),
+        Command::Freeze { .. } | Command::Settle { .. } => true,
+        _ => false,
+    }
+}
+
+fn history_record(shard: u16, e: &HistoryEntry) -> HistoryRecord {
+    let mut r = HistoryRecord { kind: e.kind, shard: shard as u8, ..HistoryRecord::default() };
+    r.timestamp.set(e.timestamp);
+    r.id.set(e.id);
+    r.counterparty.set(e.counterparty);
+    r.amount.set(e.amount);
+    r.balance_after.set(e.balance_after);
+    r.status.set(e.status);
+    r.detail.set(e.detail);
+    r
+}
+
+/// Gathers one answer from each of `n` shards, then calls `f` once.
+struct Gather<T, F: FnOnce(Vec<(u16, T)>)> {
+    parts: Mutex<(Vec<(u16, T)>, Option<F>)>,
+    n: usize,
+}
+
+impl<T, F: FnOnce(Vec<(u16, T)>)> Gather<T, F> {
+    fn new(n: usize, f: F) -> Self {
+        Gather { parts: Mutex::new((Vec::with_capacity(n), Some(f))), n }
+    }
+    fn add(&self, shard: u16, value: T) {
+        let mut guard = self.parts.lock();
+        guard.0.push((shard, value));
+        if guard.0.len() == self.n {
+            let parts = std::mem::take(&mut guard.0);
+            let f = guard.1.take();
+            drop(guard);
+            if let Some(f) = f {
+                f(parts);
+            }
+        }
+    }
+}

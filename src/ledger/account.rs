@@ -1,0 +1,136 @@
+//! Account state as the shard's writer holds it, and the per-account history ring.
+
+use crate::ledger::command::{flags, AccountKind};
+
+/// One account (or one shard's stripe of a striped account). 56 bytes; the published balance
+/// and the index entry add 8 + ~24 bytes (see `index`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub id: u64,
+    /// Credits minus debits, in the account's unit. Never negative for users and earnings.
+    pub balance: i64,
+    /// Streamers: the union they belong to (0 = none).
+    pub union: u64,
+    /// Users: coins spent on `spent_day`.
+    pub spent_today: u64,
+    /// Users: their own daily cap in coins (0 = the platform default).
+    pub daily_cap: u64,
+    /// 1 + the history sequence number of this account's newest entry (0 = none).
+    pub history_head: u64,
+    /// Users: the business day `spent_today` belongs to.
+    pub spent_day: u32,
+    pub kind: AccountKind,
+    pub flags: u8,
+    /// Users: bound payment methods.
+    pub methods: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Account>() == 56);
+
+impl Account {
+    pub fn new(id: u64, kind: AccountKind, flags: u8, union: u64) -> Account {
+        Account {
+            id,
+            balance: 0,
+            union,
+            spent_today: 0,
+            daily_cap: 0,
+            history_head: 0,
+            spent_day: 0,
+            kind,
+            flags,
+            methods: 0,
+        }
+    }
+
+    pub const fn is_frozen(&self) -> bool {
+        self.flags & flags::FROZEN != 0
+    }
+}
+
+/// One entry of an account's history. Entries of one account are chained newest to oldest
+/// through `prev`; the chain ends where the ring has overwritten older entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// 1 + sequence number of the previous entry of the same account (0 = none).
+    pub prev: u64,
+    pub timestamp: u64,
+    pub id: u64,
+    pub counterparty: u64,
+    pub amount: i64,
+    pub balance_after: i64,
+    pub detail: u64,
+    pub status: u16,
+    pub kind: u8,
+}
+
+/// A fixed-capacity ring of history entries with per-account back links.
+pub struct HistoryRing {
+    entries: Vec<HistoryEntry>,
+    capacity: u64,
+    /// Sequence number of the next entry (entries ever appended).
+    next: u64,
+}
+
+impl HistoryRing {
+    pub fn new(capacity: u32) -> HistoryRing {
+        HistoryRing { entries: Vec::new(), capacity: capacity as u64, next: 0 }
+    }
+
+    /// Appends `entry` for `account`, linking it to the account's previous entry.
+    pub fn push(&mut self, account: &mut Account, mut entry: HistoryEntry) {
+        entry.prev = account.history_head;
+        let seq = self.next;
+        if (self.entries.len() as u64) < self.capacity {
+            self.entries.push(entry);
+        } else {
+            self.entries[(seq % self.capacity) as usize] = entry;
+        }
+        self.next += 1;
+        account.history_head = seq + 1;
+    }
+
+    /// The entry with sequence number `link - 1`, if still retained.
+    pub fn get(&self, link: u64) -> Option<&HistoryEntry> {
+        if link == 0 {
+            return None;
+        }
+        let seq = link - 1;
+        if seq >= self.next || self.next - seq > self.capacity {
+            return None;
+        }
+        self.entries.get((seq % self.capacity) as usize)
+    }
+
+    /// Entries ever appended.
+    pub fn appended(&self) -> u64 {
+        self.next
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Retained entries in sequence order, oldest first (for snapshots).
+    pub fn retained(&self) -> impl Iterator<Item = (u64, &HistoryEntry)> {
+        let start = self.next.saturating_sub(self.capacity.min(self.entries.len() as u64));
+        (start..self.next).map(move |seq| (seq, &self.entries[(seq % self.capacity) as usize]))
+    }
+
+    /// Rebuilds a ring from retained entries (oldest first) during snapshot load.
+    pub fn restore(capacity: u32, next: u64, retained: Vec<HistoryEntry>) -> HistoryRing {
+        let mut ring = HistoryRing { entries: Vec::with_capacity(retained.len()), capacity: capacity as u64, next };
+        let start = next - retained.len() as u64;
+        if retained.len() as u64 == ring.capacity {
+            let mut slots = vec![HistoryEntry::default(); retained.len()];
+            for (i, e) in retained.into_iter().enumerate() {
+                slots[((start + i as u64) % ring.capacity) as usize] = e;
+            }
+            ring.entries = slots;
+        } else {
+            assert!(start == 0, "a partly filled ring starts at sequence 0");
+            ring.entries = retained;
+        }
+        ring
+    }
+}

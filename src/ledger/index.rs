@@ -1,0 +1,136 @@
+//! A fixed-capacity, single-writer / many-reader hash index from account id to slot, plus the
+//! published (committed) balance of every slot.
+//!
+//! This is what lets a reader on any thread get a committed balance without going through the
+//! shard's queue: probing is a handful of atomic loads, no lock, no allocation. Only the shard's
+//! writer thread inserts or stores balances (`&mut self` on the owning `ShardState` guarantees it;
+//! readers hold an `Arc<AccountIndex>` and only call `lookup`/`balance`). Accounts are never
+//! removed, so a reader can never observe a slot being reused.
+//!
+//! Capacity is fixed at startup (twice `accounts_max`, rounded up to a power of two, so the load
+//! factor stays at or below 0.5 and probes stay short). The arrays are zero-initialised with
+//! `Box::new_zeroed_slice`, so untouched pages cost no resident memory.
+
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+/// See the module docs.
+pub struct AccountIndex {
+    keys: Box<[AtomicU64]>,
+    slots: Box<[AtomicU32]>,
+    balances: Box<[AtomicI64]>,
+    mask: usize,
+    len: AtomicU32,
+    capacity: u32,
+}
+
+fn zeroed<T>(n: usize) -> Box<[T]> {
+    // SAFETY: only instantiated with AtomicU64/AtomicU32/AtomicI64, for which all-zero bytes
+    // are a valid value (zero).
+    unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() }
+}
+
+#[inline]
+fn hash(id: u64) -> usize {
+    // Fibonacci hashing: ids are often sequential; the multiply spreads them over the table.
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize
+}
+
+impl AccountIndex {
+    /// An empty index for at most `capacity` accounts.
+    pub fn new(capacity: u32) -> AccountIndex {
+        let table = (capacity as usize * 2).next_power_of_two();
+        AccountIndex {
+            keys: zeroed(table),
+            slots: zeroed(table),
+            balances: zeroed(capacity as usize),
+            mask: table - 1,
+            len: AtomicU32::new(0),
+            capacity,
+        }
+    }
+
+    /// Accounts inserted so far.
+    pub fn len(&self) -> u32 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// The slot of `id`, if present. Safe from any thread.
+    #[inline]
+    pub fn lookup(&self, id: u64) -> Option<u32> {
+        let mut i = hash(id) & self.mask;
+        loop {
+            let key = self.keys[i].load(Ordering::Acquire);
+            if key == id {
+                return Some(self.slots[i].load(Ordering::Relaxed));
+            }
+            if key == 0 {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// The published balance of `id`, if present. Safe from any thread.
+    #[inline]
+    pub fn balance(&self, id: u64) -> Option<i64> {
+        self.lookup(id).map(|slot| self.balances[slot as usize].load(Ordering::Acquire))
+    }
+
+    /// Inserts `id` with the next free slot and returns it. Writer only; `id` must be absent
+    /// and non-zero. `None` when the index is full.
+    pub(crate) fn insert(&self, id: u64) -> Option<u32> {
+        assert!(id != 0);
+        let slot = self.len.load(Ordering::Relaxed);
+        if slot >= self.capacity {
+            return None;
+        }
+        let mut i = hash(id) & self.mask;
+        loop {
+            let key = self.keys[i].load(Ordering::Relaxed);
+            assert!(key != id, "account {id} inserted twice");
+            if key == 0 {
+                self.balances[slot as usize].store(0, Ordering::Relaxed);
+                self.slots[i].store(slot, Ordering::Relaxed);
+                // Release: a reader that sees the key also sees the slot and its balance.
+                self.keys[i].store(id, Ordering::Release);
+                self.len.store(slot + 1, Ordering::Release);
+                return Some(slot);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Publishes a committed balance. Writer only.
+    #[inline]
+    pub(crate) fn publish(&self, slot: u32, balance: i64) {
+        self.balances[slot as usize].store(balance, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_lookup_publish() {
+        let index = AccountIndex::new(100);
+        assert_eq!(index.lookup(7), None);
+        for id in 1..=100u64 {
+            let slot = index.insert(id * 1_000_003).unwrap();
+            index.publish(slot, id as i64);
+        }
+        assert_eq!(index.insert(5), None, "full");
+        for id in 1..=100u64 {
+            assert_eq!(index.balance(id * 1_000_003), Some(id as i64));
+        }
+        assert_eq!(index.balance(42), None);
+    }
+}

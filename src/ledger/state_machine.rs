@@ -1,0 +1,921 @@
+//! `ShardState::apply`: the deterministic wallet state machine of one shard.
+//!
+//! Architecture invariant: nothing here does IO, reads a clock, draws randomness or depends on
+//! hash-map iteration order. The same commands with the same timestamps give the same replies
+//! and balances, which is what log replay, recovery and simulation tests rely on.
+//!
+//! Every money movement is a `transfer` between two accounts of the same unit on this shard, so
+//! each shard balances on its own (the sum of balances per unit is zero). Striped accounts
+//! (streamers, unions, system accounts) have a stripe on every shard; a tip touches only the
+//! payer's shard. Cross-shard work (creating/freezing a striped account, settlement) is applied
+//! on the home shard first and then replicated: `apply` returns a `Fanout` for the engine.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use crate::config::{LedgerConfig, ShardLimits};
+use crate::layout::TEXT_LEN;
+use crate::ledger::account::{Account, HistoryEntry, HistoryRing};
+use crate::ledger::amount::fen_to_coins;
+use crate::ledger::command::{
+    flags, AccountKind, Channel, Command, FailReason, Origin, Unit, SYSTEM_ACCOUNTS, SYSTEM_COIN_SALES,
+    SYSTEM_ISSUANCE, SYSTEM_PAYOUT, SYSTEM_PLATFORM, SYSTEM_SUSPENSE,
+};
+use crate::ledger::index::AccountIndex;
+use crate::ledger::status::Status;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// A deterministic, fast hasher for integer keys. Hash maps in the state machine are only ever
+/// probed, never iterated for output, so their order cannot leak into results.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// What a command answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: Status,
+    /// Per kind: the payer's balance after, coins credited, amount swept, the balance that was
+    /// insufficient, the cap left today, ...
+    pub value: i64,
+    /// Per kind: coins spent, fen of a top-up, ...
+    pub value2: i64,
+    /// This is the stored original result of an earlier command with the same id.
+    pub duplicate: bool,
+}
+
+impl Reply {
+    pub const fn status(status: Status) -> Reply {
+        Reply { status, value: 0, value2: 0, duplicate: false }
+    }
+    pub const fn ok(value: i64, value2: i64) -> Reply {
+        Reply { status: Status::Ok, value, value2, duplicate: false }
+    }
+    const fn with(status: Status, value: i64) -> Reply {
+        Reply { status, value, value2: 0, duplicate: false }
+    }
+}
+
+/// Work the engine must do on other shards after this command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fanout {
+    None,
+    /// Apply this command on every other shard (in order, per source shard); the client's reply
+    /// waits until all have applied it. For settlements the parts' values are summed.
+    Replicate(Command),
+    /// A retried settlement: sum the recorded parts of every shard for the reply.
+    GatherSettlement {
+        id: u64,
+    },
+}
+
+/// The state of a top-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopUpState {
+    Pending = 1,
+    Succeeded = 2,
+    Failed = 3,
+    Expired = 4,
+    Refunded = 5,
+}
+
+impl TopUpState {
+    pub const fn name(self) -> &'static str {
+        match self {
+            TopUpState::Pending => "pending",
+            TopUpState::Succeeded => "succeeded",
+            TopUpState::Failed => "failed",
+            TopUpState::Expired => "expired",
+            TopUpState::Refunded => "refunded",
+        }
+    }
+    pub const fn from_code(code: i64) -> Option<TopUpState> {
+        Some(match code {
+            1 => TopUpState::Pending,
+            2 => TopUpState::Succeeded,
+            3 => TopUpState::Failed,
+            4 => TopUpState::Expired,
+            5 => TopUpState::Refunded,
+            _ => return None,
+        })
+    }
+}
+
+/// A top-up and how it ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopUp {
+    pub user: u64,
+    pub channel: Channel,
+    pub fen: u64,
+    pub coins: u64,
+    pub deadline: u64,
+    pub state: TopUpState,
+    pub fail_reason: Option<FailReason>,
+    /// The channel transaction of the confirmation (succeeded or refunded).
+    pub channel_txn: [u8; TEXT_LEN],
+    /// Fen the channel confirmed (differs from `fen` only for a refunded late confirmation).
+    pub confirmed_fen: u64,
+    /// The reply the first confirmation got (returned again to duplicates).
+    pub confirm_reply: Option<Reply>,
+    /// Its id record has left the idempotency window: drop it once it is no longer pending.
+    pub id_evicted: bool,
+}
+
+/// An idempotency record: the command and its original reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdRecord {
+    pub timestamp: u64,
+    pub command: Command,
+    pub reply: Reply,
+}
+
+/// One shard's ledger.
+pub struct ShardState {
+    pub(crate) shard: u16,
+    pub(crate) shards: u16,
+    pub(crate) config: LedgerConfig,
+    gift_prices: IdMap<u64, u64>,
+    pub(crate) limits: ShardLimits,
+    pub(crate) index: Arc<AccountIndex>,
+    pub(crate) accounts: Vec<Account>,
+    pub(crate) methods: IdMap<(u64, u64), Channel>,
+    pub(crate) ids: IdMap<u64, u64>,
+    pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
+    pub(crate) id_seq: u64,
+    pub(crate) topups: IdMap<u64, TopUp>,
+    pub(crate) pending: VecDeque<(u64, u64)>,
+    pub(crate) history: HistoryRing,
+    pub(crate) last_timestamp: u64,
+    /// Replication sequence numbers: the last emitted by this shard, and the last applied from
+    /// each source shard.
+    pub(crate) replica_out: u64,
+    pub(crate) replica_in: Vec<u64>,
+    /// Recent replicated commands (bounded), so recovery can re-send what a crash cut off.
+    pub(crate) outbox: VecDeque<(u64, Command)>,
+    /// Transfer ids that left the idempotency window since the engine last drained them.
+    pub(crate) evicted: Vec<u64>,
+}
+
+/// How many replicated commands a shard remembers for recovery. The engine admits at most
+/// `REPLICATION_IN_FLIGHT_MAX` unfinished replicated commands, so this is always enough.
+pub const OUTBOX_MAX: usize = 4096;
+pub const REPLICATION_IN_FLIGHT_MAX: usize = 1024;
+
+struct Leg {
+    debit: u32,
+    credit: u32,
+    amount: u64,
+}
+
+impl ShardState {
+    /// A new shard with its system accounts (genesis).
+    pub fn new(shard: u16, shards: u16, config: LedgerConfig, limits: ShardLimits) -> ShardState {
+        assert!(shard < shards);
+        let gift_prices = config.gifts.iter().copied().collect();
+        let mut state = ShardState {
+            shard,
+            shards,
+            gift_prices,
+            index: Arc::new(AccountIndex::new(limits.accounts_max)),
+            accounts: Vec::new(),
+            methods: IdMap::default(),
+            ids: IdMap::default(),
+            id_ring: VecDeque::new(),
+            id_seq: 0,
+            topups: IdMap::default(),
+            pending: VecDeque::new(),
+            history: HistoryRing::new(limits.history_max),
+            last_timestamp: 0,
+            replica_out: 0,
+            replica_in: vec![0; shards as usize],
+            outbox: VecDeque::new(),
+            evicted: Vec::new(),
+            config,
+            limits,
+        };
+        for (id, kind) in SYSTEM_ACCOUNTS {
+            state.insert_account(Account::new(id, kind, 0, 0)).expect("capacity for system accounts");
+        }
+        state
+    }
+
+    /// The shard's lock-free index of published balances (shared with readers).
+    pub fn index(&self) -> &Arc<AccountIndex> {
+        &self.index
+    }
+
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    pub fn last_timestamp(&self) -> u64 {
+        self.last_timestamp
+    }
+
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// The writer's view of an account.
+    pub fn account(&self, id: u64) -> Option<&Account> {
+        self.index.lookup(id).map(|slot| &self.accounts[slot as usize])
+    }
+
+    /// Iterates all accounts in creation order.
+    pub fn accounts(&self) -> &[Account] {
+        &self.accounts
+    }
+
+    /// The idempotency record of a transfer id, if retained.
+    pub fn id_record(&self, id: u64) -> Option<&IdRecord> {
+        let seq = *self.ids.get(&id)?;
+        let front = self.id_ring.front()?.0;
+        self.id_ring.get((seq - front) as usize).map(|(_, r)| r)
+    }
+
+    pub fn topup(&self, id: u64) -> Option<&TopUp> {
+        self.topups.get(&id)
+    }
+
+    /// Ids evicted from the idempotency window since the last call.
+    pub fn drain_evicted(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// The earliest deadline of a pending top-up, if any (the worker ticks idle shards then).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.pending.front().map(|p| p.0)
+    }
+
+    /// Replicated commands emitted after `seq` (for recovery), oldest first.
+    pub fn outbox_after(&self, seq: u64) -> Vec<(u64, Command)> {
+        self.outbox.iter().filter(|(s, _)| *s > seq).copied().collect()
+    }
+
+    pub fn replica_out(&self) -> u64 {
+        self.replica_out
+    }
+
+    pub fn replica_in(&self, source: u16) -> u64 {
+        self.replica_in[source as usize]
+    }
+
+    /// Newest-first history of `id` on this shard, strictly older than `before` = (timestamp,
+    /// shard) when given.
+    pub fn history(&self, id: u64, limit: usize, before: Option<(u64, u16)>) -> Vec<HistoryEntry> {
+        let mut out = Vec::new();
+        let Some(account) = self.account(id) else { return out };
+        let mut link = account.history_head;
+        while let Some(entry) = self.history.get(link) {
+            if out.len() >= limit {
+                break;
+            }
+            if before.is_none_or(|b| (entry.timestamp, self.shard) < b) {
+                out.push(*entry);
+            }
+            link = entry.prev;
+        }
+        out
+    }
+
+    /// Sum of balances per unit on this shard; zero for both units at every consistent point.
+    pub fn unit_sums(&self) -> [i128; 2] {
+        let mut sums = [0i128; 2];
+        for a in &self.accounts {
+            sums[a.kind.unit() as usize] += a.balance as i128;
+        }
+        sums
+    }
+
+    /// Checks the money invariants; panics (stops the shard) if one is broken.
+    pub fn check_invariants(&self) {
+        assert_eq!(self.unit_sums(), [0, 0], "shard {}: debits != credits", self.shard);
+        for a in &self.accounts {
+            if matches!(a.kind, AccountKind::User | AccountKind::Streamer | AccountKind::Union) {
+                assert!(a.balance >= 0, "shard {}: account {} is negative", self.shard, a.id);
+            }
+            let slot = self.index.lookup(a.id).expect("indexed");
+            assert_eq!(self.index.balance(a.id), Some(a.balance), "published balance of slot {slot}");
+        }
+    }
+
+    /// Applies one command at `timestamp` (strictly increasing, assigned at ingest).
+    pub fn apply(&mut self, timestamp: u64, command: &Command) -> (Reply, Fanout) {
+        assert!(timestamp > self.last_timestamp, "timestamps must increase");
+        self.last_timestamp = timestamp;
+        self.expire_due(timestamp);
+
+        if let Some(id) = command.transfer_id() {
+            if let Some(record) = self.id_record(id) {
+                if record.command == *command {
+                    let mut reply = record.reply;
+                    reply.duplicate = true;
+                    let fanout = match command {
+                        Command::Settle { .. } if reply.status == Status::Ok && self.shards > 1 => {
+                            Fanout::GatherSettlement { id }
+                        }
+                        _ => Fanout::None,
+                    };
+                    return (reply, fanout);
+                }
+                return (Reply::status(Status::ExistsWithDifferentFields), Fanout::None);
+            }
+        }
+
+        let (reply, fanout) = match *command {
+            Command::CreateAccount { account, kind, flags, union } => self.create_account(account, kind, flags, union),
+            Command::BindMethod { user, method, channel } => (self.bind_method(user, method, channel), Fanout::None),
+            Command::TopUpBegin { id, user, method, fen } => {
+                (self.topup_begin(timestamp, id, user, method, fen), Fanout::None)
+            }
+            Command::TopUpConfirm { id, fen, channel_txn } => {
+                (self.topup_confirm(timestamp, id, fen, channel_txn), Fanout::None)
+            }
+            Command::TopUpFail { id, reason } => (self.topup_fail(id, reason), Fanout::None),
+            Command::Tip { id, from, to, coins } => {
+                (self.spend(timestamp, id, from, to, coins, 0, command), Fanout::None)
+            }
+            Command::Gift { id, from, to, gift, count } => match self.gift_prices.get(&gift) {
+                None => (Reply::status(Status::GiftNotFound), Fanout::None),
+                Some(&price) => match price.checked_mul(count) {
+                    None => (Reply::status(Status::InvalidAmount), Fanout::None),
+                    Some(coins) => (self.spend(timestamp, id, from, to, coins, gift, command), Fanout::None),
+                },
+            },
+            Command::PayEvent { id, from, to, event, coins } => {
+                (self.spend(timestamp, id, from, to, coins, event, command), Fanout::None)
+            }
+            Command::Settle { id, account } => self.settle(timestamp, id, account),
+            Command::SetDailyCap { user, coins } => (self.set_daily_cap(user, coins), Fanout::None),
+            Command::Freeze { account, frozen } => self.freeze(account, frozen),
+            Command::Tick => (Reply::ok(0, 0), Fanout::None),
+            Command::ReplicaCreate { account, kind, flags, union, origin } => {
+                self.accept_replica(origin);
+                if self.index.lookup(account).is_none() {
+                    let inserted = self.insert_account(Account::new(account, kind, flags, union));
+                    assert!(inserted.is_some(), "shard {}: no capacity for a replicated account", self.shard);
+                }
+                (Reply::ok(0, 0), Fanout::None)
+            }
+            Command::ReplicaFreeze { account, frozen, origin } => {
+                self.accept_replica(origin);
+                if let Some(slot) = self.index.lookup(account) {
+                    set_frozen(&mut self.accounts[slot as usize], frozen);
+                }
+                (Reply::ok(0, 0), Fanout::None)
+            }
+            Command::ReplicaSettle { id, account, origin } => {
+                self.accept_replica(origin);
+                let reply = match self.index.lookup(account) {
+                    Some(slot) => Reply::ok(self.sweep(timestamp, id, slot), 0),
+                    None => Reply::ok(0, 0),
+                };
+                (reply, Fanout::None)
+            }
+        };
+
+        if let Some(id) = command.transfer_id() {
+            if !reply.status.is_retryable() {
+                self.remember(id, timestamp, *command, reply);
+            }
+        } else if let Command::ReplicaSettle { id, .. } = *command {
+            self.remember(id, timestamp, *command, reply);
+        }
+
+        let fanout = match fanout {
+            Fanout::Replicate(c) => Fanout::Replicate(self.stamp_replica(c)),
+            other => other,
+        };
+        (reply, fanout)
+    }
+
+    fn stamp_replica(&mut self, command: Command) -> Command {
+        self.replica_out += 1;
+        let origin = Origin { shard: self.shard, seq: self.replica_out };
+        let stamped = match command {
+            Command::ReplicaCreate { account, kind, flags, union, .. } => {
+                Command::ReplicaCreate { account, kind, flags, union, origin }
+            }
+            Command::ReplicaFreeze { account, frozen, .. } => Command::ReplicaFreeze { account, frozen, origin },
+            Command::ReplicaSettle { id, account, .. } => Command::ReplicaSettle { id, account, origin },
+            other => panic!("not a replica command: {other:?}"),
+        };
+        if self.outbox.len() == OUTBOX_MAX {
+            self.outbox.pop_front();
+        }
+        self.outbox.push_back((self.replica_out, stamped));
+        stamped
+    }
+
+    fn accept_replica(&mut self, origin: Origin) {
+        let last = &mut self.replica_in[origin.shard as usize];
+        assert_eq!(origin.seq, *last + 1, "replica messages from shard {} out of order", origin.shard);
+        *last = origin.seq;
+    }
+
+    fn remember(&mut self, id: u64, timestamp: u64, command: Command, reply: Reply) {
+        if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
+            let (_, old) = self.id_ring.pop_front().expect("non-empty");
+            let old_id = old.command.transfer_id().unwrap_or_else(|| old.command.reply_id());
+            self.ids.remove(&old_id);
+            if let Some(topup) = self.topups.get_mut(&old_id) {
+                if topup.state == TopUpState::Pending {
+                    topup.id_evicted = true;
+                } else {
+                    self.topups.remove(&old_id);
+                }
+            }
+            self.evicted.push(old_id);
+        }
+        let seq = self.id_seq;
+        self.id_seq += 1;
+        self.id_ring.push_back((seq, IdRecord { timestamp, command, reply }));
+        self.ids.insert(id, seq);
+    }
+
+    fn insert_account(&mut self, account: Account) -> Option<u32> {
+        let slot = self.index.insert(account.id)?;
+        assert_eq!(slot as usize, self.accounts.len());
+        self.index.publish(slot, account.balance);
+        self.accounts.push(account);
+        Some(slot)
+    }
+
+    fn transfer(&mut self, legs: &[Leg]) {
+        // Pair assertions: all checks passed before; a failure here is a bug, not a rejection.
+        for leg in legs {
+            let amount = i64::try_from(leg.amount).expect("amount fits i64");
+            let (d, c) = (leg.debit as usize, leg.credit as usize);
+            assert_eq!(self.accounts[d].kind.unit(), self.accounts[c].kind.unit(), "legs within one unit");
+            assert_ne!(d, c);
+            self.accounts[d].balance = self.accounts[d].balance.checked_sub(amount).expect("debit in range");
+            self.accounts[c].balance = self.accounts[c].balance.checked_add(amount).expect("credit in range");
+            self.index.publish(leg.debit, self.accounts[d].balance);
+            self.index.publish(leg.credit, self.accounts[c].balance);
+        }
+    }
+
+    fn slot(&self, id: u64) -> u32 {
+        self.index.lookup(id).expect("system account present")
+    }
+
+    fn record(
+        &mut self,
+        slot: u32,
+        timestamp: u64,
+        id: u64,
+        kind: u8,
+        counterparty: u64,
+        amount: i64,
+        detail: u64,
+        status: Status,
+    ) {
+        let account = &mut self.accounts[slot as usize];
+        let entry = HistoryEntry {
+            prev: 0,
+            timestamp,
+            id,
+            counterparty,
+            amount,
+            balance_after: account.balance,
+            detail,
+            status: status.code(),
+            kind,
+        };
+        self.history.push(account, entry);
+    }
+
+    fn create_account(&mut self, id: u64, kind: AccountKind, new_flags: u8, union: u64) -> (Reply, Fanout) {
+        if let Some(existing) = self.account(id) {
+            let same = existing.kind == kind
+                && existing.union == union
+                && existing.flags & (flags::REAL_NAME | flags::MINOR) == new_flags;
+            let status = if same { Status::Ok } else { Status::ExistsWithDifferentFields };
+            return (Reply { duplicate: same, ..Reply::status(status) }, Fanout::None);
+        }
+        match kind {
+            AccountKind::Streamer if union != 0 => match self.account(union) {
+                Some(u) if u.kind == AccountKind::Union => {}
+                _ => return (Reply::status(Status::UnionNotFound), Fanout::None),
+            },
+            _ if union != 0 => return (Reply::status(Status::InvalidKind), Fanout::None),
+            _ => {}
+        }
+        if kind.is_striped() && self.index.len() + 1 >= self.index.capacity() {
+            return (Reply::status(Status::CapacityExhausted), Fanout::None);
+        }
+        if self.insert_account(Account::new(id, kind, new_flags, union)).is_none() {
+            return (Reply::status(Status::CapacityExhausted), Fanout::None);
+        }
+        let fanout = if kind.is_striped() && self.shards > 1 {
+            let origin = Origin { shard: self.shard, seq: 0 };
+            Fanout::Replicate(Command::ReplicaCreate { account: id, kind, flags: new_flags, union, origin })
+        } else {
+            Fanout::None
+        };
+        (Reply::ok(0, 0), fanout)
+    }
+
+    fn bind_method(&mut self, user: u64, method: u64, channel: Channel) -> Reply {
+        let Some(slot) = self.index.lookup(user) else { return Reply::status(Status::AccountNotFound) };
+        let account = self.accounts[slot as usize];
+        if account.kind != AccountKind::User {
+            return Reply::status(Status::WrongAccountKind);
+        }
+        if let Some(&bound) = self.methods.get(&(user, method)) {
+            return if bound == channel {
+                Reply { duplicate: true, ..Reply::ok(0, 0) }
+            } else {
+                Reply::status(Status::ExistsWithDifferentFields)
+            };
+        }
+        if account.is_frozen() {
+            return Reply::status(Status::AccountFrozen);
+        }
+        if account.methods as u32 >= self.config.methods_per_user_max {
+            return Reply::status(Status::TooManyMethods);
+        }
+        self.methods.insert((user, method), channel);
+        self.accounts[slot as usize].methods += 1;
+        Reply::ok(0, 0)
+    }
+
+    /// Checks that `slot` may pay or top up: a verified adult user, not frozen.
+    fn check_user(&self, slot: u32) -> Result<(), Status> {
+        let account = &self.accounts[slot as usize];
+        if account.kind != AccountKind::User {
+            return Err(Status::WrongAccountKind);
+        }
+        if account.is_frozen() {
+            return Err(Status::AccountFrozen);
+        }
+        if account.flags & flags::MINOR != 0 {
+            return Err(Status::UserIsMinor);
+        }
+        if account.flags & flags::REAL_NAME == 0 {
+            return Err(Status::UserNotVerified);
+        }
+        Ok(())
+    }
+
+    fn topup_begin(&mut self, timestamp: u64, id: u64, user: u64, method: u64, fen: u64) -> Reply {
+        let Some(slot) = self.index.lookup(user) else { return Reply::status(Status::AccountNotFound) };
+        if let Err(status) = self.check_user(slot) {
+            return Reply::status(status);
+        }
+        let Some(&channel) = self.methods.get(&(user, method)) else {
+            return Reply::status(Status::MethodNotBound);
+        };
+        let preset = self.config.topup_presets_fen.contains(&fen);
+        if !preset && !(self.config.topup_custom_min_fen..=self.config.topup_custom_max_fen).contains(&fen) {
+            return Reply::status(Status::AmountNotAllowed);
+        }
+        let Some(coins) = fen_to_coins(fen, self.config.coins_per_yuan) else {
+            return Reply::status(Status::AmountNotCoinMultiple);
+        };
+        let deadline = timestamp + self.config.topup_ttl_seconds * NS_PER_SEC;
+        self.topups.insert(
+            id,
+            TopUp {
+                user,
+                channel,
+                fen,
+                coins,
+                deadline,
+                state: TopUpState::Pending,
+                fail_reason: None,
+                channel_txn: [0; TEXT_LEN],
+                confirmed_fen: 0,
+                confirm_reply: None,
+                id_evicted: false,
+            },
+        );
+        self.pending.push_back((deadline, id));
+        self.record(
+            slot,
+            timestamp,
+            id,
+            crate::ledger::command::kind::TOPUP_BEGIN,
+            channel.clearing_account(),
+            0,
+            fen,
+            Status::Ok,
+        );
+        Reply::ok(coins as i64, fen as i64)
+    }
+
+    fn expire_due(&mut self, timestamp: u64) {
+        while let Some(&(deadline, id)) = self.pending.front() {
+            if deadline > timestamp {
+                break;
+            }
+            self.pending.pop_front();
+            if let Some(topup) = self.topups.get_mut(&id) {
+                if topup.state == TopUpState::Pending {
+                    topup.state = TopUpState::Expired;
+                    if topup.id_evicted {
+                        self.topups.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn topup_confirm(&mut self, timestamp: u64, id: u64, fen: u64, txn: [u8; TEXT_LEN]) -> Reply {
+        let Some(topup) = self.topups.get(&id).copied() else { return Reply::status(Status::NotFound) };
+        match topup.state {
+            TopUpState::Succeeded | TopUpState::Refunded => {
+                let original = topup.confirm_reply.expect("a confirmed top-up has its reply");
+                if topup.channel_txn == txn && topup.confirmed_fen == fen {
+                    Reply { duplicate: true, ..original }
+                } else {
+                    Reply::status(Status::ExistsWithDifferentFields)
+                }
+            }
+            TopUpState::Pending => {
+                if fen != topup.fen {
+                    return Reply::status(Status::AmountMismatch);
+                }
+                let user = self.slot(topup.user);
+                let balance = self.accounts[user as usize].balance;
+                if balance.checked_add(topup.coins as i64).is_none() {
+                    return Reply::status(Status::Overflow);
+                }
+                let issuance = self.slot(SYSTEM_ISSUANCE);
+                let clearing = self.slot(topup.channel.clearing_account());
+                let sales = self.slot(SYSTEM_COIN_SALES);
+                self.transfer(&[
+                    Leg { debit: issuance, credit: user, amount: topup.coins },
+                    Leg { debit: clearing, credit: sales, amount: fen },
+                ]);
+                let kind = crate::ledger::command::kind::TOPUP_CONFIRM;
+                self.record(
+                    user,
+                    timestamp,
+                    id,
+                    kind,
+                    topup.channel.clearing_account(),
+                    topup.coins as i64,
+                    fen,
+                    Status::Ok,
+                );
+                let reply = Reply::ok(topup.coins as i64, self.accounts[user as usize].balance);
+                self.finish_topup(id, TopUpState::Succeeded, txn, fen, reply);
+                reply
+            }
+            TopUpState::Failed | TopUpState::Expired => {
+                // The channel took the money but the flow did not complete: record the money in
+                // suspense and hand it straight back to the channel. The wallet is not credited.
+                let clearing = self.slot(topup.channel.clearing_account());
+                let suspense = self.slot(SYSTEM_SUSPENSE);
+                self.transfer(&[
+                    Leg { debit: clearing, credit: suspense, amount: fen },
+                    Leg { debit: suspense, credit: clearing, amount: fen },
+                ]);
+                let user = self.slot(topup.user);
+                let kind = crate::ledger::command::kind::TOPUP_CONFIRM;
+                self.record(user, timestamp, id, kind, topup.channel.clearing_account(), 0, fen, Status::TopUpRefunded);
+                let reply = Reply::with(Status::TopUpRefunded, fen as i64);
+                self.finish_topup(id, TopUpState::Refunded, txn, fen, reply);
+                reply
+            }
+        }
+    }
+
+    fn finish_topup(&mut self, id: u64, state: TopUpState, txn: [u8; TEXT_LEN], fen: u64, reply: Reply) {
+        let topup = self.topups.get_mut(&id).expect("present");
+        topup.state = state;
+        topup.channel_txn = txn;
+        topup.confirmed_fen = fen;
+        topup.confirm_reply = Some(reply);
+        if topup.id_evicted {
+            self.topups.remove(&id);
+        }
+    }
+
+    fn topup_fail(&mut self, id: u64, reason: FailReason) -> Reply {
+        let Some(topup) = self.topups.get_mut(&id) else { return Reply::status(Status::NotFound) };
+        match topup.state {
+            TopUpState::Pending => {
+                topup.state = TopUpState::Failed;
+                topup.fail_reason = Some(reason);
+                if topup.id_evicted {
+                    self.topups.remove(&id);
+                }
+                Reply::ok(0, 0)
+            }
+            TopUpState::Failed if topup.fail_reason == Some(reason) => Reply { duplicate: true, ..Reply::ok(0, 0) },
+            TopUpState::Failed => Reply::status(Status::ExistsWithDifferentFields),
+            TopUpState::Succeeded => Reply::status(Status::TopUpAlreadySucceeded),
+            TopUpState::Expired | TopUpState::Refunded => Reply::status(Status::TopUpNotPending),
+        }
+    }
+
+    fn day_of(&self, timestamp: u64) -> u32 {
+        let seconds = (timestamp / NS_PER_SEC) as i64 + self.config.day_offset_seconds;
+        (seconds.max(0) / 86_400) as u32
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spend(
+        &mut self,
+        timestamp: u64,
+        id: u64,
+        from: u64,
+        to: u64,
+        coins: u64,
+        detail: u64,
+        command: &Command,
+    ) -> Reply {
+        let kind = command.kind();
+        let Some(payer) = self.index.lookup(from) else { return Reply::status(Status::AccountNotFound) };
+        let reply = self.spend_checked(timestamp, payer, to, coins);
+        match reply {
+            Ok((streamer, union, platform, shares)) => {
+                let mut legs = [
+                    Leg { debit: payer, credit: streamer, amount: shares[0] },
+                    Leg { debit: payer, credit: platform, amount: shares[2] },
+                    Leg { debit: payer, credit: union.unwrap_or(platform), amount: shares[1] },
+                ];
+                let n = if union.is_some() { 3 } else { 2 };
+                if union.is_none() {
+                    legs[1].amount += shares[1];
+                }
+                self.transfer(&legs[..n]);
+                let day = self.day_of(timestamp);
+                let account = &mut self.accounts[payer as usize];
+                if account.spent_day != day {
+                    account.spent_day = day;
+                    account.spent_today = 0;
+                }
+                account.spent_today += coins;
+                self.record(payer, timestamp, id, kind, to, -(coins as i64), detail, Status::Ok);
+                self.record(streamer, timestamp, id, kind, from, shares[0] as i64, detail, Status::Ok);
+                if let Some(u) = union {
+                    self.record(u, timestamp, id, kind, from, shares[1] as i64, detail, Status::Ok);
+                }
+                Reply::ok(self.accounts[payer as usize].balance, coins as i64)
+            }
+            Err(reply) => {
+                if self.accounts[payer as usize].kind == AccountKind::User {
+                    self.record(payer, timestamp, id, kind, to, 0, detail, reply.status);
+                }
+                reply
+            }
+        }
+    }
+
+    /// All checks of a spend; on success the slots of (streamer, union, platform) and the split.
+    fn spend_checked(
+        &self,
+        timestamp: u64,
+        payer: u32,
+        to: u64,
+        coins: u64,
+    ) -> Result<(u32, Option<u32>, u32, [u64; 3]), Reply> {
+        self.check_user(payer).map_err(Reply::status)?;
+        let streamer = self.index.lookup(to).ok_or(Reply::status(Status::CounterpartyNotFound))?;
+        let receiver = &self.accounts[streamer as usize];
+        if receiver.kind != AccountKind::Streamer {
+            return Err(Reply::status(Status::WrongAccountKind));
+        }
+        if receiver.is_frozen() {
+            return Err(Reply::status(Status::CounterpartyFrozen));
+        }
+        let union = match receiver.union {
+            0 => None,
+            u => Some(self.index.lookup(u).ok_or(Reply::status(Status::UnionNotFound))?),
+        };
+        if coins > self.config.spend_max_coins {
+            return Err(Reply::status(Status::ExceedsTipMax));
+        }
+        let account = &self.accounts[payer as usize];
+        let cap = match account.daily_cap {
+            0 => self.config.daily_cap_coins,
+            own => own.min(self.config.daily_cap_coins),
+        };
+        let spent = if account.spent_day == self.day_of(timestamp) { account.spent_today } else { 0 };
+        if spent + coins > cap {
+            return Err(Reply::with(Status::ExceedsDailyCap, cap.saturating_sub(spent) as i64));
+        }
+        if (account.balance as u64) < coins {
+            return Err(Reply::with(Status::InsufficientFunds, account.balance));
+        }
+        // Deterministic rounding: each share is rounded down; the platform takes the remainder.
+        let streamer_share = (coins as u128 * self.config.streamer_share_bp as u128 / 10_000) as u64;
+        let union_share = match union {
+            Some(_) => (coins as u128 * self.config.union_share_bp as u128 / 10_000) as u64,
+            None => 0,
+        };
+        let platform_share = coins - streamer_share - union_share;
+        let receiver_balance = self.accounts[streamer as usize].balance;
+        if receiver_balance.checked_add(streamer_share as i64).is_none() {
+            return Err(Reply::status(Status::Overflow));
+        }
+        let platform = self.slot(SYSTEM_PLATFORM);
+        if self.accounts[platform as usize].balance.checked_add(coins as i64).is_none() {
+            return Err(Reply::status(Status::Overflow));
+        }
+        Ok((streamer, union, platform, [streamer_share, union_share, platform_share]))
+    }
+
+    fn settle(&mut self, timestamp: u64, id: u64, account: u64) -> (Reply, Fanout) {
+        let Some(slot) = self.index.lookup(account) else {
+            return (Reply::status(Status::AccountNotFound), Fanout::None);
+        };
+        let target = self.accounts[slot as usize];
+        if !matches!(target.kind, AccountKind::Streamer | AccountKind::Union) {
+            return (Reply::status(Status::WrongAccountKind), Fanout::None);
+        }
+        if target.is_frozen() {
+            return (Reply::status(Status::AccountFrozen), Fanout::None);
+        }
+        let swept = self.sweep(timestamp, id, slot);
+        let fanout = if self.shards > 1 {
+            let origin = Origin { shard: self.shard, seq: 0 };
+            Fanout::Replicate(Command::ReplicaSettle { id, account, origin })
+        } else {
+            Fanout::None
+        };
+        (Reply::ok(swept, 0), fanout)
+    }
+
+    /// Moves a stripe's whole balance to the payout account; returns the amount.
+    fn sweep(&mut self, timestamp: u64, id: u64, slot: u32) -> i64 {
+        let amount = self.accounts[slot as usize].balance;
+        if amount > 0 {
+            let payout = self.slot(SYSTEM_PAYOUT);
+            self.transfer(&[Leg { debit: slot, credit: payout, amount: amount as u64 }]);
+            let kind = crate::ledger::command::kind::SETTLE;
+            self.record(slot, timestamp, id, kind, SYSTEM_PAYOUT, -amount, 0, Status::Ok);
+        }
+        amount
+    }
+
+    fn set_daily_cap(&mut self, user: u64, coins: u64) -> Reply {
+        let Some(slot) = self.index.lookup(user) else { return Reply::status(Status::AccountNotFound) };
+        if self.accounts[slot as usize].kind != AccountKind::User {
+            return Reply::status(Status::WrongAccountKind);
+        }
+        if coins > self.config.daily_cap_coins {
+            return Reply::with(Status::InvalidAmount, self.config.daily_cap_coins as i64);
+        }
+        self.accounts[slot as usize].daily_cap = coins;
+        Reply::ok(coins as i64, 0)
+    }
+
+    fn freeze(&mut self, account: u64, frozen: bool) -> (Reply, Fanout) {
+        let Some(slot) = self.index.lookup(account) else {
+            return (Reply::status(Status::AccountNotFound), Fanout::None);
+        };
+        let target = &mut self.accounts[slot as usize];
+        if !matches!(target.kind, AccountKind::User | AccountKind::Streamer | AccountKind::Union) {
+            return (Reply::status(Status::WrongAccountKind), Fanout::None);
+        }
+        let unchanged = target.is_frozen() == frozen;
+        set_frozen(target, frozen);
+        let fanout = if target.kind.is_striped() && self.shards > 1 && !unchanged {
+            Fanout::Replicate(Command::ReplicaFreeze { account, frozen, origin: Origin { shard: self.shard, seq: 0 } })
+        } else {
+            Fanout::None
+        };
+        (Reply { duplicate: unchanged, ..Reply::ok(0, 0) }, fanout)
+    }
+}
+
+fn set_frozen(account: &mut Account, frozen: bool) {
+    if frozen {
+        account.flags |= flags::FROZEN;
+    } else {
+        account.flags &= !flags::FROZEN;
+    }
+}
+
+/// Unit of an account kind, re-exported for callers that check invariants across shards.
+pub fn unit_of(kind: AccountKind) -> Unit {
+    kind.unit()
+}
+
+impl ShardState {
+    /// Retained idempotency records with their ids (any order; used to rebuild the directory).
+    pub fn id_records(&self) -> impl Iterator<Item = (u64, &IdRecord)> {
+        self.id_ring.iter().map(|(_, r)| (r.command.transfer_id().unwrap_or_else(|| r.command.reply_id()), r))
+    }
+}

@@ -1,0 +1,80 @@
+//! The id directory: which shard owns each transfer id (tips, gifts, top-ups, settlements).
+//!
+//! A command runs on its payer's shard, but its id must be unique across all shards, and a
+//! top-up callback names only the top-up id. The directory is claimed at ingest, before a
+//! command is queued: a new id is claimed for the payer's shard; a retried id is routed to the
+//! shard that owns it, whose idempotency table then answers with the original result or
+//! `exists_with_different_fields`. It is derived state: rebuilt from the shards' idempotency
+//! tables at recovery, and ids leave it when they leave their shard's idempotency window.
+
+use parking_lot::Mutex;
+
+use crate::ledger::state_machine::IdMap;
+
+const STRIPES: usize = 256;
+
+/// See the module docs.
+pub struct IdDirectory {
+    stripes: Box<[Mutex<IdMap<u64, u16>>]>,
+}
+
+/// The outcome of a claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The id was free and now belongs to the requested shard.
+    New,
+    /// The id already belongs to this shard.
+    Existing(u16),
+}
+
+impl Default for IdDirectory {
+    fn default() -> Self {
+        IdDirectory { stripes: (0..STRIPES).map(|_| Mutex::new(IdMap::default())).collect() }
+    }
+}
+
+impl IdDirectory {
+    #[inline]
+    fn stripe(&self, id: u64) -> &Mutex<IdMap<u64, u16>> {
+        &self.stripes[(id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize]
+    }
+
+    /// Claims `id` for `shard` unless some shard owns it already.
+    pub fn claim(&self, id: u64, shard: u16) -> Claim {
+        let mut map = self.stripe(id).lock();
+        match map.get(&id) {
+            Some(&owner) => Claim::Existing(owner),
+            None => {
+                map.insert(id, shard);
+                Claim::New
+            }
+        }
+    }
+
+    /// The shard owning `id`.
+    pub fn owner(&self, id: u64) -> Option<u16> {
+        self.stripe(id).lock().get(&id).copied()
+    }
+
+    /// Forgets `id` (a claim refused before it was queued, or an id evicted by its shard).
+    pub fn release(&self, id: u64, shard: u16) {
+        let mut map = self.stripe(id).lock();
+        if map.get(&id) == Some(&shard) {
+            map.remove(&id);
+        }
+    }
+
+    /// Records that `shard` owns `id` (recovery).
+    pub fn insert(&self, id: u64, shard: u16) {
+        self.stripe(id).lock().insert(id, shard);
+    }
+
+    /// Ids currently known.
+    pub fn len(&self) -> usize {
+        self.stripes.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

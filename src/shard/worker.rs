@@ -1,0 +1,452 @@
+//! The single-writer loop of one shard: drain a batch -> assign timestamps -> one journal
+//! append (durable per the configured mode) -> apply -> reply.
+//!
+//! A shard's `ShardState` is owned by exactly one thread, this one; other threads reach it only
+//! through its queues (writes: bounded; replica messages: admitted by the engine's replication
+//! permits; queries: bounded) and read published balances through the lock-free index.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Select, Sender};
+use parking_lot::Mutex;
+
+use crate::layout::{CommandRecord, ReplyRecord};
+use crate::ledger::account::HistoryEntry;
+use crate::ledger::state_machine::{Fanout, IdRecord, Reply, ShardState, TopUp};
+use crate::ledger::{Command, Status};
+use crate::shard::directory::IdDirectory;
+
+/// Makes a batch durable. Implemented by the write-ahead log; `NullJournal` keeps nothing
+/// (in-memory engine for tests and the apply-only benchmark).
+pub trait Journal: Send + 'static {
+    /// Appends one batch (timestamps already set) and returns once it is durable under the
+    /// configured mode. An error poisons the shard: it accepts no more writes.
+    fn append_batch(&mut self, timestamp: u64, records: &[CommandRecord]) -> Result<(), JournalError>;
+}
+
+/// A journal failure, as text for the operator (the WAL's typed error is logged where it happens).
+pub type JournalError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Keeps nothing: for the in-memory engine.
+pub struct NullJournal;
+
+impl Journal for NullJournal {
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<(), JournalError> {
+        Ok(())
+    }
+}
+
+/// The source of ingest timestamps (nanoseconds since the Unix epoch).
+pub trait Clock: Send + Sync + 'static {
+    fn now_ns(&self) -> u64;
+}
+
+/// The system's wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ns(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    }
+}
+
+/// Gathers the replies of one submitted batch (possibly spread over several shards) and calls
+/// `done` once, when the last one arrives.
+pub struct Collector {
+    remaining: AtomicUsize,
+    replies: Mutex<Vec<ReplyRecord>>,
+    done: Mutex<Option<Box<dyn FnOnce(Vec<ReplyRecord>) + Send>>>,
+}
+
+impl Collector {
+    pub fn new(n: usize, done: Box<dyn FnOnce(Vec<ReplyRecord>) + Send>) -> Arc<Collector> {
+        Arc::new(Collector {
+            remaining: AtomicUsize::new(n),
+            replies: Mutex::new(vec![ReplyRecord::default(); n]),
+            done: Mutex::new(Some(done)),
+        })
+    }
+
+    /// Fills replies by tag; the last fill calls `done`.
+    pub fn fill(&self, replies: &[(u32, ReplyRecord)]) {
+        if replies.is_empty() {
+            return;
+        }
+        {
+            let mut slots = self.replies.lock();
+            for &(tag, reply) in replies {
+                slots[tag as usize] = reply;
+            }
+        }
+        if self.remaining.fetch_sub(replies.len(), Ordering::AcqRel) == replies.len() {
+            let replies = std::mem::take(&mut *self.replies.lock());
+            if let Some(done) = self.done.lock().take() {
+                done(replies);
+            }
+        }
+    }
+}
+
+/// One submitted command on its way to a shard.
+pub struct WriteItem {
+    pub tag: u32,
+    pub command: Command,
+    /// Holds one of the engine's replication permits (returned when the reply is delivered).
+    pub permit: bool,
+}
+
+/// The commands of one submitted batch that belong to one shard.
+pub struct Part {
+    pub items: Vec<WriteItem>,
+    pub collector: Arc<Collector>,
+}
+
+/// Waits for the other shards' parts of a replicated command, then replies to the client.
+pub struct Join {
+    remaining: AtomicUsize,
+    total: AtomicI64,
+    failed: AtomicBool,
+    reply: Reply,
+    command: Command,
+    tag: u32,
+    collector: Arc<Collector>,
+    permits: Arc<AtomicUsize>,
+}
+
+impl Join {
+    fn part_done(&self, value: i64, ok: bool) {
+        self.total.fetch_add(value, Ordering::AcqRel);
+        if !ok {
+            self.failed.store(true, Ordering::Release);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut reply = self.reply;
+            if matches!(self.command, Command::Settle { .. }) {
+                reply.value = self.total.load(Ordering::Acquire);
+            }
+            if self.failed.load(Ordering::Acquire) {
+                reply = Reply::status(Status::Unavailable);
+            }
+            self.permits.fetch_add(1, Ordering::AcqRel);
+            self.collector.fill(&[(self.tag, reply_record(&self.command, reply))]);
+        }
+    }
+}
+
+/// A read served by the shard thread (reads that need more than a published balance).
+pub enum ShardQuery {
+    History {
+        account: u64,
+        limit: usize,
+        before: Option<(u64, u16)>,
+    },
+    Lookup {
+        id: u64,
+    },
+    TopUp {
+        id: u64,
+    },
+    /// Invariant check and state summary (tests, `verify`).
+    Audit,
+}
+
+/// The answer to a `ShardQuery`.
+pub enum ShardAnswer {
+    History(Vec<HistoryEntry>),
+    Lookup(Option<IdRecord>),
+    TopUp(Option<TopUp>),
+    Audit(AuditSummary),
+}
+
+/// A shard's state summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSummary {
+    pub shard: u16,
+    pub accounts: usize,
+    pub unit_sums: [i128; 2],
+    pub last_timestamp: u64,
+    pub poisoned: bool,
+}
+
+/// Messages a worker receives besides writes.
+pub enum Internal {
+    Replica { command: Command, join: Option<Arc<Join>> },
+    Shutdown,
+}
+
+/// A query and where its answer goes.
+pub struct QueryMsg {
+    pub query: ShardQuery,
+    pub done: Box<dyn FnOnce(ShardAnswer) + Send>,
+}
+
+/// Everything one worker needs to talk to the other shards.
+pub struct Peers {
+    pub internal: Vec<Sender<Internal>>,
+    pub queries: Vec<Sender<QueryMsg>>,
+    pub directory: Arc<IdDirectory>,
+    pub permits: Arc<AtomicUsize>,
+}
+
+/// Tunables of the loop.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub batch_commands_max: usize,
+    pub tick_interval: Duration,
+}
+
+/// Builds the wire reply of `command`.
+pub fn reply_record(command: &Command, reply: Reply) -> ReplyRecord {
+    let mut r = ReplyRecord { kind: command.kind(), flags: reply.duplicate as u8, ..ReplyRecord::default() };
+    r.status.set(reply.status.code());
+    r.id.set(command.reply_id());
+    r.value.set(reply.value);
+    r.value2.set(reply.value2);
+    r
+}
+
+enum Entry {
+    Replica(Command, Option<Arc<Join>>),
+    Write(usize, usize),
+    Tick,
+}
+
+/// The worker loop. Returns the state when shut down (tests inspect it).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    mut state: ShardState,
+    mut journal: Box<dyn Journal>,
+    clock: Arc<dyn Clock>,
+    writes: Receiver<Part>,
+    internal: Receiver<Internal>,
+    queries: Receiver<QueryMsg>,
+    peers: Peers,
+    config: WorkerConfig,
+) -> ShardState {
+    let shard = state.shard();
+    let mut poisoned = false;
+    let mut parts: Vec<Part> = Vec::new();
+    let mut carry: Option<Part> = None;
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut records: Vec<CommandRecord> = Vec::new();
+    let mut shutting_down = false;
+
+    loop {
+        // Wait for work (or for the next top-up deadline).
+        let mut replicas: Vec<(Command, Option<Arc<Join>>)> = Vec::new();
+        let mut pending_queries: Vec<QueryMsg> = Vec::new();
+        if carry.is_none() {
+            let mut select = Select::new();
+            let i_internal = select.recv(&internal);
+            let i_writes = select.recv(&writes);
+            let i_queries = select.recv(&queries);
+            let ready =
+                if shutting_down { select.try_ready().ok() } else { select.ready_timeout(config.tick_interval).ok() };
+            match ready {
+                None if shutting_down => break,
+                None => {}
+                Some(i) if i == i_internal => match internal.try_recv() {
+                    Ok(Internal::Replica { command, join }) => replicas.push((command, join)),
+                    Ok(Internal::Shutdown) => shutting_down = true,
+                    Err(_) => {}
+                },
+                Some(i) if i == i_writes => {
+                    if let Ok(part) = writes.try_recv() {
+                        carry = Some(part);
+                    }
+                }
+                Some(i) if i == i_queries => {
+                    if let Ok(q) = queries.try_recv() {
+                        pending_queries.push(q);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        // Drain more without blocking, up to the batch limit.
+        while let Ok(msg) = internal.try_recv() {
+            match msg {
+                Internal::Replica { command, join } => replicas.push((command, join)),
+                Internal::Shutdown => shutting_down = true,
+            }
+        }
+        let mut count = replicas.len();
+        loop {
+            let part = match carry.take() {
+                Some(p) => p,
+                None => match writes.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            if count > 0 && count + part.items.len() > config.batch_commands_max {
+                carry = Some(part);
+                break;
+            }
+            count += part.items.len();
+            parts.push(part);
+        }
+
+        // Assign timestamps: strictly increasing per shard, close to the wall clock.
+        entries.clear();
+        records.clear();
+        for (command, join) in replicas {
+            entries.push(Entry::Replica(command, join));
+        }
+        for (p, part) in parts.iter().enumerate() {
+            for i in 0..part.items.len() {
+                entries.push(Entry::Write(p, i));
+            }
+        }
+        let now = clock.now_ns();
+        if entries.is_empty() && state.next_deadline().is_some_and(|d| d <= now) && !poisoned {
+            entries.push(Entry::Tick);
+        }
+
+        if !entries.is_empty() {
+            let base = now.max(state.last_timestamp() + 1);
+            for (i, entry) in entries.iter().enumerate() {
+                let command = match entry {
+                    Entry::Replica(c, _) => *c,
+                    Entry::Write(p, j) => parts[*p].items[*j].command,
+                    Entry::Tick => Command::Tick,
+                };
+                let mut record = command.to_record();
+                record.timestamp.set(base + i as u64);
+                records.push(record);
+            }
+            if !poisoned {
+                if let Err(error) = journal.append_batch(base, &records) {
+                    eprintln!("shard {shard}: journal failed, refusing all further writes: {error}");
+                    poisoned = true;
+                }
+            }
+
+            let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
+                parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
+            for (i, entry) in entries.drain(..).enumerate() {
+                let ts = base + i as u64;
+                match entry {
+                    Entry::Tick => {
+                        state.apply(ts, &Command::Tick);
+                    }
+                    Entry::Replica(command, join) => {
+                        if poisoned {
+                            if let Some(join) = join {
+                                join.part_done(0, false);
+                            }
+                            continue;
+                        }
+                        let (reply, _) = state.apply(ts, &command);
+                        if let Some(join) = join {
+                            join.part_done(reply.value, true);
+                        }
+                    }
+                    Entry::Write(p, j) => {
+                        let item = &parts[p].items[j];
+                        if poisoned {
+                            replies[p]
+                                .push((item.tag, reply_record(&item.command, Reply::status(Status::Unavailable))));
+                            if item.permit {
+                                peers.permits.fetch_add(1, Ordering::AcqRel);
+                            }
+                            if let Some(id) = item.command.transfer_id() {
+                                peers.directory.release(id, shard);
+                            }
+                            continue;
+                        }
+                        let (reply, fanout) = state.apply(ts, &item.command);
+                        match fanout {
+                            Fanout::None => {
+                                replies[p].push((item.tag, reply_record(&item.command, reply)));
+                                if item.permit {
+                                    peers.permits.fetch_add(1, Ordering::AcqRel);
+                                }
+                            }
+                            Fanout::Replicate(replica) => {
+                                let join = Arc::new(Join {
+                                    remaining: AtomicUsize::new(peers.internal.len() - 1),
+                                    total: AtomicI64::new(reply.value),
+                                    failed: AtomicBool::new(false),
+                                    reply,
+                                    command: item.command,
+                                    tag: item.tag,
+                                    collector: parts[p].collector.clone(),
+                                    permits: peers.permits.clone(),
+                                });
+                                assert!(item.permit, "replicated commands hold a permit");
+                                for (s, tx) in peers.internal.iter().enumerate() {
+                                    if s != shard as usize {
+                                        let msg = Internal::Replica { command: replica, join: Some(join.clone()) };
+                                        if tx.send(msg).is_err() {
+                                            join.part_done(0, false);
+                                        }
+                                    }
+                                }
+                            }
+                            Fanout::GatherSettlement { id } => {
+                                let join = Arc::new(Join {
+                                    remaining: AtomicUsize::new(peers.queries.len() - 1),
+                                    total: AtomicI64::new(reply.value),
+                                    failed: AtomicBool::new(false),
+                                    reply,
+                                    command: item.command,
+                                    tag: item.tag,
+                                    collector: parts[p].collector.clone(),
+                                    permits: peers.permits.clone(),
+                                });
+                                assert!(item.permit, "settlements hold a permit");
+                                for (s, tx) in peers.queries.iter().enumerate() {
+                                    if s != shard as usize {
+                                        let part_join = join.clone();
+                                        let done = Box::new(move |answer: ShardAnswer| {
+                                            let value = match answer {
+                                                ShardAnswer::Lookup(Some(r)) => r.reply.value,
+                                                _ => 0,
+                                            };
+                                            part_join.part_done(value, true);
+                                        });
+                                        if tx.try_send(QueryMsg { query: ShardQuery::Lookup { id }, done }).is_err() {
+                                            join.part_done(0, false);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for id in state.drain_evicted() {
+                peers.directory.release(id, shard);
+            }
+            for (part, replies) in parts.drain(..).zip(replies) {
+                part.collector.fill(&replies);
+            }
+        }
+
+        // Reads after the batch: a client sees its own acknowledged writes.
+        while let Ok(q) = queries.try_recv() {
+            pending_queries.push(q);
+        }
+        for QueryMsg { query, done } in pending_queries {
+            let answer = match query {
+                ShardQuery::History { account, limit, before } => {
+                    ShardAnswer::History(state.history(account, limit, before))
+                }
+                ShardQuery::Lookup { id } => ShardAnswer::Lookup(state.id_record(id).copied()),
+                ShardQuery::TopUp { id } => ShardAnswer::TopUp(state.topup(id).copied()),
+                ShardQuery::Audit => ShardAnswer::Audit(AuditSummary {
+                    shard,
+                    accounts: state.accounts().len(),
+                    unit_sums: state.unit_sums(),
+                    last_timestamp: state.last_timestamp(),
+                    poisoned,
+                }),
+            };
+            done(answer);
+        }
+    }
+    state
+}
