@@ -427,7 +427,7 @@ impl Engine {
                 let gather = Arc::new(Gather::new(shards.len(), move |parts: Vec<(u16, Vec<HistoryEntry>)>| {
                     let mut all: Vec<(u16, HistoryEntry)> =
                         parts.into_iter().flat_map(|(s, entries)| entries.into_iter().map(move |e| (s, e))).collect();
-                    all.sort_by(|a, b| (b.1.timestamp, b.0).cmp(&(a.1.timestamp, a.0)));
+                    all.sort_by_key(|(s, e)| std::cmp::Reverse((e.timestamp, *s)));
                     all.truncate(limit);
                     let mut answer = status_answer(Status::Ok);
                     answer.next_cursor =
@@ -483,13 +483,17 @@ impl Engine {
                             {
                                 return finish(base);
                             }
-                            // A settlement's total is the sum of its parts on every shard.
-                            let gather = Arc::new(Gather::new(shards as usize - 1, move |parts: Vec<(u16, i64)>| {
-                                let mut base = base;
-                                let total = base.reply.value.get() + parts.iter().map(|p| p.1).sum::<i64>();
-                                base.reply.value.set(total);
-                                finish(base);
-                            }));
+                            // A settlement's total is the sum of its parts on every shard; if a
+                            // shard cannot answer now, say busy rather than print a wrong total.
+                            let gather =
+                                Arc::new(Gather::new(shards as usize - 1, move |parts: Vec<(u16, Option<i64>)>| {
+                                    let mut base = base;
+                                    match parts.iter().map(|p| p.1).sum::<Option<i64>>() {
+                                        Some(rest) => base.reply.value.set(base.reply.value.get() + rest),
+                                        None => base = status_answer(Status::Busy),
+                                    }
+                                    finish(base);
+                                }));
                             for (s, tx) in queries.iter().enumerate() {
                                 if s == owner as usize {
                                     continue;
@@ -502,12 +506,12 @@ impl Engine {
                                             ShardAnswer::Lookup(Some(r)) => r.reply.value,
                                             _ => 0,
                                         };
-                                        g.add(s as u16, v);
+                                        g.add(s as u16, Some(v));
                                     }),
                                 };
                                 // Never block a shard thread on another shard's queue.
                                 if tx.try_send(msg).is_err() {
-                                    gather.add(s as u16, 0);
+                                    gather.add(s as u16, None);
                                 }
                             }
                         }
@@ -605,9 +609,11 @@ fn history_record(shard: u16, e: &HistoryEntry) -> HistoryRecord {
     r
 }
 
+type GatherParts<T, F> = (Vec<(u16, T)>, Option<F>);
+
 /// Gathers one answer from each of `n` shards, then calls `f` once.
 struct Gather<T, F: FnOnce(Vec<(u16, T)>)> {
-    parts: Mutex<(Vec<(u16, T)>, Option<F>)>,
+    parts: Mutex<GatherParts<T, F>>,
     n: usize,
 }
 

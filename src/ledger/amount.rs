@@ -69,7 +69,7 @@ pub fn format_yuan(fen: i64) -> String {
 /// Coins bought by `fen` at `coins_per_yuan`; `None` if it is not a whole number of coins.
 pub fn fen_to_coins(fen: u64, coins_per_yuan: u64) -> Option<u64> {
     let scaled = fen.checked_mul(coins_per_yuan)?;
-    if scaled % 100 != 0 {
+    if !scaled.is_multiple_of(100) {
         return None;
     }
     Some(scaled / 100)

@@ -476,6 +476,7 @@ impl ShardState {
         self.index.lookup(id).expect("system account present")
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
         slot: u32,
@@ -793,6 +794,12 @@ impl ShardState {
         self.check_user(payer).map_err(Reply::status)?;
         let streamer = self.index.lookup(to).ok_or(Reply::status(Status::CounterpartyNotFound))?;
         let receiver = &self.accounts[streamer as usize];
+        // A user wallet lives only on its home shard, so whether the payer's shard sees it
+        // depends on the shard count; answering "not found" for it keeps the result the same
+        // for every shard count.
+        if receiver.kind == AccountKind::User {
+            return Err(Reply::status(Status::CounterpartyNotFound));
+        }
         if receiver.kind != AccountKind::Streamer {
             return Err(Reply::status(Status::WrongAccountKind));
         }

@@ -52,12 +52,39 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock for tests and simulations: starts at a fixed instant and moves forward by `step`
+/// nanoseconds on every reading, so runs are reproducible.
+pub struct ManualClock {
+    now: std::sync::atomic::AtomicU64,
+    step: u64,
+}
+
+impl ManualClock {
+    pub fn new(start_ns: u64, step_ns: u64) -> ManualClock {
+        ManualClock { now: std::sync::atomic::AtomicU64::new(start_ns), step: step_ns }
+    }
+
+    /// Moves the clock forward (e.g. past a top-up deadline).
+    pub fn advance(&self, ns: u64) {
+        self.now.fetch_add(ns, Ordering::AcqRel);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ns(&self) -> u64 {
+        self.now.fetch_add(self.step, Ordering::AcqRel)
+    }
+}
+
+/// Where the replies of one submitted batch go.
+pub type ReplyCallback = Box<dyn FnOnce(Vec<ReplyRecord>) + Send>;
+
 /// Gathers the replies of one submitted batch (possibly spread over several shards) and calls
 /// `done` once, when the last one arrives.
 pub struct Collector {
     remaining: AtomicUsize,
     replies: Mutex<Vec<ReplyRecord>>,
-    done: Mutex<Option<Box<dyn FnOnce(Vec<ReplyRecord>) + Send>>>,
+    done: Mutex<Option<ReplyCallback>>,
 }
 
 impl Collector {

@@ -1,0 +1,279 @@
+//! The sharded engine: cross-shard behaviour, reads, back-pressure, maintenance, concurrency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+
+use stormledger::config::{LedgerConfig, ShardLimits};
+use stormledger::engine::{query_kind, Engine, EngineConfig};
+use stormledger::layout::{text_field, CommandRecord, QueryRecord};
+use stormledger::ledger::command::{flags, Command, SYSTEM_PAYOUT};
+use stormledger::ledger::{AccountKind, Channel, ShardState, Status};
+use stormledger::shard::router::home_shard;
+use stormledger::shard::worker::{Journal, JournalError, ManualClock, NullJournal};
+
+const T0: u64 = 1_795_752_000_000_000_000;
+
+fn config(shards: u16) -> EngineConfig {
+    EngineConfig {
+        shards,
+        limits: ShardLimits { accounts_max: 1 << 16, history_max: 1 << 14, ids_max: 1 << 16 },
+        ..EngineConfig::default()
+    }
+}
+
+fn start(config: &EngineConfig, journals: Vec<Box<dyn Journal>>) -> Engine {
+    let states = (0..config.shards)
+        .map(|s| ShardState::new(s, config.shards, config.ledger.clone(), config.limits.clone()))
+        .collect();
+    Engine::start(config, states, journals, Arc::new(ManualClock::new(T0, 1_000)))
+}
+
+fn null_journals(n: u16) -> Vec<Box<dyn Journal>> {
+    (0..n).map(|_| Box::new(NullJournal) as Box<dyn Journal>).collect()
+}
+
+fn status(engine: &Engine, cmd: Command) -> Status {
+    Status::from_code(engine.execute(&[cmd])[0].status.get()).unwrap()
+}
+
+/// Users 1..=users funded with `coins` each through real top-ups; streamer 1_000_000 in union 2_000_000.
+fn setup(engine: &Engine, users: u64, coins: u64) {
+    let mut cmds = vec![Command::CreateAccount { account: 2_000_000, kind: AccountKind::Union, flags: 0, union: 0 }];
+    assert!(engine.execute(&cmds).iter().all(|r| r.status.get() == 0));
+    cmds = vec![Command::CreateAccount { account: 1_000_000, kind: AccountKind::Streamer, flags: 0, union: 2_000_000 }];
+    for u in 1..=users {
+        cmds.push(Command::CreateAccount { account: u, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 });
+        cmds.push(Command::BindMethod { user: u, method: 1, channel: Channel::Wechat });
+    }
+    assert!(engine.execute(&cmds).iter().all(|r| r.status.get() == 0));
+    let fen = coins * 10;
+    let begins: Vec<Command> =
+        (1..=users).map(|u| Command::TopUpBegin { id: 10_000_000 + u, user: u, method: 1, fen }).collect();
+    assert!(engine.execute(&begins).iter().all(|r| r.status.get() == 0));
+    let confirms: Vec<Command> = (1..=users)
+        .map(|u| Command::TopUpConfirm { id: 10_000_000 + u, fen, channel_txn: text_field(&format!("W{u}")).unwrap() })
+        .collect();
+    assert!(engine.execute(&confirms).iter().all(|r| r.status.get() == 0));
+}
+
+#[test]
+fn striped_streamer_earns_on_every_shard_and_settles_atomically() {
+    let engine = start(&config(3), null_journals(3));
+    setup(&engine, 60, 100);
+    let tips: Vec<Command> = (1..=60).map(|u| Command::Tip { id: u, from: u, to: 1_000_000, coins: 10 }).collect();
+    let replies = engine.execute(&tips);
+    assert!(replies.iter().all(|r| r.status.get() == 0));
+    // 60 tips x 10 coins: 5 each to the streamer, 1 to the union.
+    assert_eq!(engine.balance(1_000_000), Some(300));
+    assert_eq!(engine.balance(2_000_000), Some(60));
+    // Users are spread over the shards, so the streamer has a stripe on each.
+    let shards: std::collections::BTreeSet<u16> = (1..=60).map(|u| home_shard(u, 3)).collect();
+    assert_eq!(shards.len(), 3);
+
+    let settle = engine.execute(&[Command::Settle { id: 77, account: 1_000_000 }])[0];
+    assert_eq!(settle.status.get(), 0);
+    assert_eq!(settle.value.get(), 300, "the reply sums every shard's part");
+    assert_eq!(engine.balance(1_000_000), Some(0));
+    assert_eq!(engine.balance(SYSTEM_PAYOUT), Some(300));
+    let retry = engine.execute(&[Command::Settle { id: 77, account: 1_000_000 }])[0];
+    assert_eq!((retry.status.get(), retry.value.get(), retry.flags), (0, 300, 1), "retry: original total");
+
+    let mut q = QueryRecord { kind: query_kind::LOOKUP, ..QueryRecord::default() };
+    q.key.set(77);
+    let answer = engine.query_blocking(q);
+    assert_eq!(answer.reply.value.get(), 300);
+    assert_eq!(answer.command.unwrap().kind, 9);
+    for s in engine.audit() {
+        assert_eq!(s.unit_sums, [0, 0]);
+    }
+}
+
+#[test]
+fn retried_id_with_another_payer_is_refused_across_shards() {
+    let engine = start(&config(4), null_journals(4));
+    setup(&engine, 8, 100);
+    let (a, b) = (1..=8)
+        .flat_map(|a| (1..=8).map(move |b| (a, b)))
+        .find(|(a, b)| home_shard(*a, 4) != home_shard(*b, 4))
+        .unwrap();
+    assert_eq!(status(&engine, Command::Tip { id: 5, from: a, to: 1_000_000, coins: 10 }), Status::Ok);
+    assert_eq!(
+        status(&engine, Command::Tip { id: 5, from: b, to: 1_000_000, coins: 10 }),
+        Status::ExistsWithDifferentFields
+    );
+    assert_eq!(engine.balance(b), Some(100), "nothing moved for the refused retry");
+    // A top-up callback finds its top-up by id alone.
+    let mut q = QueryRecord { kind: query_kind::TOPUP_STATUS, ..QueryRecord::default() };
+    q.key.set(10_000_000 + b);
+    let answer = engine.query_blocking(q);
+    assert_eq!((answer.reply.status.get(), answer.reply.value.get(), answer.reply.value2.get()), (0, 2, 1000));
+    q.key.set(424242);
+    assert_eq!(engine.query_blocking(q).reply.status.get(), Status::NotFound.code());
+}
+
+#[test]
+fn history_of_a_striped_account_is_merged_newest_first_with_a_cursor() {
+    let engine = start(&config(2), null_journals(2));
+    setup(&engine, 10, 100);
+    for u in 1..=10 {
+        assert_eq!(status(&engine, Command::Tip { id: 100 + u, from: u, to: 1_000_000, coins: 2 }), Status::Ok);
+    }
+    let mut q = QueryRecord { kind: query_kind::HISTORY, ..QueryRecord::default() };
+    q.key.set(1_000_000);
+    q.limit.set(4);
+    let mut seen = Vec::new();
+    loop {
+        let page = engine.query_blocking(q);
+        assert_eq!(page.reply.status.get(), 0);
+        seen.extend(page.history.iter().map(|h| h.id.get()));
+        match page.next_cursor {
+            Some((ts, shard)) => {
+                q.before_ts.set(ts);
+                q.before_shard.set(shard as u64);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, (101..=110).rev().collect::<Vec<_>>(), "newest first, no gap, no duplicate");
+    q.key.set(999_999);
+    q.before_ts.set(0);
+    assert_eq!(engine.query_blocking(q).reply.status.get(), Status::NotFound.code());
+}
+
+#[test]
+fn maintenance_refuses_writes_and_keeps_reads() {
+    let engine = start(&config(2), null_journals(2));
+    setup(&engine, 2, 100);
+    engine.set_maintenance(true);
+    assert_eq!(status(&engine, Command::Tip { id: 1, from: 1, to: 1_000_000, coins: 1 }), Status::Maintenance);
+    assert_eq!(engine.balance(1), Some(100));
+    engine.set_maintenance(false);
+    // Nothing was recorded under the id: the retry is applied now.
+    assert_eq!(status(&engine, Command::Tip { id: 1, from: 1, to: 1_000_000, coins: 1 }), Status::Ok);
+}
+
+/// A journal that blocks until released: lets a test fill a shard's queue.
+struct GateJournal(Arc<Barrier>, bool);
+
+impl Journal for GateJournal {
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<(), JournalError> {
+        if self.1 {
+            self.1 = false;
+            self.0.wait();
+            self.0.wait();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_queue_answers_busy_and_changes_nothing() {
+    let mut cfg = config(1);
+    cfg.queue_depth_max = 2;
+    let gate = Arc::new(Barrier::new(2));
+    let engine = start(&cfg, vec![Box::new(GateJournal(gate.clone(), true))]);
+    // The first batch blocks in the journal ...
+    let first = Arc::new(AtomicU64::new(u64::MAX));
+    let f = first.clone();
+    let cmd = Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    engine.submit(vec![cmd.to_record()], Box::new(move |r| f.store(r[0].status.get() as u64, Ordering::SeqCst)));
+    gate.wait();
+    // ... so two more parts fill the queue, and the next is refused.
+    for account in [2, 3] {
+        let cmd = Command::CreateAccount { account, kind: AccountKind::User, flags: 0, union: 0 };
+        engine.submit(vec![cmd.to_record()], Box::new(|_| {}));
+    }
+    let refused = engine.execute(&[Command::CreateAccount { account: 4, kind: AccountKind::User, flags: 0, union: 0 }]);
+    assert_eq!(refused[0].status.get(), Status::Busy.code());
+    gate.wait();
+    // Wait until the queued parts are applied (reads are lock-free, so poll).
+    while engine.balance(3).is_none() {
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        status(&engine, Command::CreateAccount { account: 5, kind: AccountKind::User, flags: 0, union: 0 }),
+        Status::Ok
+    );
+    assert_eq!(first.load(Ordering::SeqCst), 0);
+    assert_eq!(engine.balance(4), None, "the refused command changed nothing");
+    assert_eq!(engine.balance(3), Some(0));
+}
+
+/// A journal that fails on its second append.
+struct FailingJournal(u32);
+
+impl Journal for FailingJournal {
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<(), JournalError> {
+        self.0 += 1;
+        if self.0 >= 2 {
+            return Err("injected: disk on fire".into());
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_journal_stops_writes_and_keeps_reads() {
+    let engine = start(&config(1), vec![Box::new(FailingJournal(0))]);
+    let user = Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    assert_eq!(status(&engine, user), Status::Ok);
+    let user2 = Command::CreateAccount { account: 2, kind: AccountKind::User, flags: 0, union: 0 };
+    assert_eq!(status(&engine, user2), Status::Unavailable);
+    assert_eq!(engine.balance(2), None, "not applied: it was never durable");
+    assert_eq!(status(&engine, user2), Status::Unavailable, "poisoned until restart");
+    assert_eq!(engine.balance(1), Some(0));
+}
+
+#[test]
+fn concurrent_tips_and_reads_are_exact() {
+    let engine = Arc::new(start(&config(2), null_journals(2)));
+    let users = 200u64;
+    setup(&engine, users, 1_000);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let mut ok = 0u64;
+                for round in 0..50u64 {
+                    let batch: Vec<Command> = (1..=users)
+                        .filter(|u| u % 4 == t)
+                        .map(|u| Command::Tip { id: 100_000_000 + round * 1_000 + u, from: u, to: 1_000_000, coins: 3 })
+                        .collect();
+                    ok += engine.execute(&batch).iter().filter(|r| r.status.get() == 0).count() as u64;
+                }
+                ok
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                for i in 0..20_000u64 {
+                    let b = engine.balance(1 + i % users).unwrap();
+                    assert!((0..=1_000).contains(&b), "a committed balance is never out of range: {b}");
+                }
+            })
+        })
+        .collect();
+    let ok: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    readers.into_iter().for_each(|r| r.join().unwrap());
+    assert_eq!(ok, users * 50);
+    for u in 1..=users {
+        assert_eq!(engine.balance(u), Some(1_000 - 150));
+    }
+    // 10 000 tips of 3 coins: floor(1.5)=1 to the streamer, floor(0.3)=0 to the union.
+    assert_eq!(engine.balance(1_000_000), Some(10_000));
+    for s in engine.audit() {
+        assert_eq!(s.unit_sums, [0, 0]);
+    }
+}
+
+#[test]
+fn engine_config_is_validated() {
+    let mut c = config(0);
+    assert!(c.validate().is_err());
+    c.shards = 2;
+    c.ledger = LedgerConfig { streamer_share_bp: 9_500, union_share_bp: 1_000, ..LedgerConfig::default() };
+    assert!(Engine::in_memory(c).is_err());
+}

@@ -1,0 +1,369 @@
+//! Table-style tests of the state machine: one line per command and its expected status, read
+//! top to bottom. Each table runs on a fresh single shard with timestamps 1 s apart.
+
+use stormledger::config::{LedgerConfig, ShardLimits};
+use stormledger::layout::text_field;
+use stormledger::ledger::command::{flags, Command, FailReason, SYSTEM_PAYOUT, SYSTEM_PLATFORM};
+use stormledger::ledger::{AccountKind, Channel, Reply, ShardState, Status, TopUpState};
+
+const SEC: u64 = 1_000_000_000;
+/// 2026-11-27 04:00 UTC = 12:00 in Beijing: far from a business-day boundary.
+const T0: u64 = 1_795_752_000 * SEC;
+
+struct Ledger {
+    state: ShardState,
+    now: u64,
+}
+
+impl Ledger {
+    fn new() -> Ledger {
+        Ledger::with(LedgerConfig::default())
+    }
+    fn with(config: LedgerConfig) -> Ledger {
+        Ledger {
+            state: ShardState::new(0, 1, config, ShardLimits { accounts_max: 1024, history_max: 64, ids_max: 64 }),
+            now: T0,
+        }
+    }
+    fn run(&mut self, cmd: Command) -> Reply {
+        self.now += SEC;
+        let (reply, _) = self.state.apply(self.now, &cmd);
+        self.state.check_invariants();
+        reply
+    }
+    /// Runs a table: each command must get its status (and value, where given).
+    fn table(&mut self, rows: &[(Command, Status, Option<i64>)]) {
+        for (i, (cmd, status, value)) in rows.iter().enumerate() {
+            let reply = self.run(*cmd);
+            assert_eq!(reply.status, *status, "row {i}: {cmd:?} -> {reply:?}");
+            if let Some(v) = value {
+                assert_eq!(reply.value, *v, "row {i}: value of {cmd:?} -> {reply:?}");
+            }
+        }
+    }
+    fn balance(&self, id: u64) -> i64 {
+        self.state.account(id).map(|a| a.balance).unwrap_or(i64::MIN)
+    }
+    fn advance(&mut self, seconds: u64) {
+        self.now += seconds * SEC;
+    }
+}
+
+fn user(account: u64) -> Command {
+    Command::CreateAccount { account, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 }
+}
+fn streamer(account: u64, union: u64) -> Command {
+    Command::CreateAccount { account, kind: AccountKind::Streamer, flags: 0, union }
+}
+fn union(account: u64) -> Command {
+    Command::CreateAccount { account, kind: AccountKind::Union, flags: 0, union: 0 }
+}
+fn bind(user: u64, method: u64) -> Command {
+    Command::BindMethod { user, method, channel: Channel::Alipay }
+}
+fn begin(id: u64, user: u64, fen: u64) -> Command {
+    Command::TopUpBegin { id, user, method: 1, fen }
+}
+fn confirm(id: u64, fen: u64, txn: &str) -> Command {
+    Command::TopUpConfirm { id, fen, channel_txn: text_field(txn).unwrap() }
+}
+fn tip(id: u64, from: u64, to: u64, coins: u64) -> Command {
+    Command::Tip { id, from, to, coins }
+}
+
+use Status::*;
+
+/// A user 10 with 1000 coins (100 yuan), streamer 20 without union, streamer 21 in union 30.
+fn funded() -> Ledger {
+    let mut l = Ledger::new();
+    l.table(&[
+        (user(10), Ok, None),
+        (union(30), Ok, None),
+        (streamer(20, 0), Ok, None),
+        (streamer(21, 30), Ok, None),
+        (bind(10, 1), Ok, None),
+        (begin(1000, 10, 10_000), Ok, Some(1000)),
+        (confirm(1000, 10_000, "T1000"), Ok, Some(1000)),
+    ]);
+    assert_eq!(l.balance(10), 1000);
+    l
+}
+
+#[test]
+fn accounts() {
+    let mut l = Ledger::new();
+    l.table(&[
+        (user(1), Ok, None),
+        (user(1), Ok, None), // the same create again: its original result
+        (streamer(1, 0), ExistsWithDifferentFields, None),
+        (
+            Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::MINOR, union: 0 },
+            ExistsWithDifferentFields,
+            None,
+        ),
+        (streamer(2, 99), UnionNotFound, None),
+        (streamer(2, 1), UnionNotFound, None), // 1 is a user, not a union
+        (union(3), Ok, None),
+        (streamer(2, 3), Ok, None),
+        (Command::CreateAccount { account: 4, kind: AccountKind::User, flags: 0, union: 3 }, InvalidKind, None),
+    ]);
+    assert!(l.run(user(1)).duplicate);
+}
+
+#[test]
+fn payment_methods() {
+    let mut l = Ledger::with(LedgerConfig { methods_per_user_max: 2, ..LedgerConfig::default() });
+    l.table(&[
+        (bind(1, 1), AccountNotFound, None),
+        (user(1), Ok, None),
+        (streamer(2, 0), Ok, None),
+        (bind(2, 1), WrongAccountKind, None),
+        (bind(1, 1), Ok, None),
+        (bind(1, 1), Ok, None),
+        (Command::BindMethod { user: 1, method: 1, channel: Channel::Wechat }, ExistsWithDifferentFields, None),
+        (Command::BindMethod { user: 1, method: 2, channel: Channel::BankCard }, Ok, None),
+        (bind(1, 3), TooManyMethods, None),
+    ]);
+}
+
+#[test]
+fn topup_begin_rules() {
+    let mut l = Ledger::new();
+    l.table(&[
+        (begin(1, 10, 600), AccountNotFound, None),
+        (user(10), Ok, None),
+        (Command::CreateAccount { account: 11, kind: AccountKind::User, flags: 0, union: 0 }, Ok, None),
+        (
+            Command::CreateAccount {
+                account: 12,
+                kind: AccountKind::User,
+                flags: flags::REAL_NAME | flags::MINOR,
+                union: 0,
+            },
+            Ok,
+            None,
+        ),
+        (bind(11, 1), Ok, None),
+        (bind(12, 1), Ok, None),
+        (begin(2, 10, 600), MethodNotBound, None),
+        (bind(10, 1), Ok, None),
+        (begin(3, 11, 600), UserNotVerified, None),
+        (begin(4, 12, 600), UserIsMinor, None),
+        (begin(5, 10, 600), Ok, Some(60)),          // preset 6 yuan = 60 coins
+        (begin(6, 10, 64_800), Ok, Some(6480)),     // preset 648 yuan
+        (begin(7, 10, 99), AmountNotAllowed, None), // below the custom minimum
+        (begin(8, 10, 5_000_001), AmountNotAllowed, None),
+        (begin(9, 10, 1_234), AmountNotCoinMultiple, None), // 12.34 yuan = 123.4 coins
+        (begin(10, 10, 1_230), Ok, Some(123)),
+        (begin(5, 10, 600), Ok, Some(60)), // retry: original result
+        (begin(5, 10, 3_000), ExistsWithDifferentFields, None), // same id, other amount
+        (begin(3, 11, 600), UserNotVerified, None), // a rejection is also the original result
+    ]);
+    assert_eq!(l.balance(10), 0, "nothing is credited before the channel confirms");
+    assert_eq!(l.state.topup(5).unwrap().state, TopUpState::Pending);
+}
+
+#[test]
+fn topup_callbacks_are_idempotent_and_out_of_order_safe() {
+    let mut l = Ledger::new();
+    l.table(&[
+        (user(10), Ok, None),
+        (bind(10, 1), Ok, None),
+        (begin(1, 10, 3_000), Ok, Some(300)),
+        (confirm(99, 3_000, "X"), NotFound, None),
+        (confirm(1, 600, "T1"), AmountMismatch, None),
+        (confirm(1, 3_000, "T1"), Ok, Some(300)),
+        (confirm(1, 3_000, "T1"), Ok, Some(300)), // duplicate callback: never credits twice
+        (confirm(1, 3_000, "T2"), ExistsWithDifferentFields, None),
+        (Command::TopUpFail { id: 1, reason: FailReason::Timeout }, TopUpAlreadySucceeded, None),
+        // A failure, then the channel's late "paid": recorded and refunded, not credited.
+        (begin(2, 10, 600), Ok, None),
+        (Command::TopUpFail { id: 2, reason: FailReason::Declined }, Ok, None),
+        (Command::TopUpFail { id: 2, reason: FailReason::Declined }, Ok, None),
+        (Command::TopUpFail { id: 2, reason: FailReason::NetworkError }, ExistsWithDifferentFields, None),
+        (confirm(2, 600, "T3"), TopUpRefunded, Some(600)),
+        (confirm(2, 600, "T3"), TopUpRefunded, Some(600)),
+        (Command::TopUpFail { id: 2, reason: FailReason::Declined }, TopUpNotPending, None),
+    ]);
+    assert_eq!(l.balance(10), 300);
+    assert_eq!(l.state.topup(2).unwrap().state, TopUpState::Refunded);
+    assert_eq!(l.balance(Channel::Alipay.clearing_account()), -3_000, "the channel owes what it confirmed");
+}
+
+#[test]
+fn pending_topups_expire() {
+    let mut l = Ledger::new();
+    l.table(&[(user(10), Ok, None), (bind(10, 1), Ok, None), (begin(1, 10, 600), Ok, None)]);
+    l.advance(15 * 60);
+    l.table(&[
+        (Command::Tick, Ok, None),
+        (Command::TopUpFail { id: 1, reason: FailReason::Timeout }, TopUpNotPending, None),
+        (confirm(1, 600, "LATE"), TopUpRefunded, Some(600)),
+    ]);
+    assert_eq!(l.balance(10), 0);
+}
+
+#[test]
+fn tips_split_and_reject() {
+    let mut l = funded();
+    l.table(&[
+        (tip(1, 10, 20, 100), Ok, Some(900)),
+        (tip(2, 10, 21, 101), Ok, Some(799)),
+        (tip(2, 10, 21, 101), Ok, Some(799)), // retry: the original result, nothing moves
+        (tip(2, 10, 20, 101), ExistsWithDifferentFields, None),
+        (tip(3, 10, 20, 800), InsufficientFunds, Some(799)),
+        (tip(4, 10, 99, 1), CounterpartyNotFound, None),
+        (tip(5, 99, 20, 1), AccountNotFound, None),
+        (tip(6, 10, 30, 1), WrongAccountKind, None), // a union is not tippable
+        (tip(7, 20, 21, 1), WrongAccountKind, None), // a streamer cannot spend earnings
+        (tip(3, 10, 20, 800), InsufficientFunds, Some(799)), // a rejection is the original result too
+        (tip(3, 10, 20, 1), ExistsWithDifferentFields, None),
+    ]);
+    // 100 coins to a streamer without union: 50 streamer, 50 platform.
+    // 101 coins to a streamer in a union: floor(50.5)=50 streamer, floor(10.1)=10 union, 41 platform.
+    assert_eq!(l.balance(20), 50);
+    assert_eq!(l.balance(21), 50);
+    assert_eq!(l.balance(30), 10);
+    assert_eq!(l.balance(SYSTEM_PLATFORM), 91);
+    assert_eq!(l.balance(10), 799);
+}
+
+#[test]
+fn protection_limits() {
+    let mut l = Ledger::with(LedgerConfig { spend_max_coins: 300, daily_cap_coins: 500, ..LedgerConfig::default() });
+    l.table(&[
+        (user(10), Ok, None),
+        (streamer(20, 0), Ok, None),
+        (bind(10, 1), Ok, None),
+        (begin(1, 10, 19_800), Ok, None),
+        (confirm(1, 19_800, "T"), Ok, Some(1980)),
+        (tip(101, 10, 20, 301), ExceedsTipMax, None),
+        (tip(102, 10, 20, 300), Ok, None),
+        (tip(103, 10, 20, 201), ExceedsDailyCap, Some(200)),
+        (Command::SetDailyCap { user: 10, coins: 501 }, InvalidAmount, None), // only lower than the platform's
+        (Command::SetDailyCap { user: 10, coins: 350 }, Ok, None),
+        (tip(104, 10, 20, 51), ExceedsDailyCap, Some(50)),
+        (tip(105, 10, 20, 50), Ok, None),
+        (Command::Freeze { account: 10, frozen: true }, Ok, None),
+        (tip(106, 10, 20, 1), AccountFrozen, None),
+        (Command::Freeze { account: 10, frozen: false }, Ok, None),
+        (Command::Freeze { account: 20, frozen: true }, Ok, None),
+        (tip(107, 10, 20, 1), CounterpartyFrozen, None),
+        (Command::Settle { id: 108, account: 20 }, AccountFrozen, None),
+        (Command::Freeze { account: 20, frozen: false }, Ok, None),
+    ]);
+    // The next business day, the cap starts again.
+    l.advance(86_400);
+    l.table(&[(tip(109, 10, 20, 300), Ok, None)]);
+}
+
+#[test]
+fn minors_and_unverified_users_cannot_spend() {
+    let mut l = funded();
+    l.table(&[
+        (Command::CreateAccount { account: 11, kind: AccountKind::User, flags: 0, union: 0 }, Ok, None),
+        (
+            Command::CreateAccount {
+                account: 12,
+                kind: AccountKind::User,
+                flags: flags::MINOR | flags::REAL_NAME,
+                union: 0,
+            },
+            Ok,
+            None,
+        ),
+        (tip(1, 11, 20, 1), UserNotVerified, None),
+        (tip(2, 12, 20, 1), UserIsMinor, None),
+    ]);
+}
+
+#[test]
+fn gifts_and_events() {
+    let mut l = funded();
+    l.table(&[
+        (Command::Gift { id: 1, from: 10, to: 20, gift: 2, count: 3 }, Ok, Some(970)), // 3 x 10 coins
+        (Command::Gift { id: 2, from: 10, to: 20, gift: 999, count: 1 }, GiftNotFound, None),
+        (Command::Gift { id: 3, from: 10, to: 20, gift: 6, count: 1 }, InsufficientFunds, Some(970)),
+        (Command::PayEvent { id: 4, from: 10, to: 21, event: 7, coins: 70 }, Ok, Some(900)),
+    ]);
+}
+
+#[test]
+fn settlement_sweeps_earnings() {
+    let mut l = funded();
+    l.table(&[
+        (tip(1, 10, 21, 200), Ok, None),
+        (Command::Settle { id: 2, account: 21 }, Ok, Some(100)),
+        (Command::Settle { id: 2, account: 21 }, Ok, Some(100)), // retry
+        (Command::Settle { id: 3, account: 30 }, Ok, Some(20)),
+        (Command::Settle { id: 4, account: 21 }, Ok, Some(0)),
+        (Command::Settle { id: 5, account: 10 }, WrongAccountKind, None),
+        (Command::Settle { id: 6, account: 77 }, AccountNotFound, None),
+    ]);
+    assert_eq!(l.balance(21), 0);
+    assert_eq!(l.balance(SYSTEM_PAYOUT), 120);
+}
+
+#[test]
+fn history_is_newest_first_and_bounded() {
+    let mut l = funded();
+    for i in 0..10 {
+        assert_eq!(l.run(tip(100 + i, 10, 20, 1)).status, Ok);
+    }
+    let h = l.state.history(10, 3, None);
+    assert_eq!(h.iter().map(|e| e.id).collect::<Vec<_>>(), vec![109, 108, 107]);
+    assert_eq!(h[0].balance_after, 990);
+    assert_eq!(h[0].amount, -1);
+    let before = Some((h[2].timestamp, 0));
+    let next = l.state.history(10, 3, before);
+    assert_eq!(next.iter().map(|e| e.id).collect::<Vec<_>>(), vec![106, 105, 104]);
+    // The ring holds 64 entries: old ones are gone, never wrong.
+    for i in 0..100 {
+        l.run(tip(200 + i, 10, 20, 1));
+    }
+    assert!(l.state.history(10, 1000, None).len() <= 64);
+}
+
+#[test]
+fn idempotency_window_is_bounded() {
+    let mut l = funded();
+    for i in 0..200 {
+        l.run(tip(10_000 + i, 10, 20, 1));
+    }
+    assert!(l.state.id_record(10_000).is_none(), "evicted after 64 newer ids");
+    assert!(l.state.id_record(10_199).is_some());
+    let evicted = l.state.drain_evicted();
+    assert!(evicted.contains(&10_000));
+}
+
+#[test]
+fn shape_checks_on_records() {
+    use stormledger::ledger::command::RESERVED_ID_MIN;
+    let bad = [
+        (tip(0, 10, 20, 1), InvalidId),
+        (tip(1, 10, 20, 0), InvalidAmount),
+        (tip(1, RESERVED_ID_MIN, 20, 1), InvalidId),
+        (begin(1, 10, 0), InvalidAmount),
+        (Command::Gift { id: 1, from: 10, to: 20, gift: 1, count: 0 }, InvalidAmount),
+    ];
+    for (cmd, status) in bad {
+        assert_eq!(Command::from_record(&cmd.to_record()), Err(status), "{cmd:?}");
+    }
+    let mut r = tip(1, 10, 20, 1).to_record();
+    r.kind = 77;
+    assert_eq!(Command::from_record(&r), Err(InvalidKind));
+    // Every command round-trips through its record.
+    for cmd in [user(5), bind(1, 2), begin(1, 2, 600), confirm(1, 600, "A"), tip(1, 2, 3, 4)] {
+        assert_eq!(Command::from_record(&cmd.to_record()), std::result::Result::Ok(cmd));
+    }
+}
+
+#[test]
+fn status_codes_are_stable_and_named() {
+    for s in Status::ALL {
+        assert_eq!(Status::from_code(s.code()), Some(*s));
+        assert_eq!(Status::from_name(s.name()), Some(*s));
+    }
+    assert_eq!(Ok.code(), 0);
+    assert_eq!(InsufficientFunds.code(), 15);
+}
