@@ -7,6 +7,7 @@
 //! - `shard`: routing, the id directory, bounded queues and the single-writer worker loop.
 //! - `engine`: the facade that starts the workers and routes commands and reads.
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
+//! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
 //! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
 
 pub mod config;
@@ -16,3 +17,4 @@ pub mod ledger;
 pub mod shard;
 pub mod storage;
 pub mod wal;
+pub mod workload;

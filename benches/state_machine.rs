@@ -1,0 +1,59 @@
+//! The ceiling: one shard's state machine applying tips, no queues, no log, no threads.
+//!
+//! `cargo bench --bench state_machine`
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use stormledger::config::{LedgerConfig, ShardLimits};
+use stormledger::ledger::{Command, ShardState};
+use stormledger::workload::StormSpec;
+
+fn funded_shard(spec: &StormSpec) -> (ShardState, u64) {
+    let config = LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() };
+    let limits = ShardLimits { accounts_max: (spec.users + spec.streamers + 64) as u32, history_max: 1 << 20, ids_max: 1 << 20 };
+    let mut state = ShardState::new(0, 1, config, limits);
+    let mut ts = 1_795_752_000_000_000_000u64;
+    for phase in spec.setup_phases() {
+        for cmd in phase {
+            ts += 1;
+            let (reply, _) = state.apply(ts, &cmd);
+            assert_eq!(reply.status, stormledger::ledger::Status::Ok, "{cmd:?}");
+        }
+    }
+    (state, ts)
+}
+
+fn apply_tips(c: &mut Criterion) {
+    let mut group = c.benchmark_group("state_machine");
+    group.measurement_time(Duration::from_secs(5)).sample_size(20);
+    for (name, hot) in [("storm_50pct_hot", 50), ("uniform", 0)] {
+        let spec = StormSpec { users: 100_000, streamers: 1_000, hot_percent: hot, topup_yuan: 100_000, ..StormSpec::default() };
+        let (mut state, mut ts) = funded_shard(&spec);
+        let mut tips = spec.tips();
+        const BATCH: usize = 8192;
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.bench_function(format!("apply_tip/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut batch: Vec<Command> = Vec::with_capacity(BATCH);
+                for _ in 0..iters {
+                    batch.clear();
+                    batch.extend((0..BATCH).map(|_| tips.next_tip()));
+                    let start = Instant::now();
+                    for cmd in &batch {
+                        ts += 1;
+                        let (reply, _) = state.apply(ts, cmd);
+                        std::hint::black_box(reply);
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, apply_tips);
+criterion_main!(benches);

@@ -1,0 +1,153 @@
+//! The gift-storm workload: deterministic account setup and tip generation from a seed.
+//!
+//! Shared by the benchmarks, the `stormledger-storm` tool and the tests, so that every number in
+//! docs/benchmarks.md comes from the same workload. It only builds commands; it never runs them.
+
+use crate::layout::text_field;
+use crate::ledger::command::flags;
+use crate::ledger::{AccountKind, Channel, Command};
+
+/// The first streamer's id; streamer `i` is `STREAMER_BASE + i` (streamer 0 is the hot one).
+pub const STREAMER_BASE: u64 = 1_000_000_000;
+/// The union every streamer belongs to.
+pub const UNION_ID: u64 = 2_000_000_000;
+/// Top-up ids: `TOPUP_BASE + user`.
+pub const TOPUP_BASE: u64 = 3_000_000_000;
+/// Tip ids start here (above every setup id).
+pub const TIP_BASE: u64 = 10_000_000_000;
+
+/// A storm's shape.
+#[derive(Clone, Debug)]
+pub struct StormSpec {
+    pub users: u64,
+    pub streamers: u64,
+    /// Percent of tips that go to streamer 0.
+    pub hot_percent: u32,
+    /// Each user is topped up with this many yuan (a custom amount; 10 coins per yuan).
+    pub topup_yuan: u64,
+    /// Tips are 1..=tip_coins_max coins.
+    pub tip_coins_max: u64,
+    pub seed: u64,
+}
+
+impl Default for StormSpec {
+    fn default() -> Self {
+        StormSpec { users: 100_000, streamers: 1_000, hot_percent: 50, topup_yuan: 648, tip_coins_max: 20, seed: 42 }
+    }
+}
+
+/// SplitMix64: a tiny, seedable generator (reproducible runs need no dependency).
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+impl StormSpec {
+    /// Setup phases, each a list of commands that may run as one batch; run them in order,
+    /// waiting for each phase (later phases depend on earlier ones).
+    pub fn setup_phases(&self) -> Vec<Vec<Command>> {
+        let union = vec![Command::CreateAccount { account: UNION_ID, kind: AccountKind::Union, flags: 0, union: 0 }];
+        let streamers = (0..self.streamers)
+            .map(|i| Command::CreateAccount {
+                account: STREAMER_BASE + i,
+                kind: AccountKind::Streamer,
+                flags: 0,
+                union: UNION_ID,
+            })
+            .collect();
+        let users = (1..=self.users)
+            .map(|u| Command::CreateAccount { account: u, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 })
+            .collect();
+        let methods = (1..=self.users).map(|u| Command::BindMethod { user: u, method: 1, channel: channel_of(u) }).collect();
+        let fen = self.topup_yuan * 100;
+        let begins =
+            (1..=self.users).map(|u| Command::TopUpBegin { id: TOPUP_BASE + u, user: u, method: 1, fen }).collect();
+        let confirms = (1..=self.users)
+            .map(|u| Command::TopUpConfirm {
+                id: TOPUP_BASE + u,
+                fen,
+                channel_txn: text_field(&format!("S{u}")).expect("short ascii"),
+            })
+            .collect();
+        vec![union, streamers, users, methods, begins, confirms]
+    }
+
+    /// Coins each user holds after setup.
+    pub fn coins_per_user(&self) -> u64 {
+        self.topup_yuan * 10
+    }
+
+    /// A generator of tips; tip `n` has id `TIP_BASE + n`.
+    pub fn tips(&self) -> TipGen {
+        TipGen { rng: SplitMix64(self.seed), spec: self.clone(), next: 0 }
+    }
+}
+
+fn channel_of(user: u64) -> Channel {
+    Channel::ALL[(user % 4) as usize]
+}
+
+/// See `StormSpec::tips`.
+pub struct TipGen {
+    rng: SplitMix64,
+    spec: StormSpec,
+    next: u64,
+}
+
+impl TipGen {
+    /// The receiving streamer for the next tip.
+    pub fn streamer(&mut self) -> u64 {
+        if self.rng.below(100) < self.spec.hot_percent as u64 || self.spec.streamers == 1 {
+            STREAMER_BASE
+        } else {
+            STREAMER_BASE + 1 + self.rng.below(self.spec.streamers - 1)
+        }
+    }
+
+    pub fn user(&mut self) -> u64 {
+        1 + self.rng.below(self.spec.users)
+    }
+
+    /// The next tip.
+    pub fn next_tip(&mut self) -> Command {
+        self.next += 1;
+        let from = self.user();
+        let to = self.streamer();
+        let coins = 1 + self.rng.below(self.spec.tip_coins_max);
+        Command::Tip { id: TIP_BASE + self.next, from, to, coins }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_share_and_reproducible() {
+        let spec = StormSpec { users: 1000, streamers: 10, ..StormSpec::default() };
+        let mut a = spec.tips();
+        let mut b = spec.tips();
+        let mut hot = 0;
+        for _ in 0..10_000 {
+            let (x, y) = (a.next_tip(), b.next_tip());
+            assert_eq!(x, y);
+            if let Command::Tip { to, .. } = x {
+                hot += (to == STREAMER_BASE) as u32;
+            }
+        }
+        assert!((4_500..5_700).contains(&hot), "{hot}");
+    }
+}
