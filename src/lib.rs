@@ -6,7 +6,10 @@
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
 //! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
 
+pub mod client;
 pub mod layout;
 pub mod ledger;
+pub mod protocol;
+pub mod server;
 pub mod storage;
 pub mod wal;
