@@ -581,10 +581,14 @@ fn decode_body(header: &FrameHeader, body: &[u8]) -> Result<Frame, ProtocolError
             if record.reserved != 0 || record.reserved2.get() != 0 {
                 return Err(invalid("reserved field not zero"));
             }
-            let token = record
+            let (token, padding) = record
                 .token
-                .get(..record.token_len.get() as usize)
+                .split_at_checked(record.token_len.get() as usize)
                 .ok_or(invalid("token_len past token"))?;
+            // Zero padding keeps the encoding canonical: one frame, one byte string.
+            if padding.iter().any(|&byte| byte != 0) {
+                return Err(invalid("token padding not zero"));
+            }
             Payload::Hello(Hello {
                 role,
                 token: token.to_vec(),
@@ -593,6 +597,9 @@ fn decode_body(header: &FrameHeader, body: &[u8]) -> Result<Frame, ProtocolError
         FrameKind::AuthOk => {
             let record = AuthOkRecord::read_from_bytes(body).map_err(|_| mismatch.clone())?;
             let role = Role::from_code(record.role).ok_or(invalid("unknown role"))?;
+            if record.reserved != [0; 3] || record.reserved2.get() != 0 {
+                return Err(invalid("reserved field not zero"));
+            }
             Payload::AuthOk(AuthOk {
                 role,
                 in_flight_max: record.in_flight_max.get(),
@@ -604,11 +611,16 @@ fn decode_body(header: &FrameHeader, body: &[u8]) -> Result<Frame, ProtocolError
         }
         FrameKind::AuthFailed | FrameKind::Error => {
             let record = ErrorRecord::read_from_bytes(body).map_err(|_| mismatch.clone())?;
-            let bytes = record
+            let (bytes, padding) = record
                 .message
-                .get(..record.message_len.get() as usize)
+                .split_at_checked(record.message_len.get() as usize)
                 .ok_or(invalid("message_len past message"))?;
-            let message = String::from_utf8_lossy(bytes).into_owned();
+            if padding.iter().any(|&byte| byte != 0) || record.reserved.get() != 0 {
+                return Err(invalid("message padding or reserved field not zero"));
+            }
+            let message = core::str::from_utf8(bytes)
+                .map_err(|_| invalid("message is not UTF-8"))?
+                .to_owned();
             let error = ErrorBody {
                 code: ErrorCode(record.code.get()),
                 message,

@@ -110,6 +110,11 @@ impl FrameHeader {
         header
     }
 
+    /// Recomputes `header_crc` after fields were changed (e.g. by a test crafting a bad frame).
+    pub fn seal(&mut self) {
+        self.header_crc = U32::new(self.compute_crc());
+    }
+
     fn compute_crc(&self) -> u32 {
         let bytes = self.as_bytes();
         crc32c::crc32c(bytes.get(..HEADER_CRC_COVERS).unwrap_or(bytes))

@@ -24,9 +24,10 @@ pub mod frame;
 pub mod stream;
 
 pub use codec::{
-    AnswerIndexRecord, AuthOk, AuthOkRecord, ErrorBody, ErrorCode, ErrorRecord, Frame, Hello,
-    HelloRecord, Payload, QueryAnswer, Role, ERROR_MESSAGE_LEN, QUERY_KIND_BALANCE,
-    QUERY_KIND_HISTORY, QUERY_KIND_LOOKUP, QUERY_KIND_TOPUP_STATUS, TOKEN_LEN_MAX,
+    answers_body_len, decode, AnswerIndexRecord, AuthOk, AuthOkRecord, ErrorBody, ErrorCode,
+    ErrorRecord, Frame, Hello, HelloRecord, Payload, QueryAnswer, Role, ERROR_MESSAGE_LEN,
+    QUERY_KIND_BALANCE, QUERY_KIND_HISTORY, QUERY_KIND_LOOKUP, QUERY_KIND_TOPUP_STATUS,
+    TOKEN_LEN_MAX,
 };
 pub use frame::{
     check, Check, FrameHeader, FrameKind, ProtocolError, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX,
