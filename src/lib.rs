@@ -5,6 +5,11 @@
 //! - `ledger`: the deterministic wallet state machine (no IO, no clock, no randomness).
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
 //! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
+//! - `protocol`: the wire format (frame header, codec, async framing); the only module that
+//!   knows wire bytes. Normative description in `docs/protocol.md`.
+//! - `server`: TCP listener and per-connection reader/writer tasks over the `server::Backend`
+//!   trait the engine implements.
+//! - `client`: the async client (batching, pipelining, request-id matching) built on `protocol`.
 
 pub mod client;
 pub mod layout;
