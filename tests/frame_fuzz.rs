@@ -236,6 +236,8 @@ fn split_streams_yield_the_same_frames() {
 #[test]
 fn header_size_is_what_the_docs_say() {
     assert_eq!(HEADER_SIZE, 40);
+    // The check value quoted in docs/protocol.md, so other implementations can verify their CRC.
+    assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
     let frame = Frame::new(0x0102_0304_0506_0708, Payload::Ping);
     let bytes = encode(&frame);
     assert_eq!(&bytes[..4], b"SLDG");

@@ -26,6 +26,8 @@ pub struct ServerStats {
     pub write_timeouts: AtomicU64,
     /// Requests the backend dropped without answering (a bug in the backend).
     pub internal_errors: AtomicU64,
+    /// Bytes read from and written to sockets; added when each connection ends, so a long-lived
+    /// connection shows up here only once it closes.
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
 }
