@@ -10,8 +10,10 @@ use stormledger::ledger::{Command, ShardState};
 use stormledger::workload::StormSpec;
 
 fn funded_shard(spec: &StormSpec) -> (ShardState, u64) {
-    let config = LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() };
-    let limits = ShardLimits { accounts_max: (spec.users + spec.streamers + 64) as u32, history_max: 1 << 20, ids_max: 1 << 20 };
+    let config =
+        LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() };
+    let limits =
+        ShardLimits { accounts_max: (spec.users + spec.streamers + 64) as u32, history_max: 1 << 20, ids_max: 1 << 20 };
     let mut state = ShardState::new(0, 1, config, limits);
     let mut ts = 1_795_752_000_000_000_000u64;
     for phase in spec.setup_phases() {
@@ -28,7 +30,13 @@ fn apply_tips(c: &mut Criterion) {
     let mut group = c.benchmark_group("state_machine");
     group.measurement_time(Duration::from_secs(5)).sample_size(20);
     for (name, hot) in [("storm_50pct_hot", 50), ("uniform", 0)] {
-        let spec = StormSpec { users: 100_000, streamers: 1_000, hot_percent: hot, topup_yuan: 100_000, ..StormSpec::default() };
+        let spec = StormSpec {
+            users: 100_000,
+            streamers: 1_000,
+            hot_percent: hot,
+            topup_yuan: 100_000,
+            ..StormSpec::default()
+        };
         let (mut state, mut ts) = funded_shard(&spec);
         let mut tips = spec.tips();
         const BATCH: usize = 8192;

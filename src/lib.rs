@@ -9,11 +9,19 @@
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
 //! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
 //! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
+//! - `protocol`: the wire format (frame header, codec, async framing); the only module that
+//!   knows wire bytes. Normative description in `docs/protocol.md`.
+//! - `server`: TCP listener and per-connection reader/writer tasks over the `server::Backend`
+//!   trait the engine implements.
+//! - `client`: the async client (batching, pipelining, request-id matching) built on `protocol`.
 
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod layout;
 pub mod ledger;
+pub mod protocol;
+pub mod server;
 pub mod shard;
 pub mod storage;
 pub mod wal;

@@ -71,7 +71,8 @@ impl StormSpec {
         let users = (1..=self.users)
             .map(|u| Command::CreateAccount { account: u, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 })
             .collect();
-        let methods = (1..=self.users).map(|u| Command::BindMethod { user: u, method: 1, channel: channel_of(u) }).collect();
+        let methods =
+            (1..=self.users).map(|u| Command::BindMethod { user: u, method: 1, channel: channel_of(u) }).collect();
         let fen = self.topup_yuan * 100;
         let begins =
             (1..=self.users).map(|u| Command::TopUpBegin { id: TOPUP_BASE + u, user: u, method: 1, fen }).collect();

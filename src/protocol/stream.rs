@@ -1,0 +1,173 @@
+//! Whole frames over an async byte stream.
+//!
+//! `FrameReader` buffers bytes from any `AsyncRead` and yields decoded frames; `FrameWriter`
+//! encodes frames into one buffer and writes it with as few syscalls as possible. Server and
+//! client both use them, so framing lives in exactly one place.
+//!
+//! What must never happen here: timeouts or connection policy (the callers wrap these calls), or
+//! returning a frame whose bytes did not fully validate.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::codec::{decode, Frame};
+use super::frame::{check, Check, ProtocolError, HEADER_SIZE};
+
+/// Why `FrameReader::read_frame` failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum FrameReadError {
+    /// The socket failed.
+    Io(std::io::Error),
+    /// The bytes are not a valid frame; the stream cannot be resynchronised.
+    Protocol(ProtocolError),
+    /// The peer closed the stream in the middle of a frame.
+    TruncatedFrame { buffered: usize },
+}
+
+impl core::fmt::Display for FrameReadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FrameReadError::Io(error) => write!(f, "io: {error}"),
+            FrameReadError::Protocol(error) => write!(f, "protocol: {error}"),
+            FrameReadError::TruncatedFrame { buffered } => {
+                write!(f, "connection closed in the middle of a frame ({buffered} bytes buffered)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameReadError {}
+
+/// Initial read buffer: enough for a few pipelined frames of a typical batch size.
+const READ_BUFFER_INITIAL: usize = 64 * 1024;
+/// Consumed bytes at the front of the buffer are only reclaimed past this mark, so that many
+/// small pipelined frames do not each cost a memmove of the rest of the buffer.
+const COMPACT_THRESHOLD: usize = 64 * 1024;
+
+/// Reads frames from a byte stream.
+pub struct FrameReader<R> {
+    reader: R,
+    buffer: Vec<u8>,
+    /// Start of the unconsumed bytes in `buffer`.
+    start: usize,
+    bytes_read: u64,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(reader: R) -> FrameReader<R> {
+        FrameReader { reader, buffer: Vec::with_capacity(READ_BUFFER_INITIAL), start: 0, bytes_read: 0 }
+    }
+
+    /// Total bytes read from the stream so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    /// True if bytes of a not yet complete frame are buffered.
+    pub fn has_partial_frame(&self) -> bool {
+        self.start < self.buffer.len()
+    }
+
+    /// The next frame. `Ok(None)` when the peer closed the stream cleanly between frames.
+    ///
+    /// Cancel safe: if the future is dropped, buffered bytes are kept and the next call resumes.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameReadError> {
+        loop {
+            let unconsumed = self.buffer.get(self.start..).unwrap_or_default();
+            // The header is validated as soon as it arrives (inside `check`), so an oversized or
+            // malformed frame is refused before its body is read.
+            let needed = match check(unconsumed).map_err(FrameReadError::Protocol)? {
+                Check::Complete { .. } => {
+                    let (frame, len) = match decode(unconsumed).map_err(FrameReadError::Protocol)? {
+                        Some(decoded) => decoded,
+                        // `check` said complete; decode agrees by construction.
+                        None => continue,
+                    };
+                    self.consume(len);
+                    return Ok(Some(frame));
+                }
+                Check::Incomplete { needed } => needed.max(HEADER_SIZE),
+            };
+            self.compact();
+            let have = self.buffer.len() - self.start;
+            self.buffer.reserve(needed.saturating_sub(have).max(READ_BUFFER_INITIAL / 4));
+            let read = self.reader.read_buf(&mut self.buffer).await.map_err(FrameReadError::Io)?;
+            if read == 0 {
+                let buffered = self.buffer.len() - self.start;
+                return if buffered == 0 { Ok(None) } else { Err(FrameReadError::TruncatedFrame { buffered }) };
+            }
+            self.bytes_read += read as u64;
+        }
+    }
+
+    fn consume(&mut self, len: usize) {
+        self.start += len;
+        if self.start == self.buffer.len() {
+            self.buffer.clear();
+            self.start = 0;
+        }
+    }
+
+    fn compact(&mut self) {
+        if self.start >= COMPACT_THRESHOLD || (self.start > 0 && self.buffer.len() == self.buffer.capacity()) {
+            self.buffer.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+/// Encodes frames into a buffer and writes them.
+pub struct FrameWriter<W> {
+    writer: W,
+    buffer: Vec<u8>,
+    bytes_written: u64,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(writer: W) -> FrameWriter<W> {
+        FrameWriter { writer, buffer: Vec::with_capacity(READ_BUFFER_INITIAL), bytes_written: 0 }
+    }
+
+    /// Encodes `frame` into the pending buffer without writing. Call `flush` to send.
+    pub fn queue(&mut self, frame: &Frame) -> Result<(), ProtocolError> {
+        frame.encode(&mut self.buffer)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Total bytes written to the stream so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// Writes everything queued and flushes the stream.
+    ///
+    /// Not cancel safe: if dropped mid-write the stream may hold part of a frame; callers that
+    /// time out a flush must abandon the connection.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buffer.is_empty() {
+            self.writer.write_all(&self.buffer).await?;
+            self.bytes_written += self.buffer.len() as u64;
+            self.buffer.clear();
+        }
+        self.writer.flush().await
+    }
+
+    /// Queues and flushes one frame.
+    pub async fn write_frame(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.queue(frame).map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+        self.flush().await
+    }
+
+    /// Shuts down the write side of the stream (the peer reads end-of-stream).
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.writer.shutdown().await
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.writer
+    }
+}

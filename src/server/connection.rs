@@ -1,0 +1,499 @@
+//! One connection: handshake, then a reader task and a writer task joined by a bounded channel.
+//!
+//! In-flight accounting is the reply channel itself: before a frame is submitted the reader
+//! reserves a slot in the channel (`reserve_owned`), and the slot travels with the request into
+//! the backend callback. The callback fills the slot with `OwnedPermit::send`, which cannot block
+//! and cannot fail, so engine threads never wait on a network task. When every slot is taken the
+//! reader stops reading, and TCP flow control pushes back on the client.
+//!
+//! What must never happen here: submitting anything from a frame that failed to parse or failed
+//! the role check, or losing track of a submitted frame (a dropped callback answers `internal`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{self, OwnedPermit};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{timeout, timeout_at, Instant};
+
+use super::stats::{add, ServerStats};
+use super::Shared;
+use crate::layout::{QueryRecord, ReplyRecord, HISTORY_RECORD_SIZE};
+use crate::protocol::{
+    AuthOk, ErrorBody, ErrorCode, Frame, FrameReadError, FrameReader, FrameWriter, Hello, Payload, ProtocolError,
+    QueryAnswer, Role, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, QUERIES_PER_FRAME_MAX, QUERY_KIND_BALANCE,
+    QUERY_KIND_HISTORY,
+};
+
+/// The writer batches queued replies into one write up to about this many bytes, so a burst of
+/// small reply frames costs one syscall instead of one each.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
+/// Answers a connection over the limit with `too_many_connections` and closes it.
+pub(super) async fn refuse(socket: TcpStream, shared: &Shared) {
+    let mut writer = FrameWriter::new(socket);
+    let error = ErrorBody::new(ErrorCode::TOO_MANY_CONNECTIONS, "connection limit reached; retry later");
+    let _ = timeout(shared.config.write_timeout, async {
+        writer.write_frame(&Frame::new(0, Payload::Error(error))).await?;
+        writer.shutdown().await
+    })
+    .await;
+}
+
+/// Serves one accepted connection to the end.
+pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    add(&shared.stats.connections_active, 1);
+    serve_inner(socket, &shared, shutdown).await;
+    shared.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn serve_inner(socket: TcpStream, shared: &Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    // Replies are small and latency matters more than packet count; the writer already batches.
+    let _ = socket.set_nodelay(true);
+    let (read_half, write_half) = socket.into_split();
+    let mut reader = FrameReader::new(read_half);
+    let mut writer = FrameWriter::new(write_half);
+    let config = &shared.config;
+    let stats = &shared.stats;
+
+    // Handshake: the first frame must be a valid Hello with a valid token, within the timeout.
+    let first = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return,
+        first = timeout(config.handshake_timeout, reader.read_frame()) => first,
+    };
+    let hello_result = match first {
+        Err(_elapsed) => return,
+        Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))) | Ok(Err(FrameReadError::TruncatedFrame { .. })) => return,
+        Ok(Err(FrameReadError::Protocol(error))) => Err(protocol_error_frame(0, &error, stats)),
+        Ok(Ok(Some(frame))) => {
+            add(&stats.frames_received, 1);
+            match frame.payload {
+                Payload::Hello(hello) => match authenticate(&hello, shared) {
+                    Some(role) => Ok(role),
+                    None => {
+                        add(&stats.auth_failures, 1);
+                        let error = ErrorBody::new(ErrorCode::AUTH_FAILED, "authentication failed");
+                        Err(Frame::new(frame.request_id, Payload::AuthFailed(error)))
+                    }
+                },
+                other => {
+                    add(&stats.protocol_errors, 1);
+                    let message = format!("the first frame must be Hello, not kind {}", other.kind() as u16);
+                    Err(Frame::new(
+                        frame.request_id,
+                        Payload::Error(ErrorBody::new(ErrorCode::NOT_AUTHENTICATED, message)),
+                    ))
+                }
+            }
+        }
+    };
+    let role = match hello_result {
+        Ok(role) => role,
+        Err(frame) => {
+            close_with(&mut writer, &frame, shared).await;
+            return;
+        }
+    };
+    let connection_id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let auth_ok = AuthOk {
+        role,
+        in_flight_max: config.in_flight_per_connection_max as u32,
+        body_bytes_max: BODY_BYTES_MAX as u32,
+        commands_per_frame_max: COMMANDS_PER_FRAME_MAX as u32,
+        queries_per_frame_max: QUERIES_PER_FRAME_MAX as u32,
+        connection_id,
+    };
+    match timeout(config.write_timeout, writer.write_frame(&Frame::new(0, Payload::AuthOk(auth_ok)))).await {
+        Ok(Ok(())) => add(&stats.frames_sent, 1),
+        _ => return,
+    }
+
+    let (tx, rx) = mpsc::channel::<Frame>(config.in_flight_per_connection_max);
+    let (last_tx, last_rx) = oneshot::channel::<Frame>();
+    let mut writer_task = tokio::spawn(write_loop(writer, rx, last_rx, shared.clone()));
+    let handler = Handler { shared: shared.clone(), role, tx };
+    handler.read_loop(&mut reader, &mut shutdown, last_tx).await;
+    add(&stats.bytes_received, reader.bytes_read());
+    // `handler` (and its sender) is gone; the writer ends once every in-flight callback has
+    // delivered its reply, or when the drain timeout says the engine is not answering.
+    match timeout(config.drain_timeout, &mut writer_task).await {
+        Ok(_) => {}
+        Err(_elapsed) => writer_task.abort(),
+    }
+}
+
+/// Sends `frame` (an error or an auth failure) and closes, within the write timeout.
+async fn close_with(writer: &mut FrameWriter<OwnedWriteHalf>, frame: &Frame, shared: &Shared) {
+    let _ = timeout(shared.config.write_timeout, async {
+        writer.write_frame(frame).await?;
+        add(&shared.stats.frames_sent, 1);
+        writer.shutdown().await
+    })
+    .await;
+}
+
+fn shutting_down() -> ReadEnd {
+    let error = ErrorBody::new(ErrorCode::SHUTTING_DOWN, "server shutting down");
+    ReadEnd::Last(Frame::new(0, Payload::Error(error)))
+}
+
+fn protocol_error_frame(request_id: u64, error: &ProtocolError, stats: &ServerStats) -> Frame {
+    add(&stats.protocol_errors, 1);
+    Frame::new(request_id, Payload::Error(ErrorBody::new(error.code(), error.to_string())))
+}
+
+/// Compares the Hello's token with the configured ones; the granted role is the requested one if
+/// the token permits it (the admin token also permits the client role).
+fn authenticate(hello: &Hello, shared: &Shared) -> Option<Role> {
+    let config = &shared.config;
+    // Compare against both tokens unconditionally so timing does not reveal which one matched.
+    let is_client = constant_time_eq(&hello.token, config.client_token.as_bytes());
+    let is_admin = match &config.admin_token {
+        Some(admin) => constant_time_eq(&hello.token, admin.as_bytes()),
+        None => false,
+    };
+    match hello.role {
+        Role::Admin if is_admin => Some(Role::Admin),
+        Role::Client if is_client || is_admin => Some(Role::Client),
+        _ => None,
+    }
+}
+
+/// Equality whose running time depends only on the lengths, not on where the bytes differ, so a
+/// remote peer cannot find the token byte by byte by timing failed handshakes.
+fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let len = given.len().max(expected.len());
+    let mut diff = (given.len() ^ expected.len()) as u64;
+    for i in 0..len {
+        let a = given.get(i).copied().unwrap_or(0);
+        let b = expected.get(i).copied().unwrap_or(0);
+        diff |= u64::from(a ^ b);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// Why the read loop ended.
+enum ReadEnd {
+    /// The peer closed, the socket failed, or the writer gave up: nothing more to say.
+    Closed,
+    /// The connection ends with this frame, written after the in-flight replies.
+    Last(Frame),
+}
+
+struct Handler {
+    shared: Arc<Shared>,
+    role: Role,
+    tx: mpsc::Sender<Frame>,
+}
+
+impl Handler {
+    /// Reads and dispatches frames until the connection must end, then hands the writer the frame
+    /// to send last. Consumes the handler so its sender is dropped on return, which (once the
+    /// in-flight callbacks are done) lets the writer finish. The last frame is handed over before
+    /// that drop, so the writer always finds it when its channel closes.
+    async fn read_loop(
+        self,
+        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        shutdown: &mut watch::Receiver<bool>,
+        last: oneshot::Sender<Frame>,
+    ) {
+        let config = &self.shared.config;
+        let stats = &self.shared.stats;
+        let mut idle_deadline = Instant::now() + config.idle_timeout;
+        let end = loop {
+            let read = tokio::select! {
+                // A shutdown stops reading at once; a partially received frame is discarded
+                // unsubmitted, and frames already submitted drain through the writer.
+                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
+                // The writer gave up (write timeout or socket error): nothing can be answered.
+                _ = self.tx.closed() => break ReadEnd::Closed,
+                read = timeout_at(idle_deadline, reader.read_frame()) => read,
+            };
+            let frame = match read {
+                Err(_elapsed) => {
+                    // Waiting for the engine is not idleness: only close when nothing is in flight.
+                    // A peer trickling a partial frame does not reset the timer (only whole frames
+                    // do), so a slow-loris connection is closed like an idle one.
+                    if self.in_flight() > 0 {
+                        idle_deadline = Instant::now() + config.idle_timeout;
+                        continue;
+                    }
+                    add(&stats.idle_timeouts, 1);
+                    let error = ErrorBody::new(ErrorCode::IDLE_TIMEOUT, "idle timeout");
+                    break ReadEnd::Last(Frame::new(0, Payload::Error(error)));
+                }
+                Ok(Ok(Some(frame))) => frame,
+                Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))) | Ok(Err(FrameReadError::TruncatedFrame { .. })) => {
+                    break ReadEnd::Closed
+                }
+                Ok(Err(FrameReadError::Protocol(error))) => {
+                    break ReadEnd::Last(protocol_error_frame(0, &error, stats))
+                }
+            };
+            idle_deadline = Instant::now() + config.idle_timeout;
+            add(&stats.frames_received, 1);
+            // Reserve the reply slot before submitting: this is the in-flight limit.
+            let permit = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
+                permit = self.tx.clone().reserve_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break ReadEnd::Closed,
+                },
+            };
+            if let Err(fatal) = self.dispatch(frame, permit) {
+                break ReadEnd::Last(fatal);
+            }
+        };
+        if let ReadEnd::Last(frame) = end {
+            let _ = last.send(frame);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Hands one parsed frame to the backend. `Err` carries the error frame for a frame that must
+    /// close the connection.
+    fn dispatch(&self, frame: Frame, permit: OwnedPermit<Frame>) -> Result<(), Frame> {
+        let stats = &self.shared.stats;
+        let backend = &self.shared.backend;
+        let request_id = frame.request_id;
+        match frame.payload {
+            Payload::Commands(commands) => {
+                if self.role != Role::Admin && commands.iter().any(|command| backend.is_admin_kind(command.kind)) {
+                    // Refuse the whole frame, not just the admin commands: a batch is submitted
+                    // as a unit or not at all. The connection stays usable.
+                    add(&stats.forbidden_frames, 1);
+                    let error = ErrorBody::new(ErrorCode::FORBIDDEN, "admin command kinds need an admin connection");
+                    permit.send(Frame::new(request_id, Payload::Error(error)));
+                    return Ok(());
+                }
+                add(&stats.commands_received, commands.len() as u64);
+                let slot = ReplySlot::new(permit, request_id, self.shared.stats.clone());
+                let expected = commands.len();
+                backend.submit(
+                    commands,
+                    Box::new(move |replies: Vec<ReplyRecord>| {
+                        if replies.len() == expected {
+                            add(&slot.stats.replies_sent, expected as u64);
+                            slot.send(Payload::Replies(replies));
+                        } else {
+                            // A backend bug; answering a wrong count would misattribute results.
+                            slot.fail("the engine answered a different number of replies");
+                        }
+                    }),
+                );
+                Ok(())
+            }
+            Payload::Query(queries) => {
+                add(&stats.queries_received, queries.len() as u64);
+                self.dispatch_queries(queries, ReplySlot::new(permit, request_id, self.shared.stats.clone()));
+                Ok(())
+            }
+            Payload::Ping => {
+                permit.send(Frame::new(request_id, Payload::Pong));
+                Ok(())
+            }
+            // Watch/Event never decode (reserved kinds fail in `check`); everything else here is
+            // a server-to-client kind or a second Hello.
+            other => {
+                let error = ProtocolError::UnexpectedFrame { kind: other.kind() as u16 };
+                drop(permit);
+                Err(protocol_error_frame(request_id, &error, stats))
+            }
+        }
+    }
+
+    fn dispatch_queries(&self, mut queries: Vec<QueryRecord>, slot: ReplySlot) {
+        let backend = &self.shared.backend;
+        // Balance reads are lock-free and answered inline; a frame of only balances (the hot
+        // read) is answered without touching the engine's queues.
+        if queries.iter().all(|query| query.kind == QUERY_KIND_BALANCE) {
+            let answers = queries.iter().map(|query| QueryAnswer::reply(backend.balance(query.key.get()))).collect();
+            slot.send(Payload::QueryAnswer(answers));
+            return;
+        }
+        let history_cap = history_cap(queries.len());
+        for query in &mut queries {
+            if query.kind == QUERY_KIND_HISTORY {
+                let limit = query.limit.get();
+                if limit == 0 || limit > history_cap {
+                    query.limit.set(history_cap);
+                }
+            }
+        }
+        let collector = Arc::new(Mutex::new(Collector {
+            answers: vec![None; queries.len()],
+            remaining: queries.len(),
+            slot: Some(slot),
+            history_cap: history_cap as usize,
+        }));
+        for (position, query) in queries.into_iter().enumerate() {
+            if query.kind == QUERY_KIND_BALANCE {
+                Collector::fill(&collector, position, QueryAnswer::reply(backend.balance(query.key.get())));
+            } else {
+                let collector = collector.clone();
+                backend.query(query, Box::new(move |answer| Collector::fill(&collector, position, answer)));
+            }
+        }
+    }
+}
+
+/// Most history entries one query of a frame of `queries` queries may return so that the whole
+/// answer frame fits in `BODY_BYTES_MAX` even if every query also returns a lookup record.
+fn history_cap(queries: usize) -> u32 {
+    let fixed = queries * (32 + 32 + crate::layout::COMMAND_RECORD_SIZE);
+    let per_query = BODY_BYTES_MAX.saturating_sub(fixed) / HISTORY_RECORD_SIZE / queries.max(1);
+    per_query.max(1) as u32
+}
+
+/// Gathers the answers of one Query frame; the last callback sends the frame.
+struct Collector {
+    answers: Vec<Option<QueryAnswer>>,
+    remaining: usize,
+    slot: Option<ReplySlot>,
+    history_cap: usize,
+}
+
+impl Collector {
+    fn fill(collector: &Mutex<Collector>, position: usize, mut answer: QueryAnswer) {
+        let mut state = collector.lock();
+        if answer.history.len() > state.history_cap {
+            // The engine returned more than asked; keep the frame within limits and point the
+            // cursor at the last entry kept so the client can page on without a gap.
+            answer.history.truncate(state.history_cap);
+            if let Some(last) = answer.history.last() {
+                answer.next_before_ts = last.timestamp.get();
+                answer.next_before_shard = u64::from(last.shard);
+            }
+        }
+        let Some(entry) = state.answers.get_mut(position) else {
+            return;
+        };
+        if entry.is_some() {
+            return; // a callback called twice; the first answer stands
+        }
+        *entry = Some(answer);
+        state.remaining -= 1;
+        if state.remaining == 0 {
+            let answers: Vec<QueryAnswer> = state.answers.drain(..).flatten().collect();
+            if let Some(slot) = state.slot.take() {
+                drop(state);
+                slot.send(Payload::QueryAnswer(answers));
+            }
+        }
+    }
+}
+
+/// The reserved reply-channel slot of one submitted frame. Dropping it unused (the backend lost
+/// the callback) answers `internal`, so the client can retry instead of waiting forever.
+struct ReplySlot {
+    permit: Option<OwnedPermit<Frame>>,
+    request_id: u64,
+    stats: Arc<ServerStats>,
+}
+
+impl ReplySlot {
+    fn new(permit: OwnedPermit<Frame>, request_id: u64, stats: Arc<ServerStats>) -> ReplySlot {
+        ReplySlot { permit: Some(permit), request_id, stats }
+    }
+
+    fn send(mut self, payload: Payload) {
+        if let Some(permit) = self.permit.take() {
+            permit.send(Frame::new(self.request_id, payload));
+        }
+    }
+
+    fn fail(mut self, message: &str) {
+        self.fail_in_place(message);
+    }
+
+    fn fail_in_place(&mut self, message: &str) {
+        if let Some(permit) = self.permit.take() {
+            add(&self.stats.internal_errors, 1);
+            let error = ErrorBody::new(ErrorCode::INTERNAL, message);
+            permit.send(Frame::new(self.request_id, Payload::Error(error)));
+        }
+    }
+}
+
+impl Drop for ReplySlot {
+    fn drop(&mut self) {
+        self.fail_in_place("the engine dropped the request without answering; retry with the same ids");
+    }
+}
+
+/// Writes queued frames until every sender is gone (the reader and every in-flight callback),
+/// then the connection's last frame if there is one, then closes the write side. Writing the last
+/// frame (an error, an idle timeout, a shutdown notice) only after the drain means a client sees
+/// the answers to everything the server accepted before it sees why the connection ends.
+/// A peer that does not take a write within `write_timeout` is dropped.
+async fn write_loop(
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Frame>,
+    mut last: oneshot::Receiver<Frame>,
+    shared: Arc<Shared>,
+) {
+    let config = &shared.config;
+    let stats = &shared.stats;
+    let mut healthy = true;
+    while let Some(frame) = rx.recv().await {
+        let mut frames = 0u64;
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            queue(&mut writer, &frame, stats);
+            frames += 1;
+            if writer.queued_len() < WRITE_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !flush(&mut writer, stats, frames, config.write_timeout).await {
+            healthy = false;
+            break;
+        }
+    }
+    if healthy {
+        if let Ok(frame) = last.try_recv() {
+            queue(&mut writer, &frame, stats);
+            flush(&mut writer, stats, 1, config.write_timeout).await;
+        }
+    }
+    add(&stats.bytes_sent, writer.bytes_written());
+    // Replies that arrive after this are dropped with the connection; the client resubmits them
+    // with the same ids and gets their original results.
+    rx.close();
+    let _ = timeout(config.write_timeout, writer.shutdown()).await;
+}
+
+async fn flush(
+    writer: &mut FrameWriter<OwnedWriteHalf>,
+    stats: &ServerStats,
+    frames: u64,
+    limit: std::time::Duration,
+) -> bool {
+    match timeout(limit, writer.flush()).await {
+        Ok(Ok(())) => {
+            add(&stats.frames_sent, frames);
+            true
+        }
+        Ok(Err(_)) => false,
+        Err(_elapsed) => {
+            add(&stats.write_timeouts, 1);
+            false
+        }
+    }
+}
+
+fn queue(writer: &mut FrameWriter<OwnedWriteHalf>, frame: &Frame, stats: &ServerStats) {
+    if writer.queue(frame).is_err() {
+        // Only a backend answer that breaks a frame limit can fail to encode; the client still
+        // gets an answer for its request id.
+        add(&stats.internal_errors, 1);
+        let error = ErrorBody::new(ErrorCode::INTERNAL, "the answer does not fit in a frame");
+        let _ = writer.queue(&Frame::new(frame.request_id, Payload::Error(error)));
+    }
+}

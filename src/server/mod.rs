@@ -1,0 +1,241 @@
+//! The TCP server: accepts connections, authenticates them, and moves frames between sockets and
+//! the `Backend`.
+//!
+//! Shape (as in mini-redis): `run` owns a `Listener` loop; each accepted socket gets a
+//! `connection` handler made of two tasks, a reader (this connection's frames -> backend) and a
+//! writer (replies -> socket), joined by a bounded channel. No thread per connection: backend
+//! callbacks run on engine threads and only push a reply into a channel slot reserved in advance,
+//! which never blocks.
+//!
+//! Limits: `connections_max` connections (more are answered `too_many_connections` and closed),
+//! `in_flight_per_connection_max` unanswered frames per connection (the reader stops reading, so
+//! TCP back-pressure reaches the client), and idle, handshake and slow-writer timeouts.
+//!
+//! Shutdown: when the `shutdown` future completes, the listener stops accepting, every reader
+//! stops reading, frames already submitted finish and their replies are written (bounded by
+//! `drain_timeout`), and `run` returns once every connection has closed.
+//!
+//! What must never happen here: interpreting commands (beyond refusing admin kinds to client
+//! connections), submitting anything from a frame that failed to parse, or blocking a runtime
+//! thread on the engine.
+
+pub mod backend;
+mod connection;
+pub mod stats;
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+pub use backend::{AnswerCallback, Backend, ReplyCallback, ADMIN_KIND_MIN};
+pub use stats::{ServerStats, StatsSnapshot};
+
+use crate::protocol::TOKEN_LEN_MAX;
+
+/// Server settings. `ServerConfig::new` gives production defaults.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Token of ordinary (client-role) connections.
+    pub client_token: String,
+    /// Token of operator (admin-role) connections; `None` disables the admin role over TCP.
+    pub admin_token: Option<String>,
+    /// Most simultaneous connections; further connections are refused with an error frame.
+    pub connections_max: usize,
+    /// Most frames a connection may have submitted and not yet answered. Bounds the memory one
+    /// connection can pin in the engine and the reply channel; the reader stops reading at the
+    /// limit. Announced to clients in `AuthOk`.
+    pub in_flight_per_connection_max: usize,
+    /// Time allowed between accept and a valid `Hello`.
+    pub handshake_timeout: Duration,
+    /// A connection with nothing received and nothing in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection whose peer does not accept a write for this long is dropped (a slow reader
+    /// must not pin replies and engine capacity forever).
+    pub write_timeout: Duration,
+    /// At shutdown or close, time allowed for in-flight frames to be answered and written.
+    pub drain_timeout: Duration,
+}
+
+impl core::fmt::Debug for ServerConfig {
+    // Tokens are secrets: keep them out of logs.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("client_token", &"<redacted>")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("connections_max", &self.connections_max)
+            .field("in_flight_per_connection_max", &self.in_flight_per_connection_max)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    /// Defaults: 1024 connections, 64 frames in flight per connection, 10 s handshake, 5 min
+    /// idle, 10 s write, 30 s drain; no admin token.
+    pub fn new(client_token: impl Into<String>) -> ServerConfig {
+        ServerConfig {
+            client_token: client_token.into(),
+            admin_token: None,
+            connections_max: 1024,
+            in_flight_per_connection_max: 64,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks the settings and how they relate; called by `Server::new`.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |reason: &str| Err(ServerError::Config(reason.to_string()));
+        let token_ok = |token: &str| !token.is_empty() && token.len() <= TOKEN_LEN_MAX;
+        if !token_ok(&self.client_token) {
+            return bad("client token must be 1..=120 bytes");
+        }
+        if let Some(admin) = &self.admin_token {
+            if !token_ok(admin) {
+                return bad("admin token must be 1..=120 bytes");
+            }
+            // With equal tokens every client could act as an operator.
+            if admin == &self.client_token {
+                return bad("admin token must differ from the client token");
+            }
+        }
+        if self.connections_max == 0 || self.connections_max > Semaphore::MAX_PERMITS {
+            return bad("connections_max must be at least 1");
+        }
+        // The reply channel reserves one slot per in-flight frame; tokio caps channel sizes.
+        if self.in_flight_per_connection_max == 0 || self.in_flight_per_connection_max > 1 << 16 {
+            return bad("in_flight_per_connection_max must be in 1..=65536");
+        }
+        let zero = Duration::ZERO;
+        if self.handshake_timeout == zero || self.idle_timeout == zero || self.write_timeout == zero {
+            return bad("timeouts must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Why the server could not run.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is invalid.
+    Config(String),
+}
+
+impl core::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ServerError::Config(reason) => write!(f, "invalid server configuration: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// State shared by the listener and every connection.
+pub(crate) struct Shared {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) config: ServerConfig,
+    pub(crate) stats: Arc<ServerStats>,
+    pub(crate) next_connection_id: AtomicU64,
+}
+
+/// A configured server, before it runs. Holds the stats so the caller can export them.
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub fn new(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Server, ServerError> {
+        config.validate()?;
+        let shared = Shared { backend, config, stats: Arc::default(), next_connection_id: AtomicU64::new(1) };
+        Ok(Server { shared: Arc::new(shared) })
+    }
+
+    /// The live counters of this server.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Serves `listener` until `shutdown` completes, then drains and returns.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future) -> Result<(), ServerError> {
+        let limit = Arc::new(Semaphore::new(self.shared.config.connections_max));
+        let (notify_shutdown, shutdown_rx) = watch::channel(false);
+        // Every connection task holds a clone of `done_tx`; when all are dropped `recv` returns
+        // None, which is how `run` knows every connection has finished.
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let mut accept_backoff = Duration::from_millis(1);
+
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (socket, _peer) = match accepted {
+                Ok(accepted) => {
+                    accept_backoff = Duration::from_millis(1);
+                    accepted
+                }
+                Err(error) => {
+                    // Accept errors are usually transient (EMFILE, ECONNABORTED). Back off rather
+                    // than spin, and never give up: a ledger that stops accepting is an outage.
+                    eprintln!("stormledger: accept failed: {error}; retrying in {accept_backoff:?}");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(accept_backoff) => {}
+                    }
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            stats::add(&self.shared.stats.connections_accepted, 1);
+            let shared = self.shared.clone();
+            let done = done_tx.clone();
+            match limit.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let shutdown_rx = shutdown_rx.clone();
+                    tokio::spawn(async move {
+                        connection::serve(socket, shared, shutdown_rx).await;
+                        drop(permit);
+                        drop(done);
+                    });
+                }
+                Err(_) => {
+                    // Refuse explicitly instead of leaving the client hanging in the backlog: it
+                    // learns why and can back off or try another node.
+                    stats::add(&self.shared.stats.connections_refused, 1);
+                    tokio::spawn(async move {
+                        connection::refuse(socket, &shared).await;
+                        drop(done);
+                    });
+                }
+            }
+        }
+
+        drop(listener);
+        let _ = notify_shutdown.send(true);
+        drop(done_tx);
+        let _ = done_rx.recv().await;
+        Ok(())
+    }
+}
+
+/// Serves `listener` with `backend` until `shutdown` completes; see `Server` to read the stats.
+pub async fn run(
+    listener: TcpListener,
+    backend: Arc<dyn Backend>,
+    config: ServerConfig,
+    shutdown: impl Future,
+) -> Result<(), ServerError> {
+    Server::new(backend, config)?.run(listener, shutdown).await
+}
