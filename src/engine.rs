@@ -20,6 +20,7 @@ use crate::ledger::command::kind;
 use crate::ledger::index::AccountIndex;
 use crate::ledger::state_machine::REPLICATION_IN_FLIGHT_MAX;
 use crate::ledger::{Command, Reply, ShardState, Status};
+use crate::server::backend::{AnswerCallback, Backend, ReplyCallback};
 use crate::shard::directory::{Claim, IdDirectory};
 use crate::shard::router::home_shard;
 use crate::shard::worker::{
@@ -85,18 +86,7 @@ impl EngineConfig {
     }
 }
 
-/// The answer to a read.
-#[derive(Clone, Debug, Default)]
-pub struct QueryAnswer {
-    /// Status, and per kind: balance (value); top-up state code (value) and fen (value2).
-    pub reply: ReplyRecord,
-    /// Lookup: the command as it was applied (with its timestamp).
-    pub command: Option<CommandRecord>,
-    /// History: newest first.
-    pub history: Vec<HistoryRecord>,
-    /// History: the cursor for the next page, if there may be one.
-    pub next_cursor: Option<(u64, u16)>,
-}
+pub use crate::protocol::QueryAnswer;
 
 /// See the module docs.
 pub struct Engine {
@@ -110,7 +100,10 @@ pub struct Engine {
     maintenance: AtomicBool,
     batch_commands_max: usize,
     threads: Mutex<Vec<JoinHandle<ShardState>>>,
+    snapshot_hook: Mutex<Option<SnapshotHook>>,
 }
+
+type SnapshotHook = Box<dyn Fn() -> Status + Send + Sync>;
 
 impl Engine {
     /// An engine that keeps nothing on disk (tests, benchmarks of the engine alone).
@@ -213,6 +206,7 @@ impl Engine {
             maintenance: AtomicBool::new(false),
             batch_commands_max: config.batch_commands_max,
             threads: Mutex::new(threads),
+            snapshot_hook: Mutex::new(None),
         }
     }
 
@@ -252,6 +246,10 @@ impl Engine {
             };
             if !kind::is_client_kind(record.kind) {
                 immediate.push(refuse(Status::InvalidKind));
+                continue;
+            }
+            if let Some(status) = self.operator_action(record) {
+                immediate.push(refuse(status));
                 continue;
             }
             let command = match Command::from_record(record) {
@@ -327,6 +325,27 @@ impl Engine {
             }),
         );
         rx.recv().expect("engine replies")
+    }
+
+    /// Operator actions that are not ledger commands (never logged): maintenance on/off and
+    /// snapshot requests. `None` for ledger commands.
+    fn operator_action(&self, record: &CommandRecord) -> Option<Status> {
+        match record.kind {
+            kind::MAINTENANCE => {
+                self.set_maintenance(record.flags != 0);
+                Some(Status::Ok)
+            }
+            kind::SNAPSHOT => Some(match self.snapshot_hook.lock().as_ref() {
+                Some(hook) => hook(),
+                None => Status::Ok,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Installs what `admin snapshot` runs (the durable node sets it).
+    pub fn set_snapshot_hook(&self, hook: Box<dyn Fn() -> Status + Send + Sync>) {
+        *self.snapshot_hook.lock() = Some(hook);
     }
 
     fn take_permit(&self) -> bool {
@@ -413,7 +432,10 @@ impl Engine {
                 done(answer);
             }
             query_kind::HISTORY => {
-                let limit = query.limit.get().clamp(1, HISTORY_LIMIT_MAX) as usize;
+                let limit = match query.limit.get() {
+                    0 => HISTORY_LIMIT_MAX,
+                    l => l.min(HISTORY_LIMIT_MAX),
+                } as usize;
                 let before = match query.before_ts.get() {
                     0 => None,
                     ts => Some((ts, query.before_shard.get() as u16)),
@@ -430,8 +452,12 @@ impl Engine {
                     all.sort_by_key(|(s, e)| std::cmp::Reverse((e.timestamp, *s)));
                     all.truncate(limit);
                     let mut answer = status_answer(Status::Ok);
-                    answer.next_cursor =
-                        if all.len() == limit { all.last().map(|(s, e)| (e.timestamp, *s)) } else { None };
+                    if all.len() == limit {
+                        if let Some((s, e)) = all.last() {
+                            answer.next_before_ts = e.timestamp;
+                            answer.next_before_shard = *s as u64;
+                        }
+                    }
                     answer.history = all.iter().map(|(s, e)| history_record(*s, e)).collect();
                     done(answer);
                 }));
@@ -632,5 +658,29 @@ impl<T, F: FnOnce(Vec<(u16, T)>)> Gather<T, F> {
                 f(parts);
             }
         }
+    }
+}
+
+impl Backend for Engine {
+    fn submit(&self, commands: Vec<CommandRecord>, done: ReplyCallback) {
+        Engine::submit(self, commands, done)
+    }
+
+    fn balance(&self, account: u64) -> ReplyRecord {
+        let mut reply = ReplyRecord::default();
+        reply.id.set(account);
+        match Engine::balance(self, account) {
+            Some(balance) => reply.value.set(balance),
+            None => reply.status.set(Status::NotFound.code()),
+        }
+        reply
+    }
+
+    fn query(&self, query: QueryRecord, done: AnswerCallback) {
+        Engine::query(self, query, done)
+    }
+
+    fn is_admin_kind(&self, kind: u8) -> bool {
+        kind::is_admin_kind(kind)
     }
 }

@@ -6,6 +6,7 @@
 //! - `ledger`: the deterministic wallet state machine (no IO, no clock, no randomness).
 //! - `shard`: routing, the id directory, bounded queues and the single-writer worker loop.
 //! - `engine`: the facade that starts the workers and routes commands and reads.
+//! - `node`: a durable node: data-directory lock, recovery, the engine over per-shard logs.
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
 //! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
 //! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
@@ -20,6 +21,7 @@ pub mod config;
 pub mod engine;
 pub mod layout;
 pub mod ledger;
+pub mod node;
 pub mod protocol;
 pub mod server;
 pub mod shard;

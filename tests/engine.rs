@@ -126,13 +126,11 @@ fn history_of_a_striped_account_is_merged_newest_first_with_a_cursor() {
         let page = engine.query_blocking(q);
         assert_eq!(page.reply.status.get(), 0);
         seen.extend(page.history.iter().map(|h| h.id.get()));
-        match page.next_cursor {
-            Some((ts, shard)) => {
-                q.before_ts.set(ts);
-                q.before_shard.set(shard as u64);
-            }
-            None => break,
+        if page.next_before_ts == 0 {
+            break;
         }
+        q.before_ts.set(page.next_before_ts);
+        q.before_shard.set(page.next_before_shard);
     }
     assert_eq!(seen, (101..=110).rev().collect::<Vec<_>>(), "newest first, no gap, no duplicate");
     q.key.set(999_999);

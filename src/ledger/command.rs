@@ -215,9 +215,14 @@ pub mod kind {
     /// Admin: unfreeze an account.
     pub const UNFREEZE: u8 = 201;
 
+    /// Operator: maintenance mode on (`flags` = 1) or off (`flags` = 0). Not logged.
+    pub const MAINTENANCE: u8 = 210;
+    /// Operator: take a snapshot now. Not logged.
+    pub const SNAPSHOT: u8 = 211;
+
     /// Kinds a client may send (internal kinds are produced only by the engine).
     pub const fn is_client_kind(kind: u8) -> bool {
-        matches!(kind, 1..=10 | 200 | 201)
+        matches!(kind, 1..=10 | 200 | 201 | 210 | 211)
     }
 
     /// Kinds that need the admin role.
@@ -243,6 +248,8 @@ pub mod kind {
             REPLICA_SETTLE => "replica_settle",
             FREEZE => "freeze",
             UNFREEZE => "unfreeze",
+            MAINTENANCE => "maintenance",
+            SNAPSHOT => "snapshot",
             _ => "unknown",
         }
     }
