@@ -283,6 +283,11 @@ pub enum SnapshotError {
     },
     /// The snapshot does not fit the format's limits (too many sections, ...). Nothing written.
     TooLarge { reason: String },
+    /// Snapshots exist but none verifies; each rejection is listed, newest first.
+    NoneValid {
+        dir: PathBuf,
+        rejected: Vec<SnapshotError>,
+    },
 }
 
 impl fmt::Display for SnapshotError {
@@ -312,6 +317,18 @@ impl fmt::Display for SnapshotError {
                 )
             }
             Self::TooLarge { reason } => write!(f, "snapshot too large: {reason}"),
+            Self::NoneValid { dir, rejected } => {
+                write!(
+                    f,
+                    "no valid snapshot in {} ({} rejected",
+                    dir.display(),
+                    rejected.len()
+                )?;
+                for e in rejected {
+                    write!(f, "; {e}")?;
+                }
+                f.write_str(")")
+            }
         }
     }
 }
