@@ -13,32 +13,21 @@ use stormledger::wal::{PersistMode, Wal, WalConfig};
 
 fn append_sync(c: &mut Criterion) {
     let mut group = c.benchmark_group("wal_append_sync");
-    group
-        .measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_secs(1))
-        .sample_size(10);
+    group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(10);
     for mode in [PersistMode::Sync, PersistMode::Buffered] {
         for records in [1usize, 64, 1024] {
             let tmp = tempfile::tempdir().expect("tempdir");
-            let config = WalConfig {
-                segment_size: 64 << 20,
-                persist_mode: mode,
-            };
-            let (mut wal, _) =
-                Wal::open(tmp.path(), 0, config, Arc::new(MmapStorage)).expect("open");
+            let config = WalConfig { segment_size: 64 << 20, persist_mode: mode };
+            let (mut wal, _) = Wal::open(tmp.path(), 0, config, Arc::new(MmapStorage)).expect("open");
             let payload = vec![0x5a_u8; records * COMMAND_RECORD_SIZE];
             group.throughput(Throughput::Elements(records as u64));
-            group.bench_with_input(
-                BenchmarkId::new(mode.as_str(), records),
-                &payload,
-                |b, payload| {
-                    b.iter(|| {
-                        let lsn = wal.append(1, 0, payload).expect("append");
-                        wal.sync().expect("sync");
-                        std::hint::black_box(lsn)
-                    })
-                },
-            );
+            group.bench_with_input(BenchmarkId::new(mode.as_str(), records), &payload, |b, payload| {
+                b.iter(|| {
+                    let lsn = wal.append(1, 0, payload).expect("append");
+                    wal.sync().expect("sync");
+                    std::hint::black_box(lsn)
+                })
+            });
         }
     }
     group.finish();

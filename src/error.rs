@@ -15,28 +15,15 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum StorageError {
     /// An operating-system call failed. `op` names the call ("open", "msync", "rename", ...).
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: io::Error },
     /// Reserving disk space for a new file failed (a full disk shows up here, never as a SIGBUS
     /// on a later write to the mapping).
-    Allocate {
-        path: PathBuf,
-        len: u64,
-        source: io::Error,
-    },
+    Allocate { path: PathBuf, len: u64, source: io::Error },
     /// Another process (or another handle in this one) holds the data-directory lock.
     AlreadyLocked { path: PathBuf },
     /// A write or sync outside the file, or a write through a read-only handle: a caller bug,
     /// reported instead of corrupting memory.
-    OutOfBounds {
-        path: PathBuf,
-        offset: u64,
-        len: u64,
-        file_len: u64,
-    },
+    OutOfBounds { path: PathBuf, offset: u64, len: u64, file_len: u64 },
     /// A write through a handle opened read-only.
     ReadOnly { path: PathBuf },
 }
@@ -46,27 +33,16 @@ impl fmt::Display for StorageError {
         match self {
             Self::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
             Self::Allocate { path, len, source } => {
-                write!(
-                    f,
-                    "cannot allocate {len} bytes for {}: {source}",
-                    path.display()
-                )
+                write!(f, "cannot allocate {len} bytes for {}: {source}", path.display())
             }
             Self::AlreadyLocked { path } => write!(
                 f,
                 "data directory is locked by another process ({}); is a server already running?",
                 path.display()
             ),
-            Self::OutOfBounds {
-                path,
-                offset,
-                len,
-                file_len,
-            } => write!(
-                f,
-                "access of {len} bytes at offset {offset} is outside {} ({file_len} bytes)",
-                path.display()
-            ),
+            Self::OutOfBounds { path, offset, len, file_len } => {
+                write!(f, "access of {len} bytes at offset {offset} is outside {} ({file_len} bytes)", path.display())
+            }
             Self::ReadOnly { path } => write!(f, "{} is open read-only", path.display()),
         }
     }
@@ -126,11 +102,7 @@ pub enum WalCorruption {
     MissingSegment { index: u64 },
     /// A bad record is followed by a valid one (at `valid_offset` in `valid_file`): this is not a
     /// torn tail, and truncating would drop acknowledged records.
-    ValidRecordAfterBadRecord {
-        valid_file: PathBuf,
-        valid_offset: u64,
-        reason: Box<WalCorruption>,
-    },
+    ValidRecordAfterBadRecord { valid_file: PathBuf, valid_offset: u64, reason: Box<WalCorruption> },
     /// A bad record in a segment that is not the last one. The writer syncs a segment before it
     /// starts the next, so only the last segment can have a torn tail.
     BadRecordInSealedSegment { reason: Box<WalCorruption> },
@@ -153,10 +125,7 @@ impl fmt::Display for WalCorruption {
                 write!(f, "segment size is {found} bytes, header says {expected}")
             }
             Self::SegmentIndex { expected, found } => {
-                write!(
-                    f,
-                    "segment header names index {found}, file name says {expected}"
-                )
+                write!(f, "segment header names index {found}, file name says {expected}")
             }
             Self::ShardMismatch { expected, found } => {
                 write!(f, "belongs to shard {found}, expected shard {expected}")
@@ -165,20 +134,13 @@ impl fmt::Display for WalCorruption {
                 write!(f, "lsn gap: expected {expected}, found {found}")
             }
             Self::MissingSegment { index } => write!(f, "segment {index:08} is missing"),
-            Self::ValidRecordAfterBadRecord {
-                valid_file,
-                valid_offset,
-                reason,
-            } => write!(
+            Self::ValidRecordAfterBadRecord { valid_file, valid_offset, reason } => write!(
                 f,
                 "{reason}, and a valid record follows at {}:{valid_offset} (not a torn tail)",
                 valid_file.display()
             ),
             Self::BadRecordInSealedSegment { reason } => {
-                write!(
-                    f,
-                    "{reason} in a sealed segment (only the last segment may have a torn tail)"
-                )
+                write!(f, "{reason} in a sealed segment (only the last segment may have a torn tail)")
             }
             Self::NonZeroAfterLastRecord => f.write_str("non-zero bytes after the last record"),
         }
@@ -198,48 +160,30 @@ pub enum WalError {
     /// A batch payload larger than fits in one segment. Nothing was written.
     PayloadTooLarge { len: u64, max: u64 },
     /// The log is damaged in a way recovery must not repair automatically.
-    Corrupt {
-        file: PathBuf,
-        offset: u64,
-        reason: WalCorruption,
-    },
+    Corrupt { file: PathBuf, offset: u64, reason: WalCorruption },
     /// A configuration value is out of range.
     InvalidConfig { reason: String },
     /// The caller asked for records that retention has already removed.
-    LsnUnavailable {
-        requested: u64,
-        first_available: u64,
-    },
+    LsnUnavailable { requested: u64, first_available: u64 },
 }
 
 impl fmt::Display for WalError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Storage(e) => write!(f, "wal storage error: {e}"),
-            Self::Poisoned => f.write_str(
-                "wal refuses writes after an earlier write/sync failure; restart to run recovery",
-            ),
-            Self::PayloadTooLarge { len, max } => {
-                write!(
-                    f,
-                    "wal batch payload of {len} bytes exceeds the maximum of {max} bytes"
-                )
+            Self::Poisoned => {
+                f.write_str("wal refuses writes after an earlier write/sync failure; restart to run recovery")
             }
-            Self::Corrupt {
-                file,
-                offset,
-                reason,
-            } => {
+            Self::PayloadTooLarge { len, max } => {
+                write!(f, "wal batch payload of {len} bytes exceeds the maximum of {max} bytes")
+            }
+            Self::Corrupt { file, offset, reason } => {
                 write!(f, "wal corrupt at {}:{offset}: {reason}", file.display())
             }
             Self::InvalidConfig { reason } => write!(f, "invalid wal configuration: {reason}"),
-            Self::LsnUnavailable {
-                requested,
-                first_available,
-            } => write!(
-                f,
-                "wal lsn {requested} is no longer available (first available is {first_available})"
-            ),
+            Self::LsnUnavailable { requested, first_available } => {
+                write!(f, "wal lsn {requested} is no longer available (first available is {first_available})")
+            }
         }
     }
 }
@@ -264,30 +208,15 @@ impl From<StorageError> for WalError {
 #[non_exhaustive]
 pub enum SnapshotError {
     /// An operating-system call failed.
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: io::Error },
     /// The file is shorter than its header says (a torn or truncated copy).
-    Truncated {
-        path: PathBuf,
-        expected_len: u64,
-        actual_len: u64,
-    },
+    Truncated { path: PathBuf, expected_len: u64, actual_len: u64 },
     /// A checksum, magic, version or layout check failed at `offset`.
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
     /// The snapshot does not fit the format's limits (too many sections, ...). Nothing written.
     TooLarge { reason: String },
     /// Snapshots exist but none verifies; each rejection is listed, newest first.
-    NoneValid {
-        dir: PathBuf,
-        rejected: Vec<SnapshotError>,
-    },
+    NoneValid { dir: PathBuf, rejected: Vec<SnapshotError> },
 }
 
 impl fmt::Display for SnapshotError {
@@ -296,34 +225,15 @@ impl fmt::Display for SnapshotError {
             Self::Io { op, path, source } => {
                 write!(f, "snapshot {op} {}: {source}", path.display())
             }
-            Self::Truncated {
-                path,
-                expected_len,
-                actual_len,
-            } => write!(
-                f,
-                "snapshot {} is truncated: {actual_len} bytes, header says {expected_len}",
-                path.display()
-            ),
-            Self::Corrupt {
-                path,
-                offset,
-                reason,
-            } => {
-                write!(
-                    f,
-                    "snapshot {} corrupt at offset {offset}: {reason}",
-                    path.display()
-                )
+            Self::Truncated { path, expected_len, actual_len } => {
+                write!(f, "snapshot {} is truncated: {actual_len} bytes, header says {expected_len}", path.display())
+            }
+            Self::Corrupt { path, offset, reason } => {
+                write!(f, "snapshot {} corrupt at offset {offset}: {reason}", path.display())
             }
             Self::TooLarge { reason } => write!(f, "snapshot too large: {reason}"),
             Self::NoneValid { dir, rejected } => {
-                write!(
-                    f,
-                    "no valid snapshot in {} ({} rejected",
-                    dir.display(),
-                    rejected.len()
-                )?;
+                write!(f, "no valid snapshot in {} ({} rejected", dir.display(), rejected.len())?;
                 for e in rejected {
                     write!(f, "; {e}")?;
                 }

@@ -35,19 +35,7 @@ pub const TEXT_LEN: usize = 24;
 /// 48     8    timestamp  nanoseconds since the Unix epoch, assigned at ingest (0 on the wire)
 /// 56    24    text       ASCII, zero padded (channel transaction id)
 /// ```
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Debug,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct CommandRecord {
     pub kind: u8,
@@ -75,19 +63,7 @@ pub struct CommandRecord {
 /// 16     8    value      per-kind (balance after, amount moved, ...)
 /// 24     8    value2     per-kind (second value: timestamp, state, ...)
 /// ```
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Debug,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct ReplyRecord {
     pub status: U16,
@@ -139,19 +115,7 @@ pub const HISTORY_RECORD_SIZE: usize = 64;
 ///                        0 = start from the newest
 /// 24     8    before_shard
 /// ```
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Debug,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct QueryRecord {
     pub kind: u8,
@@ -179,19 +143,7 @@ pub struct QueryRecord {
 /// 48     8    detail         per-kind (gift id, top-up amount in fen, ...)
 /// 56     8    reserved2      zero
 /// ```
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Debug,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct HistoryRecord {
     pub timestamp: U64,

@@ -75,26 +75,12 @@ pub trait StorageFile: Send {
 }
 
 fn io_err(op: &'static str, path: &Path, source: io::Error) -> StorageError {
-    StorageError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    StorageError::Io { op, path: path.to_path_buf(), source }
 }
 
 /// Checks `[offset, offset + len)` lies within a file of `size` bytes; returns the range as usize.
-fn checked_range(
-    path: &Path,
-    offset: u64,
-    len: u64,
-    size: u64,
-) -> Result<std::ops::Range<usize>, StorageError> {
-    let oob = || StorageError::OutOfBounds {
-        path: path.to_path_buf(),
-        offset,
-        len,
-        file_len: size,
-    };
+fn checked_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<std::ops::Range<usize>, StorageError> {
+    let oob = || StorageError::OutOfBounds { path: path.to_path_buf(), offset, len, file_len: size };
     let end = offset.checked_add(len).ok_or_else(oob)?;
     if end > size {
         return Err(oob());
@@ -153,11 +139,7 @@ impl Storage for MmapStorage {
     }
 
     fn allocate(&self, path: &Path, len: u64) -> Result<Box<dyn StorageFile>, StorageError> {
-        let alloc_err = |source| StorageError::Allocate {
-            path: path.to_path_buf(),
-            len,
-            source,
-        };
+        let alloc_err = |source| StorageError::Allocate { path: path.to_path_buf(), len, source };
         let off_len = libc::off_t::try_from(len)
             .ok()
             .filter(|&l| l > 0)
@@ -182,11 +164,7 @@ impl Storage for MmapStorage {
         // SAFETY: the file is ours (created with create_new under the directory lock) and is
         // never truncated while mapped.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err("mmap", path, e))?;
-        Ok(Box::new(MmapFile {
-            path: path.to_path_buf(),
-            _file: file,
-            map: Map::ReadWrite(map),
-        }))
+        Ok(Box::new(MmapFile { path: path.to_path_buf(), _file: file, map: Map::ReadWrite(map) }))
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Box<dyn StorageFile>, StorageError> {
@@ -201,20 +179,14 @@ impl Storage for MmapStorage {
         } else {
             match mode {
                 // SAFETY: see `allocate`; read-only maps are never written through.
-                OpenMode::ReadOnly => {
-                    Map::ReadOnly(unsafe { Mmap::map(&file) }.map_err(|e| io_err("mmap", path, e))?)
-                }
+                OpenMode::ReadOnly => Map::ReadOnly(unsafe { Mmap::map(&file) }.map_err(|e| io_err("mmap", path, e))?),
                 // SAFETY: see `allocate`.
-                OpenMode::ReadWrite => Map::ReadWrite(
-                    unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err("mmap", path, e))?,
-                ),
+                OpenMode::ReadWrite => {
+                    Map::ReadWrite(unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err("mmap", path, e))?)
+                }
             }
         };
-        Ok(Box::new(MmapFile {
-            path: path.to_path_buf(),
-            _file: file,
-            map,
-        }))
+        Ok(Box::new(MmapFile { path: path.to_path_buf(), _file: file, map }))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
@@ -266,9 +238,7 @@ impl StorageFile for MmapFile {
                     .copy_from_slice(data);
                 Ok(())
             }
-            Map::ReadOnly(_) | Map::Empty => Err(StorageError::ReadOnly {
-                path: self.path.clone(),
-            }),
+            Map::ReadOnly(_) | Map::Empty => Err(StorageError::ReadOnly { path: self.path.clone() }),
         }
     }
 
@@ -277,12 +247,8 @@ impl StorageFile for MmapFile {
         match &self.map {
             // msync(MS_SYNC): waits for write-back of the range. Not MS_ASYNC (`flush_async`),
             // which only schedules it and proves nothing.
-            Map::ReadWrite(m) => m
-                .flush_range(range.start, range.len())
-                .map_err(|e| io_err("msync", &self.path, e)),
-            Map::ReadOnly(_) | Map::Empty => Err(StorageError::ReadOnly {
-                path: self.path.clone(),
-            }),
+            Map::ReadWrite(m) => m.flush_range(range.start, range.len()).map_err(|e| io_err("msync", &self.path, e)),
+            Map::ReadOnly(_) | Map::Empty => Err(StorageError::ReadOnly { path: self.path.clone() }),
         }
     }
 }
@@ -307,9 +273,7 @@ impl FaultPlan {
     fn trip(counter: &AtomicU64, countdown: &AtomicU64) -> bool {
         counter.fetch_add(1, Ordering::Relaxed);
         countdown
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n > 0).then(|| n - 1)
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n > 0).then(|| n - 1))
             .is_ok_and(|previous| previous == 1)
     }
 }
@@ -333,10 +297,7 @@ pub struct FaultyStorage {
 
 impl FaultyStorage {
     pub fn new(inner: Arc<dyn Storage>) -> Self {
-        Self {
-            inner,
-            plan: Arc::default(),
-        }
+        Self { inner, plan: Arc::default() }
     }
 
     /// The `n`-th write from now (1 = the next one) fails with `EIO`. 0 disarms.
@@ -385,18 +346,12 @@ impl Storage for FaultyStorage {
             });
         }
         let inner = self.inner.allocate(path, len)?;
-        Ok(Box::new(FaultyFile {
-            inner,
-            plan: Arc::clone(&self.plan),
-        }))
+        Ok(Box::new(FaultyFile { inner, plan: Arc::clone(&self.plan) }))
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Box<dyn StorageFile>, StorageError> {
         let inner = self.inner.open(path, mode)?;
-        Ok(Box::new(FaultyFile {
-            inner,
-            plan: Arc::clone(&self.plan),
-        }))
+        Ok(Box::new(FaultyFile { inner, plan: Arc::clone(&self.plan) }))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
@@ -514,13 +469,7 @@ impl MemStorage {
                 Crash::ProcessKill => inode.live.clone(),
                 Crash::PowerLoss | Crash::TornWrite { .. } => inode.durable.clone(),
             };
-            inodes.insert(
-                ino,
-                Inode {
-                    live: bytes.clone(),
-                    durable: bytes,
-                },
-            );
+            inodes.insert(ino, Inode { live: bytes.clone(), durable: bytes });
         }
         if let Crash::TornWrite { keep_bytes } = crash {
             let mut budget = usize::try_from(keep_bytes).unwrap_or(usize::MAX);
@@ -548,18 +497,13 @@ impl MemStorage {
             inodes,
             pending: Vec::new(),
         };
-        MemStorage {
-            state: Arc::new(Mutex::new(state)),
-        }
+        MemStorage { state: Arc::new(Mutex::new(state)) }
     }
 
     /// Live bytes of `path`, if it exists.
     pub fn read_live(&self, path: &Path) -> Option<Vec<u8>> {
         let st = self.state.lock();
-        st.live_names
-            .get(path)
-            .and_then(|ino| st.inodes.get(ino))
-            .map(|i| i.live.clone())
+        st.live_names.get(path).and_then(|ino| st.inodes.get(ino)).map(|i| i.live.clone())
     }
 
     /// Overwrites bytes in both the live and durable image, bypassing the write path: media
@@ -608,22 +552,12 @@ impl Storage for MemStorage {
         })?;
         let mut st = self.state.lock();
         if st.live_names.contains_key(path) {
-            return Err(io_err(
-                "create",
-                path,
-                io::Error::from(io::ErrorKind::AlreadyExists),
-            ));
+            return Err(io_err("create", path, io::Error::from(io::ErrorKind::AlreadyExists)));
         }
         let ino = st.next_inode;
         st.next_inode += 1;
         // Allocation is durable at once (the real storage fsyncs the new file); the name is not.
-        st.inodes.insert(
-            ino,
-            Inode {
-                live: vec![0; size],
-                durable: vec![0; size],
-            },
-        );
+        st.inodes.insert(ino, Inode { live: vec![0; size], durable: vec![0; size] });
         st.live_names.insert(path.to_path_buf(), ino);
         Ok(Box::new(MemFile {
             state: Arc::clone(&self.state),
@@ -636,15 +570,8 @@ impl Storage for MemStorage {
 
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Box<dyn StorageFile>, StorageError> {
         let st = self.state.lock();
-        let ino = *st
-            .live_names
-            .get(path)
-            .ok_or_else(|| not_found("open", path))?;
-        let data = st
-            .inodes
-            .get(&ino)
-            .map(|i| i.live.clone())
-            .unwrap_or_default();
+        let ino = *st.live_names.get(path).ok_or_else(|| not_found("open", path))?;
+        let data = st.inodes.get(&ino).map(|i| i.live.clone()).unwrap_or_default();
         Ok(Box::new(MemFile {
             state: Arc::clone(&self.state),
             inode: ino,
@@ -656,32 +583,22 @@ impl Storage for MemStorage {
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
         let mut st = self.state.lock();
-        let ino = st
-            .live_names
-            .remove(from)
-            .ok_or_else(|| not_found("rename", from))?;
+        let ino = st.live_names.remove(from).ok_or_else(|| not_found("rename", from))?;
         st.live_names.insert(to.to_path_buf(), ino);
         Ok(())
     }
 
     fn remove(&self, path: &Path) -> Result<(), StorageError> {
         let mut st = self.state.lock();
-        st.live_names
-            .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| not_found("remove", path))
+        st.live_names.remove(path).map(|_| ()).ok_or_else(|| not_found("remove", path))
     }
 
     fn sync_dir(&self, dir: &Path) -> Result<(), StorageError> {
         let mut st = self.state.lock();
         let in_dir = |p: &PathBuf| p.parent() == Some(dir);
         st.durable_names.retain(|p, _| !in_dir(p));
-        let live: Vec<(PathBuf, u64)> = st
-            .live_names
-            .iter()
-            .filter(|(p, _)| in_dir(p))
-            .map(|(p, &i)| (p.clone(), i))
-            .collect();
+        let live: Vec<(PathBuf, u64)> =
+            st.live_names.iter().filter(|(p, _)| in_dir(p)).map(|(p, &i)| (p.clone(), i)).collect();
         st.durable_names.extend(live);
         Ok(())
     }
@@ -714,9 +631,7 @@ impl StorageFile for MemFile {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
         if !self.writable {
-            return Err(StorageError::ReadOnly {
-                path: self.path.clone(),
-            });
+            return Err(StorageError::ReadOnly { path: self.path.clone() });
         }
         let range = checked_range(&self.path, offset, data.len() as u64, self.size())?;
         self.data[range.clone()].copy_from_slice(data);
@@ -724,19 +639,13 @@ impl StorageFile for MemFile {
         if let Some(inode) = st.inodes.get_mut(&self.inode) {
             inode.live[range.clone()].copy_from_slice(data);
         }
-        st.pending.push(PendingWrite {
-            inode: self.inode,
-            offset: range.start,
-            data: data.to_vec(),
-        });
+        st.pending.push(PendingWrite { inode: self.inode, offset: range.start, data: data.to_vec() });
         Ok(())
     }
 
     fn sync(&mut self, offset: u64, len: u64) -> Result<(), StorageError> {
         if !self.writable {
-            return Err(StorageError::ReadOnly {
-                path: self.path.clone(),
-            });
+            return Err(StorageError::ReadOnly { path: self.path.clone() });
         }
         let range = checked_range(&self.path, offset, len, self.size())?;
         let mut st = self.state.lock();
@@ -745,9 +654,7 @@ impl StorageFile for MemFile {
             durable[range.clone()].copy_from_slice(&live[range.clone()]);
         }
         let ino = self.inode;
-        st.pending.retain(|w| {
-            !(w.inode == ino && w.offset >= range.start && w.offset + w.data.len() <= range.end)
-        });
+        st.pending.retain(|w| !(w.inode == ino && w.offset >= range.start && w.offset + w.data.len() <= range.end));
         Ok(())
     }
 }
@@ -790,9 +697,7 @@ impl DirLock {
             });
         }
         // Best effort: the pid is a hint for operators, the flock is the lock.
-        let _ = file
-            .set_len(0)
-            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        let _ = file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()));
         Ok(DirLock { _file: file, path })
     }
 
@@ -819,10 +724,7 @@ mod tests {
         mem.sync_dir(dir).unwrap();
         let after = mem.crash(Crash::PowerLoss).read_live(&p).unwrap();
         assert_eq!(&after[..8], b"abcd\0\0\0\0");
-        let torn = mem
-            .crash(Crash::TornWrite { keep_bytes: 2 })
-            .read_live(&p)
-            .unwrap();
+        let torn = mem.crash(Crash::TornWrite { keep_bytes: 2 }).read_live(&p).unwrap();
         assert_eq!(&torn[..8], b"abcdef\0\0");
         let killed = mem.crash(Crash::ProcessKill).read_live(&p).unwrap();
         assert_eq!(&killed[..8], b"abcdefgh");

@@ -5,22 +5,17 @@ use std::path::Path;
 
 use stormledger::error::SnapshotError;
 use stormledger::snapshot::{
-    list_snapshots, load_latest, load_latest_strict, load_snapshot, snapshot_file_name,
-    write_snapshot, SnapshotMeta, SNAPSHOTS_KEPT,
+    list_snapshots, load_latest, load_latest_strict, load_snapshot, snapshot_file_name, write_snapshot, SnapshotMeta,
+    SNAPSHOTS_KEPT,
 };
 
 fn meta(n: u64) -> SnapshotMeta {
-    SnapshotMeta {
-        lsns: vec![n, n + 10, n + 20],
-        timestamp: 1_700_000_000_000_000_000 + n,
-    }
+    SnapshotMeta { lsns: vec![n, n + 10, n + 20], timestamp: 1_700_000_000_000_000_000 + n }
 }
 
 fn write(dir: &Path, n: u64) -> std::path::PathBuf {
     let a: Vec<u8> = (0..1000u32).map(|i| (i * 7 + n as u32) as u8).collect();
-    write_snapshot(dir, &meta(n), &[(1, &a), (2, b""), (7, b"accounts")])
-        .unwrap()
-        .path
+    write_snapshot(dir, &meta(n), &[(1, &a), (2, b""), (7, b"accounts")]).unwrap().path
 }
 
 fn flip(path: &Path, offset: usize) {
@@ -53,11 +48,7 @@ fn retention_keeps_the_newest_two() {
     for n in 1..=5 {
         write(tmp.path(), n);
     }
-    let kept: Vec<u64> = list_snapshots(tmp.path())
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+    let kept: Vec<u64> = list_snapshots(tmp.path()).unwrap().into_iter().map(|(s, _)| s).collect();
     assert_eq!(kept, vec![4, 5]);
     assert_eq!(kept.len(), SNAPSHOTS_KEPT);
     assert_eq!(load_latest(tmp.path()).unwrap().unwrap().meta, meta(5));
@@ -73,10 +64,7 @@ fn every_flipped_byte_is_detected_and_load_latest_falls_back() {
         fs::write(&newest, &pristine).unwrap();
         flip(&newest, offset);
         let err = load_snapshot(&newest).expect_err("damage undetected");
-        assert!(
-            matches!(&err, SnapshotError::Corrupt { path, .. } if *path == newest),
-            "{offset}: {err}"
-        );
+        assert!(matches!(&err, SnapshotError::Corrupt { path, .. } if *path == newest), "{offset}: {err}");
         if offset % 97 == 0 {
             let s = load_latest(tmp.path()).unwrap().unwrap();
             assert_eq!(s.sequence, 1);
@@ -96,9 +84,7 @@ fn truncated_snapshot_is_detected() {
     for cut in [0, 10, 63, 64, 200, bytes.len() - 1] {
         fs::write(&newest, &bytes[..cut]).unwrap();
         match load_snapshot(&newest) {
-            Err(SnapshotError::Truncated {
-                path, actual_len, ..
-            }) => {
+            Err(SnapshotError::Truncated { path, actual_len, .. }) => {
                 assert_eq!((path, actual_len), (newest.clone(), cut as u64))
             }
             other => panic!("cut {cut}: {other:?}"),
@@ -109,10 +95,7 @@ fn truncated_snapshot_is_detected() {
     let mut longer = bytes.clone();
     longer.extend_from_slice(b"junk");
     fs::write(&newest, &longer).unwrap();
-    assert!(matches!(
-        load_snapshot(&newest),
-        Err(SnapshotError::Corrupt { .. })
-    ));
+    assert!(matches!(load_snapshot(&newest), Err(SnapshotError::Corrupt { .. })));
 }
 
 #[test]

@@ -118,17 +118,12 @@ impl LoadedSnapshot {
 
     /// The first section with `tag`.
     pub fn section(&self, tag: u32) -> Option<&[u8]> {
-        self.sections
-            .iter()
-            .find(|(t, _)| *t == tag)
-            .and_then(|(_, r)| self.bytes().get(r.clone()))
+        self.sections.iter().find(|(t, _)| *t == tag).and_then(|(_, r)| self.bytes().get(r.clone()))
     }
 
     /// All sections, in file order.
     pub fn sections(&self) -> impl Iterator<Item = (u32, &[u8])> {
-        self.sections
-            .iter()
-            .map(|(t, r)| (*t, self.bytes().get(r.clone()).unwrap_or_default()))
+        self.sections.iter().map(|(t, r)| (*t, self.bytes().get(r.clone()).unwrap_or_default()))
     }
 
     /// Total size of the file.
@@ -148,22 +143,15 @@ pub fn snapshot_file_name(sequence: u64) -> String {
 
 fn parse_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("snapshot-")?.strip_suffix(".snap")?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())?
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
 }
 
 fn io_err(op: &'static str, path: &Path, source: io::Error) -> SnapshotError {
-    SnapshotError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    SnapshotError::Io { op, path: path.to_path_buf(), source }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("fsync directory", dir, e))
 }
 
 /// The snapshots in `dir` (final names only), oldest first. A missing directory has none.
@@ -198,15 +186,10 @@ pub fn write_snapshot(
     let shard_count = u32::try_from(meta.lsns.len())
         .ok()
         .filter(|&n| n <= MAX_SHARDS)
-        .ok_or_else(|| SnapshotError::TooLarge {
-            reason: format!("{} shards (max {MAX_SHARDS})", meta.lsns.len()),
-        })?;
-    let section_count = u32::try_from(sections.len())
-        .ok()
-        .filter(|&n| n <= MAX_SECTIONS)
-        .ok_or_else(|| SnapshotError::TooLarge {
-            reason: format!("{} sections (max {MAX_SECTIONS})", sections.len()),
-        })?;
+        .ok_or_else(|| SnapshotError::TooLarge { reason: format!("{} shards (max {MAX_SHARDS})", meta.lsns.len()) })?;
+    let section_count = u32::try_from(sections.len()).ok().filter(|&n| n <= MAX_SECTIONS).ok_or_else(|| {
+        SnapshotError::TooLarge { reason: format!("{} sections (max {MAX_SECTIONS})", sections.len()) }
+    })?;
     fs::create_dir_all(dir).map_err(|e| io_err("create directory", dir, e))?;
     let existing = list_snapshots(dir)?;
     let sequence = existing.last().map_or(1, |(s, _)| s + 1);
@@ -244,45 +227,28 @@ pub fn write_snapshot(
         reserved1: [0; 8],
         checksum: U32::new(0),
     };
-    header.checksum = U32::new(crc32c::crc32c(
-        header
-            .as_bytes()
-            .get(..HEADER_CHECKSUM_OFFSET)
-            .unwrap_or_default(),
-    ));
+    header.checksum = U32::new(crc32c::crc32c(header.as_bytes().get(..HEADER_CHECKSUM_OFFSET).unwrap_or_default()));
 
     let path = dir.join(snapshot_file_name(sequence));
     let tmp = dir.join(format!("{}.tmp", snapshot_file_name(sequence)));
     remove_stale_tmp(dir)?;
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| io_err("create", &tmp, e))?;
+    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err("create", &tmp, e))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let write = |out: &mut BufWriter<File>, bytes: &[u8]| {
-        out.write_all(bytes).map_err(|e| io_err("write", &tmp, e))
-    };
+    let write = |out: &mut BufWriter<File>, bytes: &[u8]| out.write_all(bytes).map_err(|e| io_err("write", &tmp, e));
     let zeros = [0u8; SECTION_ALIGN as usize];
     let pad = |out: &mut BufWriter<File>, at: u64| {
         let n = (align_up(at) - at) as usize;
-        out.write_all(zeros.get(..n).unwrap_or_default())
-            .map_err(|e| io_err("write", &tmp, e))
+        out.write_all(zeros.get(..n).unwrap_or_default()).map_err(|e| io_err("write", &tmp, e))
     };
     write(&mut out, header.as_bytes())?;
     write(&mut out, lsns.as_bytes())?;
     write(&mut out, table.as_bytes())?;
-    pad(
-        &mut out,
-        table_start + SECTION_ENTRY_SIZE * u64::from(section_count),
-    )?;
+    pad(&mut out, table_start + SECTION_ENTRY_SIZE * u64::from(section_count))?;
     for (entry, (_, data)) in table.iter().zip(sections) {
         write(&mut out, data)?;
         pad(&mut out, entry.offset.get() + data.len() as u64)?;
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| io_err("write", &tmp, e.into_error()))?;
+    let file = out.into_inner().map_err(|e| io_err("write", &tmp, e.into_error()))?;
     file.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
     drop(file);
     fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))?;
@@ -298,22 +264,14 @@ pub fn write_snapshot(
     if !removed.is_empty() {
         sync_dir(dir)?;
     }
-    Ok(WrittenSnapshot {
-        path,
-        sequence,
-        len: file_len,
-        removed,
-    })
+    Ok(WrittenSnapshot { path, sequence, len: file_len, removed })
 }
 
 fn remove_stale_tmp(dir: &Path) -> Result<(), SnapshotError> {
     for entry in fs::read_dir(dir).map_err(|e| io_err("read directory", dir, e))? {
         let entry = entry.map_err(|e| io_err("read directory", dir, e))?;
         let name = entry.file_name();
-        let is_tmp = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".tmp"))
-            .is_some_and(|n| parse_file_name(n).is_some());
+        let is_tmp = name.to_str().and_then(|n| n.strip_suffix(".tmp")).is_some_and(|n| parse_file_name(n).is_some());
         if is_tmp {
             fs::remove_file(entry.path()).map_err(|e| io_err("remove", &entry.path(), e))?;
         }
@@ -326,109 +284,57 @@ pub fn load_snapshot(path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let file = File::open(path).map_err(|e| io_err("open", path, e))?;
     let actual_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
     if actual_len < HEADER_SIZE {
-        return Err(SnapshotError::Truncated {
-            path: path.to_path_buf(),
-            expected_len: HEADER_SIZE,
-            actual_len,
-        });
+        return Err(SnapshotError::Truncated { path: path.to_path_buf(), expected_len: HEADER_SIZE, actual_len });
     }
     // SAFETY: snapshot files are never modified after their rename; the map is read-only.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err("mmap", path, e))?;
     let (meta, sequence, sections) = verify(path, &map)?;
-    Ok(LoadedSnapshot {
-        path: path.to_path_buf(),
-        sequence,
-        meta,
-        skipped: Vec::new(),
-        map: Some(map),
-        sections,
-    })
+    Ok(LoadedSnapshot { path: path.to_path_buf(), sequence, meta, skipped: Vec::new(), map: Some(map), sections })
 }
 
 type Verified = (SnapshotMeta, u64, Vec<(u32, Range<usize>)>);
 
 fn verify(path: &Path, bytes: &[u8]) -> Result<Verified, SnapshotError> {
-    let corrupt = |offset: u64, reason: String| SnapshotError::Corrupt {
-        path: path.to_path_buf(),
-        offset,
-        reason,
-    };
+    let corrupt = |offset: u64, reason: String| SnapshotError::Corrupt { path: path.to_path_buf(), offset, reason };
     let actual_len = bytes.len() as u64;
     let Ok((h, _)) = Header::ref_from_prefix(bytes) else {
-        return Err(SnapshotError::Truncated {
-            path: path.to_path_buf(),
-            expected_len: HEADER_SIZE,
-            actual_len,
-        });
+        return Err(SnapshotError::Truncated { path: path.to_path_buf(), expected_len: HEADER_SIZE, actual_len });
     };
     if h.magic != MAGIC {
         return Err(corrupt(0, "bad magic".into()));
     }
-    let header_crc = crc32c::crc32c(
-        h.as_bytes()
-            .get(..HEADER_CHECKSUM_OFFSET)
-            .unwrap_or_default(),
-    );
+    let header_crc = crc32c::crc32c(h.as_bytes().get(..HEADER_CHECKSUM_OFFSET).unwrap_or_default());
     if h.checksum.get() != header_crc {
         return Err(corrupt(0, "header checksum mismatch".into()));
     }
     if h.version.get() != FORMAT_VERSION {
-        return Err(corrupt(
-            8,
-            format!("unsupported format version {}", h.version.get()),
-        ));
+        return Err(corrupt(8, format!("unsupported format version {}", h.version.get())));
     }
     let file_len = h.file_len.get();
     if actual_len < file_len {
-        return Err(SnapshotError::Truncated {
-            path: path.to_path_buf(),
-            expected_len: file_len,
-            actual_len,
-        });
+        return Err(SnapshotError::Truncated { path: path.to_path_buf(), expected_len: file_len, actual_len });
     }
     if actual_len > file_len {
-        return Err(corrupt(
-            file_len,
-            format!("{} unexpected bytes after the end", actual_len - file_len),
-        ));
+        return Err(corrupt(file_len, format!("{} unexpected bytes after the end", actual_len - file_len)));
     }
     if h.shard_count.get() > MAX_SHARDS || h.section_count.get() > MAX_SECTIONS {
         return Err(corrupt(12, "shard or section count out of range".into()));
     }
-    if let Some(named) = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(parse_file_name)
-    {
+    if let Some(named) = path.file_name().and_then(|n| n.to_str()).and_then(parse_file_name) {
         if named != h.sequence.get() {
-            return Err(corrupt(
-                16,
-                format!(
-                    "header sequence {} differs from file name",
-                    h.sequence.get()
-                ),
-            ));
+            return Err(corrupt(16, format!("header sequence {} differs from file name", h.sequence.get())));
         }
     }
     let rest = bytes.get(HEADER_SIZE as usize..).unwrap_or_default();
-    let Ok((lsns, rest)) = <[U64]>::ref_from_prefix_with_elems(rest, h.shard_count.get() as usize)
-    else {
+    let Ok((lsns, rest)) = <[U64]>::ref_from_prefix_with_elems(rest, h.shard_count.get() as usize) else {
         return Err(corrupt(HEADER_SIZE, "lsn array runs past the end".into()));
     };
-    let Ok((table, _)) =
-        <[SectionEntry]>::ref_from_prefix_with_elems(rest, h.section_count.get() as usize)
-    else {
-        return Err(corrupt(
-            HEADER_SIZE,
-            "section table runs past the end".into(),
-        ));
+    let Ok((table, _)) = <[SectionEntry]>::ref_from_prefix_with_elems(rest, h.section_count.get() as usize) else {
+        return Err(corrupt(HEADER_SIZE, "section table runs past the end".into()));
     };
     let meta_crc = crc32c::crc32c_append(crc32c::crc32c(lsns.as_bytes()), table.as_bytes());
     if h.meta_checksum.get() != meta_crc {
-        return Err(corrupt(
-            HEADER_SIZE,
-            "lsn/section table checksum mismatch".into(),
-        ));
+        return Err(corrupt(HEADER_SIZE, "lsn/section table checksum mismatch".into()));
     }
     // Sections must be laid out exactly as the writer does; every byte between them is zero.
     let table_end = HEADER_SIZE + lsns.as_bytes().len() as u64 + table.as_bytes().len() as u64;
@@ -437,42 +343,25 @@ fn verify(path: &Path, bytes: &[u8]) -> Result<Verified, SnapshotError> {
     let mut sections = Vec::with_capacity(table.len());
     for (i, e) in table.iter().enumerate() {
         let (offset, len) = (e.offset.get(), e.len.get());
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| offset == expected && end <= file_len);
+        let end = offset.checked_add(len).filter(|&end| offset == expected && end <= file_len);
         let Some(end) = end else {
-            return Err(corrupt(
-                offset,
-                format!(
-                    "section {i} (tag {}) has a bad offset or length",
-                    e.tag.get()
-                ),
-            ));
+            return Err(corrupt(offset, format!("section {i} (tag {}) has a bad offset or length", e.tag.get())));
         };
         check_zero(path, bytes, zero_from, offset)?;
         let range = offset as usize..end as usize;
         let data = bytes.get(range.clone()).unwrap_or_default();
         if crc32c::crc32c(data) != e.checksum.get() {
-            return Err(corrupt(
-                offset,
-                format!("section {i} (tag {}) checksum mismatch", e.tag.get()),
-            ));
+            return Err(corrupt(offset, format!("section {i} (tag {}) checksum mismatch", e.tag.get())));
         }
         sections.push((e.tag.get(), range));
         zero_from = end;
         expected = align_up(end);
     }
     if expected != file_len {
-        return Err(corrupt(
-            expected,
-            "file length does not match the section table".into(),
-        ));
+        return Err(corrupt(expected, "file length does not match the section table".into()));
     }
     check_zero(path, bytes, zero_from, file_len)?;
-    let meta = SnapshotMeta {
-        lsns: lsns.iter().map(|l| l.get()).collect(),
-        timestamp: h.timestamp.get(),
-    };
+    let meta = SnapshotMeta { lsns: lsns.iter().map(|l| l.get()).collect(), timestamp: h.timestamp.get() };
     Ok((meta, h.sequence.get(), sections))
 }
 
@@ -502,19 +391,14 @@ pub fn load_latest(dir: &Path) -> Result<Option<LoadedSnapshot>, SnapshotError> 
                 s.skipped = skipped;
                 return Ok(Some(s));
             }
-            Err(e @ (SnapshotError::Corrupt { .. } | SnapshotError::Truncated { .. })) => {
-                skipped.push(e)
-            }
+            Err(e @ (SnapshotError::Corrupt { .. } | SnapshotError::Truncated { .. })) => skipped.push(e),
             Err(e) => return Err(e),
         }
     }
     if skipped.is_empty() {
         Ok(None)
     } else {
-        Err(SnapshotError::NoneValid {
-            dir: dir.to_path_buf(),
-            rejected: skipped,
-        })
+        Err(SnapshotError::NoneValid { dir: dir.to_path_buf(), rejected: skipped })
     }
 }
 

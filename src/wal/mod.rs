@@ -73,11 +73,7 @@ pub struct ParsePersistModeError(pub String);
 
 impl fmt::Display for ParsePersistModeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "unknown durability mode {:?} (expected \"sync\" or \"buffered\")",
-            self.0
-        )
+        write!(f, "unknown durability mode {:?} (expected \"sync\" or \"buffered\")", self.0)
     }
 }
 
@@ -107,10 +103,7 @@ pub struct WalConfig {
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self {
-            segment_size: DEFAULT_SEGMENT_SIZE,
-            persist_mode: PersistMode::Sync,
-        }
+        Self { segment_size: DEFAULT_SEGMENT_SIZE, persist_mode: PersistMode::Sync }
     }
 }
 
@@ -150,9 +143,7 @@ pub fn spare_file_name(index: u64) -> String {
 }
 
 fn parse_index(digits: &str) -> Option<u64> {
-    (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
+    (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
 
 /// The index of a segment file name, if `name` is one.

@@ -38,25 +38,11 @@ impl WalReader {
     /// Runs read-only recovery over the shard directory `dir` and opens its valid records.
     /// A torn tail is reported (`RecoveryOutcome::WouldTruncateTail`) and not read; a corrupt
     /// log is an error.
-    pub fn open(
-        dir: &Path,
-        shard_id: u32,
-        storage: &dyn Storage,
-    ) -> Result<(WalReader, RecoveryReport), WalError> {
+    pub fn open(dir: &Path, shard_id: u32, storage: &dyn Storage) -> Result<(WalReader, RecoveryReport), WalError> {
         let recovered = recovery::run(dir, shard_id, storage, RecoveryPolicy::ReadOnly)?;
         let report = recovered.report;
-        let segments = report
-            .segments
-            .iter()
-            .cloned()
-            .zip(recovered.files)
-            .collect();
-        let reader = WalReader {
-            shard_id,
-            segments,
-            first_lsn: report.first_lsn,
-            next_lsn: report.next_lsn,
-        };
+        let segments = report.segments.iter().cloned().zip(recovered.files).collect();
+        let reader = WalReader { shard_id, segments, first_lsn: report.first_lsn, next_lsn: report.next_lsn };
         Ok((reader, report))
     }
 
@@ -72,34 +58,18 @@ impl WalReader {
 
     /// Every valid record, in lsn order.
     pub fn iter(&self) -> Records<'_> {
-        Records {
-            reader: self,
-            segment: 0,
-            offset: SEGMENT_HEADER_SIZE,
-            from_lsn: self.first_lsn,
-        }
+        Records { reader: self, segment: 0, offset: SEGMENT_HEADER_SIZE, from_lsn: self.first_lsn }
     }
 
     /// Valid records with lsn >= `from_lsn`. Asking for lsns retention has removed is an error
     /// (replay from a snapshot needs every record after it); past the end is an empty iterator.
     pub fn iter_from(&self, from_lsn: u64) -> Result<Records<'_>, WalError> {
         if from_lsn < self.first_lsn {
-            return Err(WalError::LsnUnavailable {
-                requested: from_lsn,
-                first_available: self.first_lsn,
-            });
+            return Err(WalError::LsnUnavailable { requested: from_lsn, first_available: self.first_lsn });
         }
         // The last segment whose first lsn is <= from_lsn holds it (or it is past the end).
-        let segment = self
-            .segments
-            .partition_point(|(s, _)| s.first_lsn <= from_lsn)
-            .saturating_sub(1);
-        Ok(Records {
-            reader: self,
-            segment,
-            offset: SEGMENT_HEADER_SIZE,
-            from_lsn,
-        })
+        let segment = self.segments.partition_point(|(s, _)| s.first_lsn <= from_lsn).saturating_sub(1);
+        Ok(Records { reader: self, segment, offset: SEGMENT_HEADER_SIZE, from_lsn })
     }
 }
 
@@ -123,10 +93,7 @@ impl<'a> Iterator for Records<'a> {
                 continue;
             }
             let bytes: &'a [u8] = file.bytes();
-            let rest = usize::try_from(self.offset)
-                .ok()
-                .and_then(|o| bytes.get(o..))
-                .unwrap_or_default();
+            let rest = usize::try_from(self.offset).ok().and_then(|o| bytes.get(o..)).unwrap_or_default();
             // Recovery verified these bytes; checking again costs one crc pass and turns a file
             // changed behind our back into an error instead of a wrong replay.
             let record = match decode_record(rest) {
@@ -134,19 +101,14 @@ impl<'a> Iterator for Records<'a> {
                 other => {
                     let reason = match other {
                         Frame::Invalid(reason) => reason,
-                        Frame::Valid(r) => WalCorruption::ShardMismatch {
-                            expected: self.reader.shard_id,
-                            found: r.shard_id,
-                        },
+                        Frame::Valid(r) => {
+                            WalCorruption::ShardMismatch { expected: self.reader.shard_id, found: r.shard_id }
+                        }
                         Frame::Empty => WalCorruption::BadMagic,
                     };
                     // Stop for good: nothing after an unreadable record is trustworthy.
                     self.segment = self.reader.segments.len();
-                    return Some(Err(WalError::Corrupt {
-                        file: summary.path.clone(),
-                        offset: self.offset,
-                        reason,
-                    }));
+                    return Some(Err(WalError::Corrupt { file: summary.path.clone(), offset: self.offset, reason }));
                 }
             };
             let offset = self.offset;

@@ -121,10 +121,7 @@ pub fn encode_segment_header(info: SegmentInfo) -> SegmentHeader {
 /// Decodes and verifies a segment header from the start of a segment file.
 pub fn decode_segment_header(file: &[u8]) -> Result<SegmentInfo, WalCorruption> {
     let Ok((h, _)) = SegmentHeader::ref_from_prefix(file) else {
-        return Err(WalCorruption::SegmentSize {
-            expected: SEGMENT_HEADER_SIZE,
-            found: file.len() as u64,
-        });
+        return Err(WalCorruption::SegmentSize { expected: SEGMENT_HEADER_SIZE, found: file.len() as u64 });
     };
     if h.magic != SEGMENT_MAGIC {
         return Err(WalCorruption::BadMagic);
@@ -134,9 +131,7 @@ pub fn decode_segment_header(file: &[u8]) -> Result<SegmentInfo, WalCorruption> 
     }
     // Checked after the checksum so a damaged header is reported as damage, not as a version.
     if h.version.get() != FORMAT_VERSION {
-        return Err(WalCorruption::UnsupportedVersion {
-            found: h.version.get(),
-        });
+        return Err(WalCorruption::UnsupportedVersion { found: h.version.get() });
     }
     Ok(SegmentInfo {
         shard_id: h.shard_id.get(),
@@ -150,13 +145,7 @@ pub fn decode_segment_header(file: &[u8]) -> Result<SegmentInfo, WalCorruption> 
 ///
 /// Panics if the payload is longer than `u32::MAX`; the writer refuses such payloads earlier
 /// with a typed error, so reaching this is a bug.
-pub fn encode_record_header(
-    shard_id: u32,
-    kind: u16,
-    lsn: u64,
-    timestamp: u64,
-    payload: &[u8],
-) -> RecordHeader {
+pub fn encode_record_header(shard_id: u32, kind: u16, lsn: u64, timestamp: u64, payload: &[u8]) -> RecordHeader {
     let payload_len = u32::try_from(payload.len()).expect("payload length checked by the writer");
     let mut h = RecordHeader {
         magic: RECORD_MAGIC,
@@ -204,9 +193,7 @@ pub fn decode_record(rest: &[u8]) -> Frame<'_> {
         return if rest.iter().all(|&b| b == 0) {
             Frame::Empty
         } else {
-            Frame::Invalid(WalCorruption::RecordPastSegmentEnd {
-                len: RECORD_HEADER_SIZE,
-            })
+            Frame::Invalid(WalCorruption::RecordPastSegmentEnd { len: RECORD_HEADER_SIZE })
         };
     };
     if h.as_bytes().iter().all(|&b| b == 0) {
@@ -219,9 +206,7 @@ pub fn decode_record(rest: &[u8]) -> Frame<'_> {
         return Frame::Invalid(WalCorruption::HeaderChecksum);
     }
     if h.version.get() != FORMAT_VERSION {
-        return Frame::Invalid(WalCorruption::UnsupportedVersion {
-            found: h.version.get(),
-        });
+        return Frame::Invalid(WalCorruption::UnsupportedVersion { found: h.version.get() });
     }
     let payload_len = u64::from(h.payload_len.get());
     let size = record_size(payload_len);
@@ -283,10 +268,7 @@ mod tests {
         for bit in 0..payload_end * 8 {
             let mut b = bytes.clone();
             b[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                matches!(decode_record(&b), Frame::Invalid(_)),
-                "bit {bit} undetected"
-            );
+            assert!(matches!(decode_record(&b), Frame::Invalid(_)), "bit {bit} undetected");
         }
     }
 
@@ -304,20 +286,12 @@ mod tests {
 
     #[test]
     fn segment_header_roundtrip_and_damage() {
-        let info = SegmentInfo {
-            shard_id: 2,
-            segment_index: 5,
-            first_lsn: 99,
-            segment_size: 65536,
-        };
+        let info = SegmentInfo { shard_id: 2, segment_index: 5, first_lsn: 99, segment_size: 65536 };
         let h = encode_segment_header(info);
         assert_eq!(decode_segment_header(h.as_bytes()), Ok(info));
         let mut b = h.as_bytes().to_vec();
         b[20] ^= 4;
-        assert_eq!(
-            decode_segment_header(&b),
-            Err(WalCorruption::HeaderChecksum)
-        );
+        assert_eq!(decode_segment_header(&b), Err(WalCorruption::HeaderChecksum));
         b[0] = b'X';
         assert_eq!(decode_segment_header(&b), Err(WalCorruption::BadMagic));
         assert!(decode_segment_header(&b[..10]).is_err());

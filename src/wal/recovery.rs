@@ -25,9 +25,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{WalCorruption, WalError};
 use crate::storage::{OpenMode, Storage, StorageFile};
 
-use super::record::{
-    decode_record, decode_segment_header, Frame, SegmentInfo, RECORD_ALIGN, SEGMENT_HEADER_SIZE,
-};
+use super::record::{decode_record, decode_segment_header, Frame, SegmentInfo, RECORD_ALIGN, SEGMENT_HEADER_SIZE};
 use super::{parse_segment_file_name, parse_spare_file_name};
 
 /// Whether recovery may write.
@@ -47,11 +45,7 @@ pub enum Tail {
     /// Something that is not a valid record follows, up to `dirty_end` (one past the last
     /// non-zero byte). `valid_after` is the offset of a valid record of this shard found after
     /// it, if any.
-    Bad {
-        reason: WalCorruption,
-        dirty_end: u64,
-        valid_after: Option<u64>,
-    },
+    Bad { reason: WalCorruption, dirty_end: u64, valid_after: Option<u64> },
     /// A record whose checksums verify but which the writer cannot have written here (wrong
     /// shard, lsn out of sequence). Never a tear.
     Fatal { offset: u64, reason: WalCorruption },
@@ -79,18 +73,9 @@ pub enum Decision {
     /// Every segment verifies and ends in zeros.
     Clean,
     /// The last segment ends in a torn record: zero `bytes` bytes from `offset`.
-    TruncateTail {
-        segment: u64,
-        path: PathBuf,
-        offset: u64,
-        bytes: u64,
-    },
+    TruncateTail { segment: u64, path: PathBuf, offset: u64, bytes: u64 },
     /// Refuse to start.
-    Corrupt {
-        file: PathBuf,
-        offset: u64,
-        reason: WalCorruption,
-    },
+    Corrupt { file: PathBuf, offset: u64, reason: WalCorruption },
 }
 
 /// Scans one segment. Pure: reads only `bytes`.
@@ -116,22 +101,13 @@ pub fn scan_segment(index: u64, path: &Path, bytes: &[u8], shard_id: u32) -> Seg
     let mut expected_lsn = info.first_lsn;
     let mut bad = None;
     loop {
-        let rest = usize::try_from(offset)
-            .ok()
-            .and_then(|o| bytes.get(o..))
-            .unwrap_or_default();
+        let rest = usize::try_from(offset).ok().and_then(|o| bytes.get(o..)).unwrap_or_default();
         match decode_record(rest) {
             Frame::Valid(r) => {
                 let fatal = if r.shard_id != shard_id {
-                    Some(WalCorruption::ShardMismatch {
-                        expected: shard_id,
-                        found: r.shard_id,
-                    })
+                    Some(WalCorruption::ShardMismatch { expected: shard_id, found: r.shard_id })
                 } else if r.lsn != expected_lsn {
-                    Some(WalCorruption::LsnGap {
-                        expected: expected_lsn,
-                        found: r.lsn,
-                    })
+                    Some(WalCorruption::LsnGap { expected: expected_lsn, found: r.lsn })
                 } else {
                     None
                 };
@@ -158,40 +134,21 @@ pub fn scan_segment(index: u64, path: &Path, bytes: &[u8], shard_id: u32) -> Seg
         return facts;
     }
     let reason = bad.unwrap_or(WalCorruption::NonZeroAfterLastRecord);
-    let valid_after = find_valid_record(
-        bytes,
-        offset + RECORD_ALIGN,
-        dirty_end,
-        shard_id,
-        expected_lsn,
-    );
-    facts.tail = Tail::Bad {
-        reason,
-        dirty_end,
-        valid_after,
-    };
+    let valid_after = find_valid_record(bytes, offset + RECORD_ALIGN, dirty_end, shard_id, expected_lsn);
+    facts.tail = Tail::Bad { reason, dirty_end, valid_after };
     facts
 }
 
 fn check_header(index: u64, bytes: &[u8], shard_id: u32) -> Result<SegmentInfo, WalCorruption> {
     let info = decode_segment_header(bytes)?;
     if info.shard_id != shard_id {
-        return Err(WalCorruption::ShardMismatch {
-            expected: shard_id,
-            found: info.shard_id,
-        });
+        return Err(WalCorruption::ShardMismatch { expected: shard_id, found: info.shard_id });
     }
     if info.segment_index != index {
-        return Err(WalCorruption::SegmentIndex {
-            expected: index,
-            found: info.segment_index,
-        });
+        return Err(WalCorruption::SegmentIndex { expected: index, found: info.segment_index });
     }
     if info.segment_size != bytes.len() as u64 {
-        return Err(WalCorruption::SegmentSize {
-            expected: info.segment_size,
-            found: bytes.len() as u64,
-        });
+        return Err(WalCorruption::SegmentSize { expected: info.segment_size, found: bytes.len() as u64 });
     }
     Ok(info)
 }
@@ -219,19 +176,10 @@ fn dirty_end(bytes: &[u8], from: u64) -> u64 {
 /// of this shard with an lsn at or after `min_lsn`: proof that the bad bytes before it are not
 /// a torn tail. Requiring the shard and lsn keeps a payload that happens to contain a frame from
 /// counting, though such a payload could only make recovery stricter, never truncate more.
-fn find_valid_record(
-    bytes: &[u8],
-    start: u64,
-    end: u64,
-    shard_id: u32,
-    min_lsn: u64,
-) -> Option<u64> {
+fn find_valid_record(bytes: &[u8], start: u64, end: u64, shard_id: u32, min_lsn: u64) -> Option<u64> {
     let mut offset = start;
     while offset < end {
-        let rest = usize::try_from(offset)
-            .ok()
-            .and_then(|o| bytes.get(o..))
-            .unwrap_or_default();
+        let rest = usize::try_from(offset).ok().and_then(|o| bytes.get(o..)).unwrap_or_default();
         if let Frame::Valid(r) = decode_record(rest) {
             if r.shard_id == shard_id && r.lsn >= min_lsn {
                 return Some(offset);
@@ -250,11 +198,7 @@ pub fn classify(segments: &[SegmentFacts]) -> Decision {
     let mut expected_index: Option<u64> = None;
     let mut expected_lsn: Option<u64> = None;
     for (position, s) in segments.iter().enumerate() {
-        let corrupt = |offset, reason| Decision::Corrupt {
-            file: s.path.clone(),
-            offset,
-            reason,
-        };
+        let corrupt = |offset, reason| Decision::Corrupt { file: s.path.clone(), offset, reason };
         if let Some(index) = expected_index.filter(|&i| i != s.index) {
             return corrupt(0, WalCorruption::MissingSegment { index });
         }
@@ -265,22 +209,12 @@ pub fn classify(segments: &[SegmentFacts]) -> Decision {
         // Segment 0 starts the log at lsn 1; later first segments exist after retention.
         let want = expected_lsn.or((s.index == 0).then_some(1));
         if let Some(expected) = want.filter(|&e| e != first_lsn) {
-            return corrupt(
-                0,
-                WalCorruption::LsnGap {
-                    expected,
-                    found: first_lsn,
-                },
-            );
+            return corrupt(0, WalCorruption::LsnGap { expected, found: first_lsn });
         }
         match &s.tail {
             Tail::Clean => {}
             Tail::Fatal { offset, reason } => return corrupt(*offset, reason.clone()),
-            Tail::Bad {
-                reason,
-                dirty_end,
-                valid_after,
-            } => {
+            Tail::Bad { reason, dirty_end, valid_after } => {
                 if let Some(valid_offset) = valid_after {
                     return corrupt(
                         s.valid_end,
@@ -299,9 +233,7 @@ pub fn classify(segments: &[SegmentFacts]) -> Decision {
                             valid_offset: SEGMENT_HEADER_SIZE,
                             reason: Box::new(reason.clone()),
                         },
-                        None => WalCorruption::BadRecordInSealedSegment {
-                            reason: Box::new(reason.clone()),
-                        },
+                        None => WalCorruption::BadRecordInSealedSegment { reason: Box::new(reason.clone()) },
                     };
                     return corrupt(s.valid_end, reason);
                 }
@@ -340,19 +272,9 @@ pub enum RecoveryOutcome {
     /// Every record verified; nothing after the last one.
     Clean,
     /// A torn tail was zeroed.
-    TruncatedTail {
-        segment: u64,
-        path: PathBuf,
-        offset: u64,
-        bytes: u64,
-    },
+    TruncatedTail { segment: u64, path: PathBuf, offset: u64, bytes: u64 },
     /// A torn tail was found; the policy was `ReadOnly`, so nothing was written.
-    WouldTruncateTail {
-        segment: u64,
-        path: PathBuf,
-        offset: u64,
-        bytes: u64,
-    },
+    WouldTruncateTail { segment: u64, path: PathBuf, offset: u64, bytes: u64 },
 }
 
 /// The result of recovery over one shard directory.
@@ -405,16 +327,10 @@ pub(crate) fn run(
     policy: RecoveryPolicy,
 ) -> Result<Recovered, WalError> {
     let names = storage.list(dir)?;
-    let mut indexes: Vec<u64> = names
-        .iter()
-        .filter_map(|n| parse_segment_file_name(n))
-        .collect();
+    let mut indexes: Vec<u64> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
     indexes.sort_unstable();
-    let mut stale_spares: Vec<PathBuf> = names
-        .iter()
-        .filter(|n| parse_spare_file_name(n).is_some())
-        .map(|n| dir.join(n))
-        .collect();
+    let mut stale_spares: Vec<PathBuf> =
+        names.iter().filter(|n| parse_spare_file_name(n).is_some()).map(|n| dir.join(n)).collect();
     stale_spares.sort();
 
     let mut files = Vec::with_capacity(indexes.len());
@@ -427,45 +343,19 @@ pub(crate) fn run(
     }
 
     let outcome = match classify(&facts) {
-        Decision::Corrupt {
-            file,
-            offset,
-            reason,
-        } => {
-            return Err(WalError::Corrupt {
-                file,
-                offset,
-                reason,
-            })
-        }
+        Decision::Corrupt { file, offset, reason } => return Err(WalError::Corrupt { file, offset, reason }),
         Decision::Empty => RecoveryOutcome::Empty,
         Decision::Clean => RecoveryOutcome::Clean,
-        Decision::TruncateTail {
-            segment,
-            path,
-            offset,
-            bytes,
-        } => match policy {
-            RecoveryPolicy::ReadOnly => RecoveryOutcome::WouldTruncateTail {
-                segment,
-                path,
-                offset,
-                bytes,
-            },
+        Decision::TruncateTail { segment, path, offset, bytes } => match policy {
+            RecoveryPolicy::ReadOnly => RecoveryOutcome::WouldTruncateTail { segment, path, offset, bytes },
             RecoveryPolicy::TruncateTornTail => {
                 zero_range(storage, &path, offset, bytes)?;
-                RecoveryOutcome::TruncatedTail {
-                    segment,
-                    path,
-                    offset,
-                    bytes,
-                }
+                RecoveryOutcome::TruncatedTail { segment, path, offset, bytes }
             }
         },
     };
 
-    let stale_spares_removed =
-        policy == RecoveryPolicy::TruncateTornTail && !stale_spares.is_empty();
+    let stale_spares_removed = policy == RecoveryPolicy::TruncateTornTail && !stale_spares.is_empty();
     if stale_spares_removed {
         for spare in &stale_spares {
             storage.remove(spare)?;
@@ -488,9 +378,7 @@ pub(crate) fn run(
         })
         .collect();
     let first_lsn = segments.first().map_or(1, |s| s.first_lsn);
-    let next_lsn = segments
-        .last()
-        .map_or(1, |s| s.last_lsn.map_or(s.first_lsn, |l| l + 1));
+    let next_lsn = segments.last().map_or(1, |s| s.last_lsn.map_or(s.first_lsn, |l| l + 1));
     let records = segments.iter().map(|s| s.records).sum();
     let report = RecoveryReport {
         dir: dir.to_path_buf(),
@@ -543,19 +431,11 @@ mod tests {
     }
 
     fn bad(dirty_end: u64) -> Tail {
-        Tail::Bad {
-            reason: WalCorruption::PayloadChecksum,
-            dirty_end,
-            valid_after: None,
-        }
+        Tail::Bad { reason: WalCorruption::PayloadChecksum, dirty_end, valid_after: None }
     }
 
     fn bad_then_valid(dirty_end: u64, valid_after: u64) -> Tail {
-        Tail::Bad {
-            reason: WalCorruption::PayloadChecksum,
-            dirty_end,
-            valid_after: Some(valid_after),
-        }
+        Tail::Bad { reason: WalCorruption::PayloadChecksum, dirty_end, valid_after: Some(valid_after) }
     }
 
     fn path(index: u64) -> PathBuf {
@@ -572,16 +452,8 @@ mod tests {
         type Check = Box<dyn Fn(&Decision) -> bool>;
         let cases: Vec<(&str, Vec<SegmentFacts>, Check)> = vec![
             ("no segments", vec![], Box::new(|d| *d == Decision::Empty)),
-            (
-                "one empty segment",
-                vec![seg(0, 1, 0, Clean)],
-                Box::new(|d| *d == Decision::Clean),
-            ),
-            (
-                "records, zeros after",
-                vec![seg(0, 1, 3, Clean)],
-                Box::new(|d| *d == Decision::Clean),
-            ),
+            ("one empty segment", vec![seg(0, 1, 0, Clean)], Box::new(|d| *d == Decision::Clean)),
+            ("records, zeros after", vec![seg(0, 1, 3, Clean)], Box::new(|d| *d == Decision::Clean)),
             (
                 "two segments, contiguous",
                 vec![seg(0, 1, 3, Clean), seg(1, 4, 2, Clean)],
@@ -595,29 +467,12 @@ mod tests {
             (
                 "torn tail in the last segment",
                 vec![seg(0, 1, 3, Clean), seg(1, 4, 2, bad(300))],
-                Box::new(|d| {
-                    *d == Decision::TruncateTail {
-                        segment: 1,
-                        path: path(1),
-                        offset: 192,
-                        bytes: 108,
-                    }
-                }),
+                Box::new(|d| *d == Decision::TruncateTail { segment: 1, path: path(1), offset: 192, bytes: 108 }),
             ),
             (
                 "torn first record of a fresh segment",
                 vec![seg(0, 1, 3, Clean), seg(1, 4, 0, bad(100))],
-                Box::new(|d| {
-                    matches!(
-                        d,
-                        Decision::TruncateTail {
-                            segment: 1,
-                            offset: 64,
-                            bytes: 36,
-                            ..
-                        }
-                    )
-                }),
+                Box::new(|d| matches!(d, Decision::TruncateTail { segment: 1, offset: 64, bytes: 36, .. })),
             ),
             (
                 "bad record followed by a valid one",
@@ -637,44 +492,19 @@ mod tests {
             (
                 "missing middle segment",
                 vec![seg(0, 1, 3, Clean), seg(2, 4, 1, Clean)],
-                Box::new(|d| {
-                    matches!(
-                        d,
-                        Decision::Corrupt {
-                            reason: WalCorruption::MissingSegment { index: 1 },
-                            ..
-                        }
-                    )
-                }),
+                Box::new(|d| matches!(d, Decision::Corrupt { reason: WalCorruption::MissingSegment { index: 1 }, .. })),
             ),
             (
                 "lsn gap across segments",
                 vec![seg(0, 1, 3, Clean), seg(1, 5, 1, Clean)],
                 Box::new(|d| {
-                    matches!(
-                        d,
-                        Decision::Corrupt {
-                            reason: WalCorruption::LsnGap {
-                                expected: 4,
-                                found: 5
-                            },
-                            ..
-                        }
-                    )
+                    matches!(d, Decision::Corrupt { reason: WalCorruption::LsnGap { expected: 4, found: 5 }, .. })
                 }),
             ),
             (
                 "segment 0 not starting at lsn 1",
                 vec![seg(0, 2, 3, Clean)],
-                Box::new(|d| {
-                    matches!(
-                        d,
-                        Decision::Corrupt {
-                            reason: WalCorruption::LsnGap { .. },
-                            ..
-                        }
-                    )
-                }),
+                Box::new(|d| matches!(d, Decision::Corrupt { reason: WalCorruption::LsnGap { .. }, .. })),
             ),
             (
                 "lsn gap inside a segment",
@@ -682,13 +512,7 @@ mod tests {
                     0,
                     1,
                     3,
-                    Tail::Fatal {
-                        offset: 256,
-                        reason: WalCorruption::LsnGap {
-                            expected: 4,
-                            found: 6,
-                        },
-                    },
+                    Tail::Fatal { offset: 256, reason: WalCorruption::LsnGap { expected: 4, found: 6 } },
                 )],
                 Box::new(corrupt_at(0, 256)),
             ),
@@ -696,10 +520,7 @@ mod tests {
                 "bad segment header, even the last one",
                 vec![
                     seg(0, 1, 3, Clean),
-                    SegmentFacts {
-                        header: Err(WalCorruption::HeaderChecksum),
-                        ..seg(1, 4, 0, Clean)
-                    },
+                    SegmentFacts { header: Err(WalCorruption::HeaderChecksum), ..seg(1, 4, 0, Clean) },
                 ],
                 Box::new(corrupt_at(1, 0)),
             ),

@@ -18,8 +18,7 @@ use crate::error::WalError;
 use crate::storage::{OpenMode, Storage, StorageFile};
 
 use super::record::{
-    encode_record_header, encode_segment_header, record_size, SegmentInfo, RECORD_HEADER_SIZE,
-    SEGMENT_HEADER_SIZE,
+    encode_record_header, encode_segment_header, record_size, SegmentInfo, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use super::recovery::{self, RecoveryPolicy, RecoveryReport};
 use super::{segment_file_name, spare_file_name, PersistMode, WalConfig, MAX_SEGMENT_INDEX};
@@ -79,24 +78,13 @@ impl Wal {
     ) -> Result<(Wal, RecoveryReport), WalError> {
         config.validate()?;
         storage.create_dir_all(dir)?;
-        let recovered = recovery::run(
-            dir,
-            shard_id,
-            storage.as_ref(),
-            RecoveryPolicy::TruncateTornTail,
-        )?;
+        let recovered = recovery::run(dir, shard_id, storage.as_ref(), RecoveryPolicy::TruncateTornTail)?;
         // The read-only handles are not needed: the writer reopens the last segment read-write.
         drop(recovered.files);
         let report = recovered.report;
 
-        let mut segments: VecDeque<SegmentRef> = report
-            .segments
-            .iter()
-            .map(|s| SegmentRef {
-                index: s.index,
-                first_lsn: s.first_lsn,
-            })
-            .collect();
+        let mut segments: VecDeque<SegmentRef> =
+            report.segments.iter().map(|s| SegmentRef { index: s.index, first_lsn: s.first_lsn }).collect();
         let (active, write_offset) = match report.segments.last() {
             Some(last) => {
                 let mut file = storage.open(&last.path, OpenMode::ReadWrite)?;
@@ -104,19 +92,8 @@ impl Wal {
                 (file, last.valid_end)
             }
             None => {
-                let file = install_segment(
-                    storage.as_ref(),
-                    dir,
-                    shard_id,
-                    None,
-                    config.segment_size,
-                    0,
-                    1,
-                )?;
-                segments.push_back(SegmentRef {
-                    index: 0,
-                    first_lsn: 1,
-                });
+                let file = install_segment(storage.as_ref(), dir, shard_id, None, config.segment_size, 0, 1)?;
+                segments.push_back(SegmentRef { index: 0, first_lsn: 1 });
                 (file, SEGMENT_HEADER_SIZE)
             }
         };
@@ -147,10 +124,7 @@ impl Wal {
         }
         let max = self.config.max_payload();
         if payload.len() as u64 > max {
-            return Err(WalError::PayloadTooLarge {
-                len: payload.len() as u64,
-                max,
-            });
+            return Err(WalError::PayloadTooLarge { len: payload.len() as u64, max });
         }
         let result = self.append_unchecked(kind, timestamp, payload);
         if result.is_err() {
@@ -159,12 +133,7 @@ impl Wal {
         result
     }
 
-    fn append_unchecked(
-        &mut self,
-        kind: u16,
-        timestamp: u64,
-        payload: &[u8],
-    ) -> Result<u64, WalError> {
+    fn append_unchecked(&mut self, kind: u16, timestamp: u64, payload: &[u8]) -> Result<u64, WalError> {
         let size = record_size(payload.len() as u64);
         if self.write_offset + size > self.active.size() {
             self.roll_over()?;
@@ -172,8 +141,7 @@ impl Wal {
         let lsn = self.next_lsn;
         let header = encode_record_header(self.shard_id, kind, lsn, timestamp, payload);
         self.active.write(self.write_offset, header.as_bytes())?;
-        self.active
-            .write(self.write_offset + RECORD_HEADER_SIZE, payload)?;
+        self.active.write(self.write_offset + RECORD_HEADER_SIZE, payload)?;
         // Padding is not written: the segment was allocated as zeros and is never reused.
         self.write_offset += size;
         self.next_lsn += 1;
@@ -207,8 +175,7 @@ impl Wal {
 
     fn sync_active(&mut self) -> Result<(), WalError> {
         if self.synced_offset < self.write_offset {
-            self.active
-                .sync(self.synced_offset, self.write_offset - self.synced_offset)?;
+            self.active.sync(self.synced_offset, self.write_offset - self.synced_offset)?;
             self.synced_offset = self.write_offset;
         }
         Ok(())
@@ -230,10 +197,7 @@ impl Wal {
             self.next_lsn,
         )?;
         self.active = file;
-        self.segments.push_back(SegmentRef {
-            index,
-            first_lsn: self.next_lsn,
-        });
+        self.segments.push_back(SegmentRef { index, first_lsn: self.next_lsn });
         self.write_offset = SEGMENT_HEADER_SIZE;
         self.synced_offset = SEGMENT_HEADER_SIZE;
         // Reserve the next one now, so a full disk shows up here, a segment ahead, and the
@@ -245,14 +209,9 @@ impl Wal {
     fn allocate_spare(&self) -> Result<Box<dyn StorageFile>, WalError> {
         let index = self.active_index() + 1;
         if index > MAX_SEGMENT_INDEX {
-            return Err(WalError::InvalidConfig {
-                reason: format!("segment index {index} exceeds 8 digits"),
-            });
+            return Err(WalError::InvalidConfig { reason: format!("segment index {index} exceeds 8 digits") });
         }
-        Ok(self.storage.allocate(
-            &self.dir.join(spare_file_name(index)),
-            self.config.segment_size,
-        )?)
+        Ok(self.storage.allocate(&self.dir.join(spare_file_name(index)), self.config.segment_size)?)
     }
 
     fn active_index(&self) -> u64 {
@@ -266,16 +225,12 @@ impl Wal {
     /// files are redundant either way.
     pub fn retire_segments_before(&mut self, lsn: u64) -> Result<Vec<u64>, WalError> {
         let mut removed = Vec::new();
-        while let (Some(oldest), Some(next)) = (
-            self.segments.front().copied(),
-            self.segments.get(1).copied(),
-        ) {
+        while let (Some(oldest), Some(next)) = (self.segments.front().copied(), self.segments.get(1).copied()) {
             // Every record of `oldest` has an lsn below the next segment's first lsn.
             if next.first_lsn > lsn {
                 break;
             }
-            self.storage
-                .remove(&self.dir.join(segment_file_name(oldest.index)))?;
+            self.storage.remove(&self.dir.join(segment_file_name(oldest.index)))?;
             self.segments.pop_front();
             removed.push(oldest.index);
         }
@@ -335,12 +290,7 @@ fn install_segment(
         Some(f) => f,
         None => storage.allocate(&tmp, segment_size)?,
     };
-    let info = SegmentInfo {
-        shard_id,
-        segment_index: index,
-        first_lsn,
-        segment_size: file.size(),
-    };
+    let info = SegmentInfo { shard_id, segment_index: index, first_lsn, segment_size: file.size() };
     file.write(0, encode_segment_header(info).as_bytes())?;
     file.sync(0, SEGMENT_HEADER_SIZE)?;
     let path = dir.join(segment_file_name(index));

@@ -1,4 +1,1 @@
-fn main() {
-    eprintln!("not yet implemented");
-    std::process::exit(2);
-}
+fn main() { eprintln!("not yet implemented"); std::process::exit(2); }
