@@ -8,23 +8,27 @@
 //! - `engine`: the facade that starts the workers and routes commands and reads.
 //! - `node`: a durable node: data-directory lock, recovery, the engine over per-shard logs.
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
-//! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
-//! - `storage`: the narrow file trait the log writes through (real and fault-injecting).
+//! - `storage`: the narrow file trait the log writes through (real, fault-injecting, crash image).
+//! - `snapshot`: the checksummed snapshot container (write tmp, fsync, rename, fsync dir; load).
+//! - `error`: typed errors of the IO layers (storage, wal, snapshot).
 //! - `protocol`: the wire format (frame header, codec, async framing); the only module that
 //!   knows wire bytes. Normative description in `docs/protocol.md`.
 //! - `server`: TCP listener and per-connection reader/writer tasks over the `server::Backend`
 //!   trait the engine implements.
 //! - `client`: the async client (batching, pipelining, request-id matching) built on `protocol`.
+//! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
 
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod layout;
 pub mod ledger;
 pub mod node;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod snapshot;
 pub mod storage;
 pub mod wal;
 pub mod workload;

@@ -1,0 +1,411 @@
+//! A generic, checksummed snapshot container: tagged byte sections plus the per-shard lsns the
+//! snapshot covers.
+//!
+//! Owns: the `snapshot-NNNNNNNNNNNNNNNNNNNN.snap` files of a directory: writing them atomically
+//! (write `*.snap.tmp`, fsync, rename, fsync the directory), verifying and loading them (one
+//! mmap, checksums, zero-copy section slices), and retention (the `SNAPSHOTS_KEPT` newest).
+//!
+//! Must never: interpret section contents (the engine owns what a section means), load a
+//! snapshot whose checksums fail, write when loading, or treat a `.snap.tmp` file as a snapshot
+//! (it is an unfinished write by definition).
+//!
+//! Retention and the log: a snapshot is only useful with the log records after it, so the
+//! engine may retire log segments only below the lsns of the *oldest* kept snapshot; then
+//! falling back to it (when the newest is damaged) still finds every record it needs.
+
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+#![deny(clippy::host_endian_bytes, clippy::big_endian_bytes)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::error::SnapshotError;
+
+/// The only format version this build writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// First bytes of every snapshot file.
+pub const MAGIC: [u8; 8] = *b"STLGSNAP";
+/// How many snapshots `write_snapshot` keeps (the new one included).
+pub const SNAPSHOTS_KEPT: usize = 2;
+/// Sections start at multiples of this offset (cache line; lets readers cast records in place).
+pub const SECTION_ALIGN: u64 = 64;
+/// Limits checked on write and on load, so a damaged count cannot make the loader allocate.
+pub const MAX_SHARDS: u32 = 4096;
+pub const MAX_SECTIONS: u32 = 65_536;
+
+const HEADER_SIZE: u64 = 64;
+const SECTION_ENTRY_SIZE: u64 = 32;
+const HEADER_CHECKSUM_OFFSET: usize = 60;
+
+/// File header at offset 0. 64 bytes.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct Header {
+    magic: [u8; 8],
+    version: U16,
+    header_size: U16,
+    shard_count: U32,
+    sequence: U64,
+    timestamp: U64,
+    section_count: U32,
+    reserved0: U32,
+    /// Length of the whole file: a truncated copy is detected before any section is read.
+    file_len: U64,
+    /// crc32c of the lsn array and the section table.
+    meta_checksum: U32,
+    reserved1: [u8; 8],
+    /// crc32c of bytes 0..60.
+    checksum: U32,
+}
+
+/// One entry of the section table. 32 bytes.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct SectionEntry {
+    tag: U32,
+    reserved0: U32,
+    offset: U64,
+    len: U64,
+    checksum: U32,
+    reserved1: U32,
+}
+
+const _: () = assert!(core::mem::size_of::<Header>() as u64 == HEADER_SIZE);
+const _: () = assert!(core::mem::size_of::<SectionEntry>() as u64 == SECTION_ENTRY_SIZE);
+
+/// What a snapshot covers, beyond its sections.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct SnapshotMeta {
+    /// Per shard (by shard id), the last log lsn whose effects the snapshot includes; replay
+    /// starts at the next one.
+    pub lsns: Vec<u64>,
+    /// Engine time when the snapshot was taken (ns since the epoch).
+    pub timestamp: u64,
+}
+
+/// Where a snapshot was written.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct WrittenSnapshot {
+    pub path: PathBuf,
+    pub sequence: u64,
+    pub len: u64,
+    /// Older snapshots removed by retention.
+    pub removed: Vec<PathBuf>,
+}
+
+/// A verified snapshot, mapped read-only; sections borrow the mapping.
+#[derive(Debug)]
+pub struct LoadedSnapshot {
+    pub path: PathBuf,
+    pub sequence: u64,
+    pub meta: SnapshotMeta,
+    /// Newer snapshots that failed verification and were passed over (`load_latest` only).
+    pub skipped: Vec<SnapshotError>,
+    map: Option<Mmap>,
+    sections: Vec<(u32, Range<usize>)>,
+}
+
+impl LoadedSnapshot {
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or_default()
+    }
+
+    /// The first section with `tag`.
+    pub fn section(&self, tag: u32) -> Option<&[u8]> {
+        self.sections.iter().find(|(t, _)| *t == tag).and_then(|(_, r)| self.bytes().get(r.clone()))
+    }
+
+    /// All sections, in file order.
+    pub fn sections(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        self.sections.iter().map(|(t, r)| (*t, self.bytes().get(r.clone()).unwrap_or_default()))
+    }
+
+    /// Total size of the file.
+    pub fn len(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes().is_empty()
+    }
+}
+
+/// `snapshot-00000000000000000042.snap`
+pub fn snapshot_file_name(sequence: u64) -> String {
+    format!("snapshot-{sequence:020}.snap")
+}
+
+fn parse_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("snapshot-")?.strip_suffix(".snap")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> SnapshotError {
+    SnapshotError::Io { op, path: path.to_path_buf(), source }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("fsync directory", dir, e))
+}
+
+/// The snapshots in `dir` (final names only), oldest first. A missing directory has none.
+pub fn list_snapshots(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("read directory", dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err("read directory", dir, e))?;
+        if let Some(seq) = entry.file_name().to_str().and_then(parse_file_name) {
+            found.push((seq, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+const fn align_up(n: u64) -> u64 {
+    n.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
+}
+
+/// Writes a new snapshot into `dir` with the next sequence number, atomically, then removes all
+/// but the `SNAPSHOTS_KEPT` newest snapshots and any leftover `.snap.tmp` files.
+pub fn write_snapshot(
+    dir: &Path,
+    meta: &SnapshotMeta,
+    sections: &[(u32, &[u8])],
+) -> Result<WrittenSnapshot, SnapshotError> {
+    let shard_count = u32::try_from(meta.lsns.len())
+        .ok()
+        .filter(|&n| n <= MAX_SHARDS)
+        .ok_or_else(|| SnapshotError::TooLarge { reason: format!("{} shards (max {MAX_SHARDS})", meta.lsns.len()) })?;
+    let section_count = u32::try_from(sections.len()).ok().filter(|&n| n <= MAX_SECTIONS).ok_or_else(|| {
+        SnapshotError::TooLarge { reason: format!("{} sections (max {MAX_SECTIONS})", sections.len()) }
+    })?;
+    fs::create_dir_all(dir).map_err(|e| io_err("create directory", dir, e))?;
+    let existing = list_snapshots(dir)?;
+    let sequence = existing.last().map_or(1, |(s, _)| s + 1);
+
+    // Layout: header, lsns, section table, then each section at an aligned offset.
+    let lsns: Vec<U64> = meta.lsns.iter().map(|&l| U64::new(l)).collect();
+    let meta_start = HEADER_SIZE;
+    let table_start = meta_start + 8 * u64::from(shard_count);
+    let mut offset = align_up(table_start + SECTION_ENTRY_SIZE * u64::from(section_count));
+    let mut table = Vec::with_capacity(sections.len());
+    for (tag, data) in sections {
+        table.push(SectionEntry {
+            tag: U32::new(*tag),
+            reserved0: U32::new(0),
+            offset: U64::new(offset),
+            len: U64::new(data.len() as u64),
+            checksum: U32::new(crc32c::crc32c(data)),
+            reserved1: U32::new(0),
+        });
+        offset = align_up(offset + data.len() as u64);
+    }
+    let file_len = offset;
+    let meta_checksum = crc32c::crc32c_append(crc32c::crc32c(lsns.as_bytes()), table.as_bytes());
+    let mut header = Header {
+        magic: MAGIC,
+        version: U16::new(FORMAT_VERSION),
+        header_size: U16::new(HEADER_SIZE as u16),
+        shard_count: U32::new(shard_count),
+        sequence: U64::new(sequence),
+        timestamp: U64::new(meta.timestamp),
+        section_count: U32::new(section_count),
+        reserved0: U32::new(0),
+        file_len: U64::new(file_len),
+        meta_checksum: U32::new(meta_checksum),
+        reserved1: [0; 8],
+        checksum: U32::new(0),
+    };
+    header.checksum = U32::new(crc32c::crc32c(header.as_bytes().get(..HEADER_CHECKSUM_OFFSET).unwrap_or_default()));
+
+    let path = dir.join(snapshot_file_name(sequence));
+    let tmp = dir.join(format!("{}.tmp", snapshot_file_name(sequence)));
+    remove_stale_tmp(dir)?;
+    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err("create", &tmp, e))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let write = |out: &mut BufWriter<File>, bytes: &[u8]| out.write_all(bytes).map_err(|e| io_err("write", &tmp, e));
+    let zeros = [0u8; SECTION_ALIGN as usize];
+    let pad = |out: &mut BufWriter<File>, at: u64| {
+        let n = (align_up(at) - at) as usize;
+        out.write_all(zeros.get(..n).unwrap_or_default()).map_err(|e| io_err("write", &tmp, e))
+    };
+    write(&mut out, header.as_bytes())?;
+    write(&mut out, lsns.as_bytes())?;
+    write(&mut out, table.as_bytes())?;
+    pad(&mut out, table_start + SECTION_ENTRY_SIZE * u64::from(section_count))?;
+    for (entry, (_, data)) in table.iter().zip(sections) {
+        write(&mut out, data)?;
+        pad(&mut out, entry.offset.get() + data.len() as u64)?;
+    }
+    let file = out.into_inner().map_err(|e| io_err("write", &tmp, e.into_error()))?;
+    file.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))?;
+    sync_dir(dir)?;
+
+    // Retention, only after the new snapshot is durable under its final name.
+    let all = list_snapshots(dir)?;
+    let mut removed = Vec::new();
+    for (_, old) in all.iter().take(all.len().saturating_sub(SNAPSHOTS_KEPT)) {
+        fs::remove_file(old).map_err(|e| io_err("remove", old, e))?;
+        removed.push(old.clone());
+    }
+    if !removed.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(WrittenSnapshot { path, sequence, len: file_len, removed })
+}
+
+fn remove_stale_tmp(dir: &Path) -> Result<(), SnapshotError> {
+    for entry in fs::read_dir(dir).map_err(|e| io_err("read directory", dir, e))? {
+        let entry = entry.map_err(|e| io_err("read directory", dir, e))?;
+        let name = entry.file_name();
+        let is_tmp = name.to_str().and_then(|n| n.strip_suffix(".tmp")).is_some_and(|n| parse_file_name(n).is_some());
+        if is_tmp {
+            fs::remove_file(entry.path()).map_err(|e| io_err("remove", &entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens and fully verifies one snapshot file: every checksum, every length, zero padding.
+pub fn load_snapshot(path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let actual_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    if actual_len < HEADER_SIZE {
+        return Err(SnapshotError::Truncated { path: path.to_path_buf(), expected_len: HEADER_SIZE, actual_len });
+    }
+    // SAFETY: snapshot files are never modified after their rename; the map is read-only.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err("mmap", path, e))?;
+    let (meta, sequence, sections) = verify(path, &map)?;
+    Ok(LoadedSnapshot { path: path.to_path_buf(), sequence, meta, skipped: Vec::new(), map: Some(map), sections })
+}
+
+type Verified = (SnapshotMeta, u64, Vec<(u32, Range<usize>)>);
+
+fn verify(path: &Path, bytes: &[u8]) -> Result<Verified, SnapshotError> {
+    let corrupt = |offset: u64, reason: String| SnapshotError::Corrupt { path: path.to_path_buf(), offset, reason };
+    let actual_len = bytes.len() as u64;
+    let Ok((h, _)) = Header::ref_from_prefix(bytes) else {
+        return Err(SnapshotError::Truncated { path: path.to_path_buf(), expected_len: HEADER_SIZE, actual_len });
+    };
+    if h.magic != MAGIC {
+        return Err(corrupt(0, "bad magic".into()));
+    }
+    let header_crc = crc32c::crc32c(h.as_bytes().get(..HEADER_CHECKSUM_OFFSET).unwrap_or_default());
+    if h.checksum.get() != header_crc {
+        return Err(corrupt(0, "header checksum mismatch".into()));
+    }
+    if h.version.get() != FORMAT_VERSION {
+        return Err(corrupt(8, format!("unsupported format version {}", h.version.get())));
+    }
+    let file_len = h.file_len.get();
+    if actual_len < file_len {
+        return Err(SnapshotError::Truncated { path: path.to_path_buf(), expected_len: file_len, actual_len });
+    }
+    if actual_len > file_len {
+        return Err(corrupt(file_len, format!("{} unexpected bytes after the end", actual_len - file_len)));
+    }
+    if h.shard_count.get() > MAX_SHARDS || h.section_count.get() > MAX_SECTIONS {
+        return Err(corrupt(12, "shard or section count out of range".into()));
+    }
+    if let Some(named) = path.file_name().and_then(|n| n.to_str()).and_then(parse_file_name) {
+        if named != h.sequence.get() {
+            return Err(corrupt(16, format!("header sequence {} differs from file name", h.sequence.get())));
+        }
+    }
+    let rest = bytes.get(HEADER_SIZE as usize..).unwrap_or_default();
+    let Ok((lsns, rest)) = <[U64]>::ref_from_prefix_with_elems(rest, h.shard_count.get() as usize) else {
+        return Err(corrupt(HEADER_SIZE, "lsn array runs past the end".into()));
+    };
+    let Ok((table, _)) = <[SectionEntry]>::ref_from_prefix_with_elems(rest, h.section_count.get() as usize) else {
+        return Err(corrupt(HEADER_SIZE, "section table runs past the end".into()));
+    };
+    let meta_crc = crc32c::crc32c_append(crc32c::crc32c(lsns.as_bytes()), table.as_bytes());
+    if h.meta_checksum.get() != meta_crc {
+        return Err(corrupt(HEADER_SIZE, "lsn/section table checksum mismatch".into()));
+    }
+    // Sections must be laid out exactly as the writer does; every byte between them is zero.
+    let table_end = HEADER_SIZE + lsns.as_bytes().len() as u64 + table.as_bytes().len() as u64;
+    let mut expected = align_up(table_end);
+    let mut zero_from = table_end;
+    let mut sections = Vec::with_capacity(table.len());
+    for (i, e) in table.iter().enumerate() {
+        let (offset, len) = (e.offset.get(), e.len.get());
+        let end = offset.checked_add(len).filter(|&end| offset == expected && end <= file_len);
+        let Some(end) = end else {
+            return Err(corrupt(offset, format!("section {i} (tag {}) has a bad offset or length", e.tag.get())));
+        };
+        check_zero(path, bytes, zero_from, offset)?;
+        let range = offset as usize..end as usize;
+        let data = bytes.get(range.clone()).unwrap_or_default();
+        if crc32c::crc32c(data) != e.checksum.get() {
+            return Err(corrupt(offset, format!("section {i} (tag {}) checksum mismatch", e.tag.get())));
+        }
+        sections.push((e.tag.get(), range));
+        zero_from = end;
+        expected = align_up(end);
+    }
+    if expected != file_len {
+        return Err(corrupt(expected, "file length does not match the section table".into()));
+    }
+    check_zero(path, bytes, zero_from, file_len)?;
+    let meta = SnapshotMeta { lsns: lsns.iter().map(|l| l.get()).collect(), timestamp: h.timestamp.get() };
+    Ok((meta, h.sequence.get(), sections))
+}
+
+fn check_zero(path: &Path, bytes: &[u8], from: u64, to: u64) -> Result<(), SnapshotError> {
+    let padding = bytes.get(from as usize..to as usize).unwrap_or_default();
+    match padding.iter().position(|&b| b != 0) {
+        None => Ok(()),
+        Some(p) => Err(SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            offset: from + p as u64,
+            reason: "non-zero padding".into(),
+        }),
+    }
+}
+
+/// The newest snapshot in `dir` that verifies, or `None` if there are none at all.
+///
+/// Newer snapshots that fail verification (corrupt or truncated) are passed over and listed in
+/// `LoadedSnapshot::skipped`; the caller must surface them. If snapshots exist but none
+/// verifies, that is an error (`NoneValid`), never `None`: starting from an empty state would
+/// silently lose everything the retired log held.
+pub fn load_latest(dir: &Path) -> Result<Option<LoadedSnapshot>, SnapshotError> {
+    let mut skipped = Vec::new();
+    for (_, path) in list_snapshots(dir)?.iter().rev() {
+        match load_snapshot(path) {
+            Ok(mut s) => {
+                s.skipped = skipped;
+                return Ok(Some(s));
+            }
+            Err(e @ (SnapshotError::Corrupt { .. } | SnapshotError::Truncated { .. })) => skipped.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    if skipped.is_empty() {
+        Ok(None)
+    } else {
+        Err(SnapshotError::NoneValid { dir: dir.to_path_buf(), rejected: skipped })
+    }
+}
+
+/// Strict variant for `verify`: the newest snapshot must verify; no fallback.
+pub fn load_latest_strict(dir: &Path) -> Result<Option<LoadedSnapshot>, SnapshotError> {
+    match list_snapshots(dir)?.last() {
+        None => Ok(None),
+        Some((_, path)) => load_snapshot(path).map(Some),
+    }
+}
