@@ -25,7 +25,7 @@ use crate::shard::directory::{Claim, IdDirectory};
 use crate::shard::router::home_shard;
 use crate::shard::worker::{
     self, reply_record, AuditSummary, Clock, Collector, Internal, Journal, NullJournal, Part, Peers, QueryMsg,
-    ShardAnswer, ShardQuery, SystemClock, WorkerConfig, WriteItem,
+    ShardAnswer, ShardQuery, SnapshotPolicy, SystemClock, WorkerConfig, WriteItem,
 };
 
 /// Query kinds (`QueryRecord::kind`).
@@ -100,10 +100,7 @@ pub struct Engine {
     maintenance: AtomicBool,
     batch_commands_max: usize,
     threads: Mutex<Vec<JoinHandle<ShardState>>>,
-    snapshot_hook: Mutex<Option<SnapshotHook>>,
 }
-
-type SnapshotHook = Box<dyn Fn() -> Status + Send + Sync>;
 
 impl Engine {
     /// An engine that keeps nothing on disk (tests, benchmarks of the engine alone).
@@ -124,7 +121,20 @@ impl Engine {
         journals: Vec<Box<dyn Journal>>,
         clock: Arc<dyn Clock>,
     ) -> Engine {
+        let policies = states.iter().map(|_| None).collect();
+        Engine::start_with_snapshots(config, states, journals, policies, clock)
+    }
+
+    /// `start`, with a snapshot policy per shard.
+    pub fn start_with_snapshots(
+        config: &EngineConfig,
+        states: Vec<ShardState>,
+        journals: Vec<Box<dyn Journal>>,
+        snapshots: Vec<Option<SnapshotPolicy>>,
+        clock: Arc<dyn Clock>,
+    ) -> Engine {
         let n = config.shards as usize;
+        assert_eq!(snapshots.len(), n);
         assert_eq!(states.len(), n);
         assert_eq!(journals.len(), n);
         let directory = Arc::new(IdDirectory::default());
@@ -175,11 +185,15 @@ impl Engine {
         }
         let permits = Arc::new(AtomicUsize::new(REPLICATION_IN_FLIGHT_MAX));
         let indexes = states.iter().map(|s| s.index().clone()).collect();
-        let worker_config =
-            WorkerConfig { batch_commands_max: config.batch_commands_max, tick_interval: config.tick_interval };
+        let worker_config = WorkerConfig {
+            batch_commands_max: config.batch_commands_max,
+            tick_interval: config.tick_interval,
+            snapshot: None,
+        };
         let mut threads = Vec::new();
         let rx = write_rx.into_iter().zip(internal_rx).zip(query_rx);
-        for ((state, journal), ((writes, internal), queries)) in states.into_iter().zip(journals).zip(rx) {
+        let shards = states.into_iter().zip(journals).zip(snapshots);
+        for (((state, journal), snapshot), ((writes, internal), queries)) in shards.zip(rx) {
             let peers = Peers {
                 internal: internal_tx.clone(),
                 queries: query_tx.clone(),
@@ -187,7 +201,7 @@ impl Engine {
                 permits: permits.clone(),
             };
             let clock = clock.clone();
-            let worker_config = worker_config.clone();
+            let worker_config = WorkerConfig { snapshot, ..worker_config.clone() };
             let name = format!("shard-{}", state.shard());
             let handle = std::thread::Builder::new()
                 .name(name)
@@ -206,7 +220,6 @@ impl Engine {
             maintenance: AtomicBool::new(false),
             batch_commands_max: config.batch_commands_max,
             threads: Mutex::new(threads),
-            snapshot_hook: Mutex::new(None),
         }
     }
 
@@ -246,6 +259,10 @@ impl Engine {
             };
             if !kind::is_client_kind(record.kind) {
                 immediate.push(refuse(Status::InvalidKind));
+                continue;
+            }
+            if record.kind == kind::SNAPSHOT {
+                self.snapshot_all(tag, collector.clone());
                 continue;
             }
             if let Some(status) = self.operator_action(record) {
@@ -335,17 +352,33 @@ impl Engine {
                 self.set_maintenance(record.flags != 0);
                 Some(Status::Ok)
             }
-            kind::SNAPSHOT => Some(match self.snapshot_hook.lock().as_ref() {
-                Some(hook) => hook(),
-                None => Status::Ok,
-            }),
+            kind::SNAPSHOT => None,
             _ => None,
         }
     }
 
-    /// Installs what `admin snapshot` runs (the durable node sets it).
-    pub fn set_snapshot_hook(&self, hook: Box<dyn Fn() -> Status + Send + Sync>) {
-        *self.snapshot_hook.lock() = Some(hook);
+    /// Asks every shard for a snapshot; fills the reply slot `tag` when all are durable
+    /// (value = the number of shards snapshotted) or with `unavailable` if any failed.
+    fn snapshot_all(&self, tag: u32, collector: Arc<Collector>) {
+        let gather = Arc::new(Gather::new(self.shards as usize, move |parts: Vec<(u16, Result<u64, String>)>| {
+            let mut reply = ReplyRecord { kind: kind::SNAPSHOT, ..ReplyRecord::default() };
+            let failed: Vec<String> =
+                parts.iter().filter_map(|(s, r)| r.as_ref().err().map(|e| format!("shard {s}: {e}"))).collect();
+            if failed.is_empty() {
+                reply.value.set(parts.len() as i64);
+            } else {
+                eprintln!("admin snapshot failed: {}", failed.join("; "));
+                reply.status.set(Status::Unavailable.code());
+            }
+            collector.fill(&[(tag, reply)]);
+        }));
+        for (shard, tx) in self.internal.iter().enumerate() {
+            let g = gather.clone();
+            let done = Box::new(move |r: Result<u64, String>| g.add(shard as u16, r));
+            if tx.send(Internal::Snapshot { done }).is_err() {
+                gather.add(shard as u16, Err("shard stopped".into()));
+            }
+        }
     }
 
     fn take_permit(&self) -> bool {

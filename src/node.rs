@@ -1,13 +1,38 @@
-//! A durable node: the engine over its data directory (lock, log, snapshots, recovery).
+//! A durable node: the engine over its data directory (lock, logs, snapshots, recovery).
 //!
 //! `Node::open` is what `stormledger serve` and the in-process tools call. It takes the data
-//! directory's lock, recovers every shard (newest valid snapshot, then the log after it), and
-//! starts the engine with one write-ahead log per shard as its journal.
+//! directory's lock, recovers every shard (`load_shard`: newest valid snapshot, then the log
+//! after it) and starts the engine with one write-ahead log per shard as its journal.
+//! `load_shard` is also what `stormledger-recover` runs, read-only: the server and the tool
+//! share one recovery path.
+//!
+//! Data directory layout:
+//! ```text
+//! DIR/LOCK               flock'ed by the running node
+//! DIR/cluster.json       shard count and format version (fixed at creation)
+//! DIR/ledger.json        the business rules the log was written under (replay needs them)
+//! DIR/shard-NN/*.wal     the shard's log segments (docs/wal-format.md)
+//! DIR/shard-NN/snapshots/snapshot-*.snap   the shard's newest two snapshots
+//! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::config::{LedgerConfig, ShardLimits};
 use crate::engine::{Engine, EngineConfig};
+use crate::error::StorageError;
+use crate::layout::CommandRecord;
+use crate::ledger::{Command, ShardState};
+use crate::shard::worker::{Journal, JournalError, SnapshotPolicy, SystemClock};
+use crate::storage::{DirLock, MmapStorage, Storage};
+use crate::wal::{self, PersistMode, RecoveryOutcome, Wal, WalConfig, WalReader};
+
+/// The record kind of a batch of commands in the log.
+pub const RECORD_KIND_COMMANDS: u16 = 1;
+/// Version of the data-directory layout (cluster.json).
+pub const DATA_FORMAT_VERSION: u32 = 1;
 
 /// How a batch is made durable before it is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -20,6 +45,16 @@ pub enum Durability {
     Buffered,
     /// Keep nothing on disk at all (benchmarks of the engine alone, tests).
     InMemory,
+}
+
+impl Durability {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Durability::Sync => "sync",
+            Durability::Buffered => "buffered",
+            Durability::InMemory => "memory",
+        }
+    }
 }
 
 impl std::str::FromStr for Durability {
@@ -40,9 +75,28 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub engine: EngineConfig,
     pub durability: Durability,
+    /// Size of each pre-allocated log segment.
+    pub segment_size: u64,
+    /// A shard snapshots after this many bytes of log (0 = only on `admin snapshot`).
+    pub snapshot_every_bytes: u64,
+    /// Delete log segments covered by the older of the two kept snapshots.
+    pub retire_log: bool,
 }
 
-/// Why a node could not start.
+impl NodeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            data_dir: data_dir.into(),
+            engine: EngineConfig::default(),
+            durability: Durability::Sync,
+            segment_size: 64 << 20,
+            snapshot_every_bytes: 512 << 20,
+            retire_log: true,
+        }
+    }
+}
+
+/// Why a node could not start (or a shard could not be loaded).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum NodeError {
@@ -74,20 +128,261 @@ impl core::fmt::Display for NodeError {
 
 impl std::error::Error for NodeError {}
 
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |error| NodeError::Io { path: path.to_path_buf(), error }
+}
+
+/// The shape fixed when a data directory is created.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterFile {
+    pub format: u32,
+    pub shards: u16,
+}
+
+/// Reads `DIR/cluster.json` and `DIR/ledger.json`, if the directory was initialised.
+pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, NodeError> {
+    let cluster_path = dir.join("cluster.json");
+    if !cluster_path.exists() {
+        return Ok(None);
+    }
+    let parse = |path: &Path| -> Result<String, NodeError> { std::fs::read_to_string(path).map_err(io(path)) };
+    let cluster: ClusterFile = serde_json::from_str(&parse(&cluster_path)?)
+        .map_err(|e| NodeError::Corrupt(format!("{}: {e}", cluster_path.display())))?;
+    if cluster.format != DATA_FORMAT_VERSION {
+        return Err(NodeError::Corrupt(format!("{}: unknown data format {}", cluster_path.display(), cluster.format)));
+    }
+    let ledger_path = dir.join("ledger.json");
+    let ledger: LedgerConfig = serde_json::from_str(&parse(&ledger_path)?)
+        .map_err(|e| NodeError::Corrupt(format!("{}: {e}", ledger_path.display())))?;
+    Ok(Some((cluster, ledger)))
+}
+
+/// Writes a small file atomically: tmp, fsync, rename, fsync the directory.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), NodeError> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// What loading one shard found.
+pub struct LoadedShard {
+    pub state: ShardState,
+    /// The log position the snapshot covered (0 = started from genesis).
+    pub snapshot_lsn: u64,
+    pub snapshot_path: Option<PathBuf>,
+    /// Newer snapshots that failed verification and were passed over.
+    pub skipped_snapshots: Vec<String>,
+    /// Log records (batches) and commands replayed after the snapshot.
+    pub batches_replayed: u64,
+    pub commands_replayed: u64,
+    pub recovery: wal::RecoveryReport,
+}
+
+/// Loads shard `shard` from `data_dir`: newest valid snapshot, then replay of the log after it.
+/// Read-only: it never writes (a torn tail is reported, not repaired; `Wal::open` repairs).
+/// `progress` is called with the number of batches replayed so far.
+pub fn load_shard(
+    data_dir: &Path,
+    shard: u16,
+    shards: u16,
+    ledger: &LedgerConfig,
+    limits: &ShardLimits,
+    progress: &mut dyn FnMut(u64),
+) -> Result<LoadedShard, NodeError> {
+    let dir = wal::shard_dir(data_dir, shard as u32);
+    let snapshot_dir = dir.join("snapshots");
+    let loaded = crate::snapshot::load_latest(&snapshot_dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+    let (mut state, snapshot_lsn, snapshot_path, skipped) = match loaded {
+        Some(snap) => {
+            let lsn = *snap.meta.lsns.first().ok_or_else(|| NodeError::Corrupt("snapshot without lsn".into()))?;
+            let state = crate::snapshot::state::decode(|t| snap.section(t), ledger.clone(), limits.clone())
+                .map_err(|e| NodeError::Corrupt(format!("{}: {e}", snap.path.display())))?;
+            if state.shard() != shard || state.shards() != shards {
+                return Err(NodeError::Corrupt(format!("{} belongs to another shard", snap.path.display())));
+            }
+            let skipped = snap.skipped.iter().map(|e| e.to_string()).collect();
+            (state, lsn, Some(snap.path.clone()), skipped)
+        }
+        None => (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0, None, Vec::new()),
+    };
+    let storage = MmapStorage;
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let (reader, report) =
+        WalReader::open(&dir, shard as u32, &storage).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+    if report.next_lsn <= snapshot_lsn && report.records > 0 {
+        return Err(NodeError::Corrupt(format!(
+            "shard {shard}: the log ends at lsn {} but the snapshot covers up to {snapshot_lsn}: acknowledged records are missing",
+            report.next_lsn - 1
+        )));
+    }
+    if report.first_lsn > snapshot_lsn + 1 {
+        return Err(NodeError::Corrupt(format!(
+            "shard {shard}: the log starts at lsn {} but the snapshot covers only up to {snapshot_lsn}",
+            report.first_lsn
+        )));
+    }
+    let (mut batches, mut commands) = (0u64, 0u64);
+    if report.next_lsn > snapshot_lsn + 1 {
+        let records = reader.iter_from(snapshot_lsn + 1).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+        for record in records {
+            let record = record.map_err(|e| NodeError::Corrupt(e.to_string()))?;
+            if record.kind != RECORD_KIND_COMMANDS {
+                return Err(NodeError::Corrupt(format!(
+                    "shard {shard}: unknown record kind {} at lsn {}",
+                    record.kind, record.lsn
+                )));
+            }
+            let cmds = <[CommandRecord]>::ref_from_bytes(record.payload).map_err(|_| {
+                NodeError::Corrupt(format!(
+                    "shard {shard}: batch at lsn {} is not a whole number of commands",
+                    record.lsn
+                ))
+            })?;
+            for r in cmds {
+                let command = Command::from_record(r).map_err(|status| {
+                    NodeError::Corrupt(format!("shard {shard}: undecodable command at lsn {} ({status})", record.lsn))
+                })?;
+                state.apply(r.timestamp.get(), &command);
+                commands += 1;
+            }
+            state.drain_evicted();
+            batches += 1;
+            if batches % 4096 == 0 {
+                progress(batches);
+            }
+        }
+    }
+    progress(batches);
+    Ok(LoadedShard {
+        state,
+        snapshot_lsn,
+        snapshot_path,
+        skipped_snapshots: skipped,
+        batches_replayed: batches,
+        commands_replayed: commands,
+        recovery: report,
+    })
+}
+
+/// The write-ahead log as the engine's journal: one append and one sync per batch.
+struct WalJournal {
+    wal: Wal,
+}
+
+impl Journal for WalJournal {
+    fn append_batch(&mut self, timestamp: u64, records: &[CommandRecord]) -> Result<u64, JournalError> {
+        let lsn = self.wal.append(RECORD_KIND_COMMANDS, timestamp, records.as_bytes())?;
+        self.wal.sync()?;
+        Ok(lsn)
+    }
+
+    fn sync_all(&mut self) -> Result<(), JournalError> {
+        Ok(self.wal.sync_durable()?)
+    }
+
+    fn retire_before(&mut self, lsn: u64) -> Result<(), JournalError> {
+        self.wal.retire_segments_before(lsn)?;
+        Ok(())
+    }
+}
+
 /// A running node.
 pub struct Node {
     engine: Arc<Engine>,
+    _lock: Option<DirLock>,
 }
 
 impl Node {
-    /// Opens (creating if needed) the data directory, recovers and starts the engine.
-    pub fn open(config: NodeConfig) -> Result<Node, NodeError> {
+    /// Opens (creating if needed) the data directory, recovers every shard and starts the engine.
+    pub fn open(mut config: NodeConfig) -> Result<Node, NodeError> {
         config.engine.validate().map_err(NodeError::Config)?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|error| NodeError::Io { path: config.data_dir.clone(), error })?;
-        // Durable logs arrive with the write-ahead log; until then every mode is in memory.
-        let engine = Engine::in_memory(config.engine).map_err(NodeError::Config)?;
-        Ok(Node { engine: Arc::new(engine) })
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let lock = match DirLock::acquire(&dir) {
+            Ok(lock) => lock,
+            Err(StorageError::AlreadyLocked { .. }) => return Err(NodeError::Locked { path: dir }),
+            Err(e) => return Err(NodeError::Corrupt(e.to_string())),
+        };
+        if config.durability == Durability::InMemory {
+            let engine = Engine::in_memory(config.engine).map_err(NodeError::Config)?;
+            return Ok(Node { engine: Arc::new(engine), _lock: Some(lock) });
+        }
+        match read_data_dir(&dir)? {
+            Some((cluster, ledger)) => {
+                if cluster.shards != config.engine.shards {
+                    eprintln!(
+                        "note: {} was created with {} shards; using {} (the shard count is fixed per data directory)",
+                        dir.display(),
+                        cluster.shards,
+                        cluster.shards
+                    );
+                    config.engine.shards = cluster.shards;
+                }
+                if ledger != config.engine.ledger {
+                    eprintln!("note: using the business rules stored in {}/ledger.json", dir.display());
+                    config.engine.ledger = ledger;
+                }
+            }
+            None => {
+                let cluster = ClusterFile { format: DATA_FORMAT_VERSION, shards: config.engine.shards };
+                let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
+                write_atomic(&dir, "ledger.json", &ledger)?;
+                write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
+            }
+        }
+        let shards = config.engine.shards;
+        let persist_mode =
+            if config.durability == Durability::Sync { PersistMode::Sync } else { PersistMode::Buffered };
+        let storage: Arc<dyn Storage> = Arc::new(MmapStorage);
+        let (mut states, mut journals, mut policies) = (Vec::new(), Vec::new(), Vec::new());
+        for shard in 0..shards {
+            let shard_dir = wal::shard_dir(&dir, shard as u32);
+            // Opening the writer first repairs a torn tail (and refuses a corrupt log); replay
+            // then reads exactly what the writer will continue after.
+            let wal_config = WalConfig { segment_size: config.segment_size, persist_mode };
+            let (wal, report) = Wal::open(&shard_dir, shard as u32, wal_config, storage.clone())
+                .map_err(|e| NodeError::Corrupt(e.to_string()))?;
+            if let RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } = &report.outcome {
+                eprintln!(
+                    "shard {shard}: truncated a torn last record ({bytes} bytes at offset {offset} of {}): it was never acknowledged",
+                    path.display()
+                );
+            }
+            let loaded = load_shard(&dir, shard, shards, &config.engine.ledger, &config.engine.limits, &mut |_| {})?;
+            for skipped in &loaded.skipped_snapshots {
+                eprintln!("shard {shard}: passed over a damaged snapshot: {skipped}");
+            }
+            if loaded.commands_replayed > 0 || loaded.snapshot_path.is_some() {
+                eprintln!(
+                    "shard {shard}: recovered from {} + {} commands in {} log batches",
+                    loaded.snapshot_path.as_ref().map_or("genesis".into(), |p| p.display().to_string()),
+                    loaded.commands_replayed,
+                    loaded.batches_replayed
+                );
+            }
+            let kept = crate::snapshot::list_snapshots(&shard_dir.join("snapshots"))
+                .map_err(|e| NodeError::Corrupt(e.to_string()))?;
+            let kept_lsns = kept
+                .iter()
+                .filter_map(|(_, path)| crate::snapshot::load_snapshot(path).ok())
+                .filter_map(|s| s.meta.lsns.first().copied())
+                .collect();
+            policies.push(Some(SnapshotPolicy {
+                dir: shard_dir.join("snapshots"),
+                every_bytes: config.snapshot_every_bytes,
+                retire_log: config.retire_log,
+                kept: kept_lsns,
+            }));
+            states.push(loaded.state);
+            journals.push(Box::new(WalJournal { wal }) as Box<dyn Journal>);
+        }
+        let engine = Engine::start_with_snapshots(&config.engine, states, journals, policies, Arc::new(SystemClock));
+        Ok(Node { engine: Arc::new(engine), _lock: Some(lock) })
     }
 
     /// The engine (also the server's `Backend`).
@@ -95,7 +390,7 @@ impl Node {
         &self.engine
     }
 
-    /// Drains the queues, syncs the logs and stops the workers.
+    /// Drains the queues, syncs the logs and stops the workers; then releases the lock.
     pub fn shutdown(self) {
         self.engine.shutdown();
     }

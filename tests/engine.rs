@@ -154,13 +154,13 @@ fn maintenance_refuses_writes_and_keeps_reads() {
 struct GateJournal(Arc<Barrier>, bool);
 
 impl Journal for GateJournal {
-    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<(), JournalError> {
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<u64, JournalError> {
         if self.1 {
             self.1 = false;
             self.0.wait();
             self.0.wait();
         }
-        Ok(())
+        Ok(0)
     }
 }
 
@@ -201,12 +201,12 @@ fn a_full_queue_answers_busy_and_changes_nothing() {
 struct FailingJournal(u32);
 
 impl Journal for FailingJournal {
-    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<(), JournalError> {
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<u64, JournalError> {
         self.0 += 1;
         if self.0 >= 2 {
             return Err("injected: disk on fire".into());
         }
-        Ok(())
+        Ok(0)
     }
 }
 

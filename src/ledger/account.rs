@@ -70,11 +70,13 @@ pub struct HistoryRing {
     capacity: u64,
     /// Sequence number of the next entry (entries ever appended).
     next: u64,
+    /// Oldest sequence number held (after a restore into a ring of another size).
+    oldest: u64,
 }
 
 impl HistoryRing {
     pub fn new(capacity: u32) -> HistoryRing {
-        HistoryRing { entries: Vec::new(), capacity: capacity as u64, next: 0 }
+        HistoryRing { entries: Vec::new(), capacity: capacity as u64, next: 0, oldest: 0 }
     }
 
     /// Appends `entry` for `account`, linking it to the account's previous entry.
@@ -96,7 +98,7 @@ impl HistoryRing {
             return None;
         }
         let seq = link - 1;
-        if seq >= self.next || self.next - seq > self.capacity {
+        if seq >= self.next || seq < self.oldest || self.next - seq > self.capacity {
             return None;
         }
         self.entries.get((seq % self.capacity) as usize)
@@ -113,24 +115,25 @@ impl HistoryRing {
 
     /// Retained entries in sequence order, oldest first (for snapshots).
     pub fn retained(&self) -> impl Iterator<Item = (u64, &HistoryEntry)> {
-        let start = self.next.saturating_sub(self.capacity.min(self.entries.len() as u64));
+        let start = self.next.saturating_sub(self.capacity.min(self.entries.len() as u64)).max(self.oldest);
         (start..self.next).map(move |seq| (seq, &self.entries[(seq % self.capacity) as usize]))
     }
 
-    /// Rebuilds a ring from retained entries (oldest first) during snapshot load.
-    pub fn restore(capacity: u32, next: u64, retained: Vec<HistoryEntry>) -> HistoryRing {
-        let mut ring = HistoryRing { entries: Vec::with_capacity(retained.len()), capacity: capacity as u64, next };
-        let start = next - retained.len() as u64;
-        if retained.len() as u64 == ring.capacity {
-            let mut slots = vec![HistoryEntry::default(); retained.len()];
-            for (i, e) in retained.into_iter().enumerate() {
-                slots[((start + i as u64) % ring.capacity) as usize] = e;
-            }
-            ring.entries = slots;
-        } else {
-            assert!(start == 0, "a partly filled ring starts at sequence 0");
-            ring.entries = retained;
+    /// Rebuilds a ring from retained entries (oldest first, the last one has sequence number
+    /// `next - 1`) during snapshot load, possibly into a ring of another capacity.
+    pub fn restore(capacity: u32, next: u64, mut retained: Vec<HistoryEntry>) -> HistoryRing {
+        let capacity = capacity as u64;
+        if retained.len() as u64 > capacity {
+            retained.drain(..retained.len() - capacity as usize);
         }
-        ring
+        let start = next - retained.len() as u64;
+        if start == 0 {
+            return HistoryRing { entries: retained, capacity, next, oldest: 0 };
+        }
+        let mut slots = vec![HistoryEntry::default(); capacity as usize];
+        for (i, e) in retained.into_iter().enumerate() {
+            slots[((start + i as u64) % capacity) as usize] = e;
+        }
+        HistoryRing { entries: slots, capacity, next, oldest: start }
     }
 }

@@ -225,6 +225,10 @@ impl ShardState {
         self.shard
     }
 
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
     pub fn last_timestamp(&self) -> u64 {
         self.last_timestamp
     }

@@ -21,9 +21,19 @@ use crate::shard::directory::IdDirectory;
 /// Makes a batch durable. Implemented by the write-ahead log; `NullJournal` keeps nothing
 /// (in-memory engine for tests and the apply-only benchmark).
 pub trait Journal: Send + 'static {
-    /// Appends one batch (timestamps already set) and returns once it is durable under the
-    /// configured mode. An error poisons the shard: it accepts no more writes.
-    fn append_batch(&mut self, timestamp: u64, records: &[CommandRecord]) -> Result<(), JournalError>;
+    /// Appends one batch (timestamps already set) and returns its log position once it is
+    /// durable under the configured mode. An error poisons the shard: it accepts no more writes.
+    fn append_batch(&mut self, timestamp: u64, records: &[CommandRecord]) -> Result<u64, JournalError>;
+
+    /// Makes everything appended durable regardless of mode (clean shutdown, before a snapshot).
+    fn sync_all(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+
+    /// Drops log segments whose records all have positions below `lsn` (covered by snapshots).
+    fn retire_before(&mut self, _lsn: u64) -> Result<(), JournalError> {
+        Ok(())
+    }
 }
 
 /// A journal failure, as text for the operator (the WAL's typed error is logged where it happens).
@@ -33,8 +43,8 @@ pub type JournalError = Box<dyn std::error::Error + Send + Sync>;
 pub struct NullJournal;
 
 impl Journal for NullJournal {
-    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<(), JournalError> {
-        Ok(())
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<u64, JournalError> {
+        Ok(0)
     }
 }
 
@@ -199,8 +209,27 @@ pub struct AuditSummary {
 
 /// Messages a worker receives besides writes.
 pub enum Internal {
-    Replica { command: Command, join: Option<Arc<Join>> },
+    Replica {
+        command: Command,
+        join: Option<Arc<Join>>,
+    },
+    /// Take a snapshot now; `done` gets the log position it covers (or why it failed).
+    Snapshot {
+        done: Box<dyn FnOnce(Result<u64, String>) + Send>,
+    },
     Shutdown,
+}
+
+/// When and where a shard writes snapshots.
+#[derive(Clone, Debug)]
+pub struct SnapshotPolicy {
+    pub dir: std::path::PathBuf,
+    /// Take one after this many bytes of log (0 = only on request).
+    pub every_bytes: u64,
+    /// Retire log segments covered by the oldest kept snapshot.
+    pub retire_log: bool,
+    /// Log positions of the snapshots already on disk, oldest first (at most 2).
+    pub kept: Vec<u64>,
 }
 
 /// A query and where its answer goes.
@@ -222,6 +251,7 @@ pub struct Peers {
 pub struct WorkerConfig {
     pub batch_commands_max: usize,
     pub tick_interval: Duration,
+    pub snapshot: Option<SnapshotPolicy>,
 }
 
 /// Builds the wire reply of `command`.
@@ -259,6 +289,9 @@ pub fn run(
     let mut entries: Vec<Entry> = Vec::new();
     let mut records: Vec<CommandRecord> = Vec::new();
     let mut shutting_down = false;
+    let mut snapshot_requests: Vec<SnapshotDone> = Vec::new();
+    let mut snapshots = config.snapshot.clone().map(Snapshotter::new);
+    let mut last_lsn = 0u64;
 
     loop {
         // Wait for work (or for the next top-up deadline).
@@ -276,6 +309,7 @@ pub fn run(
                 None => {}
                 Some(i) if i == i_internal => match internal.try_recv() {
                     Ok(Internal::Replica { command, join }) => replicas.push((command, join)),
+                    Ok(Internal::Snapshot { done }) => snapshot_requests.push(done),
                     Ok(Internal::Shutdown) => shutting_down = true,
                     Err(_) => {}
                 },
@@ -296,6 +330,7 @@ pub fn run(
         while let Ok(msg) = internal.try_recv() {
             match msg {
                 Internal::Replica { command, join } => replicas.push((command, join)),
+                Internal::Snapshot { done } => snapshot_requests.push(done),
                 Internal::Shutdown => shutting_down = true,
             }
         }
@@ -345,9 +380,17 @@ pub fn run(
                 records.push(record);
             }
             if !poisoned {
-                if let Err(error) = journal.append_batch(base, &records) {
-                    eprintln!("shard {shard}: journal failed, refusing all further writes: {error}");
-                    poisoned = true;
+                match journal.append_batch(base, &records) {
+                    Ok(lsn) => {
+                        last_lsn = lsn;
+                        if let Some(s) = snapshots.as_mut() {
+                            s.bytes_since += (records.len() * std::mem::size_of::<CommandRecord>()) as u64;
+                        }
+                    }
+                    Err(error) => {
+                        eprintln!("shard {shard}: journal failed, refusing all further writes: {error}");
+                        poisoned = true;
+                    }
                 }
             }
 
@@ -453,6 +496,19 @@ pub fn run(
             }
         }
 
+        // Snapshots: on request or by log volume, encoded here (the state is ours), written by a
+        // helper thread; covered log segments are retired once the file is durable.
+        if let Some(s) = snapshots.as_mut() {
+            s.poll(journal.as_mut(), shard);
+            let due = s.policy.every_bytes > 0 && s.bytes_since >= s.policy.every_bytes;
+            if (due || !snapshot_requests.is_empty()) && !poisoned {
+                s.start(&state, last_lsn, journal.as_mut(), std::mem::take(&mut snapshot_requests));
+            }
+        }
+        for done in snapshot_requests.drain(..) {
+            done(Err(if poisoned { "the shard's log failed".into() } else { "snapshots are off".into() }));
+        }
+
         // Reads after the batch: a client sees its own acknowledged writes.
         while let Ok(q) = queries.try_recv() {
             pending_queries.push(q);
@@ -475,5 +531,86 @@ pub fn run(
             done(answer);
         }
     }
+    if let Some(mut s) = snapshots {
+        s.finish(journal.as_mut(), shard);
+    }
+    if !poisoned {
+        if let Err(error) = journal.sync_all() {
+            eprintln!("shard {shard}: final sync failed: {error}");
+        }
+    }
     state
+}
+
+type SnapshotDone = Box<dyn FnOnce(Result<u64, String>) + Send>;
+type SnapshotWriter = std::thread::JoinHandle<Result<(), String>>;
+
+/// One shard's snapshot bookkeeping: at most one snapshot is being written at a time.
+struct Snapshotter {
+    policy: SnapshotPolicy,
+    bytes_since: u64,
+    in_flight: Option<(u64, SnapshotWriter, Vec<SnapshotDone>)>,
+}
+
+impl Snapshotter {
+    fn new(policy: SnapshotPolicy) -> Snapshotter {
+        Snapshotter { policy, bytes_since: 0, in_flight: None }
+    }
+
+    fn start(&mut self, state: &ShardState, lsn: u64, journal: &mut dyn Journal, mut waiting: Vec<SnapshotDone>) {
+        if let Some((_, _, requests)) = self.in_flight.as_mut() {
+            // One is being written; these requests are answered when the next one is durable.
+            requests.append(&mut waiting);
+            return;
+        }
+        if let Err(error) = journal.sync_all() {
+            for done in waiting {
+                done(Err(format!("sync before snapshot failed: {error}")));
+            }
+            return;
+        }
+        self.bytes_since = 0;
+        let sections = crate::snapshot::state::encode(state);
+        let meta = crate::snapshot::SnapshotMeta { lsns: vec![lsn], timestamp: state.last_timestamp() };
+        let dir = self.policy.dir.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("snapshot-{}", state.shard()))
+            .spawn(move || {
+                let refs: Vec<(u32, &[u8])> = sections.iter().map(|(t, b)| (*t, b.as_slice())).collect();
+                crate::snapshot::write_snapshot(&dir, &meta, &refs).map(|_| ()).map_err(|e| e.to_string())
+            })
+            .expect("spawn snapshot writer");
+        self.in_flight = Some((lsn, handle, waiting));
+    }
+
+    /// Completes a finished snapshot (non-blocking).
+    fn poll(&mut self, journal: &mut dyn Journal, shard: u16) {
+        if self.in_flight.as_ref().is_some_and(|(_, h, _)| h.is_finished()) {
+            self.finish(journal, shard);
+        }
+    }
+
+    /// Waits for the snapshot being written, then retires the log it covers.
+    fn finish(&mut self, journal: &mut dyn Journal, shard: u16) {
+        let Some((lsn, handle, waiting)) = self.in_flight.take() else { return };
+        let result = handle.join().unwrap_or_else(|_| Err("snapshot writer panicked".into()));
+        match &result {
+            Ok(()) => {
+                self.policy.kept.push(lsn);
+                if self.policy.kept.len() > crate::snapshot::SNAPSHOTS_KEPT {
+                    self.policy.kept.remove(0);
+                }
+                let oldest = self.policy.kept[0];
+                if self.policy.retire_log && self.policy.kept.len() == crate::snapshot::SNAPSHOTS_KEPT && oldest > 0 {
+                    if let Err(error) = journal.retire_before(oldest + 1) {
+                        eprintln!("shard {shard}: retiring log segments failed: {error}");
+                    }
+                }
+            }
+            Err(error) => eprintln!("shard {shard}: snapshot failed: {error}"),
+        }
+        for done in waiting {
+            done(result.clone().map(|()| lsn));
+        }
+    }
 }

@@ -16,6 +16,8 @@
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 #![deny(clippy::host_endian_bytes, clippy::big_endian_bytes)]
 
+pub mod state;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::ops::Range;

@@ -111,7 +111,7 @@ impl WalConfig {
     /// Checks the limits; `Wal::open` calls this.
     pub fn validate(&self) -> Result<(), crate::error::WalError> {
         let s = self.segment_size;
-        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&s) || s % 4096 != 0 {
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&s) || !s.is_multiple_of(4096) {
             return Err(crate::error::WalError::InvalidConfig {
                 reason: format!(
                     "segment_size {s} must be a multiple of 4096 between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE}"

@@ -65,8 +65,8 @@ const _: () = assert!(core::mem::size_of::<SegmentHeader>() as u64 == SEGMENT_HE
 const _: () = assert!(core::mem::size_of::<RecordHeader>() as u64 == RECORD_HEADER_SIZE);
 const _: () = assert!(core::mem::align_of::<SegmentHeader>() == 1);
 const _: () = assert!(core::mem::align_of::<RecordHeader>() == 1);
-const _: () = assert!(SEGMENT_HEADER_SIZE % RECORD_ALIGN == 0);
-const _: () = assert!(RECORD_HEADER_SIZE % RECORD_ALIGN == 0);
+const _: () = assert!(SEGMENT_HEADER_SIZE.is_multiple_of(RECORD_ALIGN));
+const _: () = assert!(RECORD_HEADER_SIZE.is_multiple_of(RECORD_ALIGN));
 
 const SEGMENT_CHECKSUM_OFFSET: usize = 60;
 const RECORD_CHECKSUM_OFFSET: usize = 44;

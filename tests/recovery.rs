@@ -1,0 +1,257 @@
+//! Durability through the real node: restart, snapshots and log retirement, the data-directory
+//! lock, damaged files, and completion of cross-shard work cut off by a crash.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use stormledger::config::ShardLimits;
+use stormledger::engine::{Engine, EngineConfig};
+use stormledger::layout::CommandRecord;
+use stormledger::ledger::command::kind;
+use stormledger::ledger::{AccountKind, Command, Fanout, ShardState, Status};
+use stormledger::node::{Durability, Node, NodeConfig, NodeError};
+use stormledger::shard::worker::{Journal, ManualClock, NullJournal};
+use stormledger::workload::{StormSpec, STREAMER_BASE};
+
+fn node_config(dir: &Path, shards: u16) -> NodeConfig {
+    let mut c = NodeConfig::new(dir);
+    c.engine = EngineConfig {
+        shards,
+        limits: ShardLimits { accounts_max: 4096, history_max: 4096, ids_max: 8192 },
+        ..EngineConfig::default()
+    };
+    c.segment_size = 256 * 1024;
+    c.snapshot_every_bytes = 0;
+    c
+}
+
+fn spec() -> StormSpec {
+    StormSpec { users: 300, streamers: 5, topup_yuan: 6, ..StormSpec::default() }
+}
+
+fn setup(engine: &Engine, spec: &StormSpec) {
+    for phase in spec.setup_phases() {
+        for r in engine.execute(&phase) {
+            assert_eq!(r.status.get(), 0);
+        }
+    }
+}
+
+fn storm(engine: &Engine, spec: &StormSpec, batches: usize, skip: usize) {
+    let mut tips = spec.tips();
+    for _ in 0..skip * 100 {
+        tips.next_tip();
+    }
+    for _ in 0..batches {
+        let batch: Vec<Command> = (0..100).map(|_| tips.next_tip()).collect();
+        engine.execute(&batch);
+    }
+}
+
+fn balances(engine: &Engine, spec: &StormSpec) -> Vec<Option<i64>> {
+    let mut ids: Vec<u64> = (1..=spec.users).collect();
+    ids.extend((0..spec.streamers).map(|s| STREAMER_BASE + s));
+    ids.iter().map(|&id| engine.balance(id)).collect()
+}
+
+fn admin(engine: &Engine, kind: u8) -> u16 {
+    let record = CommandRecord { kind, ..CommandRecord::default() };
+    let (tx, rx) = std::sync::mpsc::channel();
+    engine.submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
+    rx.recv().unwrap()
+}
+
+#[test]
+fn restart_recovers_every_acknowledged_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let before = {
+        let node = Node::open(node_config(dir.path(), 2)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 20, 0);
+        let b = balances(node.engine(), &spec);
+        node.shutdown();
+        b
+    };
+    let node = Node::open(node_config(dir.path(), 2)).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+    // The same tips again are retries: original results, nothing moves.
+    storm(node.engine(), &spec, 20, 0);
+    assert_eq!(balances(node.engine(), &spec), before);
+    for s in node.engine().audit() {
+        assert_eq!(s.unit_sums, [0, 0]);
+    }
+}
+
+#[test]
+fn snapshots_retire_the_log_and_restart_from_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let mut config = node_config(dir.path(), 2);
+    config.snapshot_every_bytes = 64 * 1024;
+    let before = {
+        let node = Node::open(config.clone()).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 150, 0);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        storm(node.engine(), &spec, 10, 150);
+        let b = balances(node.engine(), &spec);
+        node.shutdown();
+        b
+    };
+    let shard0 = dir.path().join("shard-00");
+    let snaps = std::fs::read_dir(shard0.join("snapshots")).unwrap().count();
+    assert_eq!(snaps, 2, "two snapshots are kept");
+    let first_segment = std::fs::read_dir(&shard0)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter(|n| n.ends_with(".wal"))
+        .min()
+        .unwrap();
+    assert_ne!(first_segment, "00000000.wal", "covered segments were retired");
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+}
+
+#[test]
+fn a_second_node_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(node_config(dir.path(), 1)).unwrap();
+    match Node::open(node_config(dir.path(), 1)) {
+        Err(NodeError::Locked { .. }) => {}
+        other => panic!("expected Locked, got {:?}", other.err()),
+    }
+    node.shutdown();
+}
+
+#[test]
+fn the_shard_count_and_rules_of_a_directory_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let before = {
+        let node = Node::open(node_config(dir.path(), 3)).unwrap();
+        setup(node.engine(), &spec);
+        let b = balances(node.engine(), &spec);
+        node.shutdown();
+        b
+    };
+    let node = Node::open(node_config(dir.path(), 1)).unwrap();
+    assert_eq!(node.engine().shards(), 3);
+    assert_eq!(balances(node.engine(), &spec), before);
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_flipped_bit_mid_log_refuses_to_start_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 20, 0);
+        node.shutdown();
+    }
+    let seg = segments(&dir.path().join("shard-00"))[0].clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[4096 + 200] ^= 0x10;
+    std::fs::write(&seg, bytes).unwrap();
+    match Node::open(node_config(dir.path(), 1)) {
+        Err(NodeError::Corrupt(msg)) => assert!(msg.contains("00000000.wal"), "{msg}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn a_missing_segment_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 80, 0);
+        node.shutdown();
+    }
+    let segs = segments(&dir.path().join("shard-00"));
+    assert!(segs.len() >= 3, "{segs:?}");
+    std::fs::remove_file(&segs[1]).unwrap();
+    assert!(matches!(Node::open(node_config(dir.path(), 1)), Err(NodeError::Corrupt(_))));
+}
+
+#[test]
+fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let mut config = node_config(dir.path(), 1);
+    config.retire_log = true;
+    let before = {
+        let node = Node::open(config.clone()).unwrap();
+        setup(node.engine(), &spec);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        storm(node.engine(), &spec, 5, 0);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        storm(node.engine(), &spec, 5, 5);
+        let b = balances(node.engine(), &spec);
+        node.shutdown();
+        b
+    };
+    let snapdir = dir.path().join("shard-00/snapshots");
+    let mut snaps: Vec<_> = std::fs::read_dir(&snapdir).unwrap().map(|e| e.unwrap().path()).collect();
+    snaps.sort();
+    let newest = snaps.last().unwrap();
+    let len = std::fs::metadata(newest).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(newest).unwrap().set_len(len / 2).unwrap();
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before, "older snapshot + longer replay gives the same state");
+}
+
+#[test]
+fn buffered_mode_survives_a_restart_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let mut config = node_config(dir.path(), 2);
+    config.durability = Durability::Buffered;
+    let before = {
+        let node = Node::open(config.clone()).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 10, 0);
+        let b = balances(node.engine(), &spec);
+        node.shutdown();
+        b
+    };
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+}
+
+#[test]
+fn replication_cut_off_by_a_crash_is_completed_at_start() {
+    // Shard 0 applied a streamer's creation (and logged it) but the crash came before shard 1
+    // received its replica: at start the engine re-sends it from shard 0's outbox.
+    let config = EngineConfig {
+        shards: 2,
+        limits: ShardLimits { accounts_max: 256, history_max: 64, ids_max: 64 },
+        ..EngineConfig::default()
+    };
+    let streamer = (1..).find(|&id| stormledger::shard::router::home_shard(id, 2) == 0).unwrap();
+    let mut home = ShardState::new(0, 2, config.ledger.clone(), config.limits.clone());
+    let other = ShardState::new(1, 2, config.ledger.clone(), config.limits.clone());
+    let create = Command::CreateAccount { account: streamer, kind: AccountKind::Streamer, flags: 0, union: 0 };
+    let (reply, fanout) = home.apply(1, &create);
+    assert_eq!(reply.status, Status::Ok);
+    assert!(matches!(fanout, Fanout::Replicate(_)));
+    assert!(other.account(streamer).is_none());
+    let journals = vec![Box::new(NullJournal) as Box<dyn Journal>, Box::new(NullJournal) as Box<dyn Journal>];
+    let engine = Engine::start(&config, vec![home, other], journals, Arc::new(ManualClock::new(10, 1)));
+    engine.audit(); // both shards have drained what was queued before
+    let states = engine.shutdown();
+    assert!(states[1].account(streamer).is_some(), "the replica was completed");
+    assert_eq!(states[1].replica_in(0), 1);
+}
