@@ -1,1 +1,198 @@
-fn main() {}
+//! The in-process engine under the gift-storm workload: throughput (storm vs uniform, per
+//! durability mode), acknowledgement latency, balance-read latency while the storm runs, and
+//! resident memory per account. Prints a table; `cargo bench --bench engine`.
+//!
+//! Environment (defaults in brackets): BENCH_USERS [1000000], BENCH_STREAMERS [1000],
+//! BENCH_TIPS [4000000], BENCH_SHARDS [cores], BENCH_BATCH [8192], BENCH_WINDOW [8],
+//! BENCH_MODES [memory,sync], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use hdrhistogram::Histogram;
+use stormledger::config::{LedgerConfig, ShardLimits};
+use stormledger::engine::{Engine, EngineConfig};
+use stormledger::layout::CommandRecord;
+use stormledger::node::{Durability, Node, NodeConfig};
+use stormledger::workload::{SplitMix64, StormSpec, STREAMER_BASE};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// Submits `batches` keeping `window` in flight; returns per-batch ack latencies (us) and wall time.
+fn drive(engine: &Engine, batches: Vec<Vec<CommandRecord>>, window: usize, hist: &mut Histogram<u64>) -> (Duration, u64) {
+    let (tx, rx) = bounded::<(Instant, u64)>(window * 2);
+    let ok = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut in_flight = 0;
+    for batch in batches {
+        if in_flight == window {
+            let (sent, _) = rx.recv().unwrap();
+            hist.record(sent.elapsed().as_micros() as u64).ok();
+            in_flight -= 1;
+        }
+        let tx = tx.clone();
+        let ok = ok.clone();
+        let sent = Instant::now();
+        engine.submit(
+            batch,
+            Box::new(move |replies| {
+                let n = replies.iter().filter(|r| r.status.get() == 0).count() as u64;
+                ok.fetch_add(n, Ordering::Relaxed);
+                let _ = tx.send((sent, n));
+            }),
+        );
+        in_flight += 1;
+    }
+    while in_flight > 0 {
+        let (sent, _) = rx.recv().unwrap();
+        hist.record(sent.elapsed().as_micros() as u64).ok();
+        in_flight -= 1;
+    }
+    (start.elapsed(), ok.load(Ordering::Relaxed))
+}
+
+fn engine_config(spec: &StormSpec, shards: u16) -> EngineConfig {
+    let per_shard = (spec.users / shards as u64) * 5 / 4 + spec.streamers + 64;
+    EngineConfig {
+        shards,
+        ledger: LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() },
+        limits: ShardLimits { accounts_max: per_shard as u32, history_max: 1 << 20, ids_max: 1 << 20 },
+        ..EngineConfig::default()
+    }
+}
+
+struct Row {
+    name: String,
+    tips: u64,
+    ok: u64,
+    secs: f64,
+    ack: Histogram<u64>,
+    reads: Option<Histogram<u64>>,
+}
+
+fn run(spec: &StormSpec, mode: Durability, shards: u16, tips: u64, batch: usize, window: usize, base: &std::path::Path) -> Row {
+    let dir = base.join(format!("{}-{}", mode.name(), spec.hot_percent));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = NodeConfig::new(&dir);
+    config.engine = engine_config(spec, shards);
+    config.durability = mode;
+    config.snapshot_every_bytes = 0;
+    let node = Node::open(config).expect("open node");
+    let engine = node.engine().clone();
+    let mut setup_hist = Histogram::new(3).unwrap();
+    for phase in spec.setup_phases() {
+        let records: Vec<CommandRecord> = phase.iter().map(|c| c.to_record()).collect();
+        let batches = records.chunks(batch).map(|c| c.to_vec()).collect();
+        let (_, ok) = drive(&engine, batches, window, &mut setup_hist);
+        assert_eq!(ok as usize, phase.len(), "setup phase failed");
+    }
+    let mut gen = spec.tips();
+    let batches: Vec<Vec<CommandRecord>> =
+        (0..tips.div_ceil(batch as u64)).map(|_| (0..batch).map(|_| gen.next_tip().to_record()).collect()).collect();
+
+    // A reader samples balances (random users and the hot streamer) while the storm runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (engine, stop, users) = (engine.clone(), stop.clone(), spec.users);
+        std::thread::spawn(move || {
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            let mut rng = SplitMix64(7);
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..64 {
+                    let id = if rng.below(2) == 0 { STREAMER_BASE } else { 1 + rng.below(users) };
+                    let t = Instant::now();
+                    std::hint::black_box(engine.balance(id));
+                    hist.record(t.elapsed().as_nanos() as u64).ok();
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            hist
+        })
+    };
+    let mut ack = Histogram::new(3).unwrap();
+    let (elapsed, ok) = drive(&engine, batches, window, &mut ack);
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    drop(engine);
+    node.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    let name = format!("{} hot={}% shards={shards}", mode.name(), spec.hot_percent);
+    Row { name, tips, ok, secs: elapsed.as_secs_f64(), ack, reads: Some(reads) }
+}
+
+fn memory(accounts: u64, shards: u16) -> (u64, f64) {
+    let spec = StormSpec { users: accounts, streamers: 1, ..StormSpec::default() };
+    let before = rss_bytes();
+    let engine = Engine::in_memory(engine_config(&spec, shards)).unwrap();
+    let phase = &spec.setup_phases()[2]; // user accounts only
+    let records: Vec<CommandRecord> = phase.iter().map(|c| c.to_record()).collect();
+    let mut hist = Histogram::new(3).unwrap();
+    let batches: Vec<Vec<CommandRecord>> = records.chunks(8192).map(|c| c.to_vec()).collect();
+    drop(records);
+    let (_, ok) = drive(&engine, batches, 8, &mut hist);
+    assert_eq!(ok, accounts);
+    let after = rss_bytes();
+    engine.shutdown();
+    (after.saturating_sub(before), after.saturating_sub(before) as f64 / accounts as f64)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) as u64;
+    let users = env("BENCH_USERS", 1_000_000);
+    let streamers = env("BENCH_STREAMERS", 1_000);
+    let tips = env("BENCH_TIPS", 4_000_000);
+    let shards = env("BENCH_SHARDS", cores) as u16;
+    let batch = env("BENCH_BATCH", 8192) as usize;
+    let window = env("BENCH_WINDOW", 8) as usize;
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync".into());
+    let base = std::env::var("BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench"));
+    println!("engine bench: {users} users, {streamers} streamers, {tips} tips, {shards} shards, batch {batch}, window {window}, {cores} cores");
+    let mut rows = Vec::new();
+    for mode in modes.split(',') {
+        let mode: Durability = mode.parse().expect("mode");
+        for hot in [50, 0] {
+            let spec = StormSpec { users, streamers, hot_percent: hot, topup_yuan: 100_000, ..StormSpec::default() };
+            let row = run(&spec, mode, shards, tips, batch, window, &base);
+            rows.push(row);
+        }
+    }
+    println!("{:<32} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}", "run", "tips/s", "ack p50us", "ack p99us", "ack p999", "read p50ns", "read p99ns", "read p999");
+    for r in &rows {
+        let reads = r.reads.as_ref().unwrap();
+        println!(
+            "{:<32} {:>12.0} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            r.name,
+            r.ok as f64 / r.secs,
+            r.ack.value_at_quantile(0.5),
+            r.ack.value_at_quantile(0.99),
+            r.ack.value_at_quantile(0.999),
+            reads.value_at_quantile(0.5),
+            reads.value_at_quantile(0.99),
+            reads.value_at_quantile(0.999)
+        );
+        assert!(r.ok * 10 >= r.tips * 9, "most tips must be accepted ({} of {})", r.ok, r.tips);
+    }
+    for pair in rows.chunks(2) {
+        if let [storm, uniform] = pair {
+            println!("storm / uniform ({}): {:.2}", storm.name, (storm.ok as f64 / storm.secs) / (uniform.ok as f64 / uniform.secs));
+        }
+    }
+    let accounts = env("BENCH_MEM_ACCOUNTS", 2_000_000);
+    if accounts > 0 {
+        let (bytes, per) = memory(accounts, shards);
+        println!("memory: {accounts} user accounts -> {} MiB resident, {per:.1} bytes/account", bytes >> 20);
+    }
+}

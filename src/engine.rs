@@ -137,7 +137,8 @@ impl Engine {
         assert_eq!(snapshots.len(), n);
         assert_eq!(states.len(), n);
         assert_eq!(journals.len(), n);
-        let directory = Arc::new(IdDirectory::default());
+        let ids: usize = states.iter().map(|s| s.limits().ids_max as usize).sum();
+        let directory = Arc::new(IdDirectory::with_capacity(ids + ids / 4));
         for state in &states {
             for (id, record) in state.id_records() {
                 if !matches!(record.command, Command::ReplicaSettle { .. }) {
@@ -247,8 +248,11 @@ impl Engine {
         let collector = Collector::new(n, done);
         let mut immediate: Vec<(u32, ReplyRecord)> = Vec::new();
         let mut per_shard: Vec<Vec<WriteItem>> = (0..self.shards).map(|_| Vec::new()).collect();
-        let mut claims: Vec<Vec<u64>> = (0..self.shards).map(|_| Vec::new()).collect();
         let maintenance = self.maintenance();
+        // Pass 1: decode and find each command's route; transfer ids are claimed afterwards in
+        // one pass over the directory (one lock per stripe, not one per command).
+        let mut routed: Vec<(u32, Command, Route)> = Vec::with_capacity(n);
+        let mut claim_requests: Vec<(u64, u16)> = Vec::new();
         for (tag, record) in records.iter().enumerate() {
             let tag = tag as u32;
             let refuse = |status: Status| {
@@ -280,12 +284,26 @@ impl Engine {
                 immediate.push((tag, reply_record(&command, Reply::status(Status::Maintenance))));
                 continue;
             }
-            let (shard, claimed) = match self.route(&command) {
-                Ok(route) => route,
-                Err(status) => {
-                    immediate.push((tag, reply_record(&command, Reply::status(status))));
-                    continue;
+            match self.route(&command) {
+                Ok(Route::Claim(id, home)) => {
+                    claim_requests.push((id, home));
+                    routed.push((tag, command, Route::Claim(id, home)));
                 }
+                Ok(route) => routed.push((tag, command, route)),
+                Err(status) => immediate.push((tag, reply_record(&command, Reply::status(status)))),
+            }
+        }
+        let mut claims = Vec::new();
+        self.directory.claim_many(&claim_requests, &mut claims);
+        let mut claims = claims.into_iter();
+        // Pass 2: permits for cross-shard commands, then one part per shard.
+        for (tag, command, route) in routed {
+            let (shard, claimed) = match route {
+                Route::Shard(shard) => (shard, false),
+                Route::Claim(_, home) => match claims.next().expect("one claim per request") {
+                    Claim::New => (home, true),
+                    Claim::Existing(owner) => (owner, false),
+                },
             };
             let permit = needs_permit(&command);
             if permit && !self.take_permit() {
@@ -295,10 +313,7 @@ impl Engine {
                 immediate.push((tag, reply_record(&command, Reply::status(Status::Busy))));
                 continue;
             }
-            if claimed {
-                claims[shard as usize].push(command.transfer_id().expect("claimed"));
-            }
-            per_shard[shard as usize].push(WriteItem { tag, command, permit });
+            per_shard[shard as usize].push(WriteItem { tag, command, permit, claimed });
         }
         for (shard, items) in per_shard.into_iter().enumerate() {
             let mut items = items;
@@ -317,10 +332,9 @@ impl Engine {
                             if item.permit {
                                 self.permits.fetch_add(1, Ordering::AcqRel);
                             }
-                            if let Some(id) = item.command.transfer_id() {
-                                if claims[shard].contains(&id) {
-                                    self.directory.release(id, shard as u16);
-                                }
+                            if item.claimed {
+                                let id = item.command.transfer_id().expect("claimed");
+                                self.directory.release(id, shard as u16);
                             }
                         }
                     }
@@ -385,29 +399,24 @@ impl Engine {
         self.permits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1)).is_ok()
     }
 
-    /// The shard a command runs on, and whether its id was newly claimed.
-    fn route(&self, command: &Command) -> Result<(u16, bool), Status> {
+    /// Where a command goes: a fixed shard, or its payer's home shard unless the id is taken.
+    fn route(&self, command: &Command) -> Result<Route, Status> {
         let home = |account: u64| home_shard(account, self.shards);
-        let claim = |id: u64, shard: u16| match self.directory.claim(id, shard) {
-            Claim::New => (shard, true),
-            Claim::Existing(owner) => (owner, false),
-        };
         Ok(match *command {
-            Command::CreateAccount { account, .. } => (home(account), false),
-            Command::BindMethod { user, .. } | Command::SetDailyCap { user, .. } => (home(user), false),
-            Command::Freeze { account, .. } => (home(account), false),
-            Command::TopUpBegin { id, user, .. } => claim(id, home(user)),
+            Command::CreateAccount { account, .. } => Route::Shard(home(account)),
+            Command::BindMethod { user, .. } | Command::SetDailyCap { user, .. } => Route::Shard(home(user)),
+            Command::Freeze { account, .. } => Route::Shard(home(account)),
+            Command::TopUpBegin { id, user, .. } => Route::Claim(id, home(user)),
             Command::Tip { id, from, .. } | Command::Gift { id, from, .. } | Command::PayEvent { id, from, .. } => {
-                claim(id, home(from))
+                Route::Claim(id, home(from))
             }
-            Command::Settle { id, account } => claim(id, home(account)),
+            Command::Settle { id, account } => Route::Claim(id, home(account)),
             Command::TopUpConfirm { id, .. } | Command::TopUpFail { id, .. } => {
-                (self.directory.owner(id).ok_or(Status::NotFound)?, false)
+                Route::Shard(self.directory.owner(id).ok_or(Status::NotFound)?)
             }
-            Command::Tick
-            | Command::ReplicaCreate { .. }
-            | Command::ReplicaFreeze { .. }
-            | Command::ReplicaSettle { .. } => return Err(Status::InvalidKind),
+            Command::Tick | Command::ReplicaCreate { .. } | Command::ReplicaFreeze { .. } | Command::ReplicaSettle { .. } => {
+                return Err(Status::InvalidKind)
+            }
         })
     }
 
@@ -646,6 +655,13 @@ impl Drop for Engine {
             self.shutdown();
         }
     }
+}
+
+/// Where `Engine::route` sends a command.
+enum Route {
+    Shard(u16),
+    /// Claim the id for this (home) shard; if another shard owns it, go there instead.
+    Claim(u64, u16),
 }
 
 fn needs_permit(command: &Command) -> bool {

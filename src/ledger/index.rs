@@ -8,15 +8,16 @@
 //! removed, so a reader can never observe a slot being reused.
 //!
 //! Capacity is fixed at startup (twice `accounts_max`, rounded up to a power of two, so the load
-//! factor stays at or below 0.5 and probes stay short). The arrays are zero-initialised with
+//! factor stays at or below 0.5 and probes stay short); an entry is 16 bytes (id, slot). The arrays are zero-initialised with
 //! `Box::new_zeroed_slice`, so untouched pages cost no resident memory.
 
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
+
 /// See the module docs.
 pub struct AccountIndex {
-    keys: Box<[AtomicU64]>,
-    slots: Box<[AtomicU32]>,
+    /// `[2i]` = account id (0 = empty), `[2i + 1]` = its slot: one cache line per probe.
+    entries: Box<[AtomicU64]>,
     balances: Box<[AtomicI64]>,
     mask: usize,
     len: AtomicU32,
@@ -40,8 +41,7 @@ impl AccountIndex {
     pub fn new(capacity: u32) -> AccountIndex {
         let table = (capacity as usize * 2).next_power_of_two();
         AccountIndex {
-            keys: zeroed(table),
-            slots: zeroed(table),
+            entries: zeroed(table * 2),
             balances: zeroed(capacity as usize),
             mask: table - 1,
             len: AtomicU32::new(0),
@@ -67,9 +67,9 @@ impl AccountIndex {
     pub fn lookup(&self, id: u64) -> Option<u32> {
         let mut i = hash(id) & self.mask;
         loop {
-            let key = self.keys[i].load(Ordering::Acquire);
+            let key = self.entries[2 * i].load(Ordering::Acquire);
             if key == id {
-                return Some(self.slots[i].load(Ordering::Relaxed));
+                return Some(self.entries[2 * i + 1].load(Ordering::Relaxed) as u32);
             }
             if key == 0 {
                 return None;
@@ -94,13 +94,13 @@ impl AccountIndex {
         }
         let mut i = hash(id) & self.mask;
         loop {
-            let key = self.keys[i].load(Ordering::Relaxed);
+            let key = self.entries[2 * i].load(Ordering::Relaxed);
             assert!(key != id, "account {id} inserted twice");
             if key == 0 {
                 self.balances[slot as usize].store(0, Ordering::Relaxed);
-                self.slots[i].store(slot, Ordering::Relaxed);
+                self.entries[2 * i + 1].store(slot as u64, Ordering::Relaxed);
                 // Release: a reader that sees the key also sees the slot and its balance.
-                self.keys[i].store(id, Ordering::Release);
+                self.entries[2 * i].store(id, Ordering::Release);
                 self.len.store(slot + 1, Ordering::Release);
                 return Some(slot);
             }

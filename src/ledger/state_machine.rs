@@ -159,6 +159,8 @@ pub struct ShardState {
     pub(crate) ids: IdMap<u64, u64>,
     pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
     pub(crate) id_seq: u64,
+    /// Evictions since the last sweep of stale map entries.
+    pub(crate) stale_ids: u64,
     pub(crate) topups: IdMap<u64, TopUp>,
     pub(crate) pending: VecDeque<(u64, u64)>,
     pub(crate) history: HistoryRing,
@@ -196,9 +198,10 @@ impl ShardState {
             index: Arc::new(AccountIndex::new(limits.accounts_max)),
             accounts: Vec::new(),
             methods: IdMap::default(),
-            ids: IdMap::default(),
-            id_ring: VecDeque::new(),
+            ids: IdMap::with_capacity_and_hasher(2 * limits.ids_max as usize, Default::default()),
+            id_ring: VecDeque::with_capacity(limits.ids_max as usize),
             id_seq: 0,
+            stale_ids: 0,
             topups: IdMap::default(),
             pending: VecDeque::new(),
             history: HistoryRing::new(limits.history_max),
@@ -233,6 +236,10 @@ impl ShardState {
         self.last_timestamp
     }
 
+    pub fn limits(&self) -> &ShardLimits {
+        &self.limits
+    }
+
     pub fn config(&self) -> &LedgerConfig {
         &self.config
     }
@@ -251,6 +258,10 @@ impl ShardState {
     pub fn id_record(&self, id: u64) -> Option<&IdRecord> {
         let seq = *self.ids.get(&id)?;
         let front = self.id_ring.front()?.0;
+        // An evicted id's map entry may linger until the next sweep: it is older than the ring.
+        if seq < front {
+            return None;
+        }
         self.id_ring.get((seq - front) as usize).map(|(_, r)| r)
     }
 
@@ -438,7 +449,15 @@ impl ShardState {
         if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
             let (_, old) = self.id_ring.pop_front().expect("non-empty");
             let old_id = old.command.transfer_id().unwrap_or_else(|| old.command.reply_id());
-            self.ids.remove(&old_id);
+            // The map entry is not removed now (a random access per command): lookups ignore
+            // entries older than the ring, and a sweep every `ids_max` evictions drops them in
+            // one sequential pass, so the map never holds more than twice `ids_max`.
+            self.stale_ids += 1;
+            if self.stale_ids >= self.limits.ids_max as u64 {
+                let front = self.id_ring.front().map_or(u64::MAX, |f| f.0);
+                self.ids.retain(|_, seq| *seq >= front);
+                self.stale_ids = 0;
+            }
             if let Some(topup) = self.topups.get_mut(&old_id) {
                 if topup.state == TopUpState::Pending {
                     topup.id_evicted = true;

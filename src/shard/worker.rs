@@ -132,6 +132,8 @@ pub struct WriteItem {
     pub command: Command,
     /// Holds one of the engine's replication permits (returned when the reply is delivered).
     pub permit: bool,
+    /// The engine claimed the id for this shard (released if the command never runs).
+    pub claimed: bool,
 }
 
 /// The commands of one submitted batch that belong to one shard.
@@ -422,8 +424,8 @@ pub fn run(
                             if item.permit {
                                 peers.permits.fetch_add(1, Ordering::AcqRel);
                             }
-                            if let Some(id) = item.command.transfer_id() {
-                                peers.directory.release(id, shard);
+                            if item.claimed {
+                                peers.directory.release(item.command.transfer_id().expect("claimed"), shard);
                             }
                             continue;
                         }
@@ -488,8 +490,9 @@ pub fn run(
                     }
                 }
             }
-            for id in state.drain_evicted() {
-                peers.directory.release(id, shard);
+            let mut evicted = state.drain_evicted();
+            if !evicted.is_empty() {
+                peers.directory.release_many(&mut evicted, shard);
             }
             for (part, replies) in parts.drain(..).zip(replies) {
                 part.collector.fill(&replies);
