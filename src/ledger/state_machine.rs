@@ -319,16 +319,29 @@ impl ShardState {
         sums
     }
 
+    /// The money invariants that do not hold (empty when all is well): each unit balances,
+    /// users and earnings are not negative, every published balance equals the writer's.
+    pub fn invariant_violations(&self) -> Vec<String> {
+        let mut broken = Vec::new();
+        let sums = self.unit_sums();
+        if sums != [0, 0] {
+            broken.push(format!("shard {}: debits != credits (fen sum {}, coin sum {})", self.shard, sums[0], sums[1]));
+        }
+        for a in &self.accounts {
+            if matches!(a.kind, AccountKind::User | AccountKind::Streamer | AccountKind::Union) && a.balance < 0 {
+                broken.push(format!("shard {}: account {} has a negative balance {}", self.shard, a.id, a.balance));
+            }
+            if self.index.balance(a.id) != Some(a.balance) {
+                broken.push(format!("shard {}: account {} published balance differs", self.shard, a.id));
+            }
+        }
+        broken
+    }
+
     /// Checks the money invariants; panics (stops the shard) if one is broken.
     pub fn check_invariants(&self) {
-        assert_eq!(self.unit_sums(), [0, 0], "shard {}: debits != credits", self.shard);
-        for a in &self.accounts {
-            if matches!(a.kind, AccountKind::User | AccountKind::Streamer | AccountKind::Union) {
-                assert!(a.balance >= 0, "shard {}: account {} is negative", self.shard, a.id);
-            }
-            let slot = self.index.lookup(a.id).expect("indexed");
-            assert_eq!(self.index.balance(a.id), Some(a.balance), "published balance of slot {slot}");
-        }
+        let broken = self.invariant_violations();
+        assert!(broken.is_empty(), "{}", broken.join("; "));
     }
 
     /// Applies one command at `timestamp` (strictly increasing, assigned at ingest).

@@ -1,4 +1,289 @@
-fn main() {
-    eprintln!("not yet implemented");
-    std::process::exit(2);
+//! `stormledger-recover`: the offline log and snapshot tool.
+//!
+//! verify | inspect | replay | recover [--dry-run], over the server's own recovery code
+//! (`node::load_shard`, `wal::recover`). Only `recover` without `--dry-run` writes, and it
+//! takes the data directory's lock first, so it never runs beside a live server.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use zerocopy::FromBytes;
+
+use stormledger::config::ShardLimits;
+use stormledger::layout::CommandRecord;
+use stormledger::ledger::command::kind;
+use stormledger::node::{load_shard, read_data_dir, NodeError, RECORD_KIND_COMMANDS};
+use stormledger::storage::{DirLock, MmapStorage};
+use stormledger::wal::{self, RecoveryOutcome, RecoveryPolicy, WalReader};
+
+#[derive(Parser)]
+#[command(name = "stormledger-recover", version, about = "Inspect, verify, replay and repair a stormledger data directory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check every checksum, replay every shard and check the money invariants (exit 0 only if all hold).
+    Verify {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print log records as JSON lines.
+    Inspect {
+        dir: PathBuf,
+        /// Only commands that name this account.
+        #[arg(long)]
+        account: Option<u64>,
+        /// Start at this log position (lsn).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// At most this many commands.
+        #[arg(long, default_value_t = 1000)]
+        limit: u64,
+        /// Only this shard.
+        #[arg(long)]
+        shard: Option<u16>,
+    },
+    /// Rebuild the state from snapshot + log and report it.
+    Replay {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a damaged directory startable: truncate a torn last record (only that).
+    Recover {
+        dir: PathBuf,
+        /// Report what would be done; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Ids large enough for a shard's snapshot and log (the tool does not know the server's flags).
+fn tool_limits() -> ShardLimits {
+    ShardLimits { accounts_max: 1 << 26, history_max: 1 << 20, ids_max: 1 << 22 }
+}
+
+fn open_dir(dir: &Path) -> Result<(u16, stormledger::config::LedgerConfig), String> {
+    match read_data_dir(dir) {
+        Ok(Some((cluster, ledger))) => Ok((cluster.shards, ledger)),
+        Ok(None) => Err(format!("{} is not a stormledger data directory (no cluster.json)", dir.display())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn progress(shard: u16) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} shard {prefix}: {pos} batches replayed ({per_sec}) {elapsed}").expect("template"));
+    bar.set_prefix(shard.to_string());
+    bar
+}
+
+struct ShardReport {
+    shard: u16,
+    loaded: Result<stormledger::node::LoadedShard, NodeError>,
+}
+
+fn load_all(dir: &Path, shards: u16, ledger: &stormledger::config::LedgerConfig) -> Vec<ShardReport> {
+    (0..shards)
+        .map(|shard| {
+            let bar = progress(shard);
+            let loaded = load_shard(dir, shard, shards, ledger, &tool_limits(), &mut |n| bar.set_position(n));
+            bar.finish_and_clear();
+            ShardReport { shard, loaded }
+        })
+        .collect()
+}
+
+fn outcome_json(outcome: &RecoveryOutcome) -> serde_json::Value {
+    match outcome {
+        RecoveryOutcome::Empty => json!({"log": "empty"}),
+        RecoveryOutcome::Clean => json!({"log": "clean"}),
+        RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } => {
+            json!({"log": "truncated_tail", "file": path.display().to_string(), "offset": offset, "bytes": bytes})
+        }
+        RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } => {
+            json!({"log": "torn_tail", "file": path.display().to_string(), "offset": offset, "bytes": bytes})
+        }
+    }
+}
+
+fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String> {
+    let (shards, ledger) = open_dir(dir)?;
+    let mut ok = true;
+    let mut out = Vec::new();
+    let mut totals = [0i128; 2];
+    let reports = load_all(dir, shards, &ledger);
+    let states: Vec<_> = reports.iter().filter_map(|r| r.loaded.as_ref().ok()).collect();
+    for r in &reports {
+        let shard = r.shard;
+        match &r.loaded {
+            Err(e) => {
+                ok = false;
+                out.push(json!({"shard": shard, "ok": false, "error": e.to_string()}));
+            }
+            Ok(l) => {
+                let mut problems = l.state.invariant_violations();
+                if !replay_only {
+                    let snapdir = wal::shard_dir(dir, shard as u32).join("snapshots");
+                    if let Err(e) = stormledger::snapshot::load_latest_strict(&snapdir) {
+                        problems.push(format!("snapshot: {e}"));
+                    }
+                    if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &l.recovery.outcome {
+                        problems.push(format!(
+                            "torn last record in {} at offset {offset} ({bytes} bytes): run `stormledger-recover recover`",
+                            path.display()
+                        ));
+                    }
+                }
+                // Replica messages a crash cut off: completed at the next start, from the source's outbox.
+                let mut pending = 0u64;
+                for other in &states {
+                    if other.state.shard() != shard {
+                        pending += other.state.replica_out().saturating_sub(l.state.replica_in(other.state.shard()));
+                    }
+                }
+                let sums = l.state.unit_sums();
+                totals[0] += sums[0];
+                totals[1] += sums[1];
+                ok &= problems.is_empty();
+                out.push(json!({
+                    "shard": shard,
+                    "ok": problems.is_empty(),
+                    "problems": problems,
+                    "snapshot": l.snapshot_path.as_ref().map(|p| p.display().to_string()),
+                    "snapshot_lsn": l.snapshot_lsn,
+                    "skipped_snapshots": l.skipped_snapshots,
+                    "batches_replayed": l.batches_replayed,
+                    "commands_replayed": l.commands_replayed,
+                    "log_first_lsn": l.recovery.first_lsn,
+                    "log_next_lsn": l.recovery.next_lsn,
+                    "log_segments": l.recovery.segments.len(),
+                    "recovery": outcome_json(&l.recovery.outcome),
+                    "accounts": l.state.accounts().len(),
+                    "last_timestamp": l.state.last_timestamp(),
+                    "replica_messages_to_complete": pending,
+                }));
+            }
+        }
+    }
+    if json_out {
+        let summary = json!({"ok": ok, "shards": out, "fen_sum": totals[0].to_string(), "coin_sum": totals[1].to_string()});
+        println!("{summary}");
+    } else {
+        for s in &out {
+            let shard = &s["shard"];
+            if s["ok"].as_bool() == Some(true) {
+                println!(
+                    "shard {shard}: ok: {} accounts, snapshot lsn {} + {} commands replayed, log {}",
+                    s["accounts"], s["snapshot_lsn"], s["commands_replayed"], s["recovery"]["log"]
+                );
+            } else {
+                println!("shard {shard}: FAILED: {}", s.get("error").unwrap_or(&s["problems"]));
+            }
+        }
+        println!("{}", if ok { "all checks passed" } else { "verification FAILED" });
+    }
+    Ok(ok)
+}
+
+fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option<u16>) -> Result<bool, String> {
+    let (shards, _) = open_dir(dir)?;
+    let mut printed = 0u64;
+    for shard in 0..shards {
+        if only.is_some_and(|s| s != shard) {
+            continue;
+        }
+        let sdir = wal::shard_dir(dir, shard as u32);
+        let (reader, _) = WalReader::open(&sdir, shard as u32, &MmapStorage).map_err(|e| e.to_string())?;
+        let start = from.max(reader.first_lsn());
+        if start >= reader.next_lsn() {
+            continue;
+        }
+        for record in reader.iter_from(start).map_err(|e| e.to_string())? {
+            let record = record.map_err(|e| e.to_string())?;
+            if record.kind != RECORD_KIND_COMMANDS {
+                continue;
+            }
+            let cmds = <[CommandRecord]>::ref_from_bytes(record.payload).map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
+            for (i, c) in cmds.iter().enumerate() {
+                let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
+                if account.is_some_and(|acc| acc != id && acc != a && acc != b) {
+                    continue;
+                }
+                if printed >= limit {
+                    return Ok(true);
+                }
+                let line = json!({
+                    "shard": shard, "lsn": record.lsn, "index": i, "timestamp": c.timestamp.get(),
+                    "kind": kind::name(c.kind), "id": id, "a": a, "b": b, "c": c.c.get(), "d": c.d.get(),
+                    "code": c.code.get(), "flags": c.flags, "text": c.text_str(),
+                });
+                println!("{line}");
+                printed += 1;
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
+    let (shards, _) = open_dir(dir)?;
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(DirLock::acquire(dir).map_err(|e| format!("{e} (stop the server before running recover)"))?)
+    };
+    let policy = if dry_run { RecoveryPolicy::ReadOnly } else { RecoveryPolicy::TruncateTornTail };
+    let mut ok = true;
+    let mut out = Vec::new();
+    for shard in 0..shards {
+        let sdir = wal::shard_dir(dir, shard as u32);
+        match wal::recover(&sdir, shard as u32, &MmapStorage, policy) {
+            Ok(report) => out.push(json!({"shard": shard, "ok": true, "recovery": outcome_json(&report.outcome),
+                "stale_spares": report.stale_spares.len(), "next_lsn": report.next_lsn})),
+            Err(e) => {
+                ok = false;
+                out.push(json!({"shard": shard, "ok": false, "error": e.to_string(),
+                    "advice": "corruption with valid records after it is never truncated automatically; restore this shard from a replica or backup"}));
+            }
+        }
+    }
+    if json_out {
+        println!("{}", json!({"ok": ok, "dry_run": dry_run, "shards": out}));
+    } else {
+        for s in &out {
+            match s.get("error") {
+                Some(e) => println!("shard {}: cannot repair: {e}", s["shard"]),
+                None => println!("shard {}: {}{}", s["shard"], s["recovery"], if dry_run { " (dry run: nothing written)" } else { "" }),
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Verify { dir, json } => verify(&dir, json, false),
+        Cmd::Replay { dir, json } => verify(&dir, json, true),
+        Cmd::Inspect { dir, account, from, limit, shard } => inspect(&dir, account, from, limit, shard),
+        Cmd::Recover { dir, dry_run, json } => recover(&dir, dry_run, json),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("stormledger-recover: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
