@@ -15,7 +15,9 @@
 //! - `server`: TCP listener and per-connection reader/writer tasks over the `server::Backend`
 //!   trait the engine implements.
 //! - `client`: the async client (batching, pipelining, request-id matching) built on `protocol`.
+//! - `cli`: the `stormledger` binary: `serve` (config, lock, signals, metrics) and the client CLI.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;
