@@ -86,10 +86,13 @@ impl Server {
     fn try_start(dir: &Path) -> Result<Server, Run> {
         let mut cmd = bin();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--shards", "2", "--data-dir"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .arg(dir);
+        Server::spawn(cmd, dir)
+    }
+
+    /// Starts `cmd` (a `serve` command) and waits for its `listening on` line.
+    fn spawn(mut cmd: Command, dir: &Path) -> Result<Server, Run> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn server");
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
@@ -263,7 +266,7 @@ fn rejections_and_usage_errors() {
 #[test]
 fn unreachable_and_wrong_token_exit_3() {
     // A port that was free a moment ago: nothing listens on it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let mut cmd = bin();
     cmd.args(["--connect", &format!("127.0.0.1:{port}"), "--token", "x", "balance", "1", "--json"]);
     let run = run_bounded(cmd);
@@ -353,4 +356,94 @@ fn settle_pay_gift_and_limits() {
     let settled = s.ok(&["settle", "--id", "403", "--account", "2", "--json"]).json();
     assert_eq!(settled["settled"], 25); // half of 30 + 20
     assert_eq!(s.ok(&["balance", "2", "--json"]).json()["balance"], 0);
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP GET over a plain socket, bounded.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Write;
+    let deadline = Instant::now() + WAIT;
+    let mut stream = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("metrics endpoint {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn env_tokens_config_file_metrics_and_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("stormledger.toml");
+    std::fs::write(&config, format!("metrics = \"{metrics}\"\nshards = 1\nlisten = \"127.0.0.1:9\"\n")).unwrap();
+    let mut cmd = bin();
+    // The flag overrides the file's listen address; the file provides the metrics address.
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--config"])
+        .arg(&config)
+        .env("STORMLEDGER_DATA_DIR", dir.path())
+        .env("STORMLEDGER_TOKEN", "client-secret")
+        .env("STORMLEDGER_ADMIN_TOKEN", "admin-secret");
+    let mut s = Server::spawn(cmd, dir.path()).unwrap_or_else(|r| panic!("{} {}", r.code, r.stderr));
+    // Given tokens are not written to the data directory.
+    assert!(!dir.path().join("auth.token").exists());
+
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "account", "create", "--id", "1", "--kind", "user"])
+        .env("STORMLEDGER_TOKEN", "client-secret");
+    assert_eq!(run_bounded(cmd).code, 0);
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--token", "client-secret", "admin", "maintenance", "on"]);
+    assert_eq!(run_bounded(cmd).code, 3, "the client token must not open the admin role");
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--admin-token", "admin-secret", "admin", "maintenance", "on", "--json"]);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["status"], "ok");
+
+    let page = http_get(&metrics, "/metrics");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("stormledger_connections_accepted_total "), "{page}");
+    assert!(page.contains("stormledger_commands_received_total "), "{page}");
+    assert!(page.contains("stormledger_maintenance 1"), "{page}");
+    assert!(page.contains("stormledger_shards 1"), "{page}");
+    assert!(http_get(&metrics, "/nope").starts_with("HTTP/1.1 404"));
+
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(s.pid(), libc::SIGINT) }, 0);
+    let mut child = s.child.take().unwrap();
+    let status = wait_bounded(&mut child, WAIT).expect("the server did not stop after SIGINT");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn serve_configuration_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "0.0.0.0:0", "--durability", "memory", "--data-dir"]).arg(dir.path());
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("--allow-remote") && run.stderr.contains("TLS"), "{}", run.stderr);
+
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "listen_address = \"127.0.0.1:1\"\n").unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--durability", "memory", "--config"]).arg(&config).arg("--data-dir").arg(dir.path());
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("listen_address"), "{}", run.stderr);
+
+    let mut cmd = bin();
+    cmd.args(["serve", "--durability", "fast"]);
+    assert_eq!(run_bounded(cmd).code, 2);
 }

@@ -118,7 +118,8 @@ pub struct ServeArgs {
 
     /// Allow listening on a non-loopback address. The protocol has no TLS: only do this on a
     /// trusted network or behind TLS/WireGuard.
-    #[arg(long, env = "STORMLEDGER_ALLOW_REMOTE")]
+    #[arg(long, env = "STORMLEDGER_ALLOW_REMOTE", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_remote: bool,
 }
 

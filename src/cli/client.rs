@@ -383,10 +383,10 @@ async fn run(client: &Client, request: Request) -> Result<(Obj, String), ClientE
             let next = (answer.next_before_ts != 0)
                 .then_some(Cursor { timestamp: answer.next_before_ts, shard: answer.next_before_shard });
             let entries: Vec<Obj> = answer.history.iter().map(output::history_entry).collect();
-            obj.set("records", serde_json::Value::Array(entries.iter().map(Obj::to_value).collect()));
+            obj.set_list("records", entries);
             obj.set("next", next.map(|c| c.to_string()));
             let mut lines = Vec::new();
-            if entries.is_empty() {
+            if answer.history.is_empty() {
                 lines.push(format!("account {account}: no records"));
             } else {
                 lines.push(format!(

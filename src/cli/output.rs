@@ -13,9 +13,17 @@ use crate::ledger::amount::format_yuan;
 use crate::ledger::command::{flags, kind, Command};
 use crate::ledger::status::Status;
 
-/// An ordered JSON object (serde_json's map is sorted; we want `status` first).
+/// An ordered JSON object (serde_json's map is sorted; we want `status` first and the fields in
+/// a stable, meaningful order).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Obj(pub Vec<(String, Value)>);
+pub struct Obj(pub Vec<(String, Field)>);
+
+/// One field of an `Obj`: a plain JSON value, or an array of ordered objects.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field {
+    Value(Value),
+    List(Vec<Obj>),
+}
 
 impl Obj {
     pub fn new() -> Obj {
@@ -24,22 +32,35 @@ impl Obj {
 
     /// Sets `key`, replacing an earlier value in place.
     pub fn set(&mut self, key: &str, value: impl Into<Value>) -> &mut Obj {
-        let value = value.into();
+        self.set_field(key, Field::Value(value.into()))
+    }
+
+    /// Sets `key` to an array of objects.
+    pub fn set_list(&mut self, key: &str, list: Vec<Obj>) -> &mut Obj {
+        self.set_field(key, Field::List(list))
+    }
+
+    fn set_field(&mut self, key: &str, field: Field) -> &mut Obj {
         match self.0.iter_mut().find(|(k, _)| k == key) {
-            Some(slot) => slot.1 = value,
-            None => self.0.push((key.to_string(), value)),
+            Some(slot) => slot.1 = field,
+            None => self.0.push((key.to_string(), field)),
         }
         self
     }
 
+    /// The plain value of `key` (`None` if absent or a list).
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.0.iter().find(|(k, _)| k == key).and_then(|(_, f)| match f {
+            Field::Value(v) => Some(v),
+            Field::List(_) => None,
+        })
     }
 
-    /// The fields as `key=value` words (strings unquoted), skipping `skip`.
+    /// The plain fields as `key=value` words (strings unquoted), skipping `skip`, nulls and lists.
     pub fn words(&self, skip: &[&str]) -> String {
         let mut out = Vec::new();
-        for (k, v) in &self.0 {
+        for (k, f) in &self.0 {
+            let Field::Value(v) = f else { continue };
             if skip.contains(&k.as_str()) || v.is_null() {
                 continue;
             }
@@ -52,19 +73,37 @@ impl Obj {
         out.join(" ")
     }
 
+    /// As a serde value (key order is then serde_json's).
     pub fn to_value(&self) -> Value {
-        Value::Object(self.0.iter().cloned().collect())
+        let field = |f: &Field| match f {
+            Field::Value(v) => v.clone(),
+            Field::List(list) => Value::Array(list.iter().map(Obj::to_value).collect()),
+        };
+        Value::Object(self.0.iter().map(|(k, f)| (k.clone(), field(f))).collect())
     }
 }
 
 impl core::fmt::Display for Obj {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("{")?;
-        for (i, (k, v)) in self.0.iter().enumerate() {
+        for (i, (k, field)) in self.0.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
-            write!(f, "{}:{}", Value::String(k.clone()), v)?;
+            write!(f, "{}:", Value::String(k.clone()))?;
+            match field {
+                Field::Value(v) => write!(f, "{v}")?,
+                Field::List(list) => {
+                    f.write_str("[")?;
+                    for (j, obj) in list.iter().enumerate() {
+                        if j > 0 {
+                            f.write_str(",")?;
+                        }
+                        write!(f, "{obj}")?;
+                    }
+                    f.write_str("]")?;
+                }
+            }
         }
         f.write_str("}")
     }
@@ -171,7 +210,7 @@ pub fn write_report(kind_code: u8, cmd: Option<&Command>, extra: &Obj, reply: &R
     let mut obj = Obj::new();
     obj.set("status", status_name(code)).set("kind", kind::name(kind_code));
     for (k, v) in &extra.0 {
-        obj.set(k, v.clone());
+        obj.set_field(k, v.clone());
     }
     if let Some(cmd) = cmd {
         command_fields(cmd, &mut obj);
@@ -252,6 +291,16 @@ mod tests {
         assert_eq!(o.to_string(), r#"{"status":"ok","account":8,"balance":200}"#);
         let parsed: Value = serde_json::from_str(&o.to_string()).unwrap();
         assert_eq!(parsed, o.to_value());
+        let mut inner = Obj::new();
+        inner.set("z", 1).set("a", 2);
+        o.set_list("records", vec![inner.clone(), inner]);
+        assert_eq!(
+            o.to_string(),
+            r#"{"status":"ok","account":8,"balance":200,"records":[{"z":1,"a":2},{"z":1,"a":2}]}"#
+        );
+        let parsed: Value = serde_json::from_str(&o.to_string()).unwrap();
+        assert_eq!(parsed, o.to_value());
+        assert_eq!(o.words(&["status"]), "account=8 balance=200");
     }
 
     #[test]
