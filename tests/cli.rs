@@ -260,7 +260,7 @@ fn rejections_and_usage_errors() {
     s.ok(&["account", "create", "--id", "3", "--kind", "user"]);
     let unverified = s.cli(&["tip", "--id", "203", "--from", "3", "--to", "2", "--coins", "1"]);
     assert_eq!(unverified.code, 1);
-    assert!(unverified.stdout.contains("user_not_verified") || unverified.stdout.contains("insufficient_funds"));
+    assert!(unverified.stdout.starts_with("user_not_verified"), "{}", unverified.stdout);
 }
 
 #[test]
