@@ -29,7 +29,12 @@ fn rss_bytes() -> u64 {
 }
 
 /// Submits `batches` keeping `window` in flight; returns per-batch ack latencies (us) and wall time.
-fn drive(engine: &Engine, batches: Vec<Vec<CommandRecord>>, window: usize, hist: &mut Histogram<u64>) -> (Duration, u64) {
+fn drive(
+    engine: &Engine,
+    batches: Vec<Vec<CommandRecord>>,
+    window: usize,
+    hist: &mut Histogram<u64>,
+) -> (Duration, u64) {
     let (tx, rx) = bounded::<(Instant, u64)>(window * 2);
     let ok = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -65,7 +70,11 @@ fn engine_config(spec: &StormSpec, shards: u16) -> EngineConfig {
     let per_shard = (spec.users / shards as u64) * 5 / 4 + spec.streamers + 64;
     EngineConfig {
         shards,
-        ledger: LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() },
+        ledger: LedgerConfig {
+            topup_custom_max_fen: 10_000_000,
+            daily_cap_coins: 1_000_000_000,
+            ..LedgerConfig::default()
+        },
         limits: ShardLimits { accounts_max: per_shard as u32, history_max: 1 << 20, ids_max: 1 << 20 },
         ..EngineConfig::default()
     }
@@ -80,7 +89,15 @@ struct Row {
     reads: Option<Histogram<u64>>,
 }
 
-fn run(spec: &StormSpec, mode: Durability, shards: u16, tips: u64, batch: usize, window: usize, base: &std::path::Path) -> Row {
+fn run(
+    spec: &StormSpec,
+    mode: Durability,
+    shards: u16,
+    tips: u64,
+    batch: usize,
+    window: usize,
+    base: &std::path::Path,
+) -> Row {
     let dir = base.join(format!("{}-{}", mode.name(), spec.hot_percent));
     let _ = std::fs::remove_dir_all(&dir);
     let mut config = NodeConfig::new(&dir);
@@ -158,7 +175,9 @@ fn main() {
     let batch = env("BENCH_BATCH", 8192) as usize;
     let window = env("BENCH_WINDOW", 8) as usize;
     let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync".into());
-    let base = std::env::var("BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench"));
+    let base = std::env::var("BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench"));
     println!("engine bench: {users} users, {streamers} streamers, {tips} tips, {shards} shards, batch {batch}, window {window}, {cores} cores");
     let mut rows = Vec::new();
     for mode in modes.split(',') {
@@ -169,7 +188,10 @@ fn main() {
             rows.push(row);
         }
     }
-    println!("{:<32} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}", "run", "tips/s", "ack p50us", "ack p99us", "ack p999", "read p50ns", "read p99ns", "read p999");
+    println!(
+        "{:<32} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "run", "tips/s", "ack p50us", "ack p99us", "ack p999", "read p50ns", "read p99ns", "read p999"
+    );
     for r in &rows {
         let reads = r.reads.as_ref().unwrap();
         println!(
@@ -187,7 +209,11 @@ fn main() {
     }
     for pair in rows.chunks(2) {
         if let [storm, uniform] = pair {
-            println!("storm / uniform ({}): {:.2}", storm.name, (storm.ok as f64 / storm.secs) / (uniform.ok as f64 / uniform.secs));
+            println!(
+                "storm / uniform ({}): {:.2}",
+                storm.name,
+                (storm.ok as f64 / storm.secs) / (uniform.ok as f64 / uniform.secs)
+            );
         }
     }
     let accounts = env("BENCH_MEM_ACCOUNTS", 2_000_000);

@@ -414,9 +414,10 @@ impl Engine {
             Command::TopUpConfirm { id, .. } | Command::TopUpFail { id, .. } => {
                 Route::Shard(self.directory.owner(id).ok_or(Status::NotFound)?)
             }
-            Command::Tick | Command::ReplicaCreate { .. } | Command::ReplicaFreeze { .. } | Command::ReplicaSettle { .. } => {
-                return Err(Status::InvalidKind)
-            }
+            Command::Tick
+            | Command::ReplicaCreate { .. }
+            | Command::ReplicaFreeze { .. }
+            | Command::ReplicaSettle { .. } => return Err(Status::InvalidKind),
         })
     }
 

@@ -17,7 +17,9 @@
 //!   trait the engine implements.
 //! - `client`: the async client (batching, pipelining, request-id matching) built on `protocol`.
 //! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
+//! - `cli`: the `stormledger` binary: `serve` (config, signals, metrics) and the client CLI.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;

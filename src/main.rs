@@ -1,4 +1,5 @@
+//! `stormledger`: the server and the operator/client CLI. All logic is in `stormledger::cli`.
+
 fn main() {
-    eprintln!("stormledger: not yet implemented");
-    std::process::exit(2);
+    std::process::exit(stormledger::cli::run(std::env::args_os()));
 }

@@ -13,7 +13,6 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
-
 /// See the module docs.
 pub struct AccountIndex {
     /// `[2i]` = account id (0 = empty), `[2i + 1]` = its slot: one cache line per probe.

@@ -20,7 +20,11 @@ use stormledger::storage::{DirLock, MmapStorage};
 use stormledger::wal::{self, RecoveryOutcome, RecoveryPolicy, WalReader};
 
 #[derive(Parser)]
-#[command(name = "stormledger-recover", version, about = "Inspect, verify, replay and repair a stormledger data directory")]
+#[command(
+    name = "stormledger-recover",
+    version,
+    about = "Inspect, verify, replay and repair a stormledger data directory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -82,7 +86,10 @@ fn open_dir(dir: &Path) -> Result<(u16, stormledger::config::LedgerConfig), Stri
 
 fn progress(shard: u16) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} shard {prefix}: {pos} batches replayed ({per_sec}) {elapsed}").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} shard {prefix}: {pos} batches replayed ({per_sec}) {elapsed}")
+            .expect("template"),
+    );
     bar.set_prefix(shard.to_string());
     bar
 }
@@ -176,7 +183,8 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
         }
     }
     if json_out {
-        let summary = json!({"ok": ok, "shards": out, "fen_sum": totals[0].to_string(), "coin_sum": totals[1].to_string()});
+        let summary =
+            json!({"ok": ok, "shards": out, "fen_sum": totals[0].to_string(), "coin_sum": totals[1].to_string()});
         println!("{summary}");
     } else {
         for s in &out {
@@ -213,7 +221,8 @@ fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option
             if record.kind != RECORD_KIND_COMMANDS {
                 continue;
             }
-            let cmds = <[CommandRecord]>::ref_from_bytes(record.payload).map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
+            let cmds = <[CommandRecord]>::ref_from_bytes(record.payload)
+                .map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
             for (i, c) in cmds.iter().enumerate() {
                 let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
                 if account.is_some_and(|acc| acc != id && acc != a && acc != b) {
@@ -263,7 +272,12 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
         for s in &out {
             match s.get("error") {
                 Some(e) => println!("shard {}: cannot repair: {e}", s["shard"]),
-                None => println!("shard {}: {}{}", s["shard"], s["recovery"], if dry_run { " (dry run: nothing written)" } else { "" }),
+                None => println!(
+                    "shard {}: {}{}",
+                    s["shard"],
+                    s["recovery"],
+                    if dry_run { " (dry run: nothing written)" } else { "" }
+                ),
             }
         }
     }

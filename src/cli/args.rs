@@ -1,0 +1,444 @@
+//! The command line, as clap sees it. Only parsing and the shape of the arguments live here;
+//! `serve` and `client` give them meaning.
+//!
+//! Options that the server and the client share (`--data-dir`, `--token`, `--admin-token`) and
+//! the client's `--connect`, `--json` and `--timeout` are global: they may be written before or
+//! after the subcommand. Server options have no clap defaults on purpose, so that a value missing
+//! from the command line and the environment can still come from the config file
+//! (flags > environment > file > built-in defaults; see `serve::ServeConfig::resolve`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::ledger::amount::parse_yuan;
+use crate::ledger::command::{AccountKind, Channel, FailReason};
+use crate::node::Durability;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stormledger",
+    version,
+    about = "stormledger: the ledger server (`serve`) and its operator/client command line",
+    after_help = "Exit status: 0 accepted (or read ok), 1 business rejection (the status is printed), \
+                  2 usage error, 3 server unreachable or authentication failed (outcome unknown for writes)."
+)]
+pub struct Cli {
+    /// Address of the server to talk to (client commands).
+    #[arg(long, global = true, env = "STORMLEDGER_CONNECT", value_name = "ADDR", default_value = "127.0.0.1:7878")]
+    pub connect: String,
+
+    /// Client token (server: the token clients must present). Default: DIR/auth.token.
+    #[arg(long, global = true, env = "STORMLEDGER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Admin token, for `admin ...` commands (server: the token operators must present).
+    /// Default: DIR/admin.token.
+    #[arg(long, global = true, env = "STORMLEDGER_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Data directory: the server's state, and where `auth.token` / `admin.token` are read from
+    /// when no token is given. Default: ./data.
+    #[arg(long, global = true, env = "STORMLEDGER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Print each result as one JSON object on one line.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Client commands: give up after this many seconds without an answer (exit 3).
+    #[arg(long, global = true, env = "STORMLEDGER_TIMEOUT", value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: u64,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the ledger server in the foreground.
+    Serve(ServeArgs),
+    /// Accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Payment methods.
+    #[command(subcommand)]
+    Method(MethodCmd),
+    /// Top-ups (buying coins with money).
+    #[command(subcommand)]
+    Topup(TopupCmd),
+    /// Tip a streamer.
+    Tip(TipArgs),
+    /// Buy a virtual gift for a streamer.
+    Gift(GiftArgs),
+    /// Pay for a paid event (coins) to a streamer.
+    Pay(PayArgs),
+    /// Sweep an account's earnings to payout.
+    Settle(SettleArgs),
+    /// Spending limits.
+    #[command(subcommand)]
+    Limit(LimitCmd),
+    /// Current balance of an account (coins for wallets and earnings).
+    Balance(BalanceArgs),
+    /// An account's records, newest first.
+    History(HistoryArgs),
+    /// One command's record and result, by its id.
+    Lookup(LookupArgs),
+    /// Follow the event feed (not supported by this server version yet).
+    Watch(WatchArgs),
+    /// Operator actions (use the admin token).
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7878]. Port 0 picks a free port; the actual
+    /// address is printed on the `listening on ADDR` line.
+    #[arg(long, env = "STORMLEDGER_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Number of shards (1..=64) [default: number of cores].
+    #[arg(long, env = "STORMLEDGER_SHARDS", value_name = "N")]
+    pub shards: Option<u16>,
+
+    /// sync: acknowledge after the log is on disk; buffered: after it is in the page cache
+    /// (survives a process crash, not a power loss); memory: keep nothing on disk [default: sync].
+    #[arg(long, env = "STORMLEDGER_DURABILITY", value_name = "MODE", value_parser = parse_durability)]
+    pub durability: Option<Durability>,
+
+    /// TOML config file (keys as the long flags, with `_` for `-`; see docs/operations.md).
+    #[arg(long, env = "STORMLEDGER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over plain HTTP on this address (GET /metrics).
+    #[arg(long, env = "STORMLEDGER_METRICS", value_name = "ADDR")]
+    pub metrics: Option<String>,
+
+    /// Allow listening on a non-loopback address. The protocol has no TLS: only do this on a
+    /// trusted network or behind TLS/WireGuard.
+    #[arg(long, env = "STORMLEDGER_ALLOW_REMOTE", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_remote: bool,
+}
+
+pub fn parse_durability(s: &str) -> Result<Durability, String> {
+    s.parse()
+}
+
+/// A yuan amount: a decimal string with at most 2 decimal places, parsed to fen.
+fn parse_amount(s: &str) -> Result<u64, String> {
+    parse_yuan(s).map_err(|e| format!("{e} (amounts are yuan, e.g. 30.00)"))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccountCmd {
+    /// Open an account (a user can spend only once real-name verified and not a minor).
+    Create {
+        #[arg(long)]
+        id: u64,
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// The user completed real-name verification.
+        #[arg(long)]
+        real_name: bool,
+        /// The user is a minor (may not top up or spend).
+        #[arg(long)]
+        minor: bool,
+        /// The union (agency) a streamer belongs to.
+        #[arg(long, value_name = "ID")]
+        union: Option<u64>,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindArg {
+    User,
+    Streamer,
+    Union,
+    Platform,
+    Channel,
+}
+
+impl From<KindArg> for AccountKind {
+    fn from(k: KindArg) -> AccountKind {
+        match k {
+            KindArg::User => AccountKind::User,
+            KindArg::Streamer => AccountKind::Streamer,
+            KindArg::Union => AccountKind::Union,
+            KindArg::Platform => AccountKind::Platform,
+            KindArg::Channel => AccountKind::Channel,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MethodCmd {
+    /// Bind a payment method to a user.
+    Bind {
+        #[arg(long, value_name = "ID")]
+        user: u64,
+        #[arg(long, value_name = "ID")]
+        method: u64,
+        #[arg(long, value_enum)]
+        channel: ChannelArg,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelArg {
+    #[value(name = "alipay")]
+    Alipay,
+    #[value(name = "wechat")]
+    Wechat,
+    #[value(name = "bank_card")]
+    BankCard,
+    #[value(name = "apple_iap")]
+    AppleIap,
+}
+
+impl From<ChannelArg> for Channel {
+    fn from(c: ChannelArg) -> Channel {
+        match c {
+            ChannelArg::Alipay => Channel::Alipay,
+            ChannelArg::Wechat => Channel::Wechat,
+            ChannelArg::BankCard => Channel::BankCard,
+            ChannelArg::AppleIap => Channel::AppleIap,
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasonArg {
+    #[value(name = "insufficient_funds")]
+    InsufficientFunds,
+    #[value(name = "network_error")]
+    NetworkError,
+    #[value(name = "declined")]
+    Declined,
+    #[value(name = "timeout")]
+    Timeout,
+}
+
+impl From<ReasonArg> for FailReason {
+    fn from(r: ReasonArg) -> FailReason {
+        match r {
+            ReasonArg::InsufficientFunds => FailReason::ChannelInsufficientFunds,
+            ReasonArg::NetworkError => FailReason::NetworkError,
+            ReasonArg::Declined => FailReason::Declined,
+            ReasonArg::Timeout => FailReason::Timeout,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopupCmd {
+    /// Start a top-up (pending until the channel confirms or fails it).
+    Begin {
+        #[arg(long)]
+        id: u64,
+        #[arg(long, value_name = "ID")]
+        user: u64,
+        #[arg(long, value_name = "ID")]
+        method: u64,
+        /// Amount in yuan, at most 2 decimals (e.g. 30.00).
+        #[arg(long, value_name = "YUAN", value_parser = parse_amount)]
+        amount: u64,
+    },
+    /// The payment channel says the top-up was paid.
+    Confirm {
+        #[arg(long)]
+        id: u64,
+        /// The channel's transaction id (printable ASCII, at most 24 characters).
+        #[arg(long, value_name = "TXN")]
+        channel_txn: String,
+        /// Amount in yuan the channel says was paid.
+        #[arg(long, value_name = "YUAN", value_parser = parse_amount)]
+        amount: u64,
+    },
+    /// The payment channel says the top-up failed.
+    Fail {
+        #[arg(long)]
+        id: u64,
+        #[arg(long, value_enum)]
+        reason: ReasonArg,
+    },
+    /// State of a top-up: pending, succeeded, failed, expired or refunded.
+    Status {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct TipArgs {
+    #[arg(long)]
+    pub id: u64,
+    #[arg(long, value_name = "USER")]
+    pub from: u64,
+    #[arg(long, value_name = "STREAMER")]
+    pub to: u64,
+    #[arg(long, value_name = "N")]
+    pub coins: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct GiftArgs {
+    #[arg(long)]
+    pub id: u64,
+    #[arg(long, value_name = "USER")]
+    pub from: u64,
+    #[arg(long, value_name = "STREAMER")]
+    pub to: u64,
+    /// Gift id from the catalog.
+    #[arg(long, value_name = "GIFT")]
+    pub gift: u64,
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub count: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PayArgs {
+    #[arg(long)]
+    pub id: u64,
+    #[arg(long, value_name = "USER")]
+    pub from: u64,
+    #[arg(long, value_name = "STREAMER")]
+    pub to: u64,
+    #[arg(long, value_name = "EVENT")]
+    pub event: u64,
+    #[arg(long, value_name = "N")]
+    pub coins: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SettleArgs {
+    #[arg(long)]
+    pub id: u64,
+    /// The streamer or union whose earnings are swept.
+    #[arg(long, value_name = "ACCOUNT")]
+    pub account: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LimitCmd {
+    /// Set a user's daily spending cap (coins; at most the platform's default cap).
+    Set {
+        #[arg(long, value_name = "ID")]
+        user: u64,
+        #[arg(long, value_name = "N")]
+        coins: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BalanceArgs {
+    pub account: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    pub account: u64,
+    /// Most records to return (the server may return fewer; page on with --before).
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+    /// Return records older than this cursor (the `next` of the previous page).
+    #[arg(long, value_name = "CURSOR", value_parser = parse_cursor)]
+    pub before: Option<Cursor>,
+}
+
+/// A history paging cursor: `TIMESTAMP:SHARD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub timestamp: u64,
+    pub shard: u64,
+}
+
+impl core::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}:{}", self.timestamp, self.shard)
+    }
+}
+
+pub fn parse_cursor(s: &str) -> Result<Cursor, String> {
+    let bad = || format!("{s:?} is not a history cursor (expected TIMESTAMP:SHARD, as printed by `history`)");
+    let (ts, shard) = s.split_once(':').ok_or_else(bad)?;
+    let timestamp: u64 = ts.parse().map_err(|_| bad())?;
+    let shard: u64 = shard.parse().map_err(|_| bad())?;
+    if timestamp == 0 {
+        return Err(bad());
+    }
+    Ok(Cursor { timestamp, shard })
+}
+
+#[derive(Args, Debug)]
+pub struct LookupArgs {
+    #[arg(long)]
+    pub id: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[arg(long, value_name = "POSITION")]
+    pub from: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCmd {
+    /// Pause (on) or resume (off) writes; reads keep working.
+    Maintenance {
+        #[arg(value_enum)]
+        mode: OnOff,
+    },
+    /// Take a snapshot now.
+    Snapshot,
+    /// Freeze an account (it can neither pay nor be paid).
+    Freeze { account: u64 },
+    /// Unfreeze an account.
+    Unfreeze { account: u64 },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn amounts_enforce_two_decimals() {
+        assert_eq!(parse_amount("30.00"), Ok(3000));
+        assert!(parse_amount("12.345").unwrap_err().contains("2 decimal places"));
+        assert!(parse_amount("-1").is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = Cursor { timestamp: 1_700_000_000_000_000_000, shard: 3 };
+        assert_eq!(parse_cursor(&c.to_string()), Ok(c));
+        assert!(parse_cursor("12").is_err());
+        assert!(parse_cursor("0:1").is_err());
+        assert!(parse_cursor("a:b").is_err());
+    }
+
+    #[test]
+    fn global_options_go_before_or_after_the_command() {
+        let cli = Cli::try_parse_from(["stormledger", "balance", "7", "--json", "--token", "t"]).unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.token.as_deref(), Some("t"));
+        let cli = Cli::try_parse_from(["stormledger", "--json", "--connect", "h:1", "balance", "7"]).unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.connect, "h:1");
+    }
+}

@@ -1,0 +1,463 @@
+//! The client commands: build the request from the arguments, connect, send, print, exit status.
+//!
+//! Exit statuses: 0 accepted or read ok (a retry that returns the original ok result is 0),
+//! 1 business rejection (the status is printed), 2 usage error, 3 server unreachable,
+//! authentication failed, or no definitive answer (the outcome of a write is then unknown:
+//! retry it unchanged, with the same id).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::args::{AccountCmd, AdminCmd, Cli, Command as Cmd, Cursor, LimitCmd, MethodCmd, OnOff, TopupCmd};
+use super::output::{self, emit, status_name, write_line, write_report, Obj};
+use super::serve::DEFAULT_DATA_DIR;
+use super::token;
+use super::{EXIT_OK, EXIT_REJECTED, EXIT_UNREACHABLE, EXIT_USAGE};
+use crate::client::{Client, ClientConfig, ClientError};
+use crate::layout::{text_field, CommandRecord, QueryRecord};
+use crate::ledger::amount::format_yuan;
+use crate::ledger::command::{flags, kind, Command};
+use crate::ledger::state_machine::TopUpState;
+use crate::ledger::status::Status;
+use crate::protocol::{Role, QUERY_KIND_HISTORY, QUERY_KIND_LOOKUP, QUERY_KIND_TOPUP_STATUS};
+
+/// What the command line asks for.
+#[derive(Debug)]
+enum Request {
+    /// A command for the ledger (or an operator action without a `Command`, then `cmd` is None).
+    Write {
+        record: CommandRecord,
+        cmd: Option<Command>,
+        extra: Obj,
+        admin: bool,
+    },
+    Balance(u64),
+    History {
+        account: u64,
+        limit: u32,
+        before: Option<Cursor>,
+    },
+    Lookup(u64),
+    TopUpStatus(u64),
+}
+
+/// Why a command ended without a result from the ledger.
+#[derive(Debug)]
+struct Failure {
+    exit: i32,
+    /// The JSON `status`: usage_error, unsupported, unreachable, auth_failed, unknown_outcome.
+    status: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure { exit: EXIT_USAGE, status: "usage_error", message: message.into() }
+    }
+    fn unreachable(message: impl Into<String>) -> Failure {
+        Failure { exit: EXIT_UNREACHABLE, status: "unreachable", message: message.into() }
+    }
+    fn auth(message: impl Into<String>) -> Failure {
+        Failure { exit: EXIT_UNREACHABLE, status: "auth_failed", message: message.into() }
+    }
+}
+
+/// Entry point of every command but `serve`; returns the process exit status.
+pub fn main(cli: &Cli) -> i32 {
+    let result = build(&cli.command).and_then(|request| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::unreachable(format!("cannot start the async runtime: {e}")))?;
+        runtime.block_on(execute(cli, request))
+    });
+    match result {
+        Ok((obj, human)) => {
+            let ok = obj.get("status").and_then(|s| s.as_str()) == Some("ok");
+            emit(&if cli.json { obj.to_string() } else { human });
+            if ok {
+                EXIT_OK
+            } else {
+                EXIT_REJECTED
+            }
+        }
+        Err(failure) => {
+            eprintln!("stormledger: {}", failure.message);
+            if cli.json {
+                let mut obj = Obj::new();
+                obj.set("status", failure.status).set("error", failure.message);
+                emit(&obj.to_string());
+            }
+            failure.exit
+        }
+    }
+}
+
+fn ledger(cmd: Command, admin: bool) -> Request {
+    Request::Write { record: cmd.to_record(), cmd: Some(cmd), extra: Obj::new(), admin }
+}
+
+fn build(command: &Cmd) -> Result<Request, Failure> {
+    Ok(match command {
+        Cmd::Serve(_) => return Err(Failure::usage("serve is not a client command")),
+        Cmd::Account(AccountCmd::Create { id, kind, real_name, minor, union }) => {
+            let mut f = 0;
+            if *real_name {
+                f |= flags::REAL_NAME;
+            }
+            if *minor {
+                f |= flags::MINOR;
+            }
+            let cmd =
+                Command::CreateAccount { account: *id, kind: (*kind).into(), flags: f, union: union.unwrap_or(0) };
+            ledger(cmd, false)
+        }
+        Cmd::Method(MethodCmd::Bind { user, method, channel }) => {
+            ledger(Command::BindMethod { user: *user, method: *method, channel: (*channel).into() }, false)
+        }
+        Cmd::Topup(TopupCmd::Begin { id, user, method, amount }) => {
+            ledger(Command::TopUpBegin { id: *id, user: *user, method: *method, fen: *amount }, false)
+        }
+        Cmd::Topup(TopupCmd::Confirm { id, channel_txn, amount }) => {
+            let text = text_field(channel_txn).filter(|_| !channel_txn.is_empty()).ok_or_else(|| {
+                Failure::usage(format!(
+                    "--channel-txn {channel_txn:?}: must be 1 to 24 printable ASCII characters without spaces"
+                ))
+            })?;
+            ledger(Command::TopUpConfirm { id: *id, fen: *amount, channel_txn: text }, false)
+        }
+        Cmd::Topup(TopupCmd::Fail { id, reason }) => {
+            ledger(Command::TopUpFail { id: *id, reason: (*reason).into() }, false)
+        }
+        Cmd::Topup(TopupCmd::Status { id }) => Request::TopUpStatus(*id),
+        Cmd::Tip(a) => ledger(Command::Tip { id: a.id, from: a.from, to: a.to, coins: a.coins }, false),
+        Cmd::Gift(a) => ledger(Command::Gift { id: a.id, from: a.from, to: a.to, gift: a.gift, count: a.count }, false),
+        Cmd::Pay(a) => {
+            ledger(Command::PayEvent { id: a.id, from: a.from, to: a.to, event: a.event, coins: a.coins }, false)
+        }
+        Cmd::Settle(a) => ledger(Command::Settle { id: a.id, account: a.account }, false),
+        Cmd::Limit(LimitCmd::Set { user, coins }) => ledger(Command::SetDailyCap { user: *user, coins: *coins }, false),
+        Cmd::Balance(a) => Request::Balance(a.account),
+        Cmd::History(a) => Request::History { account: a.account, limit: a.limit, before: a.before },
+        Cmd::Lookup(a) => Request::Lookup(a.id),
+        Cmd::Watch(_) => {
+            return Err(Failure {
+                exit: EXIT_USAGE,
+                status: "unsupported",
+                message: "watch: the event feed is not supported by this server yet (protocol version 1 \
+                          reserves the Watch/Event frames but no server serves them)"
+                    .into(),
+            })
+        }
+        Cmd::Admin(AdminCmd::Maintenance { mode }) => {
+            let on = *mode == OnOff::On;
+            let record = CommandRecord { kind: kind::MAINTENANCE, flags: on as u8, ..CommandRecord::default() };
+            let mut extra = Obj::new();
+            extra.set("mode", if on { "on" } else { "off" });
+            Request::Write { record, cmd: None, extra, admin: true }
+        }
+        Cmd::Admin(AdminCmd::Snapshot) => {
+            let record = CommandRecord { kind: kind::SNAPSHOT, ..CommandRecord::default() };
+            Request::Write { record, cmd: None, extra: Obj::new(), admin: true }
+        }
+        Cmd::Admin(AdminCmd::Freeze { account }) => ledger(Command::Freeze { account: *account, frozen: true }, true),
+        Cmd::Admin(AdminCmd::Unfreeze { account }) => {
+            ledger(Command::Freeze { account: *account, frozen: false }, true)
+        }
+    })
+}
+
+/// The token to present, and a description of where it came from (for error messages).
+fn resolve_token(cli: &Cli, admin: bool) -> Result<(String, String), String> {
+    let dir = cli.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let check = |t: &str, from: &str| token::validate(t).map_err(|e| format!("{from}: {e}"));
+    if admin {
+        if let Some(t) = &cli.admin_token {
+            check(t, "--admin-token")?;
+            return Ok((t.clone(), "--admin-token / STORMLEDGER_ADMIN_TOKEN".into()));
+        }
+        let path = dir.join(token::ADMIN_TOKEN_FILE);
+        if let Some(t) = token::read(&path)? {
+            return Ok((t, path.display().to_string()));
+        }
+        // Last resort: the operator may have passed the admin token as --token.
+        if let Some(t) = &cli.token {
+            check(t, "--token")?;
+            return Ok((t.clone(), "--token / STORMLEDGER_TOKEN".into()));
+        }
+        return Err(format!(
+            "no admin token: admin commands need --admin-token TOKEN, STORMLEDGER_ADMIN_TOKEN, or --data-dir \
+             pointing at the server's data directory ({} not found)",
+            path.display()
+        ));
+    }
+    if let Some(t) = &cli.token {
+        check(t, "--token")?;
+        return Ok((t.clone(), "--token / STORMLEDGER_TOKEN".into()));
+    }
+    let path = dir.join(token::CLIENT_TOKEN_FILE);
+    match token::read(&path)? {
+        Some(t) => Ok((t, path.display().to_string())),
+        None => Err(format!(
+            "no token: pass --token TOKEN, set STORMLEDGER_TOKEN, or point --data-dir at the server's data \
+             directory ({} not found)",
+            path.display()
+        )),
+    }
+}
+
+async fn connect(cli: &Cli, admin: bool, timeout: Duration) -> Result<Client, Failure> {
+    let addr = cli.connect.as_str();
+    let (token, source) = match resolve_token(cli, admin) {
+        Ok(found) => found,
+        Err(why) => {
+            // Say first whether the server is there at all: an unreachable server is the more
+            // fundamental problem, and both exit 3.
+            return Err(match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => Failure::auth(why),
+                Ok(Err(e)) => Failure::unreachable(format!("cannot reach the stormledger server at {addr}: {e}")),
+                Err(_) => Failure::unreachable(format!("cannot reach the stormledger server at {addr}: timed out")),
+            });
+        }
+    };
+    let mut config = ClientConfig::new(token);
+    config.role = if admin { Role::Admin } else { Role::Client };
+    config.connect_timeout = timeout.min(Duration::from_secs(10));
+    Client::connect_with(addr, config).await.map_err(|e| match e {
+        ClientError::Io(e) => Failure::unreachable(format!("cannot reach the stormledger server at {addr}: {e}")),
+        ClientError::Auth(body) => {
+            let role = if admin { "the admin role (admin commands need the admin token)" } else { "the client role" };
+            Failure::auth(format!(
+                "authentication failed at {addr}: the server refused the token from {source} for {role} ({})",
+                body.message
+            ))
+        }
+        ClientError::InvalidRequest(why) => Failure::auth(format!("invalid token from {source}: {why}")),
+        ClientError::Protocol(e) => {
+            Failure::unreachable(format!("{addr} did not answer like a stormledger server (protocol error: {e})"))
+        }
+        ClientError::Server(body) => Failure::unreachable(format!(
+            "the server at {addr} refused the connection: {:?} {}",
+            body.code, body.message
+        )),
+        other => {
+            Failure::unreachable(format!("the server at {addr} closed the connection during the handshake: {other}"))
+        }
+    })
+}
+
+fn in_doubt(cli: &Cli, write: bool, error: impl core::fmt::Display) -> Failure {
+    let addr = &cli.connect;
+    if write {
+        Failure {
+            exit: EXIT_UNREACHABLE,
+            status: "unknown_outcome",
+            message: format!(
+                "no definitive answer from {addr} ({error}): the command may or may not have been applied; \
+                 retry it unchanged, with the same id"
+            ),
+        }
+    } else {
+        Failure::unreachable(format!("the read failed at {addr}: {error}"))
+    }
+}
+
+async fn execute(cli: &Cli, request: Request) -> Result<(Obj, String), Failure> {
+    let timeout = Duration::from_secs(cli.timeout);
+    let admin = matches!(request, Request::Write { admin: true, .. });
+    let write = matches!(request, Request::Write { .. });
+    let client = connect(cli, admin, timeout).await?;
+    let work = run(&client, request);
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(in_doubt(cli, write, e)),
+        Err(_) => Err(in_doubt(cli, write, format!("no answer within {} s", cli.timeout))),
+    }
+}
+
+async fn run(client: &Client, request: Request) -> Result<(Obj, String), ClientError> {
+    match request {
+        Request::Write { record, cmd, extra, .. } => {
+            let reply = client.submit(vec![record]).await?.pop().ok_or(ClientError::Closed)?;
+            let obj = write_report(record.kind, cmd.as_ref(), &extra, &reply);
+            let line = write_line(&obj);
+            Ok((obj, line))
+        }
+        Request::Balance(account) => {
+            let reply = client.balance(account).await?;
+            let code = reply.status.get();
+            let mut obj = Obj::new();
+            obj.set("status", status_name(code)).set("account", account);
+            let line = if code == Status::Ok.code() {
+                obj.set("balance", reply.value.get());
+                format!("account {account} balance {}", reply.value.get())
+            } else if code == Status::NotFound.code() {
+                format!("not_found: account {account} does not exist")
+            } else {
+                format!("{}: balance of account {account} not available", status_name(code))
+            };
+            Ok((obj, line))
+        }
+        Request::TopUpStatus(id) => {
+            let mut query = QueryRecord { kind: QUERY_KIND_TOPUP_STATUS, ..QueryRecord::default() };
+            query.key.set(id);
+            let reply = client.query(query).await?.reply;
+            let code = reply.status.get();
+            let mut obj = Obj::new();
+            obj.set("status", status_name(code)).set("id", id);
+            let line = if code == Status::Ok.code() {
+                let state = TopUpState::from_code(reply.value.get())
+                    .map(|s| s.name().to_string())
+                    .unwrap_or_else(|| format!("unknown_state_{}", reply.value.get()));
+                let amount = format_yuan(reply.value2.get());
+                let line = format!("top-up {id}: {state}, amount {amount} yuan");
+                obj.set("state", state).set("amount", amount);
+                line
+            } else if code == Status::NotFound.code() {
+                format!("not_found: no top-up with id {id}")
+            } else {
+                format!("{}: status of top-up {id} not available", status_name(code))
+            };
+            Ok((obj, line))
+        }
+        Request::Lookup(id) => {
+            let mut query = QueryRecord { kind: QUERY_KIND_LOOKUP, ..QueryRecord::default() };
+            query.key.set(id);
+            let answer = client.query(query).await?;
+            let mut obj = Obj::new();
+            // Found: the answer carries the logged command, and `reply` is the command's own
+            // result (status, value, value2). Not found (or busy): no command, status in `reply`.
+            let Some(record) = answer.command else {
+                let code = answer.reply.status.get();
+                let code = if code == Status::Ok.code() { Status::NotFound.code() } else { code };
+                obj.set("status", status_name(code)).set("id", id);
+                let line = if code == Status::NotFound.code() {
+                    format!("not_found: no command with id {id} (ids are remembered for a bounded window)")
+                } else {
+                    format!("{}: command {id} cannot be looked up now", status_name(code))
+                };
+                return Ok((obj, line));
+            };
+            let cmd = Command::from_record(&record).ok();
+            let result = answer.reply;
+            let result_status = result.status.get();
+            let ts = record.timestamp.get();
+            obj.set("status", "ok").set("id", id).set("kind", kind::name(record.kind));
+            obj.set("result", status_name(result_status));
+            obj.set("time", output::format_time(ts)).set("timestamp", ts);
+            if let Some(cmd) = &cmd {
+                output::command_fields(cmd, &mut obj);
+                obj.set("id", id);
+                let status = Status::from_code(result_status);
+                output::result_fields(cmd, status, result.value.get(), result.value2.get(), &mut obj);
+            }
+            let line = format!(
+                "{} {id} applied at {}: result {}; {}",
+                kind::name(record.kind),
+                output::format_time(ts),
+                status_name(result_status),
+                obj.words(&["status", "id", "kind", "result", "time", "timestamp"])
+            );
+            Ok((obj, line))
+        }
+        Request::History { account, limit, before } => {
+            let mut query = QueryRecord { kind: QUERY_KIND_HISTORY, ..QueryRecord::default() };
+            query.key.set(account);
+            query.limit.set(limit);
+            if let Some(c) = before {
+                query.before_ts.set(c.timestamp);
+                query.before_shard.set(c.shard);
+            }
+            let answer = client.query(query).await?;
+            let code = answer.reply.status.get();
+            let mut obj = Obj::new();
+            obj.set("status", status_name(code)).set("account", account);
+            if code != Status::Ok.code() {
+                let line = if code == Status::NotFound.code() {
+                    format!("not_found: account {account} does not exist")
+                } else {
+                    format!("{}: history of account {account} not available", status_name(code))
+                };
+                return Ok((obj, line));
+            }
+            let next = (answer.next_before_ts != 0)
+                .then_some(Cursor { timestamp: answer.next_before_ts, shard: answer.next_before_shard });
+            let entries: Vec<Obj> = answer.history.iter().map(output::history_entry).collect();
+            obj.set_list("records", entries);
+            obj.set("next", next.map(|c| c.to_string()));
+            let mut lines = Vec::new();
+            if answer.history.is_empty() {
+                lines.push(format!("account {account}: no records"));
+            } else {
+                lines.push(format!(
+                    "{:<30} {:>20} {:<14} {:<28} {:>14} {:>14} {:>20} DETAIL",
+                    "TIME (UTC)", "ID", "KIND", "STATUS", "AMOUNT", "BALANCE", "COUNTERPARTY"
+                ));
+                for h in &answer.history {
+                    lines.push(format!(
+                        "{:<30} {:>20} {:<14} {:<28} {:>14} {:>14} {:>20} {}",
+                        output::format_time(h.timestamp.get()),
+                        h.id.get(),
+                        kind::name(h.kind),
+                        status_name(h.status.get()),
+                        h.amount.get(),
+                        h.balance_after.get(),
+                        h.counterparty.get(),
+                        h.detail.get()
+                    ));
+                }
+            }
+            if let Some(c) = next {
+                lines.push(format!("more: stormledger history {account} --limit {limit} --before {c}"));
+            }
+            Ok((obj, lines.join("\n")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn request(args: &[&str]) -> Result<Request, Failure> {
+        build(&Cli::try_parse_from(args).unwrap().command)
+    }
+
+    #[test]
+    fn builds_commands() {
+        let r = request(&["stormledger", "account", "create", "--id", "7", "--kind", "user", "--real-name"]).unwrap();
+        let Request::Write { cmd: Some(Command::CreateAccount { account: 7, flags: f, .. }), admin: false, .. } = r
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(f, flags::REAL_NAME);
+        let r = request(&["stormledger", "admin", "maintenance", "on"]).unwrap();
+        let Request::Write { record, admin: true, .. } = r else { panic!("{r:?}") };
+        assert_eq!((record.kind, record.flags), (kind::MAINTENANCE, 1));
+        let r = request(&["stormledger", "topup", "confirm", "--id", "1", "--channel-txn", "a b", "--amount", "6"]);
+        assert_eq!(r.unwrap_err().exit, EXIT_USAGE);
+        let r = request(&["stormledger", "watch"]);
+        assert_eq!(r.unwrap_err().exit, EXIT_USAGE);
+    }
+
+    #[test]
+    fn bad_amounts_are_usage_errors() {
+        let e = Cli::try_parse_from([
+            "stormledger",
+            "topup",
+            "begin",
+            "--id",
+            "1",
+            "--user",
+            "2",
+            "--method",
+            "3",
+            "--amount",
+            "12.345",
+        ])
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("decimal places"), "{e}");
+    }
+}

@@ -1,0 +1,324 @@
+//! `stormledger serve`: resolve the configuration, lock the data directory, open the node, serve
+//! until SIGTERM/SIGINT, drain, shut the node down.
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::args::{parse_durability, Cli, ServeArgs};
+use super::{metrics, token, EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
+use crate::config::LedgerConfig;
+use crate::engine::EngineConfig;
+use crate::node::{Durability, Node, NodeConfig, NodeError};
+use crate::server::{Backend, Server, ServerConfig};
+
+pub const DEFAULT_DATA_DIR: &str = "./data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+
+/// The optional TOML config file. Keys are the long flags with `_` for `-`; `[ledger]` holds the
+/// business rules (`config::LedgerConfig`; only honoured on the first start of a data directory
+/// once the durable node stores them).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub shards: Option<u16>,
+    pub durability: Option<String>,
+    pub token: Option<String>,
+    pub admin_token: Option<String>,
+    pub metrics: Option<String>,
+    pub allow_remote: Option<bool>,
+    pub ledger: Option<LedgerConfig>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+}
+
+/// Where a token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// Given (flag, environment or config file).
+    Given(String),
+    /// Read from, or created once in, this file.
+    File(PathBuf),
+}
+
+/// The server's settings after merging flags > environment > file > defaults.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub shards: u16,
+    pub durability: Durability,
+    pub token: TokenSource,
+    pub admin_token: TokenSource,
+    pub metrics: Option<SocketAddr>,
+    pub allow_remote: bool,
+    pub ledger: LedgerConfig,
+}
+
+impl ServeConfig {
+    /// Merges the command line (clap already folded the environment in) with the config file.
+    pub fn resolve(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, String> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = cli.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
+        let listen_text = args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = resolve_addr("--listen", &listen_text, allow_remote)?;
+        let metrics = match args.metrics.clone().or(file.metrics) {
+            Some(text) => Some(resolve_addr("--metrics", &text, allow_remote)?),
+            None => None,
+        };
+        let shards = match args.shards.or(file.shards) {
+            Some(n) if (1..=64).contains(&n) => n,
+            Some(n) => return Err(format!("--shards must be in 1..=64, got {n}")),
+            None => EngineConfig::default().shards,
+        };
+        let durability = match (args.durability, file.durability) {
+            (Some(d), _) => d,
+            (None, Some(text)) => parse_durability(&text).map_err(|e| format!("config file: durability: {e}"))?,
+            (None, None) => Durability::Sync,
+        };
+        let token = match cli.token.clone().or(file.token) {
+            Some(t) => {
+                token::validate(&t).map_err(|e| format!("--token: {e}"))?;
+                TokenSource::Given(t)
+            }
+            None => TokenSource::File(data_dir.join(token::CLIENT_TOKEN_FILE)),
+        };
+        let admin_token = match cli.admin_token.clone().or(file.admin_token) {
+            Some(t) => {
+                token::validate(&t).map_err(|e| format!("--admin-token: {e}"))?;
+                TokenSource::Given(t)
+            }
+            None => TokenSource::File(data_dir.join(token::ADMIN_TOKEN_FILE)),
+        };
+        let ledger = file.ledger.unwrap_or_default();
+        ledger.validate().map_err(|e| format!("config file [ledger]: {e}"))?;
+        Ok(ServeConfig { data_dir, listen, shards, durability, token, admin_token, metrics, allow_remote, ledger })
+    }
+}
+
+/// Resolves `text` to one socket address, refusing non-loopback addresses unless allowed.
+fn resolve_addr(flag: &str, text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let addr = text
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!("{flag} {text:?} is not a usable address (expected HOST:PORT, e.g. {DEFAULT_LISTEN}): {e}")
+        })?
+        .next()
+        .ok_or_else(|| format!("{flag} {text:?} resolves to no address"))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(format!(
+            "refusing to listen on non-loopback address {addr} ({flag} {text}): the protocol has no TLS, so \
+             tokens and ledger traffic would cross the network in clear text. Pass --allow-remote to do it \
+             anyway (only on a trusted network, or behind TLS/WireGuard)"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Entry point of `stormledger serve`; returns the process exit status.
+pub fn main(cli: &Cli, args: &ServeArgs) -> i32 {
+    let config = match ServeConfig::resolve(cli, args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("stormledger serve: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match run(config) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("stormledger serve: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+fn token_of(source: &TokenSource) -> Result<String, String> {
+    match source {
+        TokenSource::Given(t) => Ok(t.clone()),
+        TokenSource::File(path) => token::load_or_create(path),
+    }
+}
+
+fn describe(source: &TokenSource) -> String {
+    match source {
+        TokenSource::Given(_) => "given".to_string(),
+        TokenSource::File(path) => path.display().to_string(),
+    }
+}
+
+/// Runs the server until a signal, then drains and shuts the node down.
+pub fn run(config: ServeConfig) -> Result<(), String> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
+    let client_token = token_of(&config.token)?;
+    let admin_token = token_of(&config.admin_token)?;
+    if client_token == admin_token {
+        return Err("the admin token must differ from the client token (otherwise every client is an operator)".into());
+    }
+
+    let engine = EngineConfig { shards: config.shards, ledger: config.ledger.clone(), ..EngineConfig::default() };
+    let node_config = NodeConfig { engine, durability: config.durability, ..NodeConfig::new(dir.clone()) };
+    let node = Node::open(node_config).map_err(|e| match e {
+        NodeError::Locked { .. } => format!("{e}; stop that server or use another --data-dir"),
+        e => format!("cannot open data directory {}: {e}", dir.display()),
+    })?;
+    eprintln!(
+        "stormledger: data directory {}, {} shards, durability {:?}, client token {}, admin token {}",
+        dir.display(),
+        config.shards,
+        config.durability,
+        describe(&config.token),
+        describe(&config.admin_token)
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("stormledger-net")
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"));
+    let result = runtime.and_then(|runtime| {
+        let engine = node.engine().clone();
+        let result = runtime.block_on(serve(&config, engine, client_token, admin_token));
+        // Connection tasks are finished (run drained them); drop stragglers such as metrics.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+        result
+    });
+    eprintln!("stormledger: shutting down the node (draining queues, syncing logs)");
+    node.shutdown();
+    if result.is_ok() {
+        eprintln!("stormledger: stopped");
+    }
+    result
+}
+
+async fn serve(
+    config: &ServeConfig,
+    engine: Arc<crate::engine::Engine>,
+    client_token: String,
+    admin_token: String,
+) -> Result<(), String> {
+    // Install the handlers before announcing readiness, so a signal sent right after the
+    // `listening on` line is never lost (the default action would kill the process).
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot install the SIGINT handler: {e}"))?;
+
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let local = listener.local_addr().map_err(|e| format!("cannot read the listening address: {e}"))?;
+
+    let mut server_config = ServerConfig::new(client_token);
+    server_config.admin_token = Some(admin_token);
+    let backend: Arc<dyn Backend> = engine.clone();
+    let server = Server::new(backend, server_config).map_err(|e| e.to_string())?;
+
+    let metrics_task = match config.metrics {
+        Some(addr) => {
+            let metrics_listener =
+                TcpListener::bind(addr).await.map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+            let metrics_addr = metrics_listener.local_addr().map_err(|e| e.to_string())?;
+            eprintln!("stormledger: metrics on http://{metrics_addr}/metrics");
+            let source = Arc::new(metrics::Source::new(server.stats(), engine.clone()));
+            Some(tokio::spawn(metrics::serve(metrics_listener, source)))
+        }
+        None => None,
+    };
+
+    eprintln!("stormledger: listening on {local}");
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush()).map_err(|e| format!("stdout: {e}"))?;
+    }
+
+    let shutdown = async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        eprintln!("stormledger: {which} received: no longer accepting connections, draining in-flight requests");
+    };
+    let result = server.run(listener, shutdown).await.map_err(|e| e.to_string());
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> (Cli, ServeArgs) {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let super::super::args::Command::Serve(serve) = &cli.command else { panic!("not serve") };
+        let serve = serve.clone();
+        (cli, serve)
+    }
+
+    #[test]
+    fn refuses_remote_without_allow_remote() {
+        let (cli, args) = parse(&["stormledger", "serve", "--listen", "0.0.0.0:7878", "--data-dir", "/tmp/x"]);
+        let err = ServeConfig::resolve(&cli, &args).unwrap_err();
+        assert!(err.contains("no TLS") && err.contains("--allow-remote"), "{err}");
+        let (cli, args) =
+            parse(&["stormledger", "serve", "--listen", "0.0.0.0:7878", "--allow-remote", "--data-dir", "/tmp/x"]);
+        assert!(ServeConfig::resolve(&cli, &args).is_ok());
+    }
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/ledger\"\nlisten = \"127.0.0.1:9000\"\nshards = 3\ndurability = \"buffered\"\n\
+             metrics = \"127.0.0.1:9100\"\n[ledger]\ncoins_per_yuan = 20\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--shards", "2"]);
+        let c = ServeConfig::resolve(&cli, &args).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/ledger"));
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.durability, Durability::Buffered);
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.ledger.coins_per_yuan, 20);
+        assert_eq!(c.token, TokenSource::File(PathBuf::from("/srv/ledger/auth.token")));
+        assert_eq!(c.admin_token, TokenSource::File(PathBuf::from("/srv/ledger/admin.token")));
+
+        std::fs::write(&file, "listen_addr = \"x\"\n").unwrap();
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f]);
+        assert!(ServeConfig::resolve(&cli, &args).unwrap_err().contains("listen_addr"));
+    }
+
+    #[test]
+    fn defaults() {
+        let (cli, args) = parse(&["stormledger", "serve"]);
+        if cli.data_dir.is_some() || cli.token.is_some() || args.listen.is_some() {
+            return; // the environment sets STORMLEDGER_*; nothing to check here
+        }
+        let c = ServeConfig::resolve(&cli, &args).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.durability, Durability::Sync);
+        assert!(c.metrics.is_none());
+    }
+}

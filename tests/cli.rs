@@ -1,0 +1,449 @@
+//! The `stormledger` binary end to end: a real `stormledger serve` child process on a temporary
+//! data directory, driven by the real CLI. Every wait is bounded; every child is killed on drop.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stormledger");
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A `Command` for the binary with no `STORMLEDGER_*` variables inherited from the environment.
+fn bin() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("STORMLEDGER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Waits for `child` to exit, for at most `limit`; kills it if it does not.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> serde_json::Value {
+        let line = self.stdout.lines().last().unwrap_or_else(|| panic!("no output; stderr: {}", self.stderr));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+}
+
+/// Runs a command to completion, bounded.
+fn run_bounded(mut cmd: Command) -> Run {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = wait_bounded(&mut child, WAIT).expect("the command did not finish in time");
+    Run { code: status.code().unwrap_or(-1), stdout: out_reader.join().unwrap(), stderr: err_reader.join().unwrap() }
+}
+
+/// A running server; killed (and reaped) on drop, also when a test panics.
+struct Server {
+    child: Option<Child>,
+    addr: String,
+    dir: PathBuf,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        Server::try_start(dir).unwrap_or_else(|run| panic!("server did not start: {} {}", run.code, run.stderr))
+    }
+
+    /// Starts a server on `dir`; `Err` with its exit status and stderr if it exits instead.
+    fn try_start(dir: &Path) -> Result<Server, Run> {
+        let mut cmd = bin();
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--shards", "2", "--data-dir"])
+            .arg(dir);
+        Server::spawn(cmd, dir)
+    }
+
+    /// Starts `cmd` (a `serve` command) and waits for its `listening on` line.
+    fn spawn(mut cmd: Command, dir: &Path) -> Result<Server, Run> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn server");
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {} // keep draining
+        });
+        let mut server =
+            Server { child: Some(child), addr: String::new(), dir: dir.to_path_buf(), stderr: Some(stderr) };
+        match rx.recv_timeout(WAIT) {
+            Ok(line) => {
+                let addr = line.strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}"));
+                server.addr = addr.to_string();
+                Ok(server)
+            }
+            Err(_) => {
+                let mut child = server.child.take().unwrap();
+                let status = wait_bounded(&mut child, WAIT);
+                let stderr = server.stderr.take().unwrap().join().unwrap();
+                Err(Run { code: status.and_then(|s| s.code()).unwrap_or(-1), stdout: String::new(), stderr })
+            }
+        }
+    }
+
+    /// Runs the CLI against this server (token from the data directory).
+    fn cli(&self, args: &[&str]) -> Run {
+        let mut cmd = bin();
+        cmd.args(["--connect", &self.addr, "--data-dir"]).arg(&self.dir).args(args);
+        run_bounded(cmd)
+    }
+
+    fn ok(&self, args: &[&str]) -> Run {
+        let run = self.cli(args);
+        assert_eq!(run.code, 0, "{args:?}: stdout {} stderr {}", run.stdout, run.stderr);
+        run
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn setup_funded_user(s: &Server) {
+    s.ok(&["account", "create", "--id", "1", "--kind", "user", "--real-name"]);
+    s.ok(&["account", "create", "--id", "2", "--kind", "streamer"]);
+    s.ok(&["method", "bind", "--user", "1", "--method", "5", "--channel", "alipay"]);
+    s.ok(&["topup", "begin", "--id", "100", "--user", "1", "--method", "5", "--amount", "30.00"]);
+    s.ok(&["topup", "confirm", "--id", "100", "--channel-txn", "TXN-1", "--amount", "30.00"]);
+}
+
+#[test]
+fn full_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    setup_funded_user(&s);
+
+    // 30.00 yuan at 10 coins per yuan.
+    let b = s.ok(&["balance", "1", "--json"]).json();
+    assert_eq!((b["status"].as_str(), b["account"].as_u64(), b["balance"].as_i64()), (Some("ok"), Some(1), Some(300)));
+
+    let tip = s.ok(&["--json", "tip", "--id", "200", "--from", "1", "--to", "2", "--coins", "100"]).json();
+    assert_eq!(tip["status"], "ok");
+    assert_eq!(tip["balance"], 200);
+    let b = s.ok(&["balance", "1", "--json"]).json();
+    assert_eq!(b["balance"], 200);
+    let human = s.ok(&["balance", "1"]);
+    assert!(human.stdout.contains("200"), "{}", human.stdout);
+    // The streamer's share of the tip (50 %).
+    assert_eq!(s.ok(&["balance", "2", "--json"]).json()["balance"], 50);
+
+    let h = s.ok(&["history", "1", "--json"]).json();
+    assert_eq!(h["status"], "ok");
+    let records = h["records"].as_array().unwrap();
+    assert_eq!(records.len(), 3, "{h}");
+    assert_eq!(records[0]["kind"], "tip");
+    assert_eq!(records[0]["amount"], -100);
+    assert_eq!(records[0]["id"], 200);
+    assert_eq!(records[2]["kind"], "topup_begin");
+    assert!(h["next"].is_null());
+    let page = s.ok(&["history", "1", "--json", "--limit", "1"]).json();
+    assert_eq!(page["records"].as_array().unwrap().len(), 1);
+    let cursor = page["next"].as_str().expect("a next cursor").to_string();
+    let rest = s.ok(&["history", "1", "--json", "--limit", "10", "--before", &cursor]).json();
+    assert_eq!(rest["records"].as_array().unwrap().len(), 2, "{rest}");
+    assert!(s.ok(&["history", "1"]).stdout.contains("tip"));
+
+    let l = s.ok(&["lookup", "--id", "200", "--json"]).json();
+    assert_eq!(l["status"], "ok");
+    assert_eq!(l["id"], 200);
+    assert_eq!(l["kind"], "tip");
+    assert_eq!(l["result"], "ok");
+    assert_eq!((l["from"].as_u64(), l["to"].as_u64(), l["coins"].as_u64()), (Some(1), Some(2), Some(100)));
+
+    let t = s.ok(&["topup", "status", "--id", "100", "--json"]).json();
+    assert_eq!((t["status"].as_str(), t["id"].as_u64()), (Some("ok"), Some(100)));
+    assert_eq!((t["state"].as_str(), t["amount"].as_str()), (Some("succeeded"), Some("30.00")));
+
+    // Reads of unknown things answer not_found (exit 1).
+    let missing = s.cli(&["balance", "999", "--json"]);
+    assert_eq!((missing.code, missing.json()["status"].as_str()), (1, Some("not_found")));
+    let missing = s.cli(&["lookup", "--id", "999", "--json"]);
+    assert_eq!((missing.code, missing.json()["status"].as_str()), (1, Some("not_found")));
+    let missing = s.cli(&["topup", "status", "--id", "999"]);
+    assert_eq!(missing.code, 1);
+    assert!(missing.stdout.contains("not_found"));
+}
+
+#[test]
+fn duplicate_confirm_is_ok_and_credits_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    setup_funded_user(&s);
+    let again = s.ok(&["topup", "confirm", "--id", "100", "--channel-txn", "TXN-1", "--amount", "30.00", "--json"]);
+    let again = again.json();
+    assert_eq!(again["status"], "ok");
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(s.ok(&["balance", "1", "--json"]).json()["balance"], 300);
+    // The same id with different fields is a rejection, not a second credit.
+    let different = s.cli(&["topup", "confirm", "--id", "100", "--channel-txn", "TXN-2", "--amount", "30.00"]);
+    assert_eq!(different.code, 1);
+    assert!(different.stdout.contains("exists_with_different_fields"), "{}", different.stdout);
+    assert_eq!(s.ok(&["balance", "1", "--json"]).json()["balance"], 300);
+}
+
+#[test]
+fn rejections_and_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    setup_funded_user(&s);
+
+    let poor = s.cli(&["tip", "--id", "201", "--from", "1", "--to", "2", "--coins", "1000"]);
+    assert_eq!(poor.code, 1, "{} {}", poor.stdout, poor.stderr);
+    assert!(poor.stdout.contains("insufficient_funds"), "{}", poor.stdout);
+    let poor = s.cli(&["tip", "--id", "202", "--from", "1", "--to", "2", "--coins", "1000", "--json"]).json();
+    assert_eq!(poor["status"], "insufficient_funds");
+    assert_eq!(poor["balance"], 300);
+
+    let bad = s.cli(&["topup", "begin", "--id", "101", "--user", "1", "--method", "5", "--amount", "12.345"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("decimal places"), "{}", bad.stderr);
+
+    let unsupported = s.cli(&["watch"]);
+    assert_eq!(unsupported.code, 2);
+    assert!(unsupported.stderr.contains("not supported by this server yet"), "{}", unsupported.stderr);
+
+    // An unverified user may not spend.
+    s.ok(&["account", "create", "--id", "3", "--kind", "user"]);
+    let unverified = s.cli(&["tip", "--id", "203", "--from", "3", "--to", "2", "--coins", "1"]);
+    assert_eq!(unverified.code, 1);
+    assert!(unverified.stdout.starts_with("user_not_verified"), "{}", unverified.stdout);
+}
+
+#[test]
+fn unreachable_and_wrong_token_exit_3() {
+    // A port that was free a moment ago: nothing listens on it.
+    let port = free_port();
+    let mut cmd = bin();
+    cmd.args(["--connect", &format!("127.0.0.1:{port}"), "--token", "x", "balance", "1", "--json"]);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 3, "{} {}", run.stdout, run.stderr);
+    assert_eq!(run.json()["status"], "unreachable");
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--token", "not-the-token", "balance", "1"]);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 3, "{} {}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("authentication failed"), "{}", run.stderr);
+
+    // The client token does not open the admin role.
+    let client_token = std::fs::read_to_string(dir.path().join("auth.token")).unwrap();
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--admin-token", client_token.trim(), "admin", "snapshot"]);
+    assert_eq!(run_bounded(cmd).code, 3);
+}
+
+#[test]
+fn maintenance_blocks_writes_not_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    setup_funded_user(&s);
+    s.ok(&["admin", "maintenance", "on"]);
+    let tip = s.cli(&["tip", "--id", "300", "--from", "1", "--to", "2", "--coins", "10"]);
+    assert_eq!(tip.code, 1, "{} {}", tip.stdout, tip.stderr);
+    assert!(tip.stdout.contains("maintenance"), "{}", tip.stdout);
+    assert_eq!(s.ok(&["balance", "1", "--json"]).json()["balance"], 300);
+    s.ok(&["admin", "maintenance", "off"]);
+    s.ok(&["tip", "--id", "300", "--from", "1", "--to", "2", "--coins", "10"]);
+    assert_eq!(s.ok(&["balance", "1", "--json"]).json()["balance"], 290);
+
+    // Freeze and unfreeze through the admin role.
+    s.ok(&["admin", "freeze", "1"]);
+    let frozen = s.cli(&["tip", "--id", "301", "--from", "1", "--to", "2", "--coins", "10"]);
+    assert_eq!(frozen.code, 1);
+    assert!(frozen.stdout.contains("account_frozen"), "{}", frozen.stdout);
+    s.ok(&["admin", "unfreeze", "1"]);
+    // A rejection is recorded under its id: a retry of 301 would repeat it, so use a new id.
+    s.ok(&["tip", "--id", "302", "--from", "1", "--to", "2", "--coins", "10"]);
+    s.ok(&["admin", "snapshot"]);
+}
+
+#[test]
+fn second_server_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Server::start(dir.path());
+    match Server::try_start(dir.path()) {
+        Ok(_) => panic!("a second server started on the same data directory"),
+        Err(run) => {
+            assert_ne!(run.code, 0);
+            assert!(run.stderr.contains("in use by another stormledger"), "{}", run.stderr);
+        }
+    }
+}
+
+#[test]
+fn sigterm_drains_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path());
+    setup_funded_user(&s);
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(s.pid(), libc::SIGTERM) }, 0);
+    let mut child = s.child.take().unwrap();
+    let status = wait_bounded(&mut child, WAIT).expect("the server did not stop after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{:?}", status);
+    // The directory is free again.
+    let _again = Server::start(dir.path());
+}
+
+#[test]
+fn settle_pay_gift_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    setup_funded_user(&s);
+    let gift =
+        s.ok(&["gift", "--id", "400", "--from", "1", "--to", "2", "--gift", "2", "--count", "3", "--json"]).json();
+    assert_eq!((gift["spent"].as_i64(), gift["balance"].as_i64()), (Some(30), Some(270)));
+    s.ok(&["pay", "--id", "401", "--from", "1", "--to", "2", "--event", "9", "--coins", "20"]);
+    s.ok(&["limit", "set", "--user", "1", "--coins", "5"]);
+    let capped = s.cli(&["tip", "--id", "402", "--from", "1", "--to", "2", "--coins", "10"]);
+    assert_eq!(capped.code, 1);
+    assert!(capped.stdout.contains("exceeds_daily_cap"), "{}", capped.stdout);
+    let settled = s.ok(&["settle", "--id", "403", "--account", "2", "--json"]).json();
+    assert_eq!(settled["settled"], 25); // half of 30 + 20
+    assert_eq!(s.ok(&["balance", "2", "--json"]).json()["balance"], 0);
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP GET over a plain socket, bounded.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Write;
+    let deadline = Instant::now() + WAIT;
+    let mut stream = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("metrics endpoint {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn env_tokens_config_file_metrics_and_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("stormledger.toml");
+    std::fs::write(&config, format!("metrics = \"{metrics}\"\nshards = 1\nlisten = \"127.0.0.1:9\"\n")).unwrap();
+    let mut cmd = bin();
+    // The flag overrides the file's listen address; the file provides the metrics address.
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--config"])
+        .arg(&config)
+        .env("STORMLEDGER_DATA_DIR", dir.path())
+        .env("STORMLEDGER_TOKEN", "client-secret")
+        .env("STORMLEDGER_ADMIN_TOKEN", "admin-secret");
+    let mut s = Server::spawn(cmd, dir.path()).unwrap_or_else(|r| panic!("{} {}", r.code, r.stderr));
+    // Given tokens are not written to the data directory.
+    assert!(!dir.path().join("auth.token").exists());
+
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "account", "create", "--id", "1", "--kind", "user"])
+        .env("STORMLEDGER_TOKEN", "client-secret");
+    assert_eq!(run_bounded(cmd).code, 0);
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--token", "client-secret", "admin", "maintenance", "on"]);
+    assert_eq!(run_bounded(cmd).code, 3, "the client token must not open the admin role");
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--admin-token", "admin-secret", "admin", "maintenance", "on", "--json"]);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["status"], "ok");
+
+    let page = http_get(&metrics, "/metrics");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("stormledger_connections_accepted_total "), "{page}");
+    assert!(page.contains("stormledger_commands_received_total "), "{page}");
+    assert!(page.contains("stormledger_maintenance 1"), "{page}");
+    assert!(page.contains("stormledger_shards 1"), "{page}");
+    assert!(http_get(&metrics, "/nope").starts_with("HTTP/1.1 404"));
+
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(s.pid(), libc::SIGINT) }, 0);
+    let mut child = s.child.take().unwrap();
+    let status = wait_bounded(&mut child, WAIT).expect("the server did not stop after SIGINT");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn serve_configuration_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "0.0.0.0:0", "--durability", "memory", "--data-dir"]).arg(dir.path());
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("--allow-remote") && run.stderr.contains("TLS"), "{}", run.stderr);
+
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "listen_address = \"127.0.0.1:1\"\n").unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--durability", "memory", "--config"]).arg(&config).arg("--data-dir").arg(dir.path());
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("listen_address"), "{}", run.stderr);
+
+    let mut cmd = bin();
+    cmd.args(["serve", "--durability", "fast"]);
+    assert_eq!(run_bounded(cmd).code, 2);
+}
