@@ -219,4 +219,30 @@ mod tests {
         }
         assert!((4_500..5_700).contains(&hot), "{hot}");
     }
+
+    #[test]
+    fn poor_users_gifts_and_id_base() {
+        let spec =
+            StormSpec { users: 200, poor_percent: 10, gift_percent: 30, id_base: TIP_BASE + 7, ..StormSpec::default() };
+        assert_eq!(spec.topup_yuan_of(5), spec.poor_topup_yuan);
+        assert_eq!(spec.topup_yuan_of(50), spec.topup_yuan);
+        let phases = spec.setup_phases();
+        let poor = phases[4].iter().filter(|c| matches!(c, Command::TopUpBegin { fen: 100, .. })).count();
+        assert_eq!(poor, 20);
+        let mut g = spec.tips();
+        let mut gifts = 0;
+        for n in 1..=1000u64 {
+            match g.next_write() {
+                Command::Tip { id, .. } => assert_eq!(id, TIP_BASE + 7 + n),
+                Command::Gift { id, gift, count, .. } => {
+                    assert_eq!(id, TIP_BASE + 7 + n);
+                    assert!((1..=3).contains(&gift) && (1..=3).contains(&count));
+                    gifts += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!((200..400).contains(&gifts), "{gifts}");
+        assert_eq!(g.generated(), 1000);
+    }
 }
