@@ -28,11 +28,32 @@ pub struct StormSpec {
     /// Tips are 1..=tip_coins_max coins.
     pub tip_coins_max: u64,
     pub seed: u64,
+    /// Percent of users (those with `user % 100 < poor_percent`) topped up with only
+    /// `poor_topup_yuan`, so that they run out of coins and `insufficient_funds` happens.
+    pub poor_percent: u32,
+    /// Top-up of a poor user, in yuan (at least the custom minimum, 1 yuan).
+    pub poor_topup_yuan: u64,
+    /// Percent of writes that are gift purchases instead of tips (`TipGen::next_write`).
+    pub gift_percent: u32,
+    /// Id of write `n` is `id_base + n`; at least `TIP_BASE` (distinct bases keep runs against
+    /// the same server from colliding with each other's idempotency keys).
+    pub id_base: u64,
 }
 
 impl Default for StormSpec {
     fn default() -> Self {
-        StormSpec { users: 100_000, streamers: 1_000, hot_percent: 50, topup_yuan: 648, tip_coins_max: 20, seed: 42 }
+        StormSpec {
+            users: 100_000,
+            streamers: 1_000,
+            hot_percent: 50,
+            topup_yuan: 648,
+            tip_coins_max: 20,
+            seed: 42,
+            poor_percent: 0,
+            poor_topup_yuan: 1,
+            gift_percent: 0,
+            id_base: TIP_BASE,
+        }
     }
 }
 
@@ -73,25 +94,39 @@ impl StormSpec {
             .collect();
         let methods =
             (1..=self.users).map(|u| Command::BindMethod { user: u, method: 1, channel: channel_of(u) }).collect();
-        let fen = self.topup_yuan * 100;
-        let begins =
-            (1..=self.users).map(|u| Command::TopUpBegin { id: TOPUP_BASE + u, user: u, method: 1, fen }).collect();
+        let begins = (1..=self.users)
+            .map(|u| Command::TopUpBegin { id: TOPUP_BASE + u, user: u, method: 1, fen: self.topup_yuan_of(u) * 100 })
+            .collect();
         let confirms = (1..=self.users)
             .map(|u| Command::TopUpConfirm {
                 id: TOPUP_BASE + u,
-                fen,
+                fen: self.topup_yuan_of(u) * 100,
                 channel_txn: text_field(&format!("S{u}")).expect("short ascii"),
             })
             .collect();
         vec![union, streamers, users, methods, begins, confirms]
     }
 
-    /// Coins each user holds after setup.
+    /// Coins each (not poor) user holds after setup.
     pub fn coins_per_user(&self) -> u64 {
         self.topup_yuan * 10
     }
 
-    /// A generator of tips; tip `n` has id `TIP_BASE + n`.
+    /// Whether `user` is one of the poorly funded users.
+    pub fn is_poor(&self, user: u64) -> bool {
+        user % 100 < self.poor_percent as u64
+    }
+
+    /// The yuan `user` is topped up with during setup.
+    pub fn topup_yuan_of(&self, user: u64) -> u64 {
+        if self.is_poor(user) {
+            self.poor_topup_yuan
+        } else {
+            self.topup_yuan
+        }
+    }
+
+    /// A generator of tips; tip `n` has id `id_base + n`.
     pub fn tips(&self) -> TipGen {
         TipGen { rng: SplitMix64(self.seed), spec: self.clone(), next: 0 }
     }
@@ -128,7 +163,40 @@ impl TipGen {
         let from = self.user();
         let to = self.streamer();
         let coins = 1 + self.rng.below(self.spec.tip_coins_max);
-        Command::Tip { id: TIP_BASE + self.next, from, to, coins }
+        Command::Tip { id: self.spec.id_base + self.next, from, to, coins }
+    }
+
+    /// The next write: a tip, or (`gift_percent` of the time) a purchase of 1..=3 of the cheap
+    /// gifts 1..=3 of the default catalog (1, 10 and 99 coins).
+    pub fn next_write(&mut self) -> Command {
+        if self.spec.gift_percent == 0 || self.rng.below(100) >= self.spec.gift_percent as u64 {
+            return self.next_tip();
+        }
+        self.next += 1;
+        let from = self.user();
+        let to = self.streamer();
+        let gift = 1 + self.rng.below(3);
+        let count = 1 + self.rng.below(3);
+        Command::Gift { id: self.spec.id_base + self.next, from, to, gift, count }
+    }
+
+    /// An account for a balance read: a random user, or the hot streamer one time in ten.
+    pub fn read_key(&mut self) -> u64 {
+        if self.rng.below(10) == 0 {
+            STREAMER_BASE
+        } else {
+            self.user()
+        }
+    }
+
+    /// A number in `0..n` from the same stream (mixing decisions).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.rng.below(n)
+    }
+
+    /// Writes generated so far.
+    pub fn generated(&self) -> u64 {
+        self.next
     }
 }
 
@@ -150,5 +218,31 @@ mod tests {
             }
         }
         assert!((4_500..5_700).contains(&hot), "{hot}");
+    }
+
+    #[test]
+    fn poor_users_gifts_and_id_base() {
+        let spec =
+            StormSpec { users: 200, poor_percent: 10, gift_percent: 30, id_base: TIP_BASE + 7, ..StormSpec::default() };
+        assert_eq!(spec.topup_yuan_of(5), spec.poor_topup_yuan);
+        assert_eq!(spec.topup_yuan_of(50), spec.topup_yuan);
+        let phases = spec.setup_phases();
+        let poor = phases[4].iter().filter(|c| matches!(c, Command::TopUpBegin { fen: 100, .. })).count();
+        assert_eq!(poor, 20);
+        let mut g = spec.tips();
+        let mut gifts = 0;
+        for n in 1..=1000u64 {
+            match g.next_write() {
+                Command::Tip { id, .. } => assert_eq!(id, TIP_BASE + 7 + n),
+                Command::Gift { id, gift, count, .. } => {
+                    assert_eq!(id, TIP_BASE + 7 + n);
+                    assert!((1..=3).contains(&gift) && (1..=3).contains(&count));
+                    gifts += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!((200..400).contains(&gifts), "{gifts}");
+        assert_eq!(g.generated(), 1000);
     }
 }

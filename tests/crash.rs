@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stormledger::client::Client;
-use stormledger::layout::{text_field, CommandRecord, QueryRecord, ReplyRecord};
+use stormledger::layout::{text_field, QueryRecord, ReplyRecord};
 use stormledger::ledger::command::flags;
 use stormledger::ledger::{AccountKind, Channel, Command, Status};
 use stormledger::workload::SplitMix64;
@@ -153,7 +153,11 @@ async fn drive(addr: String, book: Arc<Mutex<Book>>, seed: u64, next_id: Arc<std
                 if !submit(&client, &book, vec![begin]).await {
                     return;
                 }
-                let confirm = Command::TopUpConfirm { id: topup, fen: 600, channel_txn: text_field(&format!("T{topup}")).unwrap() };
+                let confirm = Command::TopUpConfirm {
+                    id: topup,
+                    fen: 600,
+                    channel_txn: text_field(&format!("T{topup}")).unwrap(),
+                };
                 if client.submit(vec![confirm.to_record()]).await.is_err() {
                     return;
                 }
@@ -273,7 +277,10 @@ fn kill_dash_nine_mid_storm_loses_nothing_acknowledged() {
         let drive = runtime.spawn(drive(server.addr.clone(), book.clone(), seed.wrapping_add(cycle), next_id.clone()));
         std::thread::sleep(Duration::from_millis(30 + rng.below(200)));
         kill9(&mut server);
-        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(30), drive).await }).expect("clients stop").ok();
+        runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), drive).await })
+            .expect("clients stop")
+            .ok();
         server = start(dir.path());
         runtime.block_on(resolve(&server.addr, &book));
     }

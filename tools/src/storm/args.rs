@@ -1,0 +1,140 @@
+//! The command line (the "Gift-storm tool" section of docs/INTERFACE: flags and JSON fields).
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser};
+use stormledger::node::Durability;
+
+/// The gift-storm load generator and end-to-end checker.
+///
+/// Creates and funds the accounts it needs through the real API (accounts, bound methods,
+/// two-phase top-ups), runs a storm of tips, gift purchases and balance reads, then reads back
+/// every balance it touched and compares it with its own record of acknowledged commands.
+/// Exit status: 0 verified, 1 not verified, 2 usage error, 3 server unreachable / spawn failed.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "stormledger-storm", version)]
+#[command(group(ArgGroup::new("target").required(true).args(["connect", "spawn", "engine"])))]
+pub struct Args {
+    /// Drive a running server over TCP at ADDR (only this address is ever contacted).
+    #[arg(long, value_name = "ADDR")]
+    pub connect: Option<String>,
+    /// Client token for --connect (or STORMLEDGER_TOKEN).
+    #[arg(long, env = "STORMLEDGER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Start `stormledger serve` on 127.0.0.1:0 with a temporary data directory, drive it over
+    /// TCP, and stop it (SIGTERM) at the end.
+    #[arg(long)]
+    pub spawn: bool,
+    /// Drive the engine in-process (no TCP), through the durable node facade.
+    #[arg(long)]
+    pub engine: bool,
+    /// The `stormledger` binary for --spawn (default: next to this executable).
+    #[arg(long, value_name = "PATH")]
+    pub server_bin: Option<PathBuf>,
+    /// Durability mode for --engine / --spawn: sync, buffered or memory
+    /// (default: sync for --engine, the server's default for --spawn).
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<Durability>,
+    /// Shards for --engine / --spawn (default: number of cores).
+    #[arg(long)]
+    pub shards: Option<u16>,
+    /// User wallets (ids 1..=N).
+    #[arg(long, default_value_t = 100_000)]
+    pub users: u64,
+    /// Streamers (streamer 0 is the hot one).
+    #[arg(long, default_value_t = 1_000)]
+    pub streamers: u64,
+    /// Percent of tips that go to streamer 0.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub hot_percent: u32,
+    /// Storm length in seconds (default 10 unless --count is given; with both, whichever first).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Stop after this many write commands (tips and gifts).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Open loop: this many operations (writes + reads) per second on a fixed schedule; latency
+    /// is measured from each batch's intended send time. Without it: closed loop.
+    #[arg(long, value_name = "PER_SEC")]
+    pub rate: Option<f64>,
+    /// Concurrent connections (for --engine: concurrent submitters).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Operations per batch (one frame of commands and one of reads).
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Closed loop: batches each connection keeps in flight.
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Percent of operations that are balance reads.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub read_percent: u32,
+    /// Percent of writes that are gift purchases (the rest are tips).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub gift_percent: u32,
+    /// Percent of users funded with only --poor-yuan (they run out: insufficient_funds).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub poor_percent: u32,
+    /// Top-up of a poor user, in yuan.
+    #[arg(long, default_value_t = 1)]
+    pub poor_yuan: u64,
+    /// Top-up of every other user, in yuan (10 coins per yuan).
+    #[arg(long, default_value_t = 648)]
+    pub topup_yuan: u64,
+    /// Largest tip, in coins (tips are 1..=N).
+    #[arg(long, default_value_t = 20)]
+    pub tip_max: u64,
+    /// Workload seed (accounts chosen, amounts, mix).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// First write id (default: random per run, so runs against one server never collide).
+    #[arg(long)]
+    pub id_base: Option<u64>,
+    /// Write `sent ID KIND FROM TO AMOUNT` / `ack ID STATUS` lines to FILE, flushed every 50 ms.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Print one JSON object as the last stdout line (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    /// Checks relations clap cannot express; `Err` is a usage error.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.users == 0 || self.users >= stormledger::workload::STREAMER_BASE {
+            return Err("--users must be in 1..1000000000".into());
+        }
+        if self.streamers == 0 || self.streamers >= 1_000_000_000 {
+            return Err("--streamers must be in 1..1000000000".into());
+        }
+        if self.connections == 0 || self.batch == 0 || self.window == 0 {
+            return Err("--connections, --batch and --window must be at least 1".into());
+        }
+        if self.batch > stormledger::protocol::COMMANDS_PER_FRAME_MAX {
+            return Err(format!("--batch must be at most {}", stormledger::protocol::COMMANDS_PER_FRAME_MAX));
+        }
+        if let Some(d) = self.duration {
+            if !(d > 0.0 && d <= 86_400.0) {
+                return Err("--duration must be in (0, 86400] seconds".into());
+            }
+        }
+        if let Some(r) = self.rate {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err("--rate must be positive".into());
+            }
+        }
+        if self.count == Some(0) {
+            return Err("--count must be at least 1".into());
+        }
+        if self.tip_max == 0 || self.topup_yuan == 0 || self.poor_yuan == 0 {
+            return Err("--tip-max, --topup-yuan and --poor-yuan must be at least 1".into());
+        }
+        if self.connect.is_some() && self.token.is_none() {
+            return Err("--connect needs --token (or STORMLEDGER_TOKEN)".into());
+        }
+        if self.connect.is_some() && (self.durability.is_some() || self.shards.is_some()) {
+            return Err("--durability and --shards apply to --engine and --spawn only".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! End-to-end tests of `stormledger-storm`: the in-process engine, a server started in this test
+//! (directly and behind a proxy that drops connections mid-storm), and `--spawn`.
+//! Each run is short; no timing is asserted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use stormledger::engine::{Engine, EngineConfig};
+use stormledger::server::{Backend, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+
+const TOKEN: &str = "storm-test-token";
+
+fn storm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stormledger-storm"))
+}
+
+/// Runs the tool; returns its exit status and the JSON object on its last stdout line.
+fn run_storm(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(storm_bin()).args(args).env_remove("STORMLEDGER_TOKEN").output().expect("run storm");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stdout.lines().last().unwrap_or_else(|| panic!("no output; stderr:\n{stderr}"));
+    let json: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last:?}; stderr:\n{stderr}"));
+    (out.status.code().unwrap_or(-1), json)
+}
+
+const SHAPE: &[&str] = &["--users", "2000", "--streamers", "20", "--connections", "3", "--batch", "32", "--json"];
+
+fn assert_verified(code: i32, json: &Value) {
+    assert_eq!(json["verified"], Value::Bool(true), "{json:#}");
+    assert_eq!(code, 0, "{json:#}");
+    assert!(json["tips_acked"].as_u64().unwrap() > 0, "{json:#}");
+    assert_eq!(json["balance_mismatches"], 0, "{json:#}");
+    for key in
+        ["tips_rejected", "tips_per_sec", "write_p50_us", "write_p99_us", "write_p999_us", "read_p50_us", "read_p99_us"]
+    {
+        assert!(json[key].is_number(), "{key} missing: {json:#}");
+    }
+}
+
+/// A server over an in-memory engine on 127.0.0.1:0, on its own runtime thread.
+struct TestServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start() -> TestServer {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let engine = Engine::in_memory(EngineConfig { shards: 2, ..EngineConfig::default() }).unwrap();
+                let backend: Arc<dyn Backend> = Arc::new(engine);
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let config = ServerConfig::new(TOKEN);
+                stormledger::server::run(listener, backend, config, async move {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("server address");
+        TestServer { addr, stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP proxy to `upstream` that cuts each of the first `kills` connections it accepts once it
+/// has lived `after` and carried `bytes` from the client (so: mid-storm, after the setup traffic),
+/// right after forwarding a request: both directions close at once and the replies in flight
+/// are lost.
+fn start_dropping_proxy(
+    upstream: SocketAddr,
+    after: Duration,
+    bytes: u64,
+    kills: usize,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let killed = Arc::new(AtomicUsize::new(0));
+    let killed2 = killed.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                let doomed = accepted.fetch_add(1, Ordering::SeqCst) < kills;
+                let killed = killed2.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let born = tokio::time::Instant::now();
+                    // The cut comes right after forwarding a request, so its reply is in flight.
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut carried = 0u64;
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                            carried += n as u64;
+                            if doomed && born.elapsed() >= after && carried >= bytes {
+                                killed.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        }
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                    // Returning drops every half: both sockets close.
+                });
+            }
+        });
+    });
+    (addr_rx.recv_timeout(Duration::from_secs(30)).expect("proxy address"), killed)
+}
+
+#[test]
+fn engine_run_verifies() {
+    let mut args = vec!["--engine", "--duration", "1", "--durability", "memory"];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    assert_eq!(json["mode"], "engine");
+    // Poor users run out of coins: the rejections are counted.
+    assert!(json["tips_insufficient_funds"].as_u64().unwrap() > 0, "{json:#}");
+    assert!(json["reads"].as_u64().unwrap() > 0, "{json:#}");
+}
+
+#[test]
+fn engine_open_loop_with_count_and_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("storm.record");
+    let record_arg = record.to_str().unwrap();
+    let mut args = vec!["--engine", "--count", "3000", "--rate", "20000", "--record", record_arg];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    assert_eq!(json["loop"], "open");
+    let writes = ["tips_acked", "tips_rejected", "gifts_acked", "gifts_rejected", "writes_refused_retryable"]
+        .iter()
+        .map(|k| json[*k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(writes, 3000, "{json:#}");
+    // Every storm write has a `sent` and an `ack` line; ids in acks were sent before.
+    let text = std::fs::read_to_string(&record).unwrap();
+    let mut sent = std::collections::HashSet::new();
+    let (mut tips_sent, mut acks) = (0, 0);
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f[0] {
+            "sent" => {
+                assert_eq!(f.len(), 6, "{line}");
+                sent.insert(f[1].to_string());
+                if f[2] == "tip" || f[2] == "gift" {
+                    tips_sent += 1;
+                    f[3].parse::<u64>().unwrap();
+                    f[5].parse::<u64>().unwrap();
+                }
+            }
+            "ack" => {
+                assert_eq!(f.len(), 3, "{line}");
+                assert!(sent.contains(f[1]), "ack before sent: {line}");
+                acks += 1;
+            }
+            other => panic!("unknown line kind {other}: {line}"),
+        }
+    }
+    assert_eq!(tips_sent, 3000);
+    assert!(acks >= 3000 + 2000 * 3);
+}
+
+#[test]
+fn connect_run_verifies() {
+    let server = TestServer::start();
+    let addr = server.addr.to_string();
+    let mut args = vec!["--connect", &addr, "--token", TOKEN, "--duration", "1.5"];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    assert_eq!(json["mode"], "connect");
+    assert_eq!(json["in_doubt"], 0, "{json:#}");
+    // A second run against the same server (accounts exist, new ids) still verifies.
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    assert_eq!(json["fresh_setup"], false);
+}
+
+#[test]
+fn connect_with_wrong_token_exits_3() {
+    let server = TestServer::start();
+    let addr = server.addr.to_string();
+    let out = Command::new(storm_bin())
+        .args(["--connect", &addr, "--token", "wrong", "--duration", "1", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn dropped_connections_mid_storm_still_verify() {
+    let server = TestServer::start();
+    // Each of the first 4 connections is cut once it is 800 ms old and has carried 400 KB of
+    // commands: past the setup (under 700 KB in all for 2000 users, a few hundred ms), mid-storm,
+    // with batches in flight.
+    let (proxy, killed) = start_dropping_proxy(server.addr, Duration::from_millis(800), 400_000, 4);
+    let addr = proxy.to_string();
+    let mut args = vec!["--connect", &addr, "--token", TOKEN, "--duration", "2.5", "--window", "16"];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert!(killed.load(Ordering::SeqCst) >= 1, "the proxy cut no connection: {json:#}");
+    assert_verified(code, &json);
+    assert!(json["reconnects"].as_u64().unwrap() >= 1, "{json:#}");
+    assert!(json["in_doubt"].as_u64().unwrap() > 0, "no command was in flight at a cut: {json:#}");
+    assert_eq!(json["in_doubt"], json["in_doubt_resolved"], "{json:#}");
+}
+
+/// `--spawn` needs `stormledger serve`. Until the server binary has it, this test says so and
+/// returns (it cannot fail for a missing feature of another crate's binary).
+#[test]
+fn spawn_run_verifies() {
+    let server_bin = storm_bin().with_file_name(format!("stormledger{}", std::env::consts::EXE_SUFFIX));
+    let help = Command::new(&server_bin).arg("--help").output();
+    let has_serve = help.as_ref().is_ok_and(|o| {
+        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        text.lines().any(|l| l.trim_start().starts_with("serve"))
+    });
+    if !has_serve {
+        eprintln!("skipping: {} has no `serve` subcommand yet", server_bin.display());
+        return;
+    }
+    let mut args = vec!["--spawn", "--duration", "1", "--durability", "buffered"];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    assert_eq!(json["mode"], "spawn");
+}
