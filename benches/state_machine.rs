@@ -49,7 +49,14 @@ fn apply_tips(c: &mut Criterion) {
                     batch.clear();
                     batch.extend((0..BATCH).map(|_| tips.next_tip()));
                     let start = Instant::now();
-                    for cmd in &batch {
+                    // The worker's loop: prefetch two stages ahead, then apply.
+                    for (i, cmd) in batch.iter().enumerate() {
+                        if let Some(c) = batch.get(i + 12) {
+                            state.prefetch_index(c);
+                        }
+                        if let Some(c) = batch.get(i + 6) {
+                            state.prefetch_account(c);
+                        }
                         ts += 1;
                         let (reply, _) = state.apply(ts, cmd);
                         std::hint::black_box(reply);

@@ -77,6 +77,19 @@ impl AccountIndex {
         }
     }
 
+    /// Hints the CPU to load the index entry of `id` (no effect on results).
+    #[inline]
+    pub fn prefetch_entry(&self, id: u64) {
+        let i = hash(id) & self.mask;
+        prefetch(self.entries.as_ptr().wrapping_add(2 * i) as *const u8);
+    }
+
+    /// Hints the CPU to load the published balance of `slot` (no effect on results).
+    #[inline]
+    pub fn prefetch_balance(&self, slot: u32) {
+        prefetch(self.balances.as_ptr().wrapping_add(slot as usize) as *const u8);
+    }
+
     /// The published balance of `id`, if present. Safe from any thread.
     #[inline]
     pub fn balance(&self, id: u64) -> Option<i64> {
@@ -132,4 +145,18 @@ mod tests {
         }
         assert_eq!(index.balance(42), None);
     }
+}
+
+/// A cache prefetch hint. Only a hint: it never faults and never changes a result, which is why
+/// it may live in the deterministic core.
+#[inline(always)]
+pub fn prefetch(address: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` is a hint; it does not dereference in the language's sense and
+    // never faults, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch(address as *const i8, core::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
 }

@@ -344,6 +344,24 @@ impl ShardState {
         assert!(broken.is_empty(), "{}", broken.join("; "));
     }
 
+    /// Stage one of prefetching a command: the index entry of the account it reads first.
+    /// Call a few commands ahead of `apply`; hints only, results never depend on it.
+    #[inline]
+    pub fn prefetch_index(&self, command: &Command) {
+        if let Some(account) = primary_account(command) {
+            self.index.prefetch_entry(account);
+        }
+    }
+
+    /// Stage two: the account record and published balance (its index entry is cached now).
+    #[inline]
+    pub fn prefetch_account(&self, command: &Command) {
+        if let Some(slot) = primary_account(command).and_then(|a| self.index.lookup(a)) {
+            crate::ledger::index::prefetch(self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8);
+            self.index.prefetch_balance(slot);
+        }
+    }
+
     /// Applies one command at `timestamp` (strictly increasing, assigned at ingest).
     pub fn apply(&mut self, timestamp: u64, command: &Command) -> (Reply, Fanout) {
         assert!(timestamp > self.last_timestamp, "timestamps must increase");
@@ -940,6 +958,18 @@ impl ShardState {
             Fanout::None
         };
         (Reply { duplicate: unchanged, ..Reply::ok(0, 0) }, fanout)
+    }
+}
+
+/// The account a command reads first (the payer or the target), for prefetching.
+fn primary_account(command: &Command) -> Option<u64> {
+    match *command {
+        Command::Tip { from, .. } | Command::Gift { from, .. } | Command::PayEvent { from, .. } => Some(from),
+        Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } | Command::SetDailyCap { user, .. } => {
+            Some(user)
+        }
+        Command::CreateAccount { account, .. } | Command::Freeze { account, .. } => Some(account),
+        _ => None,
     }
 }
 
