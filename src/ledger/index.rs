@@ -127,6 +127,20 @@ impl AccountIndex {
     }
 }
 
+/// A cache prefetch hint. Only a hint: it never faults and never changes a result, which is why
+/// it may live in the deterministic core.
+#[inline(always)]
+pub fn prefetch(address: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` is a hint; it does not dereference in the language's sense and
+    // never faults, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch(address as *const i8, core::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,18 +159,4 @@ mod tests {
         }
         assert_eq!(index.balance(42), None);
     }
-}
-
-/// A cache prefetch hint. Only a hint: it never faults and never changes a result, which is why
-/// it may live in the deterministic core.
-#[inline(always)]
-pub fn prefetch(address: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `_mm_prefetch` is a hint; it does not dereference in the language's sense and
-    // never faults, whatever the address.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch(address as *const i8, core::arch::x86_64::_MM_HINT_T0)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = address;
 }
