@@ -7,8 +7,8 @@
 //! readers hold an `Arc<AccountIndex>` and only call `lookup`/`balance`). Accounts are never
 //! removed, so a reader can never observe a slot being reused.
 //!
-//! Capacity is fixed at startup (twice `accounts_max`, rounded up to a power of two, so the load
-//! factor stays at or below 0.5 and probes stay short); an entry is 16 bytes (id, slot). The arrays are zero-initialised with
+//! Capacity is fixed at startup: the table has twice `accounts_max` entries, so the load factor
+//! stays at or below 0.5 and probes stay short; an entry is 16 bytes (id, slot). The arrays are zero-initialised with
 //! `Box::new_zeroed_slice`, so untouched pages cost no resident memory.
 
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -18,7 +18,8 @@ pub struct AccountIndex {
     /// `[2i]` = account id (0 = empty), `[2i + 1]` = its slot: one cache line per probe.
     entries: Box<[AtomicU64]>,
     balances: Box<[AtomicI64]>,
-    mask: usize,
+    /// Entries in the table: exactly twice the capacity (load factor <= 0.5).
+    table: usize,
     len: AtomicU32,
     capacity: u32,
 }
@@ -29,20 +30,23 @@ fn zeroed<T>(n: usize) -> Box<[T]> {
     unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() }
 }
 
+/// The first table position of `id`: a multiplicative hash (ids are often sequential; the
+/// multiply spreads them) mapped onto `0..table` by a multiply-shift, so the table needs no
+/// power-of-two size and costs exactly 32 bytes per account of capacity.
 #[inline]
-fn hash(id: u64) -> usize {
-    // Fibonacci hashing: ids are often sequential; the multiply spreads them over the table.
-    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize
+fn home(id: u64, table: usize) -> usize {
+    let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((h as u128 * table as u128) >> 64) as usize
 }
 
 impl AccountIndex {
     /// An empty index for at most `capacity` accounts.
     pub fn new(capacity: u32) -> AccountIndex {
-        let table = (capacity as usize * 2).next_power_of_two();
+        let table = capacity as usize * 2;
         AccountIndex {
             entries: zeroed(table * 2),
             balances: zeroed(capacity as usize),
-            mask: table - 1,
+            table,
             len: AtomicU32::new(0),
             capacity,
         }
@@ -64,7 +68,7 @@ impl AccountIndex {
     /// The slot of `id`, if present. Safe from any thread.
     #[inline]
     pub fn lookup(&self, id: u64) -> Option<u32> {
-        let mut i = hash(id) & self.mask;
+        let mut i = home(id, self.table);
         loop {
             let key = self.entries[2 * i].load(Ordering::Acquire);
             if key == id {
@@ -73,14 +77,14 @@ impl AccountIndex {
             if key == 0 {
                 return None;
             }
-            i = (i + 1) & self.mask;
+            i = if i + 1 == self.table { 0 } else { i + 1 };
         }
     }
 
     /// Hints the CPU to load the index entry of `id` (no effect on results).
     #[inline]
     pub fn prefetch_entry(&self, id: u64) {
-        let i = hash(id) & self.mask;
+        let i = home(id, self.table);
         prefetch(self.entries.as_ptr().wrapping_add(2 * i) as *const u8);
     }
 
@@ -104,7 +108,7 @@ impl AccountIndex {
         if slot >= self.capacity {
             return None;
         }
-        let mut i = hash(id) & self.mask;
+        let mut i = home(id, self.table);
         loop {
             let key = self.entries[2 * i].load(Ordering::Relaxed);
             assert!(key != id, "account {id} inserted twice");
@@ -116,7 +120,7 @@ impl AccountIndex {
                 self.len.store(slot + 1, Ordering::Release);
                 return Some(slot);
             }
-            i = (i + 1) & self.mask;
+            i = if i + 1 == self.table { 0 } else { i + 1 };
         }
     }
 

@@ -196,7 +196,9 @@ impl ShardState {
             shards,
             gift_prices,
             index: Arc::new(AccountIndex::new(limits.accounts_max)),
-            accounts: Vec::new(),
+            // Reserved, not touched: pages become resident as accounts are created, and the
+            // vector never reallocates (no copy stall, no garbage left behind).
+            accounts: Vec::with_capacity(limits.accounts_max as usize),
             methods: IdMap::default(),
             ids: IdMap::with_capacity_and_hasher(2 * limits.ids_max as usize, Default::default()),
             id_ring: VecDeque::with_capacity(limits.ids_max as usize),

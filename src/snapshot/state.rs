@@ -239,6 +239,7 @@ pub fn decode<'a>(
     let mut state = ShardState::new(shard, shards, config, limits.clone());
     // Genesis created the system accounts; the snapshot has them (with balances), so start empty.
     state.accounts.clear();
+    state.accounts.reserve(limits.accounts_max as usize);
     state.index = std::sync::Arc::new(crate::ledger::index::AccountIndex::new(limits.accounts_max));
     state.last_timestamp = m.u64()?;
     state.id_seq = m.u64()?;
