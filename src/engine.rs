@@ -23,6 +23,7 @@ use crate::ledger::{Command, Reply, ShardState, Status};
 use crate::server::backend::{AnswerCallback, Backend, ReplyCallback};
 use crate::shard::directory::{Claim, IdDirectory};
 use crate::shard::router::home_shard;
+use crate::shard::stats::EngineStats;
 use crate::shard::worker::{
     self, reply_record, AuditSummary, Clock, Collector, Internal, Journal, NullJournal, Part, Peers, QueryMsg,
     ShardAnswer, ShardQuery, SnapshotPolicy, SystemClock, WorkerConfig, WriteItem,
@@ -97,6 +98,7 @@ pub struct Engine {
     indexes: Vec<Arc<AccountIndex>>,
     directory: Arc<IdDirectory>,
     permits: Arc<AtomicUsize>,
+    stats: Arc<EngineStats>,
     maintenance: AtomicBool,
     batch_commands_max: usize,
     threads: Mutex<Vec<JoinHandle<ShardState>>>,
@@ -185,6 +187,7 @@ impl Engine {
             }
         }
         let permits = Arc::new(AtomicUsize::new(REPLICATION_IN_FLIGHT_MAX));
+        let stats = Arc::new(EngineStats::new(n));
         let indexes = states.iter().map(|s| s.index().clone()).collect();
         let worker_config = WorkerConfig {
             batch_commands_max: config.batch_commands_max,
@@ -200,6 +203,7 @@ impl Engine {
                 queries: query_tx.clone(),
                 directory: directory.clone(),
                 permits: permits.clone(),
+                stats: stats.clone(),
             };
             let clock = clock.clone();
             let worker_config = WorkerConfig { snapshot, ..worker_config.clone() };
@@ -218,6 +222,7 @@ impl Engine {
             indexes,
             directory,
             permits,
+            stats,
             maintenance: AtomicBool::new(false),
             batch_commands_max: config.batch_commands_max,
             threads: Mutex::new(threads),
@@ -310,6 +315,7 @@ impl Engine {
                 if claimed {
                     self.directory.release(command.transfer_id().expect("claimed"), shard);
                 }
+                self.stats.busy(shard as usize, 1);
                 immediate.push((tag, reply_record(&command, Reply::status(Status::Busy))));
                 continue;
             }
@@ -327,6 +333,7 @@ impl Engine {
                 match self.writes[shard].try_send(part) {
                     Ok(()) => {}
                     Err(TrySendError::Full(part) | TrySendError::Disconnected(part)) => {
+                        self.stats.busy(shard, part.items.len());
                         for item in part.items {
                             immediate.push((item.tag, reply_record(&item.command, Reply::status(Status::Busy))));
                             if item.permit {
@@ -342,6 +349,7 @@ impl Engine {
                 items = rest;
             }
         }
+        self.stats.count_immediate(&immediate);
         collector.fill(&immediate);
     }
 
@@ -424,6 +432,7 @@ impl Engine {
     /// The committed balance of `account`: lock-free, on the calling thread. For a striped
     /// account it is the sum of its stripes, each committed (not one atomic cut across shards).
     pub fn balance(&self, account: u64) -> Option<i64> {
+        let _timer = self.stats.time_balance_read();
         let home = home_shard(account, self.shards) as usize;
         let balance = self.indexes[home].balance(account)?;
         if self.shards == 1 {
@@ -647,6 +656,16 @@ impl Engine {
     /// Transfer ids the directory knows (for tests and metrics).
     pub fn directory_len(&self) -> usize {
         self.directory.len()
+    }
+
+    /// The engine's metrics (see `shard::stats`).
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Parts waiting in each shard's write queue, now (for metrics).
+    pub fn queue_depths(&self) -> Vec<usize> {
+        self.writes.iter().map(|tx| tx.len()).collect()
     }
 }
 

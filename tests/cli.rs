@@ -417,6 +417,9 @@ fn env_tokens_config_file_metrics_and_sigint() {
     assert!(page.contains("stormledger_commands_received_total "), "{page}");
     assert!(page.contains("stormledger_maintenance 1"), "{page}");
     assert!(page.contains("stormledger_shards 1"), "{page}");
+    assert!(page.contains("stormledger_engine_commands_total{kind=\"create_account\",status=\"ok\"} 1\n"), "{page}");
+    assert!(page.contains("stormledger_engine_queue_depth{shard=\"0\"} 0\n"), "{page}");
+    assert!(page.contains("# TYPE stormledger_engine_journal_append_microseconds histogram\n"), "{page}");
     assert!(http_get(&metrics, "/nope").starts_with("HTTP/1.1 404"));
 
     // SAFETY: sending a signal to our own child process.

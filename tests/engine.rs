@@ -6,7 +6,7 @@ use std::sync::{Arc, Barrier};
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::engine::{query_kind, Engine, EngineConfig};
 use stormledger::layout::{text_field, CommandRecord, QueryRecord};
-use stormledger::ledger::command::{flags, Command, SYSTEM_PAYOUT};
+use stormledger::ledger::command::{flags, kind, Command, SYSTEM_PAYOUT};
 use stormledger::ledger::{AccountKind, Channel, ShardState, Status};
 use stormledger::shard::router::home_shard;
 use stormledger::shard::worker::{Journal, JournalError, ManualClock, NullJournal};
@@ -183,6 +183,8 @@ fn a_full_queue_answers_busy_and_changes_nothing() {
     }
     let refused = engine.execute(&[Command::CreateAccount { account: 4, kind: AccountKind::User, flags: 0, union: 0 }]);
     assert_eq!(refused[0].status.get(), Status::Busy.code());
+    assert_eq!(engine.stats().busy_refusals(0), 1);
+    assert_eq!(engine.queue_depths(), [2], "two parts wait behind the blocked batch");
     gate.wait();
     // Wait until the queued parts are applied (reads are lock-free, so poll).
     while engine.balance(3).is_none() {
@@ -220,6 +222,55 @@ fn a_failed_journal_stops_writes_and_keeps_reads() {
     assert_eq!(engine.balance(2), None, "not applied: it was never durable");
     assert_eq!(status(&engine, user2), Status::Unavailable, "poisoned until restart");
     assert_eq!(engine.balance(1), Some(0));
+    assert_eq!(engine.stats().poisoned_shards(), 1);
+    assert_eq!(engine.stats().commands(kind::CREATE_ACCOUNT, Status::Unavailable), 2);
+}
+
+#[test]
+fn engine_metrics_count_commands_batches_and_reads() {
+    let engine = Engine::in_memory(config(2)).unwrap();
+    setup(&engine, 4, 100);
+    let stats = engine.stats();
+    assert_eq!(stats.commands(kind::CREATE_ACCOUNT, Status::Ok), 6);
+    assert_eq!(stats.commands(kind::TOPUP_CONFIRM, Status::Ok), 4);
+    let tips: Vec<Command> = (1..=4).map(|u| Command::Tip { id: u, from: u, to: 1_000_000, coins: 10 }).collect();
+    assert!(engine.execute(&tips).iter().all(|r| r.status.get() == 0));
+    let poor: Vec<Command> =
+        (1..=3).map(|u| Command::Tip { id: 10 + u, from: u, to: 1_000_000, coins: 1_000 }).collect();
+    assert!(engine.execute(&poor).iter().all(|r| r.status.get() == Status::InsufficientFunds.code()));
+    engine.set_maintenance(true);
+    assert_eq!(status(&engine, Command::Tip { id: 20, from: 1, to: 1_000_000, coins: 1 }), Status::Maintenance);
+    engine.set_maintenance(false);
+
+    assert_eq!(stats.commands(kind::TIP, Status::Ok), 4);
+    assert_eq!(stats.commands(kind::TIP, Status::InsufficientFunds), 3);
+    assert_eq!(stats.commands(kind::TIP, Status::Maintenance), 1);
+    assert_eq!(stats.commands(kind::GIFT, Status::Ok), 0);
+    // Workers answered everything but the maintenance refusal.
+    let replies: u64 = (0..2).map(|s| stats.replies(s)).sum();
+    assert_eq!(replies, 1 + 9 + 4 + 4 + 4 + 3);
+    let batches = stats.batch_size().count();
+    assert!(batches > 0);
+    assert!(stats.batch_size().sum() >= replies, "batches also carry replica messages");
+    assert_eq!(stats.journal_latency().count(), batches, "one append per batch");
+    assert_eq!((stats.poisoned_shards(), stats.busy_refusals(0) + stats.busy_refusals(1)), (0, 0));
+    assert_eq!(engine.queue_depths().len(), 2);
+
+    // Balance reads: 1 in 64 per thread is timed.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..64 {
+                assert_eq!(engine.balance(4), Some(90));
+            }
+        });
+    });
+    assert!(stats.balance_latency().count() >= 1);
+
+    let mut page = String::new();
+    stats.render(&mut page, &engine.queue_depths());
+    assert!(page.contains("stormledger_engine_commands_total{kind=\"tip\",status=\"ok\"} 4\n"), "{page}");
+    assert!(page.contains("stormledger_engine_commands_total{kind=\"tip\",status=\"insufficient_funds\"} 3\n"));
+    assert!(!page.contains("kind=\"gift\""), "zero combinations are skipped");
 }
 
 #[test]

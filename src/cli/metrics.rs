@@ -70,7 +70,7 @@ impl Source {
                 self.scrapes.load(Ordering::Relaxed) as f64,
             ),
         ];
-        let mut out = String::with_capacity(4096);
+        let mut out = String::with_capacity(16 * 1024);
         for (name, help, value) in counters {
             let _ = write!(
                 out,
@@ -83,6 +83,7 @@ impl Source {
                 "# HELP stormledger_{name} {help}\n# TYPE stormledger_{name} gauge\nstormledger_{name} {value}\n"
             );
         }
+        self.engine.stats().render(&mut out, &self.engine.queue_depths());
         out
     }
 }

@@ -5,4 +5,5 @@
 
 pub mod directory;
 pub mod router;
+pub mod stats;
 pub mod worker;

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender};
 use parking_lot::Mutex;
@@ -17,6 +17,7 @@ use crate::ledger::account::HistoryEntry;
 use crate::ledger::state_machine::{Fanout, IdRecord, Reply, ShardState, TopUp};
 use crate::ledger::{Command, Status};
 use crate::shard::directory::IdDirectory;
+use crate::shard::stats::{EngineStats, ShardMetrics};
 
 /// Makes a batch durable. Implemented by the write-ahead log; `NullJournal` keeps nothing
 /// (in-memory engine for tests and the apply-only benchmark).
@@ -246,6 +247,7 @@ pub struct Peers {
     pub queries: Vec<Sender<QueryMsg>>,
     pub directory: Arc<IdDirectory>,
     pub permits: Arc<AtomicUsize>,
+    pub stats: Arc<EngineStats>,
 }
 
 /// Tunables of the loop.
@@ -298,6 +300,7 @@ pub fn run(
     let mut snapshot_requests: Vec<SnapshotDone> = Vec::new();
     let mut snapshots = config.snapshot.clone().map(Snapshotter::new);
     let mut last_lsn = 0u64;
+    let mut metrics = ShardMetrics::new(peers.stats.clone(), shard);
 
     loop {
         // Wait for work (or for the next top-up deadline).
@@ -386,6 +389,7 @@ pub fn run(
                 records.push(record);
             }
             if !poisoned {
+                let started = Instant::now();
                 match journal.append_batch(base, &records) {
                     Ok(lsn) => {
                         last_lsn = lsn;
@@ -398,6 +402,7 @@ pub fn run(
                         poisoned = true;
                     }
                 }
+                metrics.batch(records.len(), started.elapsed());
             }
 
             let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
@@ -441,6 +446,7 @@ pub fn run(
                     Entry::Write(p, j) => {
                         let item = &parts[p].items[j];
                         if poisoned {
+                            metrics.command(item.command.kind(), Status::Unavailable);
                             replies[p]
                                 .push((item.tag, reply_record(&item.command, Reply::status(Status::Unavailable))));
                             if item.permit {
@@ -452,6 +458,7 @@ pub fn run(
                             continue;
                         }
                         let (reply, fanout) = state.apply(ts, &item.command);
+                        metrics.command(item.command.kind(), reply.status);
                         match fanout {
                             Fanout::None => {
                                 replies[p].push((item.tag, reply_record(&item.command, reply)));
@@ -517,6 +524,7 @@ pub fn run(
             if !evicted.is_empty() {
                 peers.directory.release_many(&mut evicted, shard);
             }
+            metrics.flush(poisoned);
             for (part, replies) in parts.drain(..).zip(replies) {
                 part.collector.fill(&replies);
             }
