@@ -6,7 +6,7 @@
 # 1..20 coins, tips only (no gifts, no reads, nobody poor), every tip idempotent on its id.
 #   stormledger: stormledger-storm --spawn (or --engine while `stormledger serve` does not exist),
 #                closed loop, per-request (--batch 1, 50 connections, window 1) and batched
-#                (--batch 64, 4 connections, window 8); its own end-to-end balance check.
+#                (--batch 64 and --batch 512, 4 connections, window 8); its own end-to-end check.
 #   Redis 7:     FUNCTION tip_bench via redis-benchmark -c 50, -P 1 and -P 32; money conservation.
 #   PostgreSQL:  tip() plpgsql via pgbench -M prepared -c 16 -j 2; money conservation.
 # Servers listen on 127.0.0.1 only; data under /tmp/stormledger-peers; everything is stopped at
@@ -103,6 +103,7 @@ if want stormledger; then
   fi
   storm_row "batch 1, 50 conns x window 1" --connections 50 --window 1 --batch 1
   storm_row "batch 64, 4 conns x window 8" --connections 4 --window 8 --batch 64
+  storm_row "batch 512, 4 conns x window 8" --connections 4 --window 8 --batch 512
 fi
 
 # ---- Redis -----------------------------------------------------------------------------------------
