@@ -256,7 +256,7 @@ impl Engine {
         let maintenance = self.maintenance();
         // Pass 1: decode and find each command's route; transfer ids are claimed afterwards in
         // one pass over the directory (one lock per stripe, not one per command).
-        let mut routed: Vec<(u32, Command, Route)> = Vec::with_capacity(n);
+        let mut routed: Vec<(u32, Command, Route, u64)> = Vec::with_capacity(n);
         let mut claim_requests: Vec<(u64, u16)> = Vec::new();
         for (tag, record) in records.iter().enumerate() {
             let tag = tag as u32;
@@ -292,9 +292,9 @@ impl Engine {
             match self.route(&command) {
                 Ok(Route::Claim(id, home)) => {
                     claim_requests.push((id, home));
-                    routed.push((tag, command, Route::Claim(id, home)));
+                    routed.push((tag, command, Route::Claim(id, home), record.timestamp.get()));
                 }
-                Ok(route) => routed.push((tag, command, route)),
+                Ok(route) => routed.push((tag, command, route, record.timestamp.get())),
                 Err(status) => immediate.push((tag, reply_record(&command, Reply::status(status)))),
             }
         }
@@ -302,7 +302,7 @@ impl Engine {
         self.directory.claim_many(&claim_requests, &mut claims);
         let mut claims = claims.into_iter();
         // Pass 2: permits for cross-shard commands, then one part per shard.
-        for (tag, command, route) in routed {
+        for (tag, command, route, sent_at) in routed {
             let (shard, claimed) = match route {
                 Route::Shard(shard) => (shard, false),
                 Route::Claim(_, home) => match claims.next().expect("one claim per request") {
@@ -319,7 +319,7 @@ impl Engine {
                 immediate.push((tag, reply_record(&command, Reply::status(Status::Busy))));
                 continue;
             }
-            per_shard[shard as usize].push(WriteItem { tag, command, permit, claimed });
+            per_shard[shard as usize].push(WriteItem { tag, command, permit, claimed, sent_at });
         }
         for (shard, items) in per_shard.into_iter().enumerate() {
             let mut items = items;

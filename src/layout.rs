@@ -32,7 +32,9 @@ pub const TEXT_LEN: usize = 24;
 /// 24     8    b          per-kind (usually the receiving account or method)
 /// 32     8    c          per-kind (usually an amount in minor units or coins)
 /// 40     8    d          per-kind (gift id, count, event id, ...)
-/// 48     8    timestamp  nanoseconds since the Unix epoch, assigned at ingest (0 on the wire)
+/// 48     8    timestamp  ns since the Unix epoch. On the wire: optional, when the client first
+///                        sent this command (0 = not given; see `id_expired`). In the log: the
+///                        ingest time the engine assigned.
 /// 56    24    text       ASCII, zero padded (channel transaction id)
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

@@ -326,3 +326,32 @@ fn engine_config_is_validated() {
     c.ledger = LedgerConfig { streamer_share_bp: 9_500, union_share_bp: 1_000, ..LedgerConfig::default() };
     assert!(Engine::in_memory(c).is_err());
 }
+
+#[test]
+fn a_retry_older_than_the_idempotency_window_is_refused_not_reapplied() {
+    let mut cfg = config(1);
+    cfg.limits.ids_max = 16;
+    let engine = start(&cfg, null_journals(1));
+    setup(&engine, 4, 1_000);
+    // Fill the window: the top-up ids and the first tips are forgotten.
+    for i in 0..40u64 {
+        assert_eq!(status(&engine, Command::Tip { id: 500 + i, from: 1, to: 1_000_000, coins: 1 }), Status::Ok);
+    }
+    let tip = |id: u64, sent_at: u64| {
+        let mut r = Command::Tip { id, from: 2, to: 1_000_000, coins: 5 }.to_record();
+        r.timestamp.set(sent_at);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        engine.submit(vec![r], Box::new(move |replies| tx.send(replies[0]).unwrap()));
+        let reply = rx.recv().unwrap();
+        Status::from_code(reply.status.get()).unwrap()
+    };
+    // Id 500 was forgotten: a retry that says it was first sent long ago is refused ...
+    assert_eq!(tip(500, T0), Status::IdExpired);
+    assert_eq!(engine.balance(2), Some(1_000), "nothing moved");
+    // ... a remembered id is answered from the record whatever its send time ...
+    assert_eq!(tip(539, T0), Status::ExistsWithDifferentFields);
+    // ... and a new command sent now (or without a send time) is applied.
+    assert_eq!(tip(900, T0 + 3_600_000_000_000), Status::Ok);
+    assert_eq!(tip(901, 0), Status::Ok);
+    assert_eq!(engine.balance(2), Some(990));
+}

@@ -271,6 +271,16 @@ impl ShardState {
         self.topups.get(&id)
     }
 
+    /// The idempotency horizon: the ingest time of the oldest id still remembered, once older
+    /// ids have been forgotten (0 while nothing has been). A command first sent before it
+    /// with an id that is not remembered may be a retry of a forgotten command.
+    pub fn id_horizon(&self) -> u64 {
+        match self.id_ring.front() {
+            Some((_, oldest)) if self.id_seq > self.id_ring.len() as u64 => oldest.timestamp,
+            _ => 0,
+        }
+    }
+
     /// Ids evicted from the idempotency window since the last call.
     pub fn drain_evicted(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.evicted)

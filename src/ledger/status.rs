@@ -98,6 +98,11 @@ statuses! {
     Overflow = 30, "overflow";
     /// The shard has no room for another account (configured capacity).
     CapacityExhausted = 31, "capacity_exhausted";
+    /// The command says it was first sent before the oldest id the shard still remembers, and
+    /// its id is not remembered: an earlier attempt may have been applied and forgotten, so it
+    /// is refused rather than risk applying it twice. Nothing changed; check with `lookup`
+    /// or the account history before sending it again under a new id.
+    IdExpired = 32, "id_expired";
 }
 
 impl Status {

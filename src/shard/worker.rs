@@ -135,6 +135,8 @@ pub struct WriteItem {
     pub permit: bool,
     /// The engine claimed the id for this shard (released if the command never runs).
     pub claimed: bool,
+    /// When the client says it first sent this command (ns since the epoch; 0 = not said).
+    pub sent_at: u64,
 }
 
 /// The commands of one submitted batch that belong to one shard.
@@ -366,8 +368,24 @@ pub fn run(
         for (command, join) in replicas {
             entries.push(Entry::Replica(command, join));
         }
+        // A command first sent before the idempotency horizon whose id is not remembered may
+        // retry a forgotten one: refuse it (not logged, nothing changes) instead of risking a
+        // second application.
+        let horizon = state.id_horizon();
+        let mut expired: Vec<(usize, u32, ReplyRecord)> = Vec::new();
         for (p, part) in parts.iter().enumerate() {
-            for i in 0..part.items.len() {
+            for (i, item) in part.items.iter().enumerate() {
+                let forgotten = |id: u64| state.id_record(id).is_none();
+                if item.sent_at != 0 && item.sent_at < horizon && item.command.transfer_id().is_some_and(forgotten) {
+                    expired.push((p, item.tag, reply_record(&item.command, Reply::status(Status::IdExpired))));
+                    if item.claimed {
+                        peers.directory.release(item.command.transfer_id().expect("has an id"), shard);
+                    }
+                    if item.permit {
+                        peers.permits.fetch_add(1, Ordering::AcqRel);
+                    }
+                    continue;
+                }
                 entries.push(Entry::Write(p, i));
             }
         }
@@ -407,6 +425,9 @@ pub fn run(
 
             let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
                 parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
+            for (p, tag, reply) in expired.drain(..) {
+                replies[p].push((tag, reply));
+            }
             // Prefetch in two stages, a few commands ahead, so the cache misses of the next
             // payers overlap with applying this one (hints only: results do not change).
             let command_at = |entries: &[Entry], k: usize| match entries.get(k) {
@@ -525,6 +546,15 @@ pub fn run(
                 peers.directory.release_many(&mut evicted, shard);
             }
             metrics.flush(poisoned);
+            for (part, replies) in parts.drain(..).zip(replies) {
+                part.collector.fill(&replies);
+            }
+        } else if !parts.is_empty() {
+            // Every command of these parts was refused before the journal (`id_expired`).
+            let mut replies: Vec<Vec<(u32, ReplyRecord)>> = parts.iter().map(|_| Vec::new()).collect();
+            for (p, tag, reply) in expired.drain(..) {
+                replies[p].push((tag, reply));
+            }
             for (part, replies) in parts.drain(..).zip(replies) {
                 part.collector.fill(&replies);
             }
