@@ -254,6 +254,8 @@ pub struct WorkerConfig {
     pub batch_commands_max: usize,
     pub tick_interval: Duration,
     pub snapshot: Option<SnapshotPolicy>,
+    /// Where committed events are published (`crate::feed`).
+    pub feed: Option<Arc<crate::feed::ShardFeed>>,
 }
 
 /// Builds the wire reply of `command`.
@@ -396,6 +398,7 @@ pub fn run(
                 }
             }
 
+            let mut events = crate::feed::BatchEvents::new(last_lsn);
             let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
                 parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
             for (i, entry) in entries.drain(..).enumerate() {
@@ -411,7 +414,7 @@ pub fn run(
                             }
                             continue;
                         }
-                        let (reply, _) = state.apply(ts, &command);
+                        let (reply, _) = events.apply(&mut state, i, ts, &command);
                         if let Some(join) = join {
                             join.part_done(reply.value, true);
                         }
@@ -429,7 +432,7 @@ pub fn run(
                             }
                             continue;
                         }
-                        let (reply, fanout) = state.apply(ts, &item.command);
+                        let (reply, fanout) = events.apply(&mut state, i, ts, &item.command);
                         match fanout {
                             Fanout::None => {
                                 replies[p].push((item.tag, reply_record(&item.command, reply)));
@@ -489,6 +492,9 @@ pub fn run(
                         }
                     }
                 }
+            }
+            if let (Some(feed), false) = (&config.feed, poisoned) {
+                feed.publish(&mut events);
             }
             let mut evicted = state.drain_evicted();
             if !evicted.is_empty() {
