@@ -352,7 +352,8 @@ impl ShardFeed {
     pub fn start_after(&self, lsn: u64) {
         let mut ring = self.ring.write();
         ring.events.clear();
-        ring.floor = Position::new(lsn, u32::MAX);
+        // Lsn 0 is genesis: nothing came before it.
+        ring.floor = if lsn == 0 { Position::default() } else { Position::new(lsn, u32::MAX) };
         ring.last = ring.floor;
     }
 
