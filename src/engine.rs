@@ -54,6 +54,8 @@ pub struct EngineConfig {
     pub batch_commands_max: usize,
     /// How often an idle shard checks for expired top-ups.
     pub tick_interval: Duration,
+    /// Events each shard's feed ring keeps (`crate::feed`).
+    pub feed_events_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +68,7 @@ impl Default for EngineConfig {
             query_depth_max: 4096,
             batch_commands_max: 8192,
             tick_interval: Duration::from_millis(100),
+            feed_events_max: crate::feed::FEED_EVENTS_MAX_DEFAULT,
         }
     }
 }
@@ -102,6 +105,7 @@ pub struct Engine {
     maintenance: AtomicBool,
     batch_commands_max: usize,
     threads: Mutex<Vec<JoinHandle<ShardState>>>,
+    feed: Arc<crate::feed::Feed>,
 }
 
 impl Engine {
@@ -134,6 +138,19 @@ impl Engine {
         journals: Vec<Box<dyn Journal>>,
         snapshots: Vec<Option<SnapshotPolicy>>,
         clock: Arc<dyn Clock>,
+    ) -> Engine {
+        let feed = Arc::new(crate::feed::Feed::new(config.shards, config.feed_events_max));
+        Engine::start_with_feed(config, states, journals, snapshots, clock, feed)
+    }
+
+    /// `start_with_snapshots`, publishing events into `feed` (refilled by recovery).
+    pub fn start_with_feed(
+        config: &EngineConfig,
+        states: Vec<ShardState>,
+        journals: Vec<Box<dyn Journal>>,
+        snapshots: Vec<Option<SnapshotPolicy>>,
+        clock: Arc<dyn Clock>,
+        feed: Arc<crate::feed::Feed>,
     ) -> Engine {
         let n = config.shards as usize;
         assert_eq!(snapshots.len(), n);
@@ -193,6 +210,7 @@ impl Engine {
             batch_commands_max: config.batch_commands_max,
             tick_interval: config.tick_interval,
             snapshot: None,
+            feed: None,
         };
         let mut threads = Vec::new();
         let rx = write_rx.into_iter().zip(internal_rx).zip(query_rx);
@@ -206,7 +224,8 @@ impl Engine {
                 stats: stats.clone(),
             };
             let clock = clock.clone();
-            let worker_config = WorkerConfig { snapshot, ..worker_config.clone() };
+            let feed_of_shard = Some(feed.shard(state.shard()).clone());
+            let worker_config = WorkerConfig { snapshot, feed: feed_of_shard, ..worker_config.clone() };
             let name = format!("shard-{}", state.shard());
             let handle = std::thread::Builder::new()
                 .name(name)
@@ -226,7 +245,13 @@ impl Engine {
             maintenance: AtomicBool::new(false),
             batch_commands_max: config.batch_commands_max,
             threads: Mutex::new(threads),
+            feed,
         }
+    }
+
+    /// The event feed.
+    pub fn feed(&self) -> &Arc<crate::feed::Feed> {
+        &self.feed
     }
 
     pub fn shards(&self) -> u16 {
@@ -751,5 +776,9 @@ impl Backend for Engine {
 
     fn is_admin_kind(&self, kind: u8) -> bool {
         kind::is_admin_kind(kind)
+    }
+
+    fn feed(&self) -> Option<Arc<crate::feed::Feed>> {
+        Some(self.feed.clone())
     }
 }

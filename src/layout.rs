@@ -163,3 +163,72 @@ pub struct HistoryRecord {
 
 const _: () = assert!(core::mem::size_of::<QueryRecord>() == QUERY_RECORD_SIZE);
 const _: () = assert!(core::mem::size_of::<HistoryRecord>() == HISTORY_RECORD_SIZE);
+
+/// Size of one event-feed record in bytes.
+pub const EVENT_RECORD_SIZE: usize = 96;
+/// Size of one watch-position record in bytes.
+pub const WATCH_RECORD_SIZE: usize = 16;
+
+/// One committed event of the feed (`crate::feed`), as kept in a shard's event ring and sent in
+/// `Event` frames. 96 bytes. Per-kind meaning of the fields in `docs/protocol.md`.
+///
+/// ```text
+/// offset size field
+///  0     8    lsn             log position of the batch that committed the command
+///  8     4    index           the command's index in that batch; (lsn, index) is the position
+/// 12     2    shard           the shard that applied it
+/// 14     1    kind            EventKind code (crate::feed::event_kind)
+/// 15     1    reserved        zero
+/// 16     8    timestamp       the command's ingest timestamp (ns since the Unix epoch)
+/// 24     8    id              the command's id (transfer / top-up / settlement id)
+/// 32     8    account         payer, top-up user or settled account
+/// 40     8    counterparty    streamer (spends), 0 otherwise
+/// 48     8    union           the streamer's union (spends), 0 if none
+/// 56     8    amount          coins spent / fen of a top-up / coins swept
+/// 64     8    streamer_share  spends: coins to the streamer; top-up succeeded: coins credited
+/// 72     8    union_share     spends: coins to the union
+/// 80     8    platform_share  spends: coins to the platform (the rounding remainder included)
+/// 88     8    detail          gift id / event id / fail reason code / channel code
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct EventRecord {
+    pub lsn: U64,
+    pub index: U32,
+    pub shard: U16,
+    pub kind: u8,
+    pub reserved: u8,
+    pub timestamp: U64,
+    pub id: U64,
+    pub account: U64,
+    pub counterparty: U64,
+    pub union: U64,
+    pub amount: U64,
+    pub streamer_share: U64,
+    pub union_share: U64,
+    pub platform_share: U64,
+    pub detail: U64,
+}
+
+/// One shard's start position of a `Watch` request (and of the server's acknowledgement). 16 bytes.
+///
+/// ```text
+/// offset size field
+///  0     8    lsn      with index: the last position already seen (mode AFTER)
+///  8     4    index
+/// 12     2    shard    the shard, or 0xFFFF = every shard not listed otherwise
+/// 14     1    mode     1 = after (lsn, index), 2 = from now (tail), 3 = earliest retained
+/// 15     1    reserved zero
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct WatchRecord {
+    pub lsn: U64,
+    pub index: U32,
+    pub shard: U16,
+    pub mode: u8,
+    pub reserved: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<EventRecord>() == EVENT_RECORD_SIZE);
+const _: () = assert!(core::mem::size_of::<WatchRecord>() == WATCH_RECORD_SIZE);

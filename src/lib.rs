@@ -6,6 +6,7 @@
 //! - `ledger`: the deterministic wallet state machine (no IO, no clock, no randomness).
 //! - `shard`: routing, the id directory, bounded queues and the single-writer worker loop.
 //! - `engine`: the facade that starts the workers and routes commands and reads.
+//! - `feed`: the event feed: per-shard bounded rings of committed events, positions, cursors.
 //! - `node`: a durable node: data-directory lock, recovery, the engine over per-shard logs.
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
 //! - `storage`: the narrow file trait the log writes through (real, fault-injecting, crash image).
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod feed;
 pub mod layout;
 pub mod ledger;
 pub mod node;

@@ -194,6 +194,20 @@ pub fn load_shard(
     limits: &ShardLimits,
     progress: &mut dyn FnMut(u64),
 ) -> Result<LoadedShard, NodeError> {
+    load_shard_with_feed(data_dir, shard, shards, ledger, limits, progress, None)
+}
+
+/// `load_shard`, refilling the shard's event feed with the events of the replayed batches (the
+/// events after the snapshot keep their positions across the restart).
+pub fn load_shard_with_feed(
+    data_dir: &Path,
+    shard: u16,
+    shards: u16,
+    ledger: &LedgerConfig,
+    limits: &ShardLimits,
+    progress: &mut dyn FnMut(u64),
+    feed: Option<&crate::feed::ShardFeed>,
+) -> Result<LoadedShard, NodeError> {
     let dir = wal::shard_dir(data_dir, shard as u32);
     let snapshot_dir = dir.join("snapshots");
     let loaded = crate::snapshot::load_latest(&snapshot_dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
@@ -226,6 +240,9 @@ pub fn load_shard(
             report.first_lsn
         )));
     }
+    if let Some(feed) = feed {
+        feed.start_after(snapshot_lsn);
+    }
     let (mut batches, mut commands) = (0u64, 0u64);
     if report.next_lsn > snapshot_lsn + 1 {
         let records = reader.iter_from(snapshot_lsn + 1).map_err(|e| NodeError::Corrupt(e.to_string()))?;
@@ -243,12 +260,19 @@ pub fn load_shard(
                     record.lsn
                 ))
             })?;
-            for r in cmds {
+            let mut events = crate::feed::BatchEvents::new(record.lsn);
+            for (i, r) in cmds.iter().enumerate() {
                 let command = Command::from_record(r).map_err(|status| {
                     NodeError::Corrupt(format!("shard {shard}: undecodable command at lsn {} ({status})", record.lsn))
                 })?;
-                state.apply(r.timestamp.get(), &command);
+                match feed {
+                    Some(_) => events.apply(&mut state, i, r.timestamp.get(), &command),
+                    None => state.apply(r.timestamp.get(), &command),
+                };
                 commands += 1;
+            }
+            if let Some(feed) = feed {
+                feed.publish(&mut events);
             }
             state.drain_evicted();
             batches += 1;
@@ -340,6 +364,7 @@ impl Node {
             if config.durability == Durability::Sync { PersistMode::Sync } else { PersistMode::Buffered };
         let storage: Arc<dyn Storage> = Arc::new(MmapStorage);
         let (mut states, mut journals, mut policies) = (Vec::new(), Vec::new(), Vec::new());
+        let feed = Arc::new(crate::feed::Feed::new(shards, config.engine.feed_events_max));
         for shard in 0..shards {
             let shard_dir = wal::shard_dir(&dir, shard as u32);
             // Opening the writer first repairs a torn tail (and refuses a corrupt log); replay
@@ -353,7 +378,9 @@ impl Node {
                     path.display()
                 );
             }
-            let loaded = load_shard(&dir, shard, shards, &config.engine.ledger, &config.engine.limits, &mut |_| {})?;
+            let (ledger, limits) = (&config.engine.ledger, &config.engine.limits);
+            let shard_feed = Some(feed.shard(shard).as_ref());
+            let loaded = load_shard_with_feed(&dir, shard, shards, ledger, limits, &mut |_| {}, shard_feed)?;
             for skipped in &loaded.skipped_snapshots {
                 eprintln!("shard {shard}: passed over a damaged snapshot: {skipped}");
             }
@@ -381,7 +408,7 @@ impl Node {
             states.push(loaded.state);
             journals.push(Box::new(WalJournal { wal }) as Box<dyn Journal>);
         }
-        let engine = Engine::start_with_snapshots(&config.engine, states, journals, policies, Arc::new(SystemClock));
+        let engine = Engine::start_with_feed(&config.engine, states, journals, policies, Arc::new(SystemClock), feed);
         Ok(Node { engine: Arc::new(engine), _lock: Some(lock) })
     }
 

@@ -252,9 +252,16 @@ fn rejections_and_usage_errors() {
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("decimal places"), "{}", bad.stderr);
 
-    let unsupported = s.cli(&["watch"]);
-    assert_eq!(unsupported.code, 2);
-    assert!(unsupported.stderr.contains("not supported by this server yet"), "{}", unsupported.stderr);
+    let watched = s.cli(&["watch", "--from", "earliest", "--limit", "1", "--json"]);
+    assert_eq!(watched.code, 0, "{} {}", watched.stdout, watched.stderr);
+    let lines: Vec<&str> = watched.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", watched.stdout);
+    let first: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(first["status"], "ok");
+    assert_eq!(first["kind"], "topup_succeeded");
+    assert!(first["position"].as_str().unwrap().contains(':'), "{first}");
+    let bad_position = s.cli(&["watch", "--from", "nonsense"]);
+    assert_eq!(bad_position.code, 2);
 
     // An unverified user may not spend.
     s.ok(&["account", "create", "--id", "3", "--kind", "user"]);

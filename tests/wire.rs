@@ -335,9 +335,9 @@ async fn unknown_kind_is_an_error_then_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reserved_watch_kind_is_an_error_then_close() {
+async fn watch_frame_of_the_wrong_length_is_an_error_then_close() {
     let kind = FrameKind::Watch as u16;
-    assert_malformed_closes(resealed(|header| header.kind = U16::new(kind)), ErrorCode::RESERVED_KIND).await;
+    assert_malformed_closes(resealed(|header| header.kind = U16::new(kind)), ErrorCode::LENGTH_MISMATCH).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

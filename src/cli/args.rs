@@ -381,8 +381,13 @@ pub struct LookupArgs {
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
+    /// Resume strictly after this position (`SHARD:LSN.INDEX,...` as printed in `position`),
+    /// or `earliest` (everything the server retains) or `now` (the default: new events only).
     #[arg(long, value_name = "POSITION")]
-    pub from: Option<u64>,
+    pub from: Option<String>,
+    /// Stop (exit 0) after this many events.
+    #[arg(long)]
+    pub limit: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]

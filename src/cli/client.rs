@@ -64,6 +64,9 @@ impl Failure {
 
 /// Entry point of every command but `serve`; returns the process exit status.
 pub fn main(cli: &Cli) -> i32 {
+    if let Cmd::Watch(args) = &cli.command {
+        return watch_main(cli, args);
+    }
     let result = build(&cli.command).and_then(|request| {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -140,15 +143,7 @@ fn build(command: &Cmd) -> Result<Request, Failure> {
         Cmd::Balance(a) => Request::Balance(a.account),
         Cmd::History(a) => Request::History { account: a.account, limit: a.limit, before: a.before },
         Cmd::Lookup(a) => Request::Lookup(a.id),
-        Cmd::Watch(_) => {
-            return Err(Failure {
-                exit: EXIT_USAGE,
-                status: "unsupported",
-                message: "watch: the event feed is not supported by this server yet (protocol version 1 \
-                          reserves the Watch/Event frames but no server serves them)"
-                    .into(),
-            })
-        }
+        Cmd::Watch(_) => return Err(Failure::usage("watch is handled by watch_main")),
         Cmd::Admin(AdminCmd::Maintenance { mode }) => {
             let on = *mode == OnOff::On;
             let record = CommandRecord { kind: kind::MAINTENANCE, flags: on as u8, ..CommandRecord::default() };
@@ -168,6 +163,135 @@ fn build(command: &Cmd) -> Result<Request, Failure> {
 }
 
 /// The token to present, and a description of where it came from (for error messages).
+/// `watch`: one line per event (JSON with `position` under `--json`). Exit 0 at `--limit`, 2 for
+/// a bad position, 3 on a disconnect or a server error (the last position goes to stderr so a
+/// script can resume with `--from`).
+fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
+    use crate::client::watch::{WatchFrom, Watcher};
+    let fail = |failure: Failure| {
+        eprintln!("stormledger: {}", failure.message);
+        if cli.json {
+            let mut obj = Obj::new();
+            obj.set("status", failure.status).set("error", failure.message);
+            emit(&obj.to_string());
+        }
+        failure.exit
+    };
+    let from = match args.from.as_deref() {
+        None | Some("now") => WatchFrom::Now,
+        Some("earliest") => WatchFrom::Earliest,
+        Some(text) => match text.parse() {
+            Ok(cursor) => WatchFrom::After(cursor),
+            Err(why) => return fail(Failure::usage(why)),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(Failure::unreachable(format!("cannot start the async runtime: {e}"))),
+    };
+    runtime.block_on(async {
+        let addr = cli.connect.as_str();
+        let token = match resolve_token(cli, false) {
+            Ok((token, _)) => token,
+            Err(why) => return fail(Failure::auth(why)),
+        };
+        let config = ClientConfig::new(token);
+        let mut watcher = match Watcher::connect(addr, &config, from).await {
+            Ok(watcher) => watcher,
+            Err(ClientError::Server(body)) => {
+                return fail(Failure {
+                    exit: EXIT_UNREACHABLE,
+                    status: body.code.name(),
+                    message: format!("watch refused: {}: {}", body.code.name(), body.message),
+                })
+            }
+            Err(ClientError::Auth(body)) => {
+                return fail(Failure::auth(format!("authentication failed: {}", body.message)))
+            }
+            Err(e) => return fail(Failure::unreachable(format!("cannot watch the server at {addr}: {e}"))),
+        };
+        let mut cursor = watcher.cursor().clone();
+        let mut printed = 0u64;
+        if args.limit == Some(0) {
+            return EXIT_OK;
+        }
+        loop {
+            let events = match watcher.next().await {
+                Ok(events) => events,
+                Err(error) => {
+                    let reason = match &error {
+                        ClientError::Server(body) => format!("{}: {}", body.code.name(), body.message),
+                        other => other.to_string(),
+                    };
+                    eprintln!("stormledger: the event stream ended ({reason}); resume with --from {cursor}");
+                    return EXIT_UNREACHABLE;
+                }
+            };
+            for event in &events {
+                cursor.advance(event);
+                emit(&event_line(event, &cursor, cli.json));
+                printed += 1;
+                if args.limit.is_some_and(|limit| printed >= limit) {
+                    return EXIT_OK;
+                }
+            }
+        }
+    })
+}
+
+/// One event as a line: JSON, or `position kind id account -> counterparty amount ...`.
+fn event_line(e: &crate::layout::EventRecord, cursor: &crate::feed::Cursor, json: bool) -> String {
+    use crate::feed::event_kind;
+    let kind = event_kind::name(e.kind);
+    let position = cursor.to_string();
+    let spend = matches!(e.kind, event_kind::TIP | event_kind::GIFT | event_kind::EVENT_PAYMENT);
+    if !json {
+        let mut line =
+            format!("{position} {kind} id={} account={} amount={}", e.id.get(), e.account.get(), e.amount.get());
+        if spend {
+            line += &format!(
+                " to={} streamer={} union={}:{} platform={}",
+                e.counterparty.get(),
+                e.streamer_share.get(),
+                e.union.get(),
+                e.union_share.get(),
+                e.platform_share.get()
+            );
+        }
+        return line;
+    }
+    let mut obj = Obj::new();
+    obj.set("status", "ok")
+        .set("position", position)
+        .set("shard", e.shard.get())
+        .set("event", format!("{}.{}", e.lsn.get(), e.index.get()))
+        .set("kind", kind)
+        .set("id", e.id.get())
+        .set("timestamp", e.timestamp.get())
+        .set("account", e.account.get());
+    match e.kind {
+        event_kind::TOPUP_SUCCEEDED => {
+            obj.set("amount", format_yuan(e.amount.get() as i64)).set("coins", e.streamer_share.get());
+        }
+        event_kind::TOPUP_FAILED | event_kind::TOPUP_REFUNDED => {
+            obj.set("amount", format_yuan(e.amount.get() as i64)).set("detail", e.detail.get());
+        }
+        event_kind::SETTLE => {
+            obj.set("coins", e.amount.get());
+        }
+        _ => {
+            obj.set("to", e.counterparty.get())
+                .set("coins", e.amount.get())
+                .set("streamer_share", e.streamer_share.get())
+                .set("union", e.union.get())
+                .set("union_share", e.union_share.get())
+                .set("platform_share", e.platform_share.get())
+                .set("detail", e.detail.get());
+        }
+    }
+    obj.to_string()
+}
+
 fn resolve_token(cli: &Cli, admin: bool) -> Result<(String, String), String> {
     let dir = cli.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let check = |t: &str, from: &str| token::validate(t).map_err(|e| format!("{from}: {e}"));

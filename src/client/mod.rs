@@ -16,6 +16,10 @@
 //!
 //! What must never happen here: giving a caller a reply that belongs to another call, or leaving
 //! a caller waiting after the connection is gone.
+//!
+//! `watch::Watcher` follows the event feed on a connection of its own.
+
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -891,13 +891,7 @@ impl ShardState {
         if (account.balance as u64) < coins {
             return Err(Reply::with(Status::InsufficientFunds, account.balance));
         }
-        // Deterministic rounding: each share is rounded down; the platform takes the remainder.
-        let streamer_share = (coins as u128 * self.config.streamer_share_bp as u128 / 10_000) as u64;
-        let union_share = match union {
-            Some(_) => (coins as u128 * self.config.union_share_bp as u128 / 10_000) as u64,
-            None => 0,
-        };
-        let platform_share = coins - streamer_share - union_share;
+        let [streamer_share, union_share, platform_share] = self.spend_split(coins, union.is_some());
         let receiver_balance = self.accounts[streamer as usize].balance;
         if receiver_balance.checked_add(streamer_share as i64).is_none() {
             return Err(Reply::status(Status::Overflow));
@@ -907,6 +901,15 @@ impl ShardState {
             return Err(Reply::status(Status::Overflow));
         }
         Ok((streamer, union, platform, [streamer_share, union_share, platform_share]))
+    }
+
+    /// How `coins` spent on a streamer split into (streamer, union, platform) shares.
+    /// Deterministic rounding: each share is rounded down; the platform takes the remainder.
+    pub fn spend_split(&self, coins: u64, has_union: bool) -> [u64; 3] {
+        let streamer_share = (coins as u128 * self.config.streamer_share_bp as u128 / 10_000) as u64;
+        let union_share =
+            if has_union { (coins as u128 * self.config.union_share_bp as u128 / 10_000) as u64 } else { 0 };
+        [streamer_share, union_share, coins - streamer_share - union_share]
     }
 
     fn settle(&mut self, timestamp: u64, id: u64, account: u64) -> (Reply, Fanout) {

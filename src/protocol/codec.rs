@@ -13,10 +13,13 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::frame::{
-    check, Check, FrameHeader, FrameKind, ProtocolError, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, HEADER_SIZE,
-    QUERIES_PER_FRAME_MAX,
+    check, Check, FrameHeader, FrameKind, ProtocolError, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, EVENTS_PER_FRAME_MAX,
+    HEADER_SIZE, QUERIES_PER_FRAME_MAX, WATCH_RECORDS_MAX,
 };
-use crate::layout::{CommandRecord, HistoryRecord, QueryRecord, ReplyRecord, COMMAND_RECORD_SIZE, HISTORY_RECORD_SIZE};
+use crate::layout::{
+    CommandRecord, EventRecord, HistoryRecord, QueryRecord, ReplyRecord, WatchRecord, COMMAND_RECORD_SIZE,
+    HISTORY_RECORD_SIZE,
+};
 
 /// Query kind codes (the `kind` byte of a `QueryRecord`). The server routes balance reads to the
 /// lock-free read path and everything else to the engine; it needs no other knowledge of them.
@@ -181,6 +184,16 @@ impl ErrorCode {
     pub const INTERNAL: ErrorCode = ErrorCode(18);
     /// The server is shutting down.
     pub const SHUTTING_DOWN: ErrorCode = ErrorCode(19);
+    /// Watch: the requested position is older than what the server retains; resync from
+    /// balances and watch from now. The server closes the connection.
+    pub const POSITION_TOO_OLD: ErrorCode = ErrorCode(20);
+    /// Watch: the subscriber fell behind the server's event ring; resume from the last position
+    /// received (if that is too old too, resync). The server closes the connection.
+    pub const SUBSCRIBER_TOO_SLOW: ErrorCode = ErrorCode(21);
+    /// Watch: the position names a shard this server does not have, or an unknown mode.
+    pub const INVALID_POSITION: ErrorCode = ErrorCode(22);
+    /// Watch: this server has no event feed.
+    pub const FEED_UNAVAILABLE: ErrorCode = ErrorCode(23);
 
     /// A stable snake_case name, for logs and the CLI.
     pub fn name(self) -> &'static str {
@@ -204,6 +217,10 @@ impl ErrorCode {
             17 => "idle_timeout",
             18 => "internal",
             19 => "shutting_down",
+            20 => "position_too_old",
+            21 => "subscriber_too_slow",
+            22 => "invalid_position",
+            23 => "feed_unavailable",
             _ => "unknown_error",
         }
     }
@@ -318,6 +335,8 @@ pub enum Payload {
     Query(Vec<QueryRecord>),
     QueryAnswer(Vec<QueryAnswer>),
     Error(ErrorBody),
+    Watch(Vec<WatchRecord>),
+    Event(Vec<EventRecord>),
     Ping,
     Pong,
 }
@@ -333,6 +352,8 @@ impl Payload {
             Payload::Query(_) => FrameKind::Query,
             Payload::QueryAnswer(_) => FrameKind::QueryAnswer,
             Payload::Error(_) => FrameKind::Error,
+            Payload::Watch(_) => FrameKind::Watch,
+            Payload::Event(_) => FrameKind::Event,
             Payload::Ping => FrameKind::Ping,
             Payload::Pong => FrameKind::Pong,
         }
@@ -474,6 +495,16 @@ impl Frame {
                 }
                 Ok(count)
             }
+            Payload::Watch(positions) => {
+                let count = records(positions.len(), WATCH_RECORDS_MAX)?;
+                out.extend_from_slice(positions.as_slice().as_bytes());
+                Ok(count)
+            }
+            Payload::Event(events) => {
+                let count = records(events.len(), EVENTS_PER_FRAME_MAX)?;
+                out.extend_from_slice(events.as_slice().as_bytes());
+                Ok(count)
+            }
             Payload::Ping | Payload::Pong => Ok(0),
         }
     }
@@ -579,8 +610,17 @@ fn decode_body(header: &FrameHeader, body: &[u8]) -> Result<Frame, ProtocolError
         FrameKind::QueryAnswer => Payload::QueryAnswer(decode_answers(header.count.get() as usize, body, code)?),
         FrameKind::Ping => Payload::Ping,
         FrameKind::Pong => Payload::Pong,
-        // `check` refuses reserved kinds; kept explicit so adding a kind forces a decision here.
-        FrameKind::Watch | FrameKind::Event => return Err(ProtocolError::ReservedKind { kind: code }),
+        FrameKind::Watch => {
+            let records = <[WatchRecord]>::ref_from_bytes(body).map_err(|_| mismatch.clone())?;
+            if records.iter().any(|r| r.reserved != 0) {
+                return Err(invalid("reserved field not zero"));
+            }
+            Payload::Watch(records.to_vec())
+        }
+        FrameKind::Event => {
+            let events = <[EventRecord]>::ref_from_bytes(body).map_err(|_| mismatch.clone())?;
+            Payload::Event(events.to_vec())
+        }
     };
     Ok(Frame { request_id: header.request_id.get(), payload })
 }
@@ -676,6 +716,8 @@ mod tests {
             ]),
         ));
         round_trip(Frame::new(6, Payload::Error(ErrorBody::new(ErrorCode::FORBIDDEN, "é".repeat(60)))));
+        round_trip(Frame::new(8, Payload::Watch(vec![WatchRecord::default(); 2])));
+        round_trip(Frame::new(9, Payload::Event(vec![EventRecord::default(); 3])));
         round_trip(Frame::new(7, Payload::Ping));
         round_trip(Frame::new(7, Payload::Pong));
     }

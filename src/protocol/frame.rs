@@ -26,7 +26,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::layout::{COMMAND_RECORD_SIZE, QUERY_RECORD_SIZE, REPLY_RECORD_SIZE};
+use crate::layout::{COMMAND_RECORD_SIZE, EVENT_RECORD_SIZE, QUERY_RECORD_SIZE, REPLY_RECORD_SIZE, WATCH_RECORD_SIZE};
 
 /// The first four bytes of every frame. A peer that is not speaking this protocol (an HTTP
 /// probe, a TLS client hello) is told apart immediately.
@@ -50,6 +50,10 @@ pub const COMMANDS_PER_FRAME_MAX: usize = 8192;
 /// Most queries in one `Query` frame. Lower than for commands because every answer carries a
 /// reply, an index entry and possibly a command record (144 B) and must fit in one frame.
 pub const QUERIES_PER_FRAME_MAX: usize = 4096;
+/// Most events in one `Event` frame (4096 x 96 B = 384 KiB).
+pub const EVENTS_PER_FRAME_MAX: usize = 4096;
+/// Most positions in one `Watch` frame: one per shard (at most 64) plus the default record.
+pub const WATCH_RECORDS_MAX: usize = 65;
 
 const _: () = assert!(core::mem::size_of::<FrameHeader>() == HEADER_SIZE);
 const _: () = assert!(COMMANDS_PER_FRAME_MAX * COMMAND_RECORD_SIZE <= BODY_BYTES_MAX);
@@ -58,6 +62,7 @@ const _: () = assert!(QUERIES_PER_FRAME_MAX * QUERY_RECORD_SIZE <= BODY_BYTES_MA
 // Every answer's fixed part (reply 32 + index 32 + lookup command 80) must fit for a full query frame.
 const _: () = assert!(QUERIES_PER_FRAME_MAX * (32 + 32 + COMMAND_RECORD_SIZE) <= BODY_BYTES_MAX);
 const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(EVENTS_PER_FRAME_MAX * EVENT_RECORD_SIZE <= BODY_BYTES_MAX);
 
 /// The fixed frame header. See the module docs for the byte diagram.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -139,9 +144,12 @@ pub enum FrameKind {
     QueryAnswer = 7,
     /// either direction: a connection- or request-level error. count = 1.
     Error = 8,
-    /// Reserved for the event feed (subscribe from a position). Not served in version 1.
+    /// client -> server: subscribe to the event feed; `count` WatchRecords (16 B each), the start
+    /// position per shard. server -> client: the subscription is accepted; the resolved start
+    /// position of every shard. After it the connection only carries Event frames (and a final
+    /// Error).
     Watch = 9,
-    /// Reserved for the event feed (events pushed to a watcher). Not served in version 1.
+    /// server -> client: `count` EventRecords (96 B each), committed events after the position.
     Event = 10,
     /// client -> server: liveness probe; empty body. Answered by `Pong` with the same request id.
     Ping = 11,
@@ -181,7 +189,8 @@ impl FrameKind {
             // validated when the body is parsed.
             FrameKind::QueryAnswer => Shape::AtLeast { size: 64, max: QUERIES_PER_FRAME_MAX },
             FrameKind::Ping | FrameKind::Pong => Shape::Empty,
-            FrameKind::Watch | FrameKind::Event => Shape::Reserved,
+            FrameKind::Watch => Shape::Records { size: WATCH_RECORD_SIZE, max: WATCH_RECORDS_MAX },
+            FrameKind::Event => Shape::Records { size: EVENT_RECORD_SIZE, max: EVENTS_PER_FRAME_MAX },
         }
     }
 }
@@ -195,8 +204,6 @@ enum Shape {
     AtLeast { size: usize, max: usize },
     /// count = 0 and no body.
     Empty,
-    /// A kind reserved for a later version.
-    Reserved,
 }
 
 /// Why bytes from a peer are not a valid frame. Every variant is fatal for the connection: after
@@ -357,7 +364,6 @@ pub(crate) fn validate_header(header: &FrameHeader) -> Result<(), ProtocolError>
                 return Err(mismatch);
             }
         }
-        Shape::Reserved => return Err(ProtocolError::ReservedKind { kind: code }),
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ pub use codec::{
     QUERY_KIND_LOOKUP, QUERY_KIND_TOPUP_STATUS, TOKEN_LEN_MAX,
 };
 pub use frame::{
-    check, Check, FrameHeader, FrameKind, ProtocolError, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX,
-    HEADER_SIZE, MAGIC, PROTOCOL_VERSION, QUERIES_PER_FRAME_MAX,
+    check, Check, FrameHeader, FrameKind, ProtocolError, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, EVENTS_PER_FRAME_MAX,
+    FRAME_BYTES_MAX, HEADER_SIZE, MAGIC, PROTOCOL_VERSION, QUERIES_PER_FRAME_MAX, WATCH_RECORDS_MAX,
 };
 pub use stream::{FrameReadError, FrameReader, FrameWriter};

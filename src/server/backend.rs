@@ -44,4 +44,9 @@ pub trait Backend: Send + Sync + 'static {
     fn is_admin_kind(&self, kind: u8) -> bool {
         kind >= ADMIN_KIND_MIN
     }
+
+    /// The event feed, if this backend has one (`Watch` frames are refused otherwise).
+    fn feed(&self) -> Option<std::sync::Arc<crate::feed::Feed>> {
+        None
+    }
 }

@@ -32,6 +32,11 @@ use crate::protocol::{
 /// small reply frames costs one syscall instead of one each.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
+/// Events per `Event` frame of a watch stream. With at most `in_flight_per_connection_max`
+/// frames queued for the writer, this bounds what one slow subscriber can pin in memory
+/// (64 x 256 x 96 B = 1.5 MiB with the defaults).
+const WATCH_EVENTS_PER_FRAME: usize = 256;
+
 /// Answers a connection over the limit with `too_many_connections` and closes it.
 pub(super) async fn refuse(socket: TcpStream, shared: &Shared) {
     let mut writer = FrameWriter::new(socket);
@@ -235,6 +240,10 @@ impl Handler {
             };
             idle_deadline = Instant::now() + config.idle_timeout;
             add(&stats.frames_received, 1);
+            if let Payload::Watch(request) = &frame.payload {
+                // The connection becomes an event stream until it ends.
+                break self.watch(reader, shutdown, frame.request_id, request).await;
+            }
             // Reserve the reply slot before submitting: this is the in-flight limit.
             let permit = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
@@ -249,6 +258,76 @@ impl Handler {
         };
         if let ReadEnd::Last(frame) = end {
             let _ = last.send(frame);
+        }
+    }
+
+    /// Streams committed events after the requested position until the peer goes away, the
+    /// server shuts down, or the subscriber falls behind the event ring. Never blocks the engine:
+    /// events are copied out of the shards' rings; a subscriber that does not drain is either
+    /// dropped by the writer's `write_timeout` or, when its position leaves the ring, told
+    /// `subscriber_too_slow`.
+    async fn watch(
+        &self,
+        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        shutdown: &mut watch::Receiver<bool>,
+        request_id: u64,
+        request: &[crate::layout::WatchRecord],
+    ) -> ReadEnd {
+        use crate::feed::{Position, ResolveError};
+        let last = |code: ErrorCode, message: String| {
+            ReadEnd::Last(Frame::new(request_id, Payload::Error(ErrorBody::new(code, message))))
+        };
+        let Some(feed) = self.shared.backend.feed() else {
+            return last(ErrorCode::FEED_UNAVAILABLE, "this server has no event feed".into());
+        };
+        let mut changed = feed.subscribe();
+        let mut cursor = match feed.resolve(request) {
+            Ok(cursor) => cursor,
+            Err(ResolveError::TooOld(too_old)) => {
+                return last(ErrorCode::POSITION_TOO_OLD, format!("{too_old}; resync from balances"))
+            }
+            Err(ResolveError::Invalid(message)) => return last(ErrorCode::INVALID_POSITION, message),
+        };
+        if self.tx.send(Frame::new(request_id, Payload::Watch(cursor.to_records()))).await.is_err() {
+            return ReadEnd::Closed;
+        }
+        let mut events = Vec::new();
+        loop {
+            changed.borrow_and_update();
+            let mut sent = false;
+            for shard_feed in feed.shards() {
+                let shard = shard_feed.shard();
+                let after = cursor.get(shard).unwrap_or_default();
+                if let Err(too_old) = shard_feed.read_after(after, WATCH_EVENTS_PER_FRAME, &mut events) {
+                    return last(
+                        ErrorCode::SUBSCRIBER_TOO_SLOW,
+                        format!("fell behind the event ring ({too_old}); resume from {shard}:{after}"),
+                    );
+                }
+                let Some(newest) = events.last() else { continue };
+                cursor.set(shard, Position::of(newest));
+                let frame = Frame::new(request_id, Payload::Event(std::mem::take(&mut events)));
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => return shutting_down(),
+                    sent = self.tx.send(frame) => if sent.is_err() { return ReadEnd::Closed },
+                }
+                sent = true;
+            }
+            if sent {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return shutting_down(),
+                _ = self.tx.closed() => return ReadEnd::Closed,
+                result = changed.changed() => if result.is_err() { return ReadEnd::Closed },
+                read = reader.read_frame() => match read {
+                    Ok(Some(frame)) => {
+                        let error = ProtocolError::UnexpectedFrame { kind: frame.payload.kind() as u16 };
+                        return ReadEnd::Last(protocol_error_frame(frame.request_id, &error, &self.shared.stats));
+                    }
+                    _ => return ReadEnd::Closed,
+                },
+            }
         }
     }
 

@@ -258,6 +258,8 @@ pub struct WorkerConfig {
     pub batch_commands_max: usize,
     pub tick_interval: Duration,
     pub snapshot: Option<SnapshotPolicy>,
+    /// Where committed events are published (`crate::feed`).
+    pub feed: Option<Arc<crate::feed::ShardFeed>>,
 }
 
 /// Builds the wire reply of `command`.
@@ -423,6 +425,7 @@ pub fn run(
                 metrics.batch(records.len(), started.elapsed());
             }
 
+            let mut events = crate::feed::BatchEvents::new(last_lsn);
             let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
                 parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
             for (p, tag, reply) in expired.drain(..) {
@@ -459,7 +462,7 @@ pub fn run(
                             }
                             continue;
                         }
-                        let (reply, _) = state.apply(ts, &command);
+                        let (reply, _) = events.apply(&mut state, i, ts, &command);
                         if let Some(join) = join {
                             join.part_done(reply.value, true);
                         }
@@ -478,7 +481,7 @@ pub fn run(
                             }
                             continue;
                         }
-                        let (reply, fanout) = state.apply(ts, &item.command);
+                        let (reply, fanout) = events.apply(&mut state, i, ts, &item.command);
                         metrics.command(item.command.kind(), reply.status);
                         match fanout {
                             Fanout::None => {
@@ -541,6 +544,9 @@ pub fn run(
                 }
             }
             entries.clear();
+            if let (Some(feed), false) = (&config.feed, poisoned) {
+                feed.publish(&mut events);
+            }
             let mut evicted = state.drain_evicted();
             if !evicted.is_empty() {
                 peers.directory.release_many(&mut evicted, shard);

@@ -1,0 +1,486 @@
+//! The event feed: committed money events, per shard, in commit order, resumable by position.
+//!
+//! Producing: the shard worker applies every command of a batch through `BatchEvents::apply`,
+//! which calls `ShardState::apply` and, for the outcomes worth notifying (see `event_kind`),
+//! records one `EventRecord`. After the batch (durable and applied), `ShardFeed::publish` pushes
+//! its events into the shard's bounded ring under one short write lock and bumps one watch
+//! counter: O(1) per event, no per-subscriber work and no waiting on the shard thread. Recovery
+//! (`node::load_shard_with_feed`) replays the log after the snapshot through the same function,
+//! so events after the snapshot survive a restart with the same positions.
+//!
+//! Position: `(lsn, index)` = the log position of the batch that committed the command and the
+//! command's index in it. It only grows on a shard, also across restarts (lsns persist). In the
+//! in-memory mode (no log) a per-process batch counter stands in for the lsn.
+//! A cursor is one position per shard, printed `0:123.4,1:98.0` (shard:lsn.index). There is no
+//! total order across shards: the feed interleaves shards, each in its own commit order.
+//!
+//! Consuming: `ShardFeed::read_after` copies the events after a position out of the ring under a
+//! read lock. A position older than the ring (evicted, or before the snapshot a restart began
+//! from) is refused (`TooOld`): the subscriber must resync from balances.
+//!
+//! What must never happen here: blocking the shard thread on a subscriber, publishing anything
+//! before its batch is durable, or an event for a rejected or duplicate (retried) command.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use crate::layout::{EventRecord, WatchRecord};
+use crate::ledger::state_machine::{Fanout, Reply, TopUp};
+use crate::ledger::{Command, ShardState, Status};
+
+/// Default number of events each shard's ring keeps (96 B each: 96 MiB per shard when full).
+pub const FEED_EVENTS_MAX_DEFAULT: usize = 1 << 20;
+
+/// Event kind codes (`EventRecord::kind`). Stable.
+pub mod event_kind {
+    /// A top-up was confirmed: account = user, amount = fen, streamer_share = coins credited,
+    /// detail = channel code.
+    pub const TOPUP_SUCCEEDED: u8 = 1;
+    /// The channel reported a failure: account = user, amount = fen, detail = reason code.
+    pub const TOPUP_FAILED: u8 = 2;
+    /// A confirmation arrived for a failed/expired top-up; the money went back to the channel:
+    /// account = user, amount = fen, detail = channel code.
+    pub const TOPUP_REFUNDED: u8 = 3;
+    /// A tip: account = payer, counterparty = streamer, union, amount = coins, and the split.
+    pub const TIP: u8 = 4;
+    /// A gift: as a tip, detail = gift id.
+    pub const GIFT: u8 = 5;
+    /// An event payment: as a tip, detail = event id.
+    pub const EVENT_PAYMENT: u8 = 6;
+    /// One shard's part of a settlement: account = the settled account, amount = coins swept on
+    /// this shard (one event per shard; the settlement's total is the sum of the parts by id).
+    pub const SETTLE: u8 = 7;
+
+    /// A stable snake_case name.
+    pub fn name(kind: u8) -> &'static str {
+        match kind {
+            TOPUP_SUCCEEDED => "topup_succeeded",
+            TOPUP_FAILED => "topup_failed",
+            TOPUP_REFUNDED => "topup_refunded",
+            TIP => "tip",
+            GIFT => "gift",
+            EVENT_PAYMENT => "event_payment",
+            SETTLE => "settle",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Watch modes (`WatchRecord::mode`).
+pub mod watch_mode {
+    /// Events strictly after (lsn, index).
+    pub const AFTER: u8 = 1;
+    /// Only events committed from now on.
+    pub const TAIL: u8 = 2;
+    /// Every event the shard still retains.
+    pub const EARLIEST: u8 = 3;
+}
+
+/// `WatchRecord::shard` meaning "every shard not listed".
+pub const ALL_SHARDS: u16 = 0xFFFF;
+
+/// A position on one shard: (batch lsn, index in batch). Ordered.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default, Hash)]
+pub struct Position {
+    pub lsn: u64,
+    pub index: u32,
+}
+
+impl Position {
+    pub const fn new(lsn: u64, index: u32) -> Position {
+        Position { lsn, index }
+    }
+
+    /// The position of an event.
+    pub fn of(event: &EventRecord) -> Position {
+        Position { lsn: event.lsn.get(), index: event.index.get() }
+    }
+}
+
+impl core::fmt::Display for Position {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}.{}", self.lsn, self.index)
+    }
+}
+
+/// One position per shard: where a subscriber is. Printed `0:123.4,1:98.0`.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct Cursor(pub Vec<(u16, Position)>);
+
+impl Cursor {
+    /// The position of `shard`, if the cursor has one.
+    pub fn get(&self, shard: u16) -> Option<Position> {
+        self.0.iter().find(|(s, _)| *s == shard).map(|(_, p)| *p)
+    }
+
+    /// Moves `shard` to `position` (adds the shard if absent).
+    pub fn set(&mut self, shard: u16, position: Position) {
+        match self.0.iter_mut().find(|(s, _)| *s == shard) {
+            Some(entry) => entry.1 = position,
+            None => {
+                self.0.push((shard, position));
+                self.0.sort_by_key(|(s, _)| *s);
+            }
+        }
+    }
+
+    /// Advances past `event` (its shard's position becomes the event's).
+    pub fn advance(&mut self, event: &EventRecord) {
+        self.set(event.shard.get(), Position::of(event));
+    }
+
+    /// The watch records that resume after this cursor.
+    pub fn to_records(&self) -> Vec<WatchRecord> {
+        self.0.iter().map(|(s, p)| watch_record(*s, watch_mode::AFTER, *p)).collect()
+    }
+
+    /// The cursor a server acknowledgement carries (mode AFTER records).
+    pub fn from_records(records: &[WatchRecord]) -> Cursor {
+        let mut cursor = Cursor::default();
+        for r in records.iter().filter(|r| r.mode == watch_mode::AFTER && r.shard.get() != ALL_SHARDS) {
+            cursor.set(r.shard.get(), Position::new(r.lsn.get(), r.index.get()));
+        }
+        cursor
+    }
+}
+
+impl core::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, (shard, position)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{shard}:{position}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cursor, String> {
+        let bad = || format!("invalid position {s:?} (expected SHARD:LSN.INDEX[,SHARD:LSN.INDEX...])");
+        let mut cursor = Cursor::default();
+        for part in s.split(',') {
+            let (shard, position) = part.trim().split_once(':').ok_or_else(bad)?;
+            let (lsn, index) = position.split_once('.').ok_or_else(bad)?;
+            let shard: u16 = shard.parse().map_err(|_| bad())?;
+            if shard == ALL_SHARDS || cursor.get(shard).is_some() {
+                return Err(bad());
+            }
+            let position = Position::new(lsn.parse().map_err(|_| bad())?, index.parse().map_err(|_| bad())?);
+            cursor.set(shard, position);
+        }
+        Ok(cursor)
+    }
+}
+
+/// Builds a watch record.
+pub fn watch_record(shard: u16, mode: u8, position: Position) -> WatchRecord {
+    let mut r = WatchRecord { shard: shard.into(), mode, ..WatchRecord::default() };
+    r.lsn.set(position.lsn);
+    r.index.set(position.index);
+    r
+}
+
+/// The events of one batch, gathered while it is applied.
+#[derive(Default)]
+pub struct BatchEvents {
+    lsn: u64,
+    events: Vec<EventRecord>,
+}
+
+impl BatchEvents {
+    /// Events of the batch logged at `lsn` (0 when there is no log).
+    pub fn new(lsn: u64) -> BatchEvents {
+        BatchEvents { lsn, events: Vec::new() }
+    }
+
+    /// Applies `command` (the `index`-th of the batch) and records its event, if it has one.
+    pub fn apply(
+        &mut self,
+        state: &mut ShardState,
+        index: usize,
+        timestamp: u64,
+        command: &Command,
+    ) -> (Reply, Fanout) {
+        let topup = match command {
+            Command::TopUpConfirm { id, .. } | Command::TopUpFail { id, .. } => state.topup(*id).copied(),
+            _ => None,
+        };
+        let (reply, fanout) = state.apply(timestamp, command);
+        if !reply.duplicate {
+            if let Some(mut event) = event_of(state, topup.as_ref(), command, &reply) {
+                event.shard.set(state.shard());
+                event.index.set(index as u32);
+                event.timestamp.set(timestamp);
+                self.events.push(event);
+            }
+        }
+        (reply, fanout)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+/// The event of an applied, non-duplicate command, if it is one worth notifying.
+fn event_of(state: &ShardState, topup: Option<&TopUp>, command: &Command, reply: &Reply) -> Option<EventRecord> {
+    let mut e = EventRecord::default();
+    match (*command, reply.status) {
+        (Command::TopUpConfirm { id, fen, .. }, Status::Ok) => {
+            let topup = topup?;
+            e.kind = event_kind::TOPUP_SUCCEEDED;
+            e.id.set(id);
+            e.account.set(topup.user);
+            e.amount.set(fen);
+            e.streamer_share.set(reply.value.max(0) as u64);
+            e.detail.set(topup.channel as u64);
+        }
+        (Command::TopUpConfirm { id, fen, .. }, Status::TopUpRefunded) => {
+            let topup = topup?;
+            e.kind = event_kind::TOPUP_REFUNDED;
+            e.id.set(id);
+            e.account.set(topup.user);
+            e.amount.set(fen);
+            e.detail.set(topup.channel as u64);
+        }
+        (Command::TopUpFail { id, reason }, Status::Ok) => {
+            let topup = topup?;
+            e.kind = event_kind::TOPUP_FAILED;
+            e.id.set(id);
+            e.account.set(topup.user);
+            e.amount.set(topup.fen);
+            e.detail.set(reason as u64);
+        }
+        (Command::Tip { id, from, to, coins }, Status::Ok) => {
+            spend(state, &mut e, event_kind::TIP, id, from, to, coins, 0)
+        }
+        (Command::Gift { id, from, to, gift, .. }, Status::Ok) => {
+            spend(state, &mut e, event_kind::GIFT, id, from, to, reply.value2.max(0) as u64, gift)
+        }
+        (Command::PayEvent { id, from, to, event, coins }, Status::Ok) => {
+            spend(state, &mut e, event_kind::EVENT_PAYMENT, id, from, to, coins, event)
+        }
+        (Command::Settle { id, account } | Command::ReplicaSettle { id, account, .. }, Status::Ok) => {
+            e.kind = event_kind::SETTLE;
+            e.id.set(id);
+            e.account.set(account);
+            e.amount.set(reply.value.max(0) as u64);
+        }
+        _ => return None,
+    }
+    Some(e)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spend(state: &ShardState, e: &mut EventRecord, kind: u8, id: u64, from: u64, to: u64, coins: u64, detail: u64) {
+    let union = state.account(to).map_or(0, |a| a.union);
+    let [streamer, union_share, platform] = state.spend_split(coins, union != 0);
+    e.kind = kind;
+    e.id.set(id);
+    e.account.set(from);
+    e.counterparty.set(to);
+    e.union.set(union);
+    e.amount.set(coins);
+    e.streamer_share.set(streamer);
+    e.union_share.set(union_share);
+    e.platform_share.set(platform);
+    e.detail.set(detail);
+}
+
+struct Ring {
+    events: VecDeque<EventRecord>,
+    /// Everything at or before this position is gone (evicted, or before the recovery snapshot).
+    floor: Position,
+    /// The newest published position (or the floor when nothing was published).
+    last: Position,
+}
+
+/// A position older than what the shard retains.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TooOld {
+    pub shard: u16,
+    /// Positions at or before this one are gone.
+    pub floor: Position,
+}
+
+impl core::fmt::Display for TooOld {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "shard {} retains only events after {}:{}", self.shard, self.shard, self.floor)
+    }
+}
+
+/// One shard's bounded ring of recent events.
+pub struct ShardFeed {
+    shard: u16,
+    capacity: usize,
+    ring: RwLock<Ring>,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl ShardFeed {
+    /// Publishes the events of one durable, applied batch. Called by the shard's writer only.
+    pub fn publish(&self, batch: &mut BatchEvents) {
+        if batch.events.is_empty() {
+            return;
+        }
+        {
+            let mut ring = self.ring.write();
+            // Without a log (lsn 0), a batch counter stands in for the lsn.
+            let lsn = if batch.lsn > ring.last.lsn { batch.lsn } else { ring.last.lsn + 1 };
+            for mut event in batch.events.drain(..) {
+                event.lsn.set(lsn);
+                ring.last = Position::of(&event);
+                if ring.events.len() == self.capacity {
+                    if let Some(old) = ring.events.pop_front() {
+                        ring.floor = Position::of(&old);
+                    }
+                }
+                ring.events.push_back(event);
+            }
+        }
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Marks everything up to and including batch `lsn` as not retained (recovery starts after a
+    /// snapshot at `lsn`: the events before it are unknown).
+    pub fn start_after(&self, lsn: u64) {
+        let mut ring = self.ring.write();
+        ring.events.clear();
+        // Lsn 0 is genesis: nothing came before it.
+        ring.floor = if lsn == 0 { Position::default() } else { Position::new(lsn, u32::MAX) };
+        ring.last = ring.floor;
+    }
+
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// The newest published position (the floor if nothing was published).
+    pub fn last(&self) -> Position {
+        self.ring.read().last
+    }
+
+    /// Positions at or before this one are no longer retained.
+    pub fn floor(&self) -> Position {
+        self.ring.read().floor
+    }
+
+    /// Events retained now.
+    pub fn len(&self) -> usize {
+        self.ring.read().events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends to `out` up to `max` events strictly after `after`, oldest first; returns the
+    /// number copied. `TooOld` if events after `after` may have been evicted.
+    pub fn read_after(&self, after: Position, max: usize, out: &mut Vec<EventRecord>) -> Result<usize, TooOld> {
+        let ring = self.ring.read();
+        if after < ring.floor {
+            return Err(TooOld { shard: self.shard, floor: ring.floor });
+        }
+        let start = ring.events.partition_point(|e| Position::of(e) <= after);
+        let n = (ring.events.len() - start).min(max);
+        out.extend(ring.events.range(start..start + n).copied());
+        Ok(n)
+    }
+}
+
+/// The feeds of every shard of one engine, and the counter subscribers wait on.
+pub struct Feed {
+    shards: Vec<Arc<ShardFeed>>,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl Feed {
+    /// Empty rings of `capacity` events for `shards` shards.
+    pub fn new(shards: u16, capacity: usize) -> Feed {
+        let changed = Arc::new(watch::Sender::new(0));
+        let shards = (0..shards)
+            .map(|shard| {
+                Arc::new(ShardFeed {
+                    shard,
+                    capacity: capacity.max(1),
+                    ring: RwLock::new(Ring {
+                        events: VecDeque::new(),
+                        floor: Position::default(),
+                        last: Position::default(),
+                    }),
+                    changed: changed.clone(),
+                })
+            })
+            .collect();
+        Feed { shards, changed }
+    }
+
+    pub fn shard(&self, shard: u16) -> &Arc<ShardFeed> {
+        &self.shards[shard as usize]
+    }
+
+    pub fn shards(&self) -> &[Arc<ShardFeed>] {
+        &self.shards
+    }
+
+    /// A receiver that sees a change after every publish.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Resolves a watch request into a cursor covering every shard. Unlisted shards (and no
+    /// `ALL_SHARDS` record) start at the tail.
+    pub fn resolve(&self, request: &[WatchRecord]) -> Result<Cursor, ResolveError> {
+        let default = request.iter().find(|r| r.shard.get() == ALL_SHARDS).map_or(watch_mode::TAIL, |r| r.mode);
+        for r in request {
+            if r.shard.get() != ALL_SHARDS && r.shard.get() as usize >= self.shards.len() {
+                return Err(ResolveError::Invalid(format!(
+                    "the position names shard {} but this server has {} shards",
+                    r.shard.get(),
+                    self.shards.len()
+                )));
+            }
+        }
+        let mut cursor = Cursor::default();
+        for feed in &self.shards {
+            let listed = request.iter().find(|r| r.shard.get() == feed.shard);
+            let (mode, position) = match listed {
+                Some(r) => (r.mode, Position::new(r.lsn.get(), r.index.get())),
+                None => (default, Position::default()),
+            };
+            let position = match mode {
+                watch_mode::AFTER => {
+                    let floor = feed.floor();
+                    if position < floor {
+                        return Err(ResolveError::TooOld(TooOld { shard: feed.shard, floor }));
+                    }
+                    position
+                }
+                watch_mode::TAIL => feed.last(),
+                watch_mode::EARLIEST => feed.floor(),
+                other => return Err(ResolveError::Invalid(format!("unknown watch mode {other}"))),
+            };
+            cursor.set(feed.shard, position);
+        }
+        Ok(cursor)
+    }
+}
+
+/// Why a watch request cannot start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolveError {
+    TooOld(TooOld),
+    Invalid(String),
+}
+
+impl core::fmt::Debug for ShardFeed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ShardFeed").field("shard", &self.shard).field("capacity", &self.capacity).finish()
+    }
+}

@@ -1,0 +1,340 @@
+//! The event feed through a real server over 127.0.0.1: resume after a disconnect with no gap
+//! and no duplicate, a position older than the ring, a slow subscriber, and a restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stormledger::client::watch::{WatchFrom, Watcher};
+use stormledger::client::{ClientConfig, ClientError};
+use stormledger::engine::{Engine, EngineConfig};
+use stormledger::feed::{event_kind, Cursor, Position};
+use stormledger::layout::{text_field, EventRecord};
+use stormledger::ledger::command::{flags, AccountKind, Channel, FailReason};
+use stormledger::ledger::Command;
+use stormledger::node::{Durability, Node, NodeConfig};
+use stormledger::protocol::ErrorCode;
+use stormledger::server::{Backend, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "feed-secret";
+const STREAMER: u64 = 1_000_000;
+const UNION: u64 = 2_000_000;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(backend: Arc<dyn Backend>) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        stormledger::server::run(listener, backend, ServerConfig::new(TOKEN), async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running { addr, stop: Some(stop), task }
+}
+
+fn engine(shards: u16, feed_events_max: usize) -> Arc<Engine> {
+    let config = EngineConfig { shards, feed_events_max, ..EngineConfig::default() };
+    Arc::new(Engine::in_memory(config).unwrap())
+}
+
+fn ok(engine: &Engine, commands: &[Command]) {
+    for (reply, command) in engine.execute(commands).iter().zip(commands) {
+        assert_eq!(reply.status.get(), 0, "{command:?}");
+    }
+}
+
+/// Users 1..=users with 980 coins each (real top-ups); STREAMER in UNION. Returns the events it
+/// produced (top-ups succeeded).
+fn setup(engine: &Engine, users: u64) -> u64 {
+    ok(engine, &[Command::CreateAccount { account: UNION, kind: AccountKind::Union, flags: 0, union: 0 }]);
+    let mut cmds =
+        vec![Command::CreateAccount { account: STREAMER, kind: AccountKind::Streamer, flags: 0, union: UNION }];
+    for u in 1..=users {
+        cmds.push(Command::CreateAccount { account: u, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 });
+        cmds.push(Command::BindMethod { user: u, method: 1, channel: Channel::Wechat });
+    }
+    ok(engine, &cmds);
+    let begins: Vec<Command> =
+        (1..=users).map(|u| Command::TopUpBegin { id: 10_000_000 + u, user: u, method: 1, fen: 9_800 }).collect();
+    ok(engine, &begins);
+    let confirms: Vec<Command> = (1..=users)
+        .map(|u| Command::TopUpConfirm {
+            id: 10_000_000 + u,
+            fen: 9_800,
+            channel_txn: text_field(&format!("W{u}")).unwrap(),
+        })
+        .collect();
+    ok(engine, &confirms);
+    users
+}
+
+fn tips(ids: std::ops::Range<u64>, users: u64) -> Vec<Command> {
+    ids.map(|id| Command::Tip { id, from: 1 + id % users, to: STREAMER, coins: 1 + id % 3 }).collect()
+}
+
+fn config() -> ClientConfig {
+    ClientConfig::new(TOKEN)
+}
+
+/// Reads until `n` events arrived in this session.
+async fn read_n(watcher: &mut Watcher, n: usize) -> Vec<EventRecord> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let batch = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("events in time").expect("stream");
+        out.extend(batch);
+    }
+    out
+}
+
+/// No duplicate position, per-shard positions strictly increasing, splits add up.
+fn check_stream(events: &[EventRecord]) {
+    let mut last: BTreeMap<u16, Position> = BTreeMap::new();
+    for e in events {
+        let p = Position::of(e);
+        if let Some(prev) = last.insert(e.shard.get(), p) {
+            assert!(p > prev, "shard {}: {p} after {prev}", e.shard.get());
+        }
+        if matches!(e.kind, event_kind::TIP | event_kind::GIFT | event_kind::EVENT_PAYMENT) {
+            let split = e.streamer_share.get() + e.union_share.get() + e.platform_share.get();
+            assert_eq!(split, e.amount.get());
+            assert_eq!(e.counterparty.get(), STREAMER);
+            assert_eq!(e.union.get(), UNION);
+            assert!(e.union_share.get() > 0 || e.amount.get() < 10);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_disconnect_has_no_gap_and_no_duplicate() {
+    let engine = engine(2, 1 << 16);
+    let server = serve(engine.clone()).await;
+    let users = setup(&engine, 20);
+    // A failed top-up, a refunded late confirmation, gifts, an event payment, a rejected tip, a
+    // retried tip (no second event) and a settlement (one event per shard).
+    ok(&engine, &[Command::TopUpBegin { id: 30_000_001, user: 1, method: 1, fen: 600 }]);
+    ok(&engine, &[Command::TopUpFail { id: 30_000_001, reason: FailReason::Declined }]);
+    let refunded =
+        engine.execute(&[Command::TopUpConfirm { id: 30_000_001, fen: 600, channel_txn: text_field("LATE").unwrap() }]);
+    assert_ne!(refunded[0].status.get(), 0);
+    ok(&engine, &tips(1..101, users));
+    ok(&engine, &[Command::Gift { id: 200, from: 2, to: STREAMER, gift: 2, count: 3 }]);
+    ok(&engine, &[Command::PayEvent { id: 201, from: 3, to: STREAMER, event: 9, coins: 30 }]);
+    let rejected = engine.execute(&[Command::Tip { id: 202, from: 4, to: STREAMER, coins: 1_000_000 }]);
+    assert_ne!(rejected[0].status.get(), 0);
+    let retry = engine.execute(&tips(1..2, users));
+    assert_eq!(retry[0].flags & 1, 1, "a duplicate");
+    ok(&engine, &[Command::Settle { id: 300, account: STREAMER }]);
+    let before = users as usize + 2 + 100 + 2 + 2;
+
+    // First session: read part of the stream, then disconnect mid-stream.
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    // A frame carries many events; the subscriber processed (and printed the position of) only
+    // the first 60 when the connection broke.
+    let mut seen = read_n(&mut watcher, 60).await;
+    seen.truncate(60);
+    // The cursor a client keeps: the start position of every shard, advanced per event.
+    let mut cursor: Cursor = "0:0.0,1:0.0".parse().unwrap();
+    for e in &seen {
+        cursor.advance(e);
+    }
+    let cursor: Cursor = cursor.to_string().parse().unwrap();
+    drop(watcher);
+
+    // More events while disconnected, then resume from the printed cursor.
+    ok(&engine, &tips(1_000..1_050, users));
+    let total = before + 50;
+    let mut resumed = Watcher::connect(server.addr, &config(), WatchFrom::After(cursor)).await.unwrap();
+    let rest = read_n(&mut resumed, total - seen.len()).await;
+    seen.extend(rest);
+    // Nothing more is pending.
+    assert!(tokio::time::timeout(Duration::from_millis(300), resumed.next()).await.is_err());
+
+    assert_eq!(seen.len(), total);
+    check_stream(&seen);
+    let positions: BTreeSet<(u16, Position)> = seen.iter().map(|e| (e.shard.get(), Position::of(e))).collect();
+    assert_eq!(positions.len(), total, "no duplicate position");
+    let count = |kind: u8| seen.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(count(event_kind::TOPUP_SUCCEEDED), users as usize);
+    assert_eq!(count(event_kind::TOPUP_FAILED), 1);
+    assert_eq!(count(event_kind::TOPUP_REFUNDED), 1);
+    assert_eq!(count(event_kind::GIFT), 1);
+    assert_eq!(count(event_kind::EVENT_PAYMENT), 1);
+    assert_eq!(count(event_kind::SETTLE), 2);
+    let tip_ids: BTreeSet<u64> = seen.iter().filter(|e| e.kind == event_kind::TIP).map(|e| e.id.get()).collect();
+    let expected: BTreeSet<u64> = (1..101).chain(1_000..1_050).collect();
+    assert_eq!(tip_ids, expected, "exactly the acknowledged tips");
+    assert_eq!(count(event_kind::TIP), expected.len());
+    let gift = seen.iter().find(|e| e.kind == event_kind::GIFT).unwrap();
+    assert_eq!((gift.amount.get(), gift.detail.get()), (30, 2));
+    let swept: u64 = seen.iter().filter(|e| e.kind == event_kind::SETTLE).map(|e| e.amount.get()).sum();
+    let streamer_earned: u64 = seen
+        .iter()
+        .filter(|e| e.kind != event_kind::SETTLE && e.id.get() < 1_000)
+        .map(|e| if e.kind >= event_kind::TIP { e.streamer_share.get() } else { 0 })
+        .sum();
+    assert_eq!(swept, streamer_earned, "the settlement swept what the streamer earned before it");
+    drop(resumed);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_watch_from_now_sees_only_new_events() {
+    let engine = engine(2, 1 << 16);
+    let server = serve(engine.clone()).await;
+    let users = setup(&engine, 10);
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Now).await.unwrap();
+    let producer = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || {
+            for chunk in 0..20u64 {
+                ok(&engine, &tips(1 + chunk * 10..1 + chunk * 10 + 10, users));
+            }
+        })
+    };
+    let events = read_n(&mut watcher, 200).await;
+    producer.await.unwrap();
+    check_stream(&events);
+    assert!(events.iter().all(|e| e.kind == event_kind::TIP));
+    let ids: BTreeSet<u64> = events.iter().map(|e| e.id.get()).collect();
+    assert_eq!(ids, (1..201).collect());
+    drop(watcher);
+    server.stop().await;
+}
+
+fn server_error(result: Result<impl Sized, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Server(error)) => error.code,
+        Err(other) => panic!("expected a server error, got {other}"),
+        Ok(_) => panic!("expected a server error"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_older_than_the_ring_is_refused_clearly() {
+    let engine = engine(2, 16);
+    let server = serve(engine.clone()).await;
+    let users = setup(&engine, 10);
+    ok(&engine, &tips(1..200, users));
+    let old: Cursor = "0:0.0,1:0.0".parse().unwrap();
+    let refused = Watcher::connect(server.addr, &config(), WatchFrom::After(old)).await;
+    assert_eq!(server_error(refused), ErrorCode::POSITION_TOO_OLD);
+    // A shard this server does not have.
+    let alien: Cursor = "7:1.0".parse().unwrap();
+    let refused = Watcher::connect(server.addr, &config(), WatchFrom::After(alien)).await;
+    assert_eq!(server_error(refused), ErrorCode::INVALID_POSITION);
+    // Earliest still works: it starts at what the ring retains.
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    let events = read_n(&mut watcher, 32).await;
+    check_stream(&events);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_is_dropped_while_the_ledger_keeps_acknowledging() {
+    let engine = engine(2, 8);
+    let server = serve(engine.clone()).await;
+    let users = setup(&engine, 50);
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Now).await.unwrap();
+    ok(&engine, &tips(1..5, users));
+    let first = read_n(&mut watcher, 1).await;
+    // The subscriber stops reading; the ledger does not wait for it: every tip is acknowledged.
+    for chunk in 0..20u64 {
+        ok(&engine, &tips(100 + chunk * 500..100 + (chunk + 1) * 500, users));
+    }
+    let mut seen = first;
+    let end = loop {
+        match tokio::time::timeout(DEADLINE, watcher.next()).await.expect("the server ends the stream") {
+            Ok(events) => seen.extend(events),
+            Err(error) => break error,
+        }
+    };
+    match &end {
+        ClientError::Server(error) => {
+            assert_eq!(error.code, ErrorCode::SUBSCRIBER_TOO_SLOW);
+            assert!(error.message.contains("resume from"), "{}", error.message);
+        }
+        other => panic!("expected subscriber_too_slow, got {other}"),
+    }
+    check_stream(&seen);
+    // Resuming from the last position: that position is gone too, and the client is told so.
+    let cursor = watcher.cursor().clone();
+    let resumed = Watcher::connect(server.addr, &config(), WatchFrom::After(cursor)).await;
+    assert_eq!(server_error(resumed), ErrorCode::POSITION_TOO_OLD);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_after_the_snapshot_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node_config = NodeConfig::new(dir.path());
+    node_config.engine = EngineConfig { shards: 2, ..EngineConfig::default() };
+    node_config.durability = Durability::Buffered;
+    node_config.segment_size = 1 << 20;
+
+    let node = Node::open(node_config.clone()).unwrap();
+    let engine = node.engine().clone();
+    let users = setup(&engine, 10);
+    ok(&engine, &tips(1..101, users));
+    let total = users as usize + 100;
+    let server = serve(engine.clone()).await;
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    let before = read_n(&mut watcher, total).await;
+    check_stream(&before);
+    // A subscriber that saw only part of it.
+    let mut partial: Cursor = "0:0.0,1:0.0".parse().unwrap();
+    for e in &before[..40] {
+        partial.advance(e);
+    }
+    drop(watcher);
+    server.stop().await;
+    drop(engine);
+    node.shutdown();
+
+    let node = Node::open(node_config).unwrap();
+    let engine = node.engine().clone();
+    let server = serve(engine.clone()).await;
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    let after = read_n(&mut watcher, total).await;
+    assert_eq!(after, before, "the same events at the same positions after the restart");
+    drop(watcher);
+
+    let mut resumed = Watcher::connect(server.addr, &config(), WatchFrom::After(partial.clone())).await.unwrap();
+    ok(&engine, &tips(500..510, users));
+    let rest = read_n(&mut resumed, total - 40 + 10).await;
+    let expected_positions: BTreeSet<(u16, Position)> = before
+        .iter()
+        .filter(|e| partial.get(e.shard.get()).is_none_or(|p| Position::of(e) > p))
+        .map(|e| (e.shard.get(), Position::of(e)))
+        .collect();
+    let got: BTreeSet<(u16, Position)> = rest.iter().map(|e| (e.shard.get(), Position::of(e))).collect();
+    assert!(expected_positions.is_subset(&got));
+    assert_eq!(got.len(), rest.len(), "no duplicates");
+    assert_eq!(rest.len(), expected_positions.len() + 10);
+    let mut all = before[..40].to_vec();
+    all.extend(rest);
+    check_stream(&all);
+    drop(resumed);
+    server.stop().await;
+    drop(engine);
+    node.shutdown();
+}
