@@ -276,7 +276,7 @@ pub fn load_shard_with_feed(
             }
             state.drain_evicted();
             batches += 1;
-            if batches % 4096 == 0 {
+            if batches % 64 == 0 {
                 progress(batches);
             }
         }
@@ -380,7 +380,19 @@ impl Node {
             }
             let (ledger, limits) = (&config.engine.ledger, &config.engine.limits);
             let shard_feed = Some(feed.shard(shard).as_ref());
-            let loaded = load_shard_with_feed(&dir, shard, shards, ledger, limits, &mut |_| {}, shard_feed)?;
+            // A long replay reports progress on stderr every two seconds.
+            let started = std::time::Instant::now();
+            let mut last_report = started;
+            let mut progress = |batches: u64| {
+                if last_report.elapsed() >= std::time::Duration::from_secs(2) {
+                    last_report = std::time::Instant::now();
+                    eprintln!(
+                        "shard {shard}: recovering: {batches} log batches replayed in {:.0} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            };
+            let loaded = load_shard_with_feed(&dir, shard, shards, ledger, limits, &mut progress, shard_feed)?;
             for skipped in &loaded.skipped_snapshots {
                 eprintln!("shard {shard}: passed over a damaged snapshot: {skipped}");
             }

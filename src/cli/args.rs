@@ -108,6 +108,33 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_DURABILITY", value_name = "MODE", value_parser = parse_durability)]
     pub durability: Option<Durability>,
 
+    /// Accounts one shard can hold (user wallets + a stripe of every striped account)
+    /// [default: 4194304]. Memory: ~96 bytes per account of capacity.
+    #[arg(long, env = "STORMLEDGER_ACCOUNTS_MAX", value_name = "N")]
+    pub accounts_max: Option<u32>,
+
+    /// History entries kept in memory per shard (64 bytes each) [default: 1048576].
+    #[arg(long, env = "STORMLEDGER_HISTORY_MAX", value_name = "N")]
+    pub history_max: Option<u32>,
+
+    /// Idempotency records kept per shard (~130 bytes each): the idempotency window
+    /// [default: 1048576].
+    #[arg(long, env = "STORMLEDGER_IDS_MAX", value_name = "N")]
+    pub ids_max: Option<u32>,
+
+    /// Events of the `watch` feed kept per shard (96 bytes each) [default: 1048576].
+    #[arg(long, env = "STORMLEDGER_FEED_EVENTS_MAX", value_name = "N")]
+    pub feed_events_max: Option<usize>,
+
+    /// A shard takes a snapshot after this many MiB of log (0 = only on `admin snapshot`)
+    /// [default: 512].
+    #[arg(long, env = "STORMLEDGER_SNAPSHOT_EVERY_MIB", value_name = "MIB")]
+    pub snapshot_every_mib: Option<u64>,
+
+    /// Size of each pre-allocated log segment in MiB [default: 64].
+    #[arg(long, env = "STORMLEDGER_SEGMENT_MIB", value_name = "MIB")]
+    pub segment_mib: Option<u64>,
+
     /// TOML config file (keys as the long flags, with `_` for `-`; see docs/operations.md).
     #[arg(long, env = "STORMLEDGER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

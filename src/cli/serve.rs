@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::args::{parse_durability, Cli, ServeArgs};
 use super::{metrics, token, EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
-use crate::config::LedgerConfig;
+use crate::config::{LedgerConfig, ShardLimits};
 use crate::engine::EngineConfig;
 use crate::node::{Durability, Node, NodeConfig, NodeError};
 use crate::server::{Backend, Server, ServerConfig};
@@ -33,6 +33,12 @@ pub struct FileConfig {
     pub admin_token: Option<String>,
     pub metrics: Option<String>,
     pub allow_remote: Option<bool>,
+    pub accounts_max: Option<u32>,
+    pub history_max: Option<u32>,
+    pub ids_max: Option<u32>,
+    pub feed_events_max: Option<usize>,
+    pub snapshot_every_mib: Option<u64>,
+    pub segment_mib: Option<u64>,
     pub ledger: Option<LedgerConfig>,
 }
 
@@ -65,6 +71,10 @@ pub struct ServeConfig {
     pub metrics: Option<SocketAddr>,
     pub allow_remote: bool,
     pub ledger: LedgerConfig,
+    pub limits: ShardLimits,
+    pub feed_events_max: usize,
+    pub snapshot_every_bytes: u64,
+    pub segment_size: u64,
 }
 
 impl ServeConfig {
@@ -108,7 +118,39 @@ impl ServeConfig {
         };
         let ledger = file.ledger.unwrap_or_default();
         ledger.validate().map_err(|e| format!("config file [ledger]: {e}"))?;
-        Ok(ServeConfig { data_dir, listen, shards, durability, token, admin_token, metrics, allow_remote, ledger })
+        let defaults = ShardLimits::default();
+        let limits = ShardLimits {
+            accounts_max: args.accounts_max.or(file.accounts_max).unwrap_or(defaults.accounts_max),
+            history_max: args.history_max.or(file.history_max).unwrap_or(defaults.history_max),
+            ids_max: args.ids_max.or(file.ids_max).unwrap_or(defaults.ids_max),
+        };
+        limits.validate().map_err(|e| format!("limits: {e}"))?;
+        let node_defaults = NodeConfig::new(&data_dir);
+        let feed_events_max =
+            args.feed_events_max.or(file.feed_events_max).unwrap_or(EngineConfig::default().feed_events_max);
+        let snapshot_every_bytes = args
+            .snapshot_every_mib
+            .or(file.snapshot_every_mib)
+            .map_or(node_defaults.snapshot_every_bytes, |mib| mib << 20);
+        let segment_mib = args.segment_mib.or(file.segment_mib).unwrap_or(node_defaults.segment_size >> 20);
+        if !(1..=1024).contains(&segment_mib) {
+            return Err(format!("--segment-mib must be in 1..=1024, got {segment_mib}"));
+        }
+        Ok(ServeConfig {
+            data_dir,
+            listen,
+            shards,
+            durability,
+            token,
+            admin_token,
+            metrics,
+            allow_remote,
+            ledger,
+            limits,
+            feed_events_max,
+            snapshot_every_bytes,
+            segment_size: segment_mib << 20,
+        })
     }
 }
 
@@ -173,8 +215,20 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         return Err("the admin token must differ from the client token (otherwise every client is an operator)".into());
     }
 
-    let engine = EngineConfig { shards: config.shards, ledger: config.ledger.clone(), ..EngineConfig::default() };
-    let node_config = NodeConfig { engine, durability: config.durability, ..NodeConfig::new(dir.clone()) };
+    let engine = EngineConfig {
+        shards: config.shards,
+        ledger: config.ledger.clone(),
+        limits: config.limits.clone(),
+        feed_events_max: config.feed_events_max,
+        ..EngineConfig::default()
+    };
+    let node_config = NodeConfig {
+        engine,
+        durability: config.durability,
+        segment_size: config.segment_size,
+        snapshot_every_bytes: config.snapshot_every_bytes,
+        ..NodeConfig::new(dir.clone())
+    };
     let node = Node::open(node_config).map_err(|e| match e {
         NodeError::Locked { .. } => format!("{e}; stop that server or use another --data-dir"),
         e => format!("cannot open data directory {}: {e}", dir.display()),

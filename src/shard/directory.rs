@@ -66,10 +66,11 @@ impl IdDirectory {
             let mut map = self.stripes[stripe].lock();
             while i < order.len() && stripe_of(requests[order[i] as usize].0) == stripe {
                 let (id, shard) = requests[order[i] as usize];
-                out[order[i] as usize] = match map.get(&id) {
-                    Some(&owner) => Claim::Existing(owner),
-                    None => {
-                        map.insert(id, shard);
+                // One probe: find the id's bucket once, insert there if it is free.
+                out[order[i] as usize] = match map.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(owner) => Claim::Existing(*owner.get()),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(shard);
                         Claim::New
                     }
                 };
@@ -84,8 +85,10 @@ impl IdDirectory {
         for chunk in ids.chunk_by(|a, b| stripe_of(*a) == stripe_of(*b)) {
             let mut map = self.stripes[stripe_of(chunk[0])].lock();
             for id in chunk {
-                if map.get(id) == Some(&shard) {
-                    map.remove(id);
+                if let std::collections::hash_map::Entry::Occupied(owner) = map.entry(*id) {
+                    if *owner.get() == shard {
+                        owner.remove();
+                    }
                 }
             }
         }
