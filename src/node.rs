@@ -261,7 +261,15 @@ pub fn load_shard_with_feed(
                 ))
             })?;
             let mut events = crate::feed::BatchEvents::new(record.lsn);
+            // The worker's prefetch, two stages ahead (hints only; replay results are the same).
+            let ahead = |k: usize| cmds.get(k).and_then(|r| Command::from_record(r).ok());
             for (i, r) in cmds.iter().enumerate() {
+                if let Some(c) = ahead(i + 12) {
+                    state.prefetch_index(&c);
+                }
+                if let Some(c) = ahead(i + 6) {
+                    state.prefetch_account(&c);
+                }
                 let command = Command::from_record(r).map_err(|status| {
                     NodeError::Corrupt(format!("shard {shard}: undecodable command at lsn {} ({status})", record.lsn))
                 })?;
