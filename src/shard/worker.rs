@@ -158,6 +158,20 @@ pub struct Join {
 }
 
 impl Join {
+    /// Waits for the other shards' parts of `item` (its home part answered `reply`).
+    fn new(item: &WriteItem, reply: Reply, collector: &Arc<Collector>, peers: &Peers) -> Arc<Join> {
+        Arc::new(Join {
+            remaining: AtomicUsize::new(peers.internal.len() - 1),
+            total: AtomicI64::new(reply.value),
+            failed: AtomicBool::new(false),
+            reply,
+            command: item.command,
+            tag: item.tag,
+            collector: collector.clone(),
+            permits: peers.permits.clone(),
+        })
+    }
+
     fn part_done(&self, value: i64, ok: bool) {
         self.total.fetch_add(value, Ordering::AcqRel);
         if !ok {
@@ -491,17 +505,8 @@ pub fn run(
                                 }
                             }
                             Fanout::Replicate(replica) => {
-                                let join = Arc::new(Join {
-                                    remaining: AtomicUsize::new(peers.internal.len() - 1),
-                                    total: AtomicI64::new(reply.value),
-                                    failed: AtomicBool::new(false),
-                                    reply,
-                                    command: item.command,
-                                    tag: item.tag,
-                                    collector: parts[p].collector.clone(),
-                                    permits: peers.permits.clone(),
-                                });
                                 assert!(item.permit, "replicated commands hold a permit");
+                                let join = Join::new(item, reply, &parts[p].collector, &peers);
                                 for (s, tx) in peers.internal.iter().enumerate() {
                                     if s != shard as usize {
                                         let msg = Internal::Replica { command: replica, join: Some(join.clone()) };
@@ -512,17 +517,8 @@ pub fn run(
                                 }
                             }
                             Fanout::GatherSettlement { id } => {
-                                let join = Arc::new(Join {
-                                    remaining: AtomicUsize::new(peers.queries.len() - 1),
-                                    total: AtomicI64::new(reply.value),
-                                    failed: AtomicBool::new(false),
-                                    reply,
-                                    command: item.command,
-                                    tag: item.tag,
-                                    collector: parts[p].collector.clone(),
-                                    permits: peers.permits.clone(),
-                                });
                                 assert!(item.permit, "settlements hold a permit");
+                                let join = Join::new(item, reply, &parts[p].collector, &peers);
                                 for (s, tx) in peers.queries.iter().enumerate() {
                                     if s != shard as usize {
                                         let part_join = join.clone();
