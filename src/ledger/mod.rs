@@ -6,6 +6,7 @@
 pub mod account;
 pub mod amount;
 pub mod command;
+pub mod id_table;
 pub mod index;
 pub mod state_machine;
 pub mod status;

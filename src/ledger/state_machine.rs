@@ -22,6 +22,7 @@ use crate::ledger::command::{
     flags, AccountKind, Channel, Command, FailReason, Origin, Unit, SYSTEM_ACCOUNTS, SYSTEM_COIN_SALES,
     SYSTEM_ISSUANCE, SYSTEM_PAYOUT, SYSTEM_PLATFORM, SYSTEM_SUSPENSE,
 };
+use crate::ledger::id_table::IdTable;
 use crate::ledger::index::AccountIndex;
 use crate::ledger::status::Status;
 
@@ -156,11 +157,9 @@ pub struct ShardState {
     pub(crate) index: Arc<AccountIndex>,
     pub(crate) accounts: Vec<Account>,
     pub(crate) methods: IdMap<(u64, u64), Channel>,
-    pub(crate) ids: IdMap<u64, u64>,
+    pub(crate) ids: IdTable,
     pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
     pub(crate) id_seq: u64,
-    /// Evictions since the last sweep of stale map entries.
-    pub(crate) stale_ids: u64,
     pub(crate) topups: IdMap<u64, TopUp>,
     pub(crate) pending: VecDeque<(u64, u64)>,
     pub(crate) history: HistoryRing,
@@ -178,6 +177,9 @@ pub struct ShardState {
 /// How many replicated commands a shard remembers for recovery. The engine admits at most
 /// `REPLICATION_IN_FLIGHT_MAX` unfinished replicated commands, so this is always enough.
 pub const OUTBOX_MAX: usize = 4096;
+/// How far from the front of the id ring the eviction prefetch looks (the worker prefetches
+/// this many commands ahead).
+const PREFETCH_EVICTION_AHEAD: usize = 12;
 pub const REPLICATION_IN_FLIGHT_MAX: usize = 1024;
 
 struct Leg {
@@ -200,10 +202,9 @@ impl ShardState {
             // vector never reallocates (no copy stall, no garbage left behind).
             accounts: Vec::with_capacity(limits.accounts_max as usize),
             methods: IdMap::default(),
-            ids: IdMap::with_capacity_and_hasher(2 * limits.ids_max as usize, Default::default()),
+            ids: IdTable::new(limits.ids_max as usize),
             id_ring: VecDeque::with_capacity(limits.ids_max as usize),
             id_seq: 0,
-            stale_ids: 0,
             topups: IdMap::default(),
             pending: VecDeque::new(),
             history: HistoryRing::new(limits.history_max),
@@ -258,13 +259,9 @@ impl ShardState {
 
     /// The idempotency record of a transfer id, if retained.
     pub fn id_record(&self, id: u64) -> Option<&IdRecord> {
-        let seq = *self.ids.get(&id)?;
+        let seq = self.ids.get(id)?;
         let front = self.id_ring.front()?.0;
-        // An evicted id's map entry may linger until the next sweep: it is older than the ring.
-        if seq < front {
-            return None;
-        }
-        self.id_ring.get((seq - front) as usize).map(|(_, r)| r)
+        self.id_ring.get(seq.checked_sub(front)? as usize).map(|(_, r)| r)
     }
 
     pub fn topup(&self, id: u64) -> Option<&TopUp> {
@@ -362,6 +359,16 @@ impl ShardState {
     pub fn prefetch_index(&self, command: &Command) {
         if let Some(account) = primary_account(command) {
             self.index.prefetch_entry(account);
+        }
+        if let Some(id) = command.transfer_id() {
+            self.ids.prefetch(id);
+            // The record this command will push out of a full window is a few places from the
+            // front (about as many as commands ahead of it): load its bucket too.
+            if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
+                if let Some((_, old)) = self.id_ring.get(PREFETCH_EVICTION_AHEAD) {
+                    self.ids.prefetch(old.command.transfer_id().unwrap_or_else(|| old.command.reply_id()));
+                }
+            }
         }
     }
 
@@ -490,16 +497,10 @@ impl ShardState {
 
     fn remember(&mut self, id: u64, timestamp: u64, command: Command, reply: Reply) {
         if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
-            let (_, old) = self.id_ring.pop_front().expect("non-empty");
+            let (old_seq, old) = self.id_ring.pop_front().expect("non-empty");
             let old_id = old.command.transfer_id().unwrap_or_else(|| old.command.reply_id());
-            // The map entry is not removed now (a random access per command): lookups ignore
-            // entries older than the ring, and a sweep every `ids_max` evictions drops them in
-            // one sequential pass, so the map never holds more than twice `ids_max`.
-            self.stale_ids += 1;
-            if self.stale_ids >= self.limits.ids_max as u64 {
-                let front = self.id_ring.front().map_or(u64::MAX, |f| f.0);
-                self.ids.retain(|_, seq| *seq >= front);
-                self.stale_ids = 0;
+            if self.ids.get(old_id) == Some(old_seq) {
+                self.ids.remove(old_id);
             }
             if let Some(topup) = self.topups.get_mut(&old_id) {
                 if topup.state == TopUpState::Pending {
