@@ -113,7 +113,7 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             // A small key space makes collisions, long runs and wrap-around common.
             let id = 1 + (x >> 33) % 300;
-            if (x >> 20) % 3 == 0 || model.len() >= 64 {
+            if (x >> 20).is_multiple_of(3) || model.len() >= 64 {
                 table.remove(id);
                 model.remove(&id);
             } else {
