@@ -191,6 +191,13 @@ fn main() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench"));
     println!("engine bench: {users} users, {streamers} streamers, {tips} tips, {shards} shards, batch {batch}, window {window}, {cores} cores");
+    // Memory first: the storm runs leave freed memory in the allocator, which would hide what
+    // the accounts cost.
+    let accounts = env("BENCH_MEM_ACCOUNTS", 2_000_000);
+    if accounts > 0 {
+        let (bytes, per) = memory(accounts, shards);
+        println!("memory: {accounts} user accounts -> {} MiB resident, {per:.1} bytes/account", bytes >> 20);
+    }
     let mut rows = Vec::new();
     for mode in modes.split(',').filter(|m| !m.is_empty()) {
         let mode: Durability = mode.parse().expect("mode");
@@ -227,10 +234,5 @@ fn main() {
                 (storm.ok as f64 / storm.secs) / (uniform.ok as f64 / uniform.secs)
             );
         }
-    }
-    let accounts = env("BENCH_MEM_ACCOUNTS", 2_000_000);
-    if accounts > 0 {
-        let (bytes, per) = memory(accounts, shards);
-        println!("memory: {accounts} user accounts -> {} MiB resident, {per:.1} bytes/account", bytes >> 20);
     }
 }
