@@ -161,7 +161,7 @@ impl Engine {
         for state in &states {
             for (id, record) in state.id_records() {
                 if !matches!(record.command, Command::ReplicaSettle { .. }) {
-                    directory.insert(id, state.shard());
+                    assert!(directory.insert(id, state.shard()), "the directory is sized for every retained id");
                 }
             }
         }
@@ -333,6 +333,10 @@ impl Engine {
                 Route::Claim(_, home) => match claims.next().expect("one claim per request") {
                     Claim::New => (home, true),
                     Claim::Existing(owner) => (owner, false),
+                    Claim::Full => {
+                        immediate.push((tag, reply_record(&command, Reply::status(Status::Busy))));
+                        continue;
+                    }
                 },
             };
             let permit = needs_permit(&command);

@@ -36,6 +36,29 @@ impl IdTable {
         self.len == 0
     }
 
+    /// Holds as many ids as it was sized for (an insert of a new id would be refused).
+    pub fn is_full(&self) -> bool {
+        self.len >= self.entries.len() / 2
+    }
+
+    /// The address of `id`'s home bucket, for callers that prefetch without holding the table
+    /// (the bucket array never moves: the table never grows).
+    #[inline]
+    pub fn bucket_address(&self, id: u64) -> *const u8 {
+        self.entries.as_ptr().wrapping_add(home(id, self.mask)) as *const u8
+    }
+
+    /// The base address and mask, to compute `bucket_address` later without the table.
+    pub fn layout(&self) -> (usize, usize) {
+        (self.entries.as_ptr() as usize, self.mask)
+    }
+
+    /// `bucket_address` from a saved `layout`.
+    #[inline]
+    pub fn bucket_address_in(layout: (usize, usize), id: u64) -> *const u8 {
+        (layout.0 as *const (u64, u64)).wrapping_add(home(id, layout.1)) as *const u8
+    }
+
     #[inline]
     fn find(&self, id: u64) -> Result<usize, usize> {
         let mut i = home(id, self.mask);

@@ -9,13 +9,19 @@
 
 use parking_lot::Mutex;
 
-use crate::ledger::state_machine::IdMap;
+use crate::ledger::id_table::IdTable;
+use crate::ledger::index::prefetch;
 
 const STRIPES: usize = 256;
+/// How many claims ahead `claim_many` prefetches buckets.
+const PREFETCH_AHEAD: usize = 8;
 
 /// See the module docs.
 pub struct IdDirectory {
-    stripes: Box<[Mutex<IdMap<u64, u16>>]>,
+    stripes: Box<[Mutex<IdTable>]>,
+    /// Each stripe's bucket array (base, mask), fixed for the directory's life: prefetching
+    /// needs no lock.
+    layouts: Box<[(usize, usize)]>,
 }
 
 /// The outcome of a claim.
@@ -25,6 +31,8 @@ pub enum Claim {
     New,
     /// The id already belongs to this shard.
     Existing(u16),
+    /// The directory holds as many ids as it was sized for: answer `busy`.
+    Full,
 }
 
 impl Default for IdDirectory {
@@ -39,17 +47,23 @@ fn stripe_of(id: u64) -> usize {
 }
 
 impl IdDirectory {
-    /// A directory sized for `ids` live ids (it never needs to grow while they fit).
+    /// A directory sized for `ids` live ids (every stripe gets its share plus a margin for
+    /// the hash spread; a stripe that fills up answers `Full`).
     pub fn with_capacity(ids: usize) -> IdDirectory {
-        let per_stripe = ids.div_ceil(STRIPES);
-        let stripes =
-            (0..STRIPES).map(|_| Mutex::new(IdMap::with_capacity_and_hasher(per_stripe, Default::default()))).collect();
-        IdDirectory { stripes }
+        let per_stripe = ids.div_ceil(STRIPES) * 5 / 4 + 64;
+        let stripes: Box<[Mutex<IdTable>]> = (0..STRIPES).map(|_| Mutex::new(IdTable::new(per_stripe))).collect();
+        let layouts = stripes.iter().map(|s| s.lock().layout()).collect();
+        IdDirectory { stripes, layouts }
     }
 
     #[inline]
-    fn stripe(&self, id: u64) -> &Mutex<IdMap<u64, u16>> {
+    fn stripe(&self, id: u64) -> &Mutex<IdTable> {
         &self.stripes[stripe_of(id)]
+    }
+
+    #[inline]
+    fn prefetch(&self, id: u64) {
+        prefetch(IdTable::bucket_address_in(self.layouts[stripe_of(id)], id));
     }
 
     /// Claims many ids at once, locking each stripe once: `requests[i] = (id, shard)`, and
@@ -60,21 +74,20 @@ impl IdDirectory {
         let mut order: Vec<u32> = (0..requests.len() as u32).collect();
         // Stable: two requests for one id keep their order, so the first one claims it.
         order.sort_by_key(|&i| stripe_of(requests[i as usize].0));
-        let mut i = 0;
-        while i < order.len() {
-            let stripe = stripe_of(requests[order[i] as usize].0);
-            let mut map = self.stripes[stripe].lock();
-            while i < order.len() && stripe_of(requests[order[i] as usize].0) == stripe {
-                let (id, shard) = requests[order[i] as usize];
-                // One probe: find the id's bucket once, insert there if it is free.
-                out[order[i] as usize] = match map.entry(id) {
-                    std::collections::hash_map::Entry::Occupied(owner) => Claim::Existing(*owner.get()),
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        slot.insert(shard);
-                        Claim::New
-                    }
-                };
-                i += 1;
+        for &i in order.iter().take(PREFETCH_AHEAD) {
+            self.prefetch(requests[i as usize].0);
+        }
+        let mut k = 0;
+        while k < order.len() {
+            let stripe = stripe_of(requests[order[k] as usize].0);
+            let mut table = self.stripes[stripe].lock();
+            while k < order.len() && stripe_of(requests[order[k] as usize].0) == stripe {
+                if let Some(&ahead) = order.get(k + PREFETCH_AHEAD) {
+                    self.prefetch(requests[ahead as usize].0);
+                }
+                let (id, shard) = requests[order[k] as usize];
+                out[order[k] as usize] = claim_in(&mut table, id, shard);
+                k += 1;
             }
         }
     }
@@ -82,46 +95,51 @@ impl IdDirectory {
     /// Forgets many ids owned by `shard` (evicted from its idempotency window).
     pub fn release_many(&self, ids: &mut [u64], shard: u16) {
         ids.sort_unstable_by_key(|&id| stripe_of(id));
-        for chunk in ids.chunk_by(|a, b| stripe_of(*a) == stripe_of(*b)) {
-            let mut map = self.stripes[stripe_of(chunk[0])].lock();
-            for id in chunk {
-                if let std::collections::hash_map::Entry::Occupied(owner) = map.entry(*id) {
-                    if *owner.get() == shard {
-                        owner.remove();
-                    }
+        for &id in ids.iter().take(PREFETCH_AHEAD) {
+            self.prefetch(id);
+        }
+        let mut k = 0;
+        while k < ids.len() {
+            let stripe = stripe_of(ids[k]);
+            let mut table = self.stripes[stripe].lock();
+            while k < ids.len() && stripe_of(ids[k]) == stripe {
+                if let Some(&ahead) = ids.get(k + PREFETCH_AHEAD) {
+                    self.prefetch(ahead);
                 }
+                if table.get(ids[k]) == Some(shard as u64) {
+                    table.remove(ids[k]);
+                }
+                k += 1;
             }
         }
     }
 
     /// Claims `id` for `shard` unless some shard owns it already.
     pub fn claim(&self, id: u64, shard: u16) -> Claim {
-        let mut map = self.stripe(id).lock();
-        match map.get(&id) {
-            Some(&owner) => Claim::Existing(owner),
-            None => {
-                map.insert(id, shard);
-                Claim::New
-            }
-        }
+        claim_in(&mut self.stripe(id).lock(), id, shard)
     }
 
     /// The shard owning `id`.
     pub fn owner(&self, id: u64) -> Option<u16> {
-        self.stripe(id).lock().get(&id).copied()
+        self.stripe(id).lock().get(id).map(|s| s as u16)
     }
 
     /// Forgets `id` (a claim refused before it was queued, or an id evicted by its shard).
     pub fn release(&self, id: u64, shard: u16) {
-        let mut map = self.stripe(id).lock();
-        if map.get(&id) == Some(&shard) {
-            map.remove(&id);
+        let mut table = self.stripe(id).lock();
+        if table.get(id) == Some(shard as u64) {
+            table.remove(id);
         }
     }
 
-    /// Records that `shard` owns `id` (recovery).
-    pub fn insert(&self, id: u64, shard: u16) {
-        self.stripe(id).lock().insert(id, shard);
+    /// Records that `shard` owns `id` (recovery). False if the directory is full.
+    pub fn insert(&self, id: u64, shard: u16) -> bool {
+        let mut table = self.stripe(id).lock();
+        if table.get(id).is_none() && table.is_full() {
+            return false;
+        }
+        table.insert(id, shard as u64);
+        true
     }
 
     /// Ids currently known.
@@ -131,5 +149,38 @@ impl IdDirectory {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn claim_in(table: &mut IdTable, id: u64, shard: u16) -> Claim {
+    match table.get(id) {
+        Some(owner) => Claim::Existing(owner as u16),
+        None if table.is_full() => Claim::Full,
+        None => {
+            table.insert(id, shard as u64);
+            Claim::New
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_route_retries_and_refuse_when_full() {
+        let directory = IdDirectory::with_capacity(0);
+        let mut out = Vec::new();
+        directory.claim_many(&[(7, 1), (8, 0), (7, 0)], &mut out);
+        assert_eq!(out, vec![Claim::New, Claim::New, Claim::Existing(1)], "the first claim of an id wins");
+        assert_eq!(directory.owner(7), Some(1));
+        directory.release_many(&mut [7, 8], 0);
+        assert_eq!(directory.owner(7), Some(1), "only the owner releases");
+        assert_eq!(directory.owner(8), None);
+        // Fill one stripe: it answers Full rather than grow without bound.
+        let same_stripe: Vec<u64> = (1..).filter(|&id| stripe_of(id) == stripe_of(7)).take(1000).collect();
+        let claims: Vec<Claim> = same_stripe.iter().map(|&id| directory.claim(id, 0)).collect();
+        assert!(claims.contains(&Claim::Full));
+        assert!(claims.iter().take_while(|c| **c != Claim::Full).all(|c| matches!(c, Claim::New | Claim::Existing(_))));
     }
 }
