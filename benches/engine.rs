@@ -179,6 +179,9 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    if std::env::var("BENCH_NO_TUNE").is_err() {
+        stormledger::tune_allocator();
+    }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) as u64;
     let users = env("BENCH_USERS", 1_000_000);
     let streamers = env("BENCH_STREAMERS", 1_000);

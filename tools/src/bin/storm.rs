@@ -6,5 +6,6 @@
 mod storm;
 
 fn main() {
+    stormledger::tune_allocator();
     std::process::exit(storm::main());
 }
