@@ -273,31 +273,28 @@ impl Client {
     /// different batches).
     pub async fn submit(&self, commands: Vec<CommandRecord>) -> Result<Vec<ReplyRecord>, ClientError> {
         let limit = (self.session.commands_per_frame_max as usize).clamp(1, COMMANDS_PER_FRAME_MAX);
-        let mut receivers = Vec::new();
-        let mut rest = commands;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(limit));
-            let (done, receiver) = oneshot::channel();
-            self.enqueue(Call::Commands(rest, done)).await?;
-            receivers.push(receiver);
-            rest = tail;
-        }
-        let mut replies = Vec::new();
-        for receiver in receivers {
-            replies.extend(receiver.await.map_err(|_| self.shared.closed_error())??);
-        }
-        Ok(replies)
+        self.in_frames(commands, limit, Call::Commands).await
     }
 
     /// Runs queries; one answer per query, same order.
     pub async fn queries(&self, queries: Vec<QueryRecord>) -> Result<Vec<QueryAnswer>, ClientError> {
         let limit = (self.session.queries_per_frame_max as usize).clamp(1, QUERIES_PER_FRAME_MAX);
+        self.in_frames(queries, limit, Call::Queries).await
+    }
+
+    /// Sends `items` as calls of at most `limit` each and gathers the answers in order.
+    async fn in_frames<T, R>(
+        &self,
+        items: Vec<T>,
+        limit: usize,
+        call: fn(Vec<T>, oneshot::Sender<Result<Vec<R>, ClientError>>) -> Call,
+    ) -> Result<Vec<R>, ClientError> {
         let mut receivers = Vec::new();
-        let mut rest = queries;
+        let mut rest = items;
         while !rest.is_empty() {
             let tail = rest.split_off(rest.len().min(limit));
             let (done, receiver) = oneshot::channel();
-            self.enqueue(Call::Queries(rest, done)).await?;
+            self.enqueue(call(rest, done)).await?;
             receivers.push(receiver);
             rest = tail;
         }
