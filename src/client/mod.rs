@@ -124,8 +124,10 @@ impl ClientConfig {
     }
 }
 
-type CommandsDone = oneshot::Sender<Result<Vec<ReplyRecord>, ClientError>>;
-type QueriesDone = oneshot::Sender<Result<Vec<QueryAnswer>, ClientError>>;
+/// Where the answers of one call go.
+type Done<R> = oneshot::Sender<Result<Vec<R>, ClientError>>;
+type CommandsDone = Done<ReplyRecord>;
+type QueriesDone = Done<QueryAnswer>;
 
 enum Call {
     Commands(Vec<CommandRecord>, CommandsDone),
@@ -287,7 +289,7 @@ impl Client {
         &self,
         items: Vec<T>,
         limit: usize,
-        call: fn(Vec<T>, oneshot::Sender<Result<Vec<R>, ClientError>>) -> Call,
+        call: fn(Vec<T>, Done<R>) -> Call,
     ) -> Result<Vec<R>, ClientError> {
         let mut receivers = Vec::new();
         let mut rest = items;
