@@ -223,25 +223,7 @@ impl Client {
     }
 
     async fn handshake(addr: impl ToSocketAddrs, config: &ClientConfig) -> Result<Client, ClientError> {
-        if config.token.len() > crate::protocol::TOKEN_LEN_MAX {
-            return Err(ClientError::InvalidRequest("token longer than 120 bytes"));
-        }
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (read_half, write_half) = stream.into_split();
-        let mut reader = FrameReader::new(read_half);
-        let mut writer = FrameWriter::new(write_half);
-        let hello = Hello { role: config.role, token: config.token.as_bytes().to_vec() };
-        writer.write_frame(&Frame::new(0, Payload::Hello(hello))).await?;
-        let session = match reader.read_frame().await? {
-            Some(Frame { payload: Payload::AuthOk(session), .. }) => session,
-            Some(Frame { payload: Payload::AuthFailed(error), .. }) => return Err(ClientError::Auth(error)),
-            Some(Frame { payload: Payload::Error(error), .. }) => return Err(ClientError::Server(error)),
-            Some(frame) => {
-                return Err(ClientError::Protocol(ProtocolError::UnexpectedFrame { kind: frame.payload.kind() as u16 }))
-            }
-            None => return Err(ClientError::Closed),
-        };
+        let (reader, writer, session) = authenticate(addr, config).await?;
         // Trust the server's window but keep it sane: at least one frame, and never so many that a
         // misbehaving server could make the client pin unbounded memory.
         let window = (session.in_flight_max as usize).clamp(1, 1 << 16);
@@ -417,6 +399,33 @@ async fn batch_loop(
 }
 
 /// Matches answers to waiting calls until the connection ends, then fails the rest.
+/// Connects, sends Hello with the token and waits for AuthOk: the start of every connection.
+pub(crate) async fn authenticate(
+    addr: impl ToSocketAddrs,
+    config: &ClientConfig,
+) -> Result<(FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>, AuthOk), ClientError> {
+    if config.token.len() > crate::protocol::TOKEN_LEN_MAX {
+        return Err(ClientError::InvalidRequest("token longer than 120 bytes"));
+    }
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half);
+    let mut writer = FrameWriter::new(write_half);
+    let hello = Hello { role: config.role, token: config.token.as_bytes().to_vec() };
+    writer.write_frame(&Frame::new(0, Payload::Hello(hello))).await?;
+    let session = match reader.read_frame().await? {
+        Some(Frame { payload: Payload::AuthOk(session), .. }) => session,
+        Some(Frame { payload: Payload::AuthFailed(error), .. }) => return Err(ClientError::Auth(error)),
+        Some(Frame { payload: Payload::Error(error), .. }) => return Err(ClientError::Server(error)),
+        Some(frame) => {
+            return Err(ClientError::Protocol(ProtocolError::UnexpectedFrame { kind: frame.payload.kind() as u16 }))
+        }
+        None => return Err(ClientError::Closed),
+    };
+    Ok((reader, writer, session))
+}
+
 async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<Shared>) {
     let error = loop {
         let frame = match reader.read_frame().await {

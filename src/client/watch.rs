@@ -7,12 +7,12 @@
 //! `position_too_old` when the server no longer retains that position).
 
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::net::ToSocketAddrs;
 
 use super::{ClientConfig, ClientError};
 use crate::feed::{watch_mode, watch_record, Cursor, Position, ALL_SHARDS};
 use crate::layout::EventRecord;
-use crate::protocol::{Frame, FrameReader, FrameWriter, Hello, Payload, ProtocolError};
+use crate::protocol::{Frame, FrameReader, FrameWriter, Payload, ProtocolError};
 
 /// Where a subscription starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,22 +51,7 @@ impl Watcher {
         config: &ClientConfig,
         from: WatchFrom,
     ) -> Result<Watcher, ClientError> {
-        if config.token.len() > crate::protocol::TOKEN_LEN_MAX {
-            return Err(ClientError::InvalidRequest("token longer than 120 bytes"));
-        }
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (read_half, write_half) = stream.into_split();
-        let mut reader = FrameReader::new(read_half);
-        let mut writer = FrameWriter::new(write_half);
-        let hello = Hello { role: config.role, token: config.token.as_bytes().to_vec() };
-        writer.write_frame(&Frame::new(0, Payload::Hello(hello))).await?;
-        match reader.read_frame().await? {
-            Some(Frame { payload: Payload::AuthOk(_), .. }) => {}
-            Some(Frame { payload: Payload::AuthFailed(error), .. }) => return Err(ClientError::Auth(error)),
-            Some(frame) => return Err(unexpected(frame)),
-            None => return Err(ClientError::Closed),
-        }
+        let (mut reader, mut writer, _) = super::authenticate(addr, config).await?;
         let request = match &from {
             WatchFrom::Now => vec![watch_record(ALL_SHARDS, watch_mode::TAIL, Position::default())],
             WatchFrom::Earliest => vec![watch_record(ALL_SHARDS, watch_mode::EARLIEST, Position::default())],
