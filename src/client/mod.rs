@@ -19,6 +19,7 @@
 //!
 //! `watch::Watcher` follows the event feed on a connection of its own.
 
+pub mod retry;
 pub mod watch;
 
 use std::collections::HashMap;

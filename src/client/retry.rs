@@ -1,0 +1,103 @@
+//! A client that survives connection failures: it reconnects and resubmits the same commands.
+//!
+//! Resubmitting is safe only because every command carries its id (the idempotency key): a
+//! command that was applied before the connection failed is answered with its original result
+//! (reply flag `duplicate`), one that was not is applied now. Nothing here changes a command;
+//! callers that want `id_expired` protection set each record's first-send `timestamp` before the
+//! first attempt and keep it (see docs/protocol.md, "Retrying safely").
+
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use super::{Client, ClientConfig, ClientError};
+use crate::layout::{CommandRecord, QueryRecord, ReplyRecord};
+use crate::protocol::{ErrorCode, QueryAnswer};
+
+/// See the module docs.
+pub struct RetryingClient {
+    addr: String,
+    config: ClientConfig,
+    client: Mutex<Option<Client>>,
+    /// Attempts after the first (each after a reconnect).
+    retries_max: u32,
+    /// Wait before the first retry; doubled for each next one.
+    backoff: Duration,
+}
+
+/// Failures after which a retry with the same ids may succeed.
+pub fn is_retryable(error: &ClientError) -> bool {
+    match error {
+        ClientError::Io(_) | ClientError::Closed => true,
+        ClientError::Server(body) => matches!(
+            body.code,
+            ErrorCode::INTERNAL | ErrorCode::SHUTTING_DOWN | ErrorCode::IDLE_TIMEOUT | ErrorCode::TOO_MANY_CONNECTIONS
+        ),
+        _ => false,
+    }
+}
+
+impl RetryingClient {
+    /// A client for `addr` that retries at most `retries_max` times, waiting `backoff`, then
+    /// twice that, and so on. Connects lazily.
+    pub fn new(addr: impl Into<String>, config: ClientConfig, retries_max: u32, backoff: Duration) -> RetryingClient {
+        RetryingClient { addr: addr.into(), config, client: Mutex::new(None), retries_max, backoff }
+    }
+
+    async fn connected(&self) -> Result<Client, ClientError> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let client = Client::connect_with(self.addr.as_str(), self.config.clone()).await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn forget(&self) {
+        *self.client.lock().await = None;
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the retries are used up.
+    async fn with_retries<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let mut wait = self.backoff;
+        let mut attempt = 0;
+        loop {
+            let result = match self.connected().await {
+                Ok(client) => call(client).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if is_retryable(&e) && attempt < self.retries_max => {
+                    self.forget().await;
+                    tokio::time::sleep(wait).await;
+                    wait = wait.saturating_mul(2);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// `Client::submit`, resubmitting the same commands after a connection failure.
+    pub async fn submit(&self, commands: Vec<CommandRecord>) -> Result<Vec<ReplyRecord>, ClientError> {
+        self.with_retries(|client| {
+            let commands = commands.clone();
+            async move { client.submit(commands).await }
+        })
+        .await
+    }
+
+    /// `Client::queries`, retried the same way (reads are always safe to repeat).
+    pub async fn queries(&self, queries: Vec<QueryRecord>) -> Result<Vec<QueryAnswer>, ClientError> {
+        self.with_retries(|client| {
+            let queries = queries.clone();
+            async move { client.queries(queries).await }
+        })
+        .await
+    }
+}

@@ -1,0 +1,118 @@
+//! The retrying client: a connection cut after a batch reached the server (its replies lost) is
+//! re-established and the same commands are resubmitted; every tip is applied exactly once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stormledger::client::retry::RetryingClient;
+use stormledger::client::{Client, ClientConfig};
+use stormledger::engine::{Engine, EngineConfig};
+use stormledger::layout::text_field;
+use stormledger::ledger::command::flags;
+use stormledger::ledger::{AccountKind, Channel, Command};
+use stormledger::server::{Backend, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TOKEN: &str = "retry-test-token";
+
+/// Forwards to `server`; the first connection is cut as soon as the client has sent more than
+/// `cut_after` bytes (after forwarding them), so the server gets the batch but the client never
+/// sees its replies. Later connections are forwarded untouched.
+async fn proxy(server: std::net::SocketAddr, cut_after: usize, connections: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else { return };
+            let first = connections.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let upstream = TcpStream::connect(server).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                let cutting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let cut = cutting.clone();
+                let up = tokio::spawn(async move {
+                    let mut sent = 0;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        // Decide before forwarding, so no reply to this batch can slip through.
+                        let cutting_now = first && sent + n > cut_after;
+                        if cutting_now {
+                            cut.store(true, Ordering::SeqCst);
+                        }
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        sent += n;
+                        if cutting_now {
+                            // Give the server time to read the batch, then cut both ways.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                    }
+                });
+                let down = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if cutting.load(Ordering::SeqCst) {
+                            continue; // the replies to the batch are lost
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let _ = up.await;
+                down.abort();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_is_retried_and_every_tip_is_applied_once() {
+    let engine = Arc::new(Engine::in_memory(EngineConfig { shards: 2, ..EngineConfig::default() }).unwrap());
+    let backend: Arc<dyn Backend> = engine.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        stormledger::server::run(listener, backend, ServerConfig::new(TOKEN), std::future::pending::<()>()).await.ok();
+    });
+
+    let direct = Client::connect(server, TOKEN).await.unwrap();
+    let setup = [
+        Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 },
+        Command::CreateAccount { account: 100, kind: AccountKind::Streamer, flags: 0, union: 0 },
+        Command::BindMethod { user: 1, method: 1, channel: Channel::Alipay },
+        Command::TopUpBegin { id: 5, user: 1, method: 1, fen: 10_000 },
+    ];
+    for c in setup {
+        assert_eq!(direct.submit(vec![c.to_record()]).await.unwrap()[0].status.get(), 0, "{c:?}");
+    }
+    let confirm = Command::TopUpConfirm { id: 5, fen: 10_000, channel_txn: text_field("T5").unwrap() };
+    assert_eq!(direct.submit(vec![confirm.to_record()]).await.unwrap()[0].status.get(), 0);
+
+    let connections = Arc::new(AtomicUsize::new(0));
+    // The hello frame is well under 400 bytes; 20 tips are 1 600 bytes more.
+    let addr = proxy(server, 400, connections.clone()).await;
+    let client = RetryingClient::new(addr.to_string(), ClientConfig::new(TOKEN), 5, Duration::from_millis(20));
+    let tips: Vec<_> =
+        (0..20u64).map(|i| Command::Tip { id: 1_000 + i, from: 1, to: 100, coins: 5 }.to_record()).collect();
+    let replies = client.submit(tips).await.expect("answered after reconnecting");
+    assert!(connections.load(Ordering::SeqCst) >= 2, "the first connection was cut and a new one made");
+    assert!(replies.iter().all(|r| r.status.get() == 0), "every tip ok");
+    assert_eq!(engine.balance(1), Some(1_000 - 100), "each tip applied exactly once");
+    // The batch reached the server on the first connection, so the retry got original results.
+    assert!(replies.iter().all(|r| r.flags & 1 == 1), "answered from the idempotency records");
+}
