@@ -316,6 +316,40 @@ struct Limits {
     queries: usize,
 }
 
+/// Takes a call apart if it is of the wanted kind, else hands it back.
+type SplitCall<T, D> = fn(Call) -> Result<(Vec<T>, D), Call>;
+
+/// Adds queued calls of the same kind to `records` while they fit in `limit`; the first call of
+/// another kind, or one that does not fit, is left in `deferred` for the next frame.
+#[allow(clippy::too_many_arguments)]
+fn coalesce<T, D>(
+    records: &mut Vec<T>,
+    waiters: &mut Vec<(usize, D)>,
+    limit: usize,
+    calls: &mut mpsc::Receiver<Call>,
+    deferred: &mut Option<Call>,
+    split: SplitCall<T, D>,
+    join: fn(Vec<T>, D) -> Call,
+) {
+    while records.len() < limit {
+        let Ok(call) = calls.try_recv() else { break };
+        match split(call) {
+            Ok((more, done)) if records.len() + more.len() <= limit => {
+                waiters.push((more.len(), done));
+                records.extend(more);
+            }
+            Ok((more, done)) => {
+                *deferred = Some(join(more, done));
+                break;
+            }
+            Err(other) => {
+                *deferred = Some(other);
+                break;
+            }
+        }
+    }
+}
+
 /// Turns queued calls into frames. Waiting for a window slot is what makes batches: while this
 /// task waits, calls pile up in the queue, and the next frame takes all that fit.
 async fn batch_loop(
@@ -341,36 +375,22 @@ async fn batch_loop(
         let (payload, waiters) = match first {
             Call::Commands(mut records, done) => {
                 let mut waiters = vec![(records.len(), done)];
-                while records.len() < limits.commands {
-                    match calls.try_recv() {
-                        Ok(Call::Commands(more, done)) if records.len() + more.len() <= limits.commands => {
-                            waiters.push((more.len(), done));
-                            records.extend(more);
-                        }
-                        Ok(other) => {
-                            deferred = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let split = |call| match call {
+                    Call::Commands(records, done) => Ok((records, done)),
+                    other => Err(other),
+                };
+                let limit = limits.commands;
+                coalesce(&mut records, &mut waiters, limit, &mut calls, &mut deferred, split, Call::Commands);
                 (Payload::Commands(records), Waiters::Commands(waiters))
             }
             Call::Queries(mut records, done) => {
                 let mut waiters = vec![(records.len(), done)];
-                while records.len() < limits.queries {
-                    match calls.try_recv() {
-                        Ok(Call::Queries(more, done)) if records.len() + more.len() <= limits.queries => {
-                            waiters.push((more.len(), done));
-                            records.extend(more);
-                        }
-                        Ok(other) => {
-                            deferred = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let split = |call| match call {
+                    Call::Queries(records, done) => Ok((records, done)),
+                    other => Err(other),
+                };
+                let limit = limits.queries;
+                coalesce(&mut records, &mut waiters, limit, &mut calls, &mut deferred, split, Call::Queries);
                 (Payload::Query(records), Waiters::Queries(waiters))
             }
         };
