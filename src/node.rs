@@ -412,13 +412,10 @@ impl Node {
                     loaded.batches_replayed
                 );
             }
-            let kept = crate::snapshot::list_snapshots(&shard_dir.join("snapshots"))
-                .map_err(|e| NodeError::Corrupt(e.to_string()))?;
-            let kept_lsns = kept
-                .iter()
-                .filter_map(|(_, path)| crate::snapshot::load_snapshot(path).ok())
-                .filter_map(|s| s.meta.lsns.first().copied())
-                .collect();
+            // The snapshot just loaded is the newest valid one: the next snapshot written keeps it
+            // as the older of the two (file retention drops anything older), so it is the only
+            // position the retirement rule needs. No second read of the snapshot files.
+            let kept_lsns = if loaded.snapshot_path.is_some() { vec![loaded.snapshot_lsn] } else { Vec::new() };
             policies.push(Some(SnapshotPolicy {
                 dir: shard_dir.join("snapshots"),
                 every_bytes: config.snapshot_every_bytes,
