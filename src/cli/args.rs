@@ -117,7 +117,7 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_HISTORY_MAX", value_name = "N")]
     pub history_max: Option<u32>,
 
-    /// Idempotency records kept per shard (~130 bytes each): the idempotency window
+    /// Idempotency records kept per shard (~120 bytes each): the idempotency window
     /// [default: 1048576].
     #[arg(long, env = "STORMLEDGER_IDS_MAX", value_name = "N")]
     pub ids_max: Option<u32>,
