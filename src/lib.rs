@@ -28,6 +28,7 @@ pub mod error;
 pub mod feed;
 pub mod layout;
 pub mod ledger;
+pub mod mem;
 pub mod node;
 pub mod protocol;
 pub mod server;

@@ -76,7 +76,7 @@ pub struct HistoryRing {
 
 impl HistoryRing {
     pub fn new(capacity: u32) -> HistoryRing {
-        HistoryRing { entries: Vec::with_capacity(capacity as usize), capacity: capacity as u64, next: 0, oldest: 0 }
+        HistoryRing { entries: crate::mem::huge_vec(capacity as usize), capacity: capacity as u64, next: 0, oldest: 0 }
     }
 
     /// Appends `entry` for `account`, linking it to the account's previous entry.

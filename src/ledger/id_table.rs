@@ -25,7 +25,9 @@ impl IdTable {
     /// A table for at most `capacity` ids.
     pub fn new(capacity: usize) -> IdTable {
         let buckets = (capacity.max(8) * 2).next_power_of_two();
-        IdTable { entries: vec![(0, 0); buckets], mask: buckets - 1, len: 0 }
+        let entries = vec![(0, 0); buckets];
+        crate::mem::advise_huge_slice(&entries);
+        IdTable { entries, mask: buckets - 1, len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -119,6 +121,15 @@ impl IdTable {
     pub fn prefetch(&self, id: u64) {
         let i = home(id, self.mask);
         crate::ledger::index::prefetch(self.entries.as_ptr().wrapping_add(i) as *const u8);
+    }
+
+    /// Like `prefetch`, plus the next cache line: `remove` scans the probe run after the id's
+    /// bucket for an entry to shift back, and at load 0.5 that run often crosses a line.
+    #[inline]
+    pub fn prefetch_run(&self, id: u64) {
+        let bucket = self.entries.as_ptr().wrapping_add(home(id, self.mask)) as *const u8;
+        crate::ledger::index::prefetch(bucket);
+        crate::ledger::index::prefetch(bucket.wrapping_add(64));
     }
 }
 

@@ -27,7 +27,9 @@ pub struct AccountIndex {
 fn zeroed<T>(n: usize) -> Box<[T]> {
     // SAFETY: only instantiated with AtomicU64/AtomicU32/AtomicI64, for which all-zero bytes
     // are a valid value (zero).
-    unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() }
+    let slice = unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() };
+    crate::mem::advise_huge_slice(&slice);
+    slice
 }
 
 /// The first table position of `id`: a multiplicative hash (ids are often sequential; the

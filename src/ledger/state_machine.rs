@@ -200,10 +200,10 @@ impl ShardState {
             index: Arc::new(AccountIndex::new(limits.accounts_max)),
             // Reserved, not touched: pages become resident as accounts are created, and the
             // vector never reallocates (no copy stall, no garbage left behind).
-            accounts: Vec::with_capacity(limits.accounts_max as usize),
+            accounts: crate::mem::huge_vec(limits.accounts_max as usize),
             methods: IdMap::default(),
             ids: IdTable::new(limits.ids_max as usize),
-            id_ring: VecDeque::with_capacity(limits.ids_max as usize),
+            id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
             id_seq: 0,
             topups: IdMap::default(),
             pending: VecDeque::new(),
@@ -366,7 +366,7 @@ impl ShardState {
             // front (about as many as commands ahead of it): load its bucket too.
             if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
                 if let Some((_, old)) = self.id_ring.get(PREFETCH_EVICTION_AHEAD) {
-                    self.ids.prefetch(old.command.transfer_id().unwrap_or_else(|| old.command.reply_id()));
+                    self.ids.prefetch_run(old.command.transfer_id().unwrap_or_else(|| old.command.reply_id()));
                 }
             }
         }
@@ -376,7 +376,10 @@ impl ShardState {
     #[inline]
     pub fn prefetch_account(&self, command: &Command) {
         if let Some(slot) = primary_account(command).and_then(|a| self.index.lookup(a)) {
-            crate::ledger::index::prefetch(self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8);
+            // An account is 56 bytes, so it usually spans two cache lines: load both ends.
+            let account = self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8;
+            crate::ledger::index::prefetch(account);
+            crate::ledger::index::prefetch(account.wrapping_add(core::mem::size_of::<Account>() - 1));
             self.index.prefetch_balance(slot);
         }
     }

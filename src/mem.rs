@@ -1,0 +1,42 @@
+//! Memory hints for the big per-shard tables.
+//!
+//! The shard's tables (accounts, index, published balances, idempotency table and ring,
+//! history ring) are tens to hundreds of MiB each and are touched at random. With 4 KiB pages
+//! nearly every access is also a TLB miss, and under a hypervisor a TLB miss is a two-level
+//! page walk. Asking for transparent huge pages (2 MiB) on these ranges removes most of them.
+//! The hint changes no result: where THP is off (`/sys/kernel/mm/transparent_hugepage/enabled`
+//! = `never`) or on other systems it does nothing.
+
+/// Allocations below this size are not worth a hint (and may share pages with other data).
+const HUGE_MIN_BYTES: usize = 4 << 20;
+
+/// Asks the kernel to back `[ptr, ptr + bytes)` with transparent huge pages (best effort).
+pub fn advise_huge(ptr: *const u8, bytes: usize) {
+    if bytes < HUGE_MIN_BYTES {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = ptr as usize & !(PAGE - 1);
+        let end = (ptr as usize + bytes).next_multiple_of(PAGE);
+        // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs the pages of the
+        // caller's own allocation (rounded to whole pages, which belong to the same large
+        // allocation); it never changes their contents. Errors are ignored: it is a hint.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+/// `Vec::with_capacity(capacity)` whose buffer is advised for huge pages.
+pub fn huge_vec<T>(capacity: usize) -> Vec<T> {
+    let v = Vec::with_capacity(capacity);
+    advise_huge(v.as_ptr() as *const u8, capacity * core::mem::size_of::<T>());
+    v
+}
+
+/// Advises the memory of `slice` for huge pages (call before first touching it).
+pub fn advise_huge_slice<T>(slice: &[T]) {
+    advise_huge(slice.as_ptr() as *const u8, core::mem::size_of_val(slice));
+}
