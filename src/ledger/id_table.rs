@@ -96,7 +96,22 @@ impl IdTable {
 
     /// Forgets `id`, shifting later entries of its probe run back into the hole.
     pub fn remove(&mut self, id: u64) {
-        let Ok(mut hole) = self.find(id) else { return };
+        if let Ok(hole) = self.find(id) {
+            self.remove_at(hole);
+        }
+    }
+
+    /// Forgets `id` if it still maps to `seq` (one probe instead of a `get` and a `remove`).
+    #[inline]
+    pub fn remove_if(&mut self, id: u64, seq: u64) {
+        if let Ok(hole) = self.find(id) {
+            if self.entries[hole].1 == seq + 1 {
+                self.remove_at(hole);
+            }
+        }
+    }
+
+    fn remove_at(&mut self, mut hole: usize) {
         let mut j = hole;
         loop {
             j = (j + 1) & self.mask;
@@ -150,6 +165,13 @@ mod tests {
             if (x >> 20).is_multiple_of(3) || model.len() >= 64 {
                 table.remove(id);
                 model.remove(&id);
+            } else if (x >> 24).is_multiple_of(5) {
+                // remove_if with the current or a stale sequence number.
+                let seq = if (x >> 40) & 1 == 0 { model.get(&id).copied().unwrap_or(0) } else { step };
+                table.remove_if(id, seq);
+                if model.get(&id) == Some(&seq) {
+                    model.remove(&id);
+                }
             } else {
                 table.insert(id, step);
                 model.insert(id, step);

@@ -502,14 +502,15 @@ impl ShardState {
         if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
             let (old_seq, old) = self.id_ring.pop_front().expect("non-empty");
             let old_id = old.command.transfer_id().unwrap_or_else(|| old.command.reply_id());
-            if self.ids.get(old_id) == Some(old_seq) {
-                self.ids.remove(old_id);
-            }
-            if let Some(topup) = self.topups.get_mut(&old_id) {
-                if topup.state == TopUpState::Pending {
-                    topup.id_evicted = true;
-                } else {
-                    self.topups.remove(&old_id);
+            self.ids.remove_if(old_id, old_seq);
+            // Only a top-up's begin owns a top-up record (skip the map probe for the others).
+            if let Command::TopUpBegin { .. } = old.command {
+                if let Some(topup) = self.topups.get_mut(&old_id) {
+                    if topup.state == TopUpState::Pending {
+                        topup.id_evicted = true;
+                    } else {
+                        self.topups.remove(&old_id);
+                    }
                 }
             }
             self.evicted.push(old_id);

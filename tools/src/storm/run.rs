@@ -20,7 +20,7 @@ use stormledger::workload::{SplitMix64, StormSpec, TipGen, STREAMER_BASE, TIP_BA
 
 use super::args::Args;
 use super::link::{Link, Target};
-use super::model::Model;
+use super::model::{Model, Tally};
 use super::record::Recorder;
 use super::spawn;
 
@@ -117,6 +117,19 @@ impl Hists {
     }
 }
 
+/// `Counters` of one batch, before they are published.
+#[derive(Default)]
+struct LocalCounts {
+    unexpected_duplicates: u64,
+    value_mismatches: u64,
+    tips_ok: u64,
+    gifts_ok: u64,
+    refused: u64,
+    tips_rejected: u64,
+    gifts_rejected: u64,
+    tips_insufficient: u64,
+}
+
 struct Batch {
     writes: Vec<Command>,
     reads: Vec<u64>,
@@ -155,33 +168,55 @@ impl Shared {
         if let Some(r) = &self.recorder {
             r.acks(writes, replies);
         }
-        let c = &self.counters;
+        // Counted locally and published once per batch: the counters are shared by every
+        // connection's task, and one atomic add per reply would keep their cache lines moving
+        // between the cores the server needs.
+        let mut by_status = [0u64; 64];
+        let mut n = LocalCounts::default();
+        let mut tally = Tally::default();
         for (command, reply) in writes.iter().zip(replies) {
             let code = reply.status.get();
             let status = Status::from_code(code);
-            c.by_status[(code as usize).min(63)].fetch_add(1, Ordering::Relaxed);
+            by_status[(code as usize).min(63)] += 1;
             if reply.flags & 1 != 0 && !resolving {
-                c.unexpected_duplicates.fetch_add(1, Ordering::Relaxed);
+                n.unexpected_duplicates += 1;
             }
             let is_tip = matches!(command, Command::Tip { .. });
             let Some(spend) = self.model.spend(command) else { continue };
             match status {
                 Some(Status::Ok) => {
-                    self.model.apply(spend);
+                    self.model.add(&mut tally, spend);
                     if reply.value2.get() != spend.coins as i64 {
-                        c.value_mismatches.fetch_add(1, Ordering::Relaxed);
+                        n.value_mismatches += 1;
                     }
-                    if is_tip { &c.tips_ok } else { &c.gifts_ok }.fetch_add(1, Ordering::Relaxed);
+                    *if is_tip { &mut n.tips_ok } else { &mut n.gifts_ok } += 1;
                 }
-                Some(s) if s.is_retryable() => {
-                    c.refused.fetch_add(1, Ordering::Relaxed);
-                }
+                Some(s) if s.is_retryable() => n.refused += 1,
                 s => {
-                    if is_tip { &c.tips_rejected } else { &c.gifts_rejected }.fetch_add(1, Ordering::Relaxed);
+                    *if is_tip { &mut n.tips_rejected } else { &mut n.gifts_rejected } += 1;
                     if is_tip && s == Some(Status::InsufficientFunds) {
-                        c.tips_insufficient.fetch_add(1, Ordering::Relaxed);
+                        n.tips_insufficient += 1;
                     }
                 }
+            }
+        }
+        self.model.flush(tally);
+        let c = &self.counters;
+        for (code, &count) in by_status.iter().enumerate().filter(|(_, &count)| count > 0) {
+            c.by_status[code].fetch_add(count, Ordering::Relaxed);
+        }
+        for (counter, value) in [
+            (&c.unexpected_duplicates, n.unexpected_duplicates),
+            (&c.value_mismatches, n.value_mismatches),
+            (&c.tips_ok, n.tips_ok),
+            (&c.gifts_ok, n.gifts_ok),
+            (&c.refused, n.refused),
+            (&c.tips_rejected, n.tips_rejected),
+            (&c.gifts_rejected, n.gifts_rejected),
+            (&c.tips_insufficient, n.tips_insufficient),
+        ] {
+            if value > 0 {
+                counter.fetch_add(value, Ordering::Relaxed);
             }
         }
     }
