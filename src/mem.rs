@@ -8,13 +8,20 @@
 //! = `never`) or on other systems it does nothing.
 
 /// Allocations below this size are not worth a hint (and may share pages with other data).
-const HUGE_MIN_BYTES: usize = 4 << 20;
+pub const HUGE_MIN_BYTES: usize = 4 << 20;
 
-/// Asks the kernel to back `[ptr, ptr + bytes)` with transparent huge pages (best effort).
+/// Asks the kernel to back `[ptr, ptr + bytes)` with transparent huge pages (best effort), if
+/// the range is large enough to be worth it.
 pub fn advise_huge(ptr: *const u8, bytes: usize) {
-    if bytes < HUGE_MIN_BYTES {
-        return;
+    if bytes >= HUGE_MIN_BYTES {
+        advise_huge_any(ptr, bytes);
     }
+}
+
+/// `advise_huge` whatever the size. For many mid-sized allocations made one after another
+/// (the id directory's stripes): the advised ranges are adjacent, the kernel merges them into
+/// one mapping, and that mapping gets huge pages although no single range would.
+pub fn advise_huge_any(ptr: *const u8, bytes: usize) {
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;

@@ -2,9 +2,14 @@
 //!
 //! Resubmitting is safe only because every command carries its id (the idempotency key): a
 //! command that was applied before the connection failed is answered with its original result
-//! (reply flag `duplicate`), one that was not is applied now. Nothing here changes a command;
-//! callers that want `id_expired` protection set each record's first-send `timestamp` before the
-//! first attempt and keep it (see docs/protocol.md, "Retrying safely").
+//! (reply flag `duplicate`), one that was not is applied now.
+//!
+//! The idempotency window is bounded, so a retry of an id the shard has already forgotten
+//! could be applied twice. To rule that out, `submit` stamps every record whose `timestamp`
+//! is 0 with the time of its first submission (ns since the Unix epoch, this host's clock)
+//! and resubmits the stamped records unchanged: the server then refuses a forgotten id with
+//! `id_expired` instead of applying it again (docs/protocol.md, "Retrying safely"). A record
+//! whose `timestamp` the caller set is left as it is (it may come from an earlier process).
 
 use std::time::Duration;
 
@@ -23,6 +28,18 @@ pub struct RetryingClient {
     retries_max: u32,
     /// Wait before the first retry; doubled for each next one.
     backoff: Duration,
+}
+
+/// Sets `timestamp = now` on every record that has none: the first-send time the server
+/// checks against its idempotency horizon.
+pub fn stamp_first_send(commands: &mut [CommandRecord], now: u64) {
+    for command in commands.iter_mut().filter(|c| c.timestamp.get() == 0) {
+        command.timestamp.set(now);
+    }
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Failures after which a retry with the same ids may succeed.
@@ -83,8 +100,10 @@ impl RetryingClient {
         }
     }
 
-    /// `Client::submit`, resubmitting the same commands after a connection failure.
-    pub async fn submit(&self, commands: Vec<CommandRecord>) -> Result<Vec<ReplyRecord>, ClientError> {
+    /// `Client::submit`, resubmitting the same commands after a connection failure. Records
+    /// with `timestamp` 0 are first stamped with the current time (see the module docs).
+    pub async fn submit(&self, mut commands: Vec<CommandRecord>) -> Result<Vec<ReplyRecord>, ClientError> {
+        stamp_first_send(&mut commands, unix_nanos());
         self.with_retries(|client| {
             let commands = commands.clone();
             async move { client.submit(commands).await }
@@ -99,5 +118,22 @@ impl RetryingClient {
             async move { client.queries(queries).await }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_only_unstamped_records() {
+        let mut records = vec![CommandRecord::default(), CommandRecord::default()];
+        records[1].timestamp.set(42);
+        stamp_first_send(&mut records, 1_000);
+        assert_eq!(records[0].timestamp.get(), 1_000);
+        assert_eq!(records[1].timestamp.get(), 42, "a caller's first-send time is kept");
+        // A retry of the stamped records keeps the first stamp.
+        stamp_first_send(&mut records, 2_000);
+        assert_eq!(records[0].timestamp.get(), 1_000);
     }
 }

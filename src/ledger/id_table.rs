@@ -30,6 +30,11 @@ impl IdTable {
         IdTable { entries, mask: buckets - 1, len: 0 }
     }
 
+    /// Asks for huge pages for the bucket array whatever its size (see `mem::advise_huge_any`).
+    pub fn advise_huge_pages(&self) {
+        crate::mem::advise_huge_any(self.entries.as_ptr() as *const u8, core::mem::size_of_val(&self.entries[..]));
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

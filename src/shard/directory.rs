@@ -52,7 +52,17 @@ impl IdDirectory {
     pub fn with_capacity(ids: usize) -> IdDirectory {
         let per_stripe = ids.div_ceil(STRIPES) * 5 / 4 + 64;
         let stripes: Box<[Mutex<IdTable>]> = (0..STRIPES).map(|_| Mutex::new(IdTable::new(per_stripe))).collect();
-        let layouts = stripes.iter().map(|s| s.lock().layout()).collect();
+        let huge = per_stripe * 2 * 16 * STRIPES >= crate::mem::HUGE_MIN_BYTES;
+        let layouts = stripes
+            .iter()
+            .map(|s| {
+                let table = s.lock();
+                if huge {
+                    table.advise_huge_pages();
+                }
+                table.layout()
+            })
+            .collect();
         IdDirectory { stripes, layouts }
     }
 
