@@ -81,6 +81,9 @@ struct Shared {
     count: Option<u64>,
     /// Set when the storm's time is up (or `--count` writes were generated).
     stop: AtomicBool,
+    /// The storm's balance reads go over a connection of their own, as a live-stream backend
+    /// would read (a read must not queue behind write frames waiting for their log sync).
+    reader: Link,
 }
 
 #[derive(Default)]
@@ -246,7 +249,7 @@ impl Shared {
             if reads.is_empty() {
                 return None;
             }
-            let result = link.balances(&reads).await;
+            let result = self.reader.balances(&reads).await;
             Some((result, Instant::now()))
         };
         let (w, r) = tokio::join!(w, r);
@@ -504,6 +507,7 @@ fn run(args: Args) -> Result<i32, Fatal> {
         batch: args.batch,
         count: args.count,
         stop: AtomicBool::new(false),
+        reader: Link::new(target.clone(), reconnects.clone()),
     });
 
     let result = runtime.block_on(drive(&args, &spec, &links, shared.clone()));
