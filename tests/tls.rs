@@ -269,6 +269,36 @@ async fn a_handshake_holds_a_connection_slot_and_is_bounded_by_the_handshake_tim
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_is_optional_for_the_client_but_must_match_when_offered() {
+    use stormledger::tls::rustls;
+    let (_engine, server) = tls_server().await;
+    let with_alpn = |alpn: Vec<Vec<u8>>| {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(fixture("ca.pem")).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        roots.add(rustls::pki_types::CertificateDer::from_pem_slice(&ca).unwrap()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn;
+        let mut client = ClientConfig::new(TOKEN);
+        client.tls = Some(TlsClientConfig::new(Arc::new(config), "localhost").unwrap());
+        client
+    };
+    let client = connect(server.addr, with_alpn(Vec::new())).await.expect("no ALPN offered: accepted");
+    assert!(client.balance(USER).await.is_ok());
+    let error = connect(server.addr, with_alpn(vec![b"h2".to_vec()])).await.unwrap_err();
+    assert!(matches!(error, ClientError::Tls(_)), "{error:?}");
+    let both = vec![b"h2".to_vec(), stormledger::tls::ALPN_PROTOCOL.to_vec()];
+    assert!(connect(server.addr, with_alpn(both)).await.is_ok());
+    drop(client);
+    server.stop().await;
+}
+
 #[test]
 fn unusable_pem_files_are_errors_that_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
