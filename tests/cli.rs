@@ -518,7 +518,7 @@ fn tls_end_to_end_through_the_cli() {
     // Without --tls-ca: refused with a reason, exit 3, nothing else broken.
     let run = s.cli(&["balance", "1", "--json"]);
     assert_eq!((run.code, run.json()["status"].as_str()), (3, Some("unreachable")), "{}", run.stderr);
-    assert!(run.stderr.contains("requires TLS") && run.stderr.contains("--tls-ca"), "{}", run.stderr);
+    assert!(run.stderr.contains("refused a plaintext connection") && run.stderr.contains("--tls-ca"), "{}", run.stderr);
     // The wrong CA, the wrong name: exit 3, saying why.
     let run = s.cli(&["--tls-ca", &tls_fixture("other-ca.pem"), "balance", "1"]);
     assert_eq!(run.code, 3);

@@ -353,7 +353,8 @@ fn tls_config(cli: &Cli) -> Result<Option<TlsClientConfig>, Failure> {
 
 fn tls_required(addr: &str, message: &str) -> Failure {
     Failure::unreachable(format!(
-        "the server at {addr} requires TLS ({message}); connect with --tls-ca FILE (the CA that signed its certificate)"
+        "the server at {addr} refused a plaintext connection (tls_required: {message}); if it serves TLS, connect \
+         with --tls-ca FILE (the CA that signed its certificate)"
     ))
 }
 

@@ -110,8 +110,8 @@ pub(super) async fn serve(
             serve_stream(read_half, write_half, deadline, &shared, shutdown).await;
         }
         Admission::RefusePlaintext => {
-            let message = "plaintext is taken from loopback peers only: connect with TLS (or start the server \
-                           with --allow-remote)";
+            let message = "plaintext is taken from loopback peers only: the server must serve TLS (--tls-cert) \
+                           or allow it (--allow-remote)";
             refuse_plaintext(socket, message, &shared).await;
         }
         Admission::Tls => {
@@ -700,7 +700,12 @@ fn queue<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, frame: &Frame, stat
 #[cfg(test)]
 mod tests {
     use super::{admit, Admission};
-    use std::net::IpAddr;
+    use std::net::{IpAddr, SocketAddr};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    use crate::protocol::{ErrorCode, Frame, FrameReader, FrameWriter, Hello, Payload, Role};
+    use crate::server::{Backend, ServerConfig, Shared};
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -728,6 +733,45 @@ mod tests {
         for peer in ["10.1.2.3", "192.168.1.1", "203.0.113.9", "0.0.0.0", "2001:db8::1", "::ffff:10.0.0.1", "fe80::1"] {
             assert_eq!(admit(ip(peer), false, false), Admission::RefusePlaintext, "{peer}");
             assert_eq!(admit(ip(peer), false, true), Admission::Plaintext, "{peer}");
+        }
+    }
+
+    /// Serves one real loopback connection as if it came from `peer`; returns the first frame
+    /// the client gets after sending its Hello.
+    async fn first_answer(peer: &str, allow_remote_plaintext: bool) -> (Frame, u64) {
+        let config = crate::engine::EngineConfig { shards: 1, ..crate::engine::EngineConfig::default() };
+        let engine = crate::engine::Engine::in_memory(config).unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(engine);
+        let config = ServerConfig { allow_remote_plaintext, ..ServerConfig::new("token") };
+        let shared = Arc::new(Shared { backend, config, stats: Arc::default(), next_connection_id: AtomicU64::new(1) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let peer: SocketAddr = peer.parse().unwrap();
+        let server = tokio::spawn(super::serve(socket, peer, shared.clone(), shutdown));
+        let (read_half, write_half) = client.into_split();
+        let mut writer = FrameWriter::new(write_half);
+        let hello = Hello { role: Role::Client, token: b"token".to_vec() };
+        writer.write_frame(&Frame::new(0, Payload::Hello(hello))).await.unwrap();
+        let frame = FrameReader::new(read_half).read_frame().await.unwrap().expect("an answer");
+        drop(writer);
+        server.await.unwrap();
+        (frame, shared.stats.snapshot().plaintext_refused)
+    }
+
+    #[tokio::test]
+    async fn a_remote_plaintext_peer_is_refused_before_its_token_is_read() {
+        let (frame, refused) = first_answer("203.0.113.9:40000", false).await;
+        let Payload::Error(error) = frame.payload else { panic!("expected tls_required, got {frame:?}") };
+        assert_eq!(error.code, ErrorCode::TLS_REQUIRED);
+        assert!(error.message.contains("--allow-remote"), "{}", error.message);
+        assert_eq!(refused, 1);
+        // The same peer with --allow-remote, and a loopback peer without it, are served.
+        for (peer, allow) in [("203.0.113.9:40000", true), ("127.0.0.1:40000", false)] {
+            let (frame, refused) = first_answer(peer, allow).await;
+            assert!(matches!(frame.payload, Payload::AuthOk(_)), "{peer}: {frame:?}");
+            assert_eq!(refused, 0);
         }
     }
 }
