@@ -236,17 +236,18 @@ async fn a_handshake_holds_a_connection_slot_and_is_bounded_by_the_handshake_tim
     let server = serve(engine, |config| {
         config.tls = Some(server_tls());
         config.connections_max = 1;
-        config.handshake_timeout = Duration::from_millis(300);
+        config.handshake_timeout = Duration::from_millis(500);
     })
     .await;
     // A peer that starts a handshake and stalls holds the only slot...
     let mut stalled = TcpStream::connect(server.addr).await.unwrap();
     stalled.write_all(&[0x16]).await.unwrap();
     // ...so a client meanwhile is refused (inside TLS, so it can read why) or, if the stalled
-    // peer was already dropped, served; either way it never hangs.
+    // peer was already dropped, served; either way it never hangs. (On a machine so loaded that
+    // the refusal's own handshake misses the timeout, the client sees the connection close.)
     match connect(server.addr, tls_client("ca.pem", "localhost")).await {
         Err(ClientError::Server(body)) => assert_eq!(body.code, ErrorCode::TOO_MANY_CONNECTIONS),
-        Ok(_) => {}
+        Ok(_) | Err(ClientError::Io(_)) | Err(ClientError::Closed) => {}
         Err(other) => panic!("unexpected {other:?}"),
     }
     // The stalled handshake is cut at the handshake timeout: the server closes the socket.
@@ -254,12 +255,15 @@ async fn a_handshake_holds_a_connection_slot_and_is_bounded_by_the_handshake_tim
     let closed = tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut sink)).await;
     assert!(closed.is_ok(), "the server must close a stalled handshake");
     // The slot is free again.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
     let client = loop {
+        assert!(tokio::time::Instant::now() < deadline, "the connection slot was never freed");
         match connect(server.addr, tls_client("ca.pem", "localhost")).await {
             Ok(client) => break client,
             Err(ClientError::Server(body)) if body.code == ErrorCode::TOO_MANY_CONNECTIONS => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
+            Err(ClientError::Io(_) | ClientError::Closed) => tokio::time::sleep(Duration::from_millis(20)).await,
             Err(other) => panic!("unexpected {other:?}"),
         }
     };
