@@ -17,6 +17,7 @@
 //! - `server`: TCP listener and per-connection reader/writer tasks over the `server::Backend`
 //!   trait the engine implements.
 //! - `client`: the async client (batching, pipelining, request-id matching) built on `protocol`.
+//! - `tls`: optional TLS under the framing (rustls on ring): PEM loading for server and client.
 //! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
 //! - `cli`: the `stormledger` binary: `serve` (config, signals, metrics) and the client CLI.
 
@@ -35,6 +36,7 @@ pub mod server;
 pub mod shard;
 pub mod snapshot;
 pub mod storage;
+pub mod tls;
 pub mod wal;
 pub mod workload;
 

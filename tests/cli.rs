@@ -457,3 +457,135 @@ fn serve_configuration_errors_exit_2() {
     cmd.args(["serve", "--durability", "fast"]);
     assert_eq!(run_bounded(cmd).code, 2);
 }
+
+fn tls_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name).display().to_string()
+}
+
+/// A server with the test certificate (flags, or the config file's `tls_cert`/`tls_key`).
+fn start_tls(dir: &Path, via_config_file: bool) -> Server {
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--shards", "2", "--data-dir"]).arg(dir);
+    if via_config_file {
+        let config = dir.join("tls.toml");
+        let text = format!("tls_cert = {:?}\ntls_key = {:?}\n", tls_fixture("server.pem"), tls_fixture("server.key"));
+        std::fs::write(&config, text).unwrap();
+        cmd.arg("--config").arg(config);
+    } else {
+        cmd.args(["--tls-cert", &tls_fixture("server.pem")]).env("STORMLEDGER_TLS_KEY", tls_fixture("server.key"));
+    }
+    Server::spawn(cmd, dir).unwrap_or_else(|run| panic!("TLS server did not start: {} {}", run.code, run.stderr))
+}
+
+#[test]
+fn tls_end_to_end_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_tls(dir.path(), false);
+    let ca = tls_fixture("ca.pem");
+    let tls = |args: &[&str]| {
+        let mut all = vec!["--tls-ca", ca.as_str()];
+        all.extend_from_slice(args);
+        s.ok(&all)
+    };
+    tls(&["account", "create", "--id", "1", "--kind", "user", "--real-name"]);
+    tls(&["account", "create", "--id", "2", "--kind", "streamer"]);
+    tls(&["method", "bind", "--user", "1", "--method", "5", "--channel", "alipay"]);
+    tls(&["topup", "begin", "--id", "100", "--user", "1", "--method", "5", "--amount", "30.00"]);
+    tls(&["topup", "confirm", "--id", "100", "--channel-txn", "TXN-1", "--amount", "30.00"]);
+    assert_eq!(
+        tls(&["--json", "tip", "--id", "200", "--from", "1", "--to", "2", "--coins", "100"]).json()["status"],
+        "ok"
+    );
+    assert_eq!(tls(&["balance", "1", "--json"]).json()["balance"], 200);
+    // The name to check defaults to the host of --connect (here 127.0.0.1, in the certificate);
+    // --tls-server-name overrides it, and the CA may come from the environment.
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--data-dir"])
+        .arg(&s.dir)
+        .args(["--tls-server-name", "localhost", "balance", "2", "--json"])
+        .env("STORMLEDGER_TLS_CA", &ca);
+    let run = run_bounded(cmd);
+    assert_eq!((run.code, run.json()["balance"].as_i64()), (0, Some(50)), "{}", run.stderr);
+    // The event feed over TLS.
+    let feed = tls(&["watch", "--from", "earliest", "--limit", "2", "--json"]);
+    let kinds: Vec<String> = feed
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["kind"].to_string())
+        .collect();
+    assert_eq!(kinds, ["\"topup_succeeded\"", "\"tip\""], "{}", feed.stdout);
+
+    // Without --tls-ca: refused with a reason, exit 3, nothing else broken.
+    let run = s.cli(&["balance", "1", "--json"]);
+    assert_eq!((run.code, run.json()["status"].as_str()), (3, Some("unreachable")), "{}", run.stderr);
+    assert!(run.stderr.contains("refused a plaintext connection") && run.stderr.contains("--tls-ca"), "{}", run.stderr);
+    // The wrong CA, the wrong name: exit 3, saying why.
+    let run = s.cli(&["--tls-ca", &tls_fixture("other-ca.pem"), "balance", "1"]);
+    assert_eq!(run.code, 3);
+    assert!(
+        run.stderr.contains("TLS handshake") && run.stderr.contains("not signed by a trusted CA"),
+        "{}",
+        run.stderr
+    );
+    let run = s.cli(&["--tls-ca", &ca, "--tls-server-name", "ledger.example", "balance", "1"]);
+    assert_eq!(run.code, 3);
+    assert!(run.stderr.contains("not for this server name"), "{}", run.stderr);
+    // A CA file that cannot be used is a usage error.
+    let run = s.cli(&["--tls-ca", &tls_fixture("server.key"), "balance", "1"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("server.key"), "{}", run.stderr);
+    let run = s.cli(&["--tls-server-name", "localhost", "balance", "1"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_eq!(tls(&["balance", "1", "--json"]).json()["balance"], 200);
+}
+
+#[test]
+fn tls_from_the_config_file_and_a_tls_client_at_a_plaintext_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_tls(dir.path(), true);
+    // An answer from the ledger (the account does not exist) proves the TLS session worked.
+    let run = s.cli(&["--tls-ca", &tls_fixture("ca.pem"), "balance", "1", "--json"]);
+    assert_eq!((run.code, run.json()["status"].as_str()), (1, Some("not_found")), "{}", run.stderr);
+    drop(s);
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Server::start(dir.path());
+    let run = plain.cli(&["--tls-ca", &tls_fixture("ca.pem"), "balance", "1"]);
+    assert_eq!(run.code, 3);
+    assert!(run.stderr.contains("does not seem to speak TLS"), "{}", run.stderr);
+}
+
+#[test]
+fn tls_configuration_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let garbage = garbage.display().to_string();
+    let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
+    let cases: [(&[&str], &str); 6] = [
+        (&["--tls-cert", &cert], "--tls-key"),
+        (&["--tls-key", &key], "--tls-cert"),
+        (&["--tls-cert", &missing, "--tls-key", &key], &missing),
+        (&["--tls-cert", &cert, "--tls-key", &missing], &missing),
+        (&["--tls-cert", &garbage, "--tls-key", &key], &garbage),
+        (&["--tls-cert", &cert, "--tls-key", &garbage], &garbage),
+    ];
+    for (flags, named) in cases {
+        let mut cmd = bin();
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--data-dir"])
+            .arg(dir.path())
+            .args(flags);
+        let run = run_bounded(cmd);
+        assert_eq!(run.code, 2, "{flags:?}: {}", run.stderr);
+        assert!(run.stderr.contains(named), "{flags:?}: {}", run.stderr);
+        assert_eq!(run.stderr.lines().count(), 1, "one clear line: {}", run.stderr);
+    }
+    // The same through the config file.
+    let config = dir.path().join("half.toml");
+    std::fs::write(&config, format!("tls_cert = {cert:?}\n")).unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--config"]).arg(&config);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("--tls-key"), "{}", run.stderr);
+}

@@ -46,6 +46,16 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Client commands: connect over TLS, trusting the CA certificate(s) in this PEM file (only
+    /// those; not the system's roots).
+    #[arg(long, global = true, env = "STORMLEDGER_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client commands with --tls-ca: the name the server's certificate must carry (DNS name or
+    /// IP address) [default: the host part of --connect].
+    #[arg(long, global = true, env = "STORMLEDGER_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
     /// Client commands: give up after this many seconds without an answer (exit 3).
     #[arg(long, global = true, env = "STORMLEDGER_TIMEOUT", value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -143,8 +153,18 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_METRICS", value_name = "ADDR")]
     pub metrics: Option<String>,
 
-    /// Allow listening on a non-loopback address. The protocol has no TLS: only do this on a
-    /// trusted network or behind TLS/WireGuard.
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key. With TLS,
+    /// a non-loopback --listen needs no --allow-remote.
+    #[arg(long, env = "STORMLEDGER_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "STORMLEDGER_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Without TLS: allow a non-loopback --listen and take plaintext connections from
+    /// non-loopback peers (tokens cross the network in clear text: only on a trusted network or
+    /// inside WireGuard). Also needed for a non-loopback --metrics.
     #[arg(long, env = "STORMLEDGER_ALLOW_REMOTE", action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_remote: bool,

@@ -13,13 +13,13 @@ use super::output::{self, emit, status_name, write_line, write_report, Obj};
 use super::serve::DEFAULT_DATA_DIR;
 use super::token;
 use super::{EXIT_OK, EXIT_REJECTED, EXIT_UNREACHABLE, EXIT_USAGE};
-use crate::client::{Client, ClientConfig, ClientError};
+use crate::client::{Client, ClientConfig, ClientError, TlsClientConfig};
 use crate::layout::{text_field, CommandRecord, QueryRecord};
 use crate::ledger::amount::format_yuan;
 use crate::ledger::command::{flags, kind, Command};
 use crate::ledger::state_machine::TopUpState;
 use crate::ledger::status::Status;
-use crate::protocol::{Role, QUERY_KIND_HISTORY, QUERY_KIND_LOOKUP, QUERY_KIND_TOPUP_STATUS};
+use crate::protocol::{ErrorCode, Role, QUERY_KIND_HISTORY, QUERY_KIND_LOOKUP, QUERY_KIND_TOPUP_STATUS};
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -195,9 +195,16 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
             Ok((token, _)) => token,
             Err(why) => return fail(Failure::auth(why)),
         };
-        let config = ClientConfig::new(token);
+        let mut config = ClientConfig::new(token);
+        config.tls = match tls_config(cli) {
+            Ok(tls) => tls,
+            Err(failure) => return fail(failure),
+        };
         let mut watcher = match Watcher::connect(addr, &config, from).await {
             Ok(watcher) => watcher,
+            Err(ClientError::Server(body)) if body.code == ErrorCode::TLS_REQUIRED => {
+                return fail(tls_required(addr, &body.message))
+            }
             Err(ClientError::Server(body)) => {
                 return fail(Failure {
                     exit: EXIT_UNREACHABLE,
@@ -330,8 +337,30 @@ fn resolve_token(cli: &Cli, admin: bool) -> Result<(String, String), String> {
     }
 }
 
+/// The TLS settings of `--tls-ca` / `--tls-server-name`; `None` (plaintext) without `--tls-ca`.
+/// The server name defaults to the host part of `--connect` (a DNS name, or an IP address that
+/// the certificate must list as such).
+fn tls_config(cli: &Cli) -> Result<Option<TlsClientConfig>, Failure> {
+    let Some(ca) = &cli.tls_ca else {
+        if cli.tls_server_name.is_some() {
+            return Err(Failure::usage("--tls-server-name needs --tls-ca (the CA certificate to trust)"));
+        }
+        return Ok(None);
+    };
+    let name = cli.tls_server_name.as_deref().unwrap_or_else(|| crate::tls::default_server_name(&cli.connect));
+    TlsClientConfig::from_ca_file(ca, name).map(Some).map_err(|e| Failure::usage(format!("--tls-ca: {e}")))
+}
+
+fn tls_required(addr: &str, message: &str) -> Failure {
+    Failure::unreachable(format!(
+        "the server at {addr} refused a plaintext connection (tls_required: {message}); if it serves TLS, connect \
+         with --tls-ca FILE (the CA that signed its certificate)"
+    ))
+}
+
 async fn connect(cli: &Cli, admin: bool, timeout: Duration) -> Result<Client, Failure> {
     let addr = cli.connect.as_str();
+    let tls = tls_config(cli)?;
     let (token, source) = match resolve_token(cli, admin) {
         Ok(found) => found,
         Err(why) => {
@@ -347,7 +376,15 @@ async fn connect(cli: &Cli, admin: bool, timeout: Duration) -> Result<Client, Fa
     let mut config = ClientConfig::new(token);
     config.role = if admin { Role::Admin } else { Role::Client };
     config.connect_timeout = timeout.min(Duration::from_secs(10));
+    let server_name = tls.as_ref().map(|tls| tls.server_name.to_str().into_owned());
+    config.tls = tls;
     Client::connect_with(addr, config).await.map_err(|e| match e {
+        ClientError::Tls(e) => Failure::unreachable(format!(
+            "TLS handshake with the server at {addr} (server name {}) failed: {e}{}",
+            server_name.as_deref().unwrap_or("?"),
+            crate::tls::handshake_hint(&e)
+        )),
+        ClientError::Server(body) if body.code == ErrorCode::TLS_REQUIRED => tls_required(addr, &body.message),
         ClientError::Io(e) => Failure::unreachable(format!("cannot reach the stormledger server at {addr}: {e}")),
         ClientError::Auth(body) => {
             let role = if admin { "the admin role (admin commands need the admin token)" } else { "the client role" };

@@ -37,10 +37,16 @@ impl Source {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let s = self.stats.snapshot();
-        let counters: [(&str, &str, u64); 15] = [
+        let counters: [(&str, &str, u64); 17] = [
             ("connections_accepted_total", "TCP connections accepted.", s.connections_accepted),
             ("connections_refused_total", "Connections refused at the connection limit.", s.connections_refused),
             ("auth_failures_total", "Handshakes refused (wrong token or role).", s.auth_failures),
+            ("tls_handshake_failures_total", "TLS handshakes that failed or timed out.", s.tls_handshake_failures),
+            (
+                "plaintext_refused_total",
+                "Plaintext connections answered tls_required (TLS server, or non-loopback peer).",
+                s.plaintext_refused,
+            ),
             ("frames_received_total", "Protocol frames received.", s.frames_received),
             ("frames_sent_total", "Protocol frames sent.", s.frames_sent),
             ("commands_received_total", "Write commands received.", s.commands_received),

@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub admin_token: Option<String>,
     pub metrics: Option<String>,
     pub allow_remote: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub accounts_max: Option<u32>,
     pub history_max: Option<u32>,
     pub ids_max: Option<u32>,
@@ -59,6 +61,38 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+/// TLS as configured: the PEM files and the configuration loaded from them.
+#[derive(Clone)]
+pub struct ServeTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl core::fmt::Debug for ServeTls {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ServeTls").field("cert", &self.cert).field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl ServeTls {
+    /// `--tls-cert` and `--tls-key` go together; both files are read and checked now, so a bad
+    /// one is a configuration error (exit 2) naming the file.
+    fn resolve(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<ServeTls>, String> {
+        match (cert, key) {
+            (None, None) => Ok(None),
+            (Some(_), None) => {
+                Err("--tls-cert needs --tls-key (the certificate's private key); give both or neither".into())
+            }
+            (None, Some(_)) => Err("--tls-key needs --tls-cert (the certificate chain); give both or neither".into()),
+            (Some(cert), Some(key)) => {
+                let config = crate::tls::server_config(&cert, &key).map_err(|e| e.to_string())?;
+                Ok(Some(ServeTls { cert, key, config }))
+            }
+        }
+    }
+}
+
 /// The server's settings after merging flags > environment > file > defaults.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -70,6 +104,8 @@ pub struct ServeConfig {
     pub admin_token: TokenSource,
     pub metrics: Option<SocketAddr>,
     pub allow_remote: bool,
+    /// Serve TLS; then a non-loopback `listen` needs no `allow_remote`.
+    pub tls: Option<ServeTls>,
     pub ledger: LedgerConfig,
     pub limits: ShardLimits,
     pub feed_events_max: usize,
@@ -86,10 +122,11 @@ impl ServeConfig {
         };
         let data_dir = cli.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
+        let tls = ServeTls::resolve(args.tls_cert.clone().or(file.tls_cert), args.tls_key.clone().or(file.tls_key))?;
         let listen_text = args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen = resolve_addr("--listen", &listen_text, allow_remote)?;
+        let listen = resolve_addr(Listener::Ledger { tls: tls.is_some() }, &listen_text, allow_remote)?;
         let metrics = match args.metrics.clone().or(file.metrics) {
-            Some(text) => Some(resolve_addr("--metrics", &text, allow_remote)?),
+            Some(text) => Some(resolve_addr(Listener::Metrics, &text, allow_remote)?),
             None => None,
         };
         let shards = match args.shards.or(file.shards) {
@@ -145,6 +182,7 @@ impl ServeConfig {
             admin_token,
             metrics,
             allow_remote,
+            tls,
             ledger,
             limits,
             feed_events_max,
@@ -154,8 +192,22 @@ impl ServeConfig {
     }
 }
 
-/// Resolves `text` to one socket address, refusing non-loopback addresses unless allowed.
-fn resolve_addr(flag: &str, text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+/// Which listener an address is for.
+#[derive(Clone, Copy)]
+enum Listener {
+    /// The ledger protocol, with or without TLS.
+    Ledger { tls: bool },
+    /// The metrics endpoint: plain HTTP, no authentication.
+    Metrics,
+}
+
+/// Resolves `text` to one socket address, refusing non-loopback addresses unless TLS protects
+/// the ledger protocol or the operator allowed it (`--allow-remote`).
+fn resolve_addr(listener: Listener, text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let flag = match listener {
+        Listener::Ledger { .. } => "--listen",
+        Listener::Metrics => "--metrics",
+    };
     let addr = text
         .to_socket_addrs()
         .map_err(|e| {
@@ -163,14 +215,21 @@ fn resolve_addr(flag: &str, text: &str, allow_remote: bool) -> Result<SocketAddr
         })?
         .next()
         .ok_or_else(|| format!("{flag} {text:?} resolves to no address"))?;
-    if !addr.ip().is_loopback() && !allow_remote {
-        return Err(format!(
-            "refusing to listen on non-loopback address {addr} ({flag} {text}): the protocol has no TLS, so \
-             tokens and ledger traffic would cross the network in clear text. Pass --allow-remote to do it \
-             anyway (only on a trusted network, or behind TLS/WireGuard)"
-        ));
+    if addr.ip().to_canonical().is_loopback() || allow_remote {
+        return Ok(addr);
     }
-    Ok(addr)
+    match listener {
+        Listener::Ledger { tls: true } => Ok(addr),
+        Listener::Ledger { tls: false } => Err(format!(
+            "refusing to listen on non-loopback address {addr} ({flag} {text}) with no TLS: tokens and ledger \
+             traffic would cross the network in clear text. Configure --tls-cert and --tls-key, or pass \
+             --allow-remote to do it anyway (only on a trusted network, or inside WireGuard)"
+        )),
+        Listener::Metrics => Err(format!(
+            "refusing to serve metrics on non-loopback address {addr} ({flag} {text}): the endpoint is plain \
+             HTTP with no TLS and no authentication. Pass --allow-remote to do it anyway"
+        )),
+    }
 }
 
 /// Entry point of `stormledger serve`; returns the process exit status.
@@ -213,6 +272,18 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let admin_token = token_of(&config.admin_token)?;
     if client_token == admin_token {
         return Err("the admin token must differ from the client token (otherwise every client is an operator)".into());
+    }
+    if let Some(tls) = &config.tls {
+        if let Ok(meta) = std::fs::metadata(&tls.key) {
+            use std::os::unix::fs::MetadataExt;
+            if meta.mode() & 0o077 != 0 {
+                eprintln!(
+                    "stormledger: warning: TLS key file {} is accessible by other users (mode {:o}); run chmod 600 on it",
+                    tls.key.display(),
+                    meta.mode() & 0o777
+                );
+            }
+        }
     }
 
     let engine = EngineConfig {
@@ -279,6 +350,8 @@ async fn serve(
 
     let mut server_config = ServerConfig::new(client_token);
     server_config.admin_token = Some(admin_token);
+    server_config.tls = config.tls.as_ref().map(|tls| tls.config.clone());
+    server_config.allow_remote_plaintext = config.allow_remote;
     let backend: Arc<dyn Backend> = engine.clone();
     let server = Server::new(backend, server_config).map_err(|e| e.to_string())?;
 
@@ -294,7 +367,10 @@ async fn serve(
         None => None,
     };
 
-    eprintln!("stormledger: listening on {local}");
+    match &config.tls {
+        Some(tls) => eprintln!("stormledger: listening on {local} (TLS, certificate {})", tls.cert.display()),
+        None => eprintln!("stormledger: listening on {local} (plaintext)"),
+    }
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush()).map_err(|e| format!("stdout: {e}"))?;
@@ -334,6 +410,28 @@ mod tests {
         let (cli, args) =
             parse(&["stormledger", "serve", "--listen", "0.0.0.0:7878", "--allow-remote", "--data-dir", "/tmp/x"]);
         assert!(ServeConfig::resolve(&cli, &args).is_ok());
+    }
+
+    #[test]
+    fn tls_allows_a_remote_listen_but_not_remote_metrics() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+        let (cert, key) = (format!("{fixtures}/server.pem"), format!("{fixtures}/server.key"));
+        let tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+        let base = ["stormledger", "serve", "--listen", "0.0.0.0:7878", "--data-dir", "/tmp/x"];
+        let (cli, args) = parse(&[&base[..], &tls[..]].concat());
+        let config = ServeConfig::resolve(&cli, &args).unwrap();
+        assert!(config.tls.is_some() && !config.allow_remote);
+        // The metrics endpoint is plain HTTP whatever the ledger protocol does.
+        let (cli, args) = parse(&[&base[..], &tls[..], &["--metrics", "0.0.0.0:9187"]].concat());
+        let err = ServeConfig::resolve(&cli, &args).unwrap_err();
+        assert!(err.contains("--metrics") && err.contains("--allow-remote"), "{err}");
+        let (cli, args) = parse(&[&base[..], &tls[..], &["--metrics", "0.0.0.0:9187", "--allow-remote"]].concat());
+        assert!(ServeConfig::resolve(&cli, &args).is_ok());
+        // Half a TLS configuration is an error, whichever half.
+        let (cli, args) = parse(&[&base[..], &tls[..2]].concat());
+        assert!(ServeConfig::resolve(&cli, &args).unwrap_err().contains("--tls-key"));
+        let (cli, args) = parse(&[&base[..], &tls[2..]].concat());
+        assert!(ServeConfig::resolve(&cli, &args).unwrap_err().contains("--tls-cert"));
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //! a caller waiting after the connection is gone.
 //!
 //! `watch::Watcher` follows the event feed on a connection of its own.
+//!
+//! With `ClientConfig::tls` every connection (calls, watch, retries) does the TLS handshake
+//! right after TCP connect; the protocol above it is the same.
 
 pub mod retry;
 pub mod watch;
@@ -27,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -36,6 +39,7 @@ use crate::protocol::{
     AuthOk, ErrorBody, Frame, FrameReadError, FrameReader, FrameWriter, Hello, Payload, ProtocolError, QueryAnswer,
     Role, COMMANDS_PER_FRAME_MAX, QUERIES_PER_FRAME_MAX, QUERY_KIND_BALANCE,
 };
+pub use crate::tls::TlsClientConfig;
 
 /// Why a client call failed.
 #[derive(Clone, Debug)]
@@ -54,6 +58,9 @@ pub enum ClientError {
     Closed,
     /// The call cannot be sent (e.g. a token longer than the protocol allows).
     InvalidRequest(&'static str),
+    /// The TLS handshake failed: the server's certificate is not trusted or not for the expected
+    /// name, or the server does not speak TLS. Retrying will not help.
+    Tls(Arc<std::io::Error>),
 }
 
 impl core::fmt::Display for ClientError {
@@ -69,6 +76,9 @@ impl core::fmt::Display for ClientError {
             }
             ClientError::Closed => write!(f, "connection closed"),
             ClientError::InvalidRequest(reason) => write!(f, "invalid request: {reason}"),
+            ClientError::Tls(error) => {
+                write!(f, "TLS handshake failed: {error}{}", crate::tls::handshake_hint(error))
+            }
         }
     }
 }
@@ -96,10 +106,12 @@ impl From<FrameReadError> for ClientError {
 pub struct ClientConfig {
     pub token: String,
     pub role: Role,
-    /// Bound on TCP connect plus the authentication round trip.
+    /// Bound on TCP connect, the TLS handshake and the authentication round trip.
     pub connect_timeout: Duration,
     /// Calls queued before `submit`/`query` themselves wait (back-pressure on the callers).
     pub queue_max: usize,
+    /// Connect over TLS (`TlsClientConfig::from_ca_file`); `None`: plaintext.
+    pub tls: Option<TlsClientConfig>,
 }
 
 impl core::fmt::Debug for ClientConfig {
@@ -109,18 +121,20 @@ impl core::fmt::Debug for ClientConfig {
             .field("role", &self.role)
             .field("connect_timeout", &self.connect_timeout)
             .field("queue_max", &self.queue_max)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl ClientConfig {
-    /// Client role, 5 s connect timeout, 65 536 queued calls.
+    /// Client role, 5 s connect timeout, 65 536 queued calls, plaintext.
     pub fn new(token: impl Into<String>) -> ClientConfig {
         ClientConfig {
             token: token.into(),
             role: Role::Client,
             connect_timeout: Duration::from_secs(5),
             queue_max: 1 << 16,
+            tls: None,
         }
     }
 }
@@ -354,7 +368,7 @@ fn coalesce<T, D>(
 /// task waits, calls pile up in the queue, and the next frame takes all that fit.
 async fn batch_loop(
     mut calls: mpsc::Receiver<Call>,
-    mut writer: FrameWriter<OwnedWriteHalf>,
+    mut writer: FrameWriter<WriteHalf>,
     shared: Arc<Shared>,
     limits: Limits,
 ) {
@@ -419,18 +433,40 @@ async fn batch_loop(
     let _ = writer.shutdown().await;
 }
 
-/// Matches answers to waiting calls until the connection ends, then fails the rest.
+/// The read side of a connection, plaintext or TLS.
+pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The write side of a connection, plaintext or TLS.
+pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// TCP connect, then the TLS handshake if configured.
+async fn open(addr: impl ToSocketAddrs, config: &ClientConfig) -> Result<(ReadHalf, WriteHalf), ClientError> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let Some(tls) = &config.tls else {
+        let (read_half, write_half) = stream.into_split();
+        return Ok((Box::new(read_half), Box::new(write_half)));
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let stream = connector.connect(tls.server_name.clone(), stream).await.map_err(|error| {
+        if crate::tls::is_tls_error(&error) {
+            ClientError::Tls(Arc::new(error))
+        } else {
+            error.into()
+        }
+    })?;
+    let (read_half, write_half) = tokio::io::split(stream);
+    Ok((Box::new(read_half), Box::new(write_half)))
+}
+
 /// Connects, sends Hello with the token and waits for AuthOk: the start of every connection.
 pub(crate) async fn authenticate(
     addr: impl ToSocketAddrs,
     config: &ClientConfig,
-) -> Result<(FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>, AuthOk), ClientError> {
+) -> Result<(FrameReader<ReadHalf>, FrameWriter<WriteHalf>, AuthOk), ClientError> {
     if config.token.len() > crate::protocol::TOKEN_LEN_MAX {
         return Err(ClientError::InvalidRequest("token longer than 120 bytes"));
     }
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = open(addr, config).await?;
     let mut reader = FrameReader::new(read_half);
     let mut writer = FrameWriter::new(write_half);
     let hello = Hello { role: config.role, token: config.token.as_bytes().to_vec() };
@@ -447,7 +483,8 @@ pub(crate) async fn authenticate(
     Ok((reader, writer, session))
 }
 
-async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<Shared>) {
+/// Matches answers to waiting calls until the connection ends, then fails the rest.
+async fn read_loop(mut reader: FrameReader<ReadHalf>, shared: Arc<Shared>) {
     let error = loop {
         let frame = match reader.read_frame().await {
             Ok(Some(frame)) => frame,

@@ -6,10 +6,9 @@
 //! `Watcher` from `cursor()` resumes with no gap and no duplicate (or is told
 //! `position_too_old` when the server no longer retains that position).
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::ToSocketAddrs;
 
-use super::{ClientConfig, ClientError};
+use super::{ClientConfig, ClientError, ReadHalf, WriteHalf};
 use crate::feed::{watch_mode, watch_record, Cursor, Position, ALL_SHARDS};
 use crate::layout::EventRecord;
 use crate::protocol::{Frame, FrameReader, FrameWriter, Payload, ProtocolError};
@@ -27,9 +26,9 @@ pub enum WatchFrom {
 
 /// A subscription to the event feed.
 pub struct Watcher {
-    reader: FrameReader<OwnedReadHalf>,
+    reader: FrameReader<ReadHalf>,
     // Kept open: closing the write side would end the subscription.
-    _writer: FrameWriter<OwnedWriteHalf>,
+    _writer: FrameWriter<WriteHalf>,
     cursor: Cursor,
 }
 

@@ -194,6 +194,9 @@ impl ErrorCode {
     pub const INVALID_POSITION: ErrorCode = ErrorCode(22);
     /// Watch: this server has no event feed.
     pub const FEED_UNAVAILABLE: ErrorCode = ErrorCode(23);
+    /// This connection must use TLS: the server serves TLS only, or it takes plaintext only from
+    /// loopback peers. Sent in clear text before anything is read; the server closes.
+    pub const TLS_REQUIRED: ErrorCode = ErrorCode(24);
 
     /// A stable snake_case name, for logs and the CLI.
     pub fn name(self) -> &'static str {
@@ -221,6 +224,7 @@ impl ErrorCode {
             21 => "subscriber_too_slow",
             22 => "invalid_position",
             23 => "feed_unavailable",
+            24 => "tls_required",
             _ => "unknown_error",
         }
     }

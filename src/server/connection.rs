@@ -6,18 +6,26 @@
 //! and cannot fail, so engine threads never wait on a network task. When every slot is taken the
 //! reader stops reading, and TCP flow control pushes back on the client.
 //!
+//! Before the handshake, `admit` decides the transport: TLS (`accept_tls`), plaintext, or a
+//! `tls_required` refusal sent before anything is read. Everything after that is generic over
+//! the stream, so TLS and plaintext connections run the same code.
+//!
 //! What must never happen here: submitting anything from a frame that failed to parse or failed
-//! the role check, or losing track of a submitted frame (a dropped callback answers `internal`).
+//! the role check, losing track of a submitted frame (a dropped callback answers `internal`), or
+//! reading a token from a connection `admit` refused.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, OwnedPermit};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use super::stats::{add, ServerStats};
 use super::Shared;
@@ -37,28 +45,140 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// (64 x 256 x 96 B = 1.5 MiB with the defaults).
 const WATCH_EVENTS_PER_FRAME: usize = 256;
 
-/// Answers a connection over the limit with `too_many_connections` and closes it.
+/// The first byte of a TLS connection: a handshake record (the ClientHello). A plaintext
+/// client's first byte is the frame magic's `S`.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// How a new connection is served, from its peer and the server's transport settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// TLS handshake first, then the protocol inside TLS.
+    Tls,
+    /// The protocol in clear text.
+    Plaintext,
+    /// Answer `tls_required` in clear text and close, reading nothing (so never the token).
+    RefusePlaintext,
+}
+
+/// The transport rule. A TLS server does TLS with every peer (a client that starts in clear text
+/// is refused once its first byte shows it). A plaintext server takes loopback peers, and other
+/// peers only if the operator allowed it: their token would cross the network in clear text.
+/// An IPv4 peer on a dual-stack socket (`::ffff:127.0.0.1`) counts as its IPv4 address.
+pub(crate) fn admit(peer: IpAddr, tls: bool, allow_remote_plaintext: bool) -> Admission {
+    if tls {
+        Admission::Tls
+    } else if peer.to_canonical().is_loopback() || allow_remote_plaintext {
+        Admission::Plaintext
+    } else {
+        Admission::RefusePlaintext
+    }
+}
+
+/// Answers a connection over the limit with `too_many_connections` and closes it. A TLS client
+/// can only read the answer inside TLS, so on a TLS server the handshake (bounded by the
+/// handshake timeout) comes first; if it fails the connection is just closed.
 pub(super) async fn refuse(socket: TcpStream, shared: &Shared) {
-    let mut writer = FrameWriter::new(socket);
     let error = ErrorBody::new(ErrorCode::TOO_MANY_CONNECTIONS, "connection limit reached; retry later");
-    let _ = timeout(shared.config.write_timeout, async {
-        writer.write_frame(&Frame::new(0, Payload::Error(error))).await?;
-        writer.shutdown().await
-    })
-    .await;
+    let frame = Frame::new(0, Payload::Error(error));
+    match &shared.config.tls {
+        None => close_with(&mut FrameWriter::new(socket), &frame, shared).await,
+        Some(tls) => {
+            let accept = TlsAcceptor::from(tls.clone()).accept(socket);
+            match timeout(shared.config.handshake_timeout, accept).await {
+                Ok(Ok(stream)) => close_with(&mut FrameWriter::new(stream), &frame, shared).await,
+                _ => add(&shared.stats.tls_handshake_failures, 1),
+            }
+        }
+    }
 }
 
 /// Serves one accepted connection to the end.
-pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+pub(super) async fn serve(
+    socket: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     add(&shared.stats.connections_active, 1);
-    serve_inner(socket, &shared, shutdown).await;
+    // Replies are small and latency matters more than packet count; the writer already batches.
+    let _ = socket.set_nodelay(true);
+    // From accept to a valid Hello, the TLS handshake included.
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    match admit(peer.ip(), shared.config.tls.is_some(), shared.config.allow_remote_plaintext) {
+        Admission::Plaintext => {
+            let (read_half, write_half) = socket.into_split();
+            serve_stream(read_half, write_half, deadline, &shared, shutdown).await;
+        }
+        Admission::RefusePlaintext => {
+            let message = "plaintext is taken from loopback peers only: the server must serve TLS (--tls-cert) \
+                           or allow it (--allow-remote)";
+            refuse_plaintext(socket, message, &shared).await;
+        }
+        Admission::Tls => {
+            if let Some(stream) = accept_tls(socket, deadline, &shared, &mut shutdown).await {
+                let (read_half, write_half) = tokio::io::split(stream);
+                serve_stream(read_half, write_half, deadline, &shared, shutdown).await;
+            }
+        }
+    }
     shared.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn serve_inner(socket: TcpStream, shared: &Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    // Replies are small and latency matters more than packet count; the writer already batches.
-    let _ = socket.set_nodelay(true);
-    let (read_half, write_half) = socket.into_split();
+/// The TLS handshake, by `deadline`. A client that starts in clear text is answered
+/// `tls_required` in clear text (it could not read anything else) instead of a TLS alert.
+async fn accept_tls(
+    socket: TcpStream,
+    deadline: Instant,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<TlsStream<TcpStream>> {
+    let tls = shared.config.tls.clone()?;
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return None,
+        peeked = timeout_at(deadline, socket.peek(&mut first)) => peeked,
+    };
+    match peeked {
+        Ok(Ok(1..)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(Ok(1..)) => {
+            refuse_plaintext(socket, "this server takes TLS connections only", shared).await;
+            return None;
+        }
+        // Closed, failed, or silent until the deadline, before starting a handshake.
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => return None,
+    }
+    let accepted = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return None,
+        accepted = timeout_at(deadline, TlsAcceptor::from(tls).accept(socket)) => accepted,
+    };
+    match accepted {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(_)) | Err(_) => {
+            add(&shared.stats.tls_handshake_failures, 1);
+            None
+        }
+    }
+}
+
+/// Answers `tls_required` in clear text and closes, without reading anything the peer sent.
+async fn refuse_plaintext(socket: TcpStream, message: &str, shared: &Shared) {
+    add(&shared.stats.plaintext_refused, 1);
+    let frame = Frame::new(0, Payload::Error(ErrorBody::new(ErrorCode::TLS_REQUIRED, message)));
+    close_with(&mut FrameWriter::new(socket), &frame, shared).await;
+}
+
+/// The protocol over one (plaintext or TLS) byte stream, from the Hello on. Generic, so the
+/// plaintext path keeps its own split halves and costs nothing extra.
+async fn serve_stream<R, W>(
+    read_half: R,
+    write_half: W,
+    deadline: Instant,
+    shared: &Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut reader = FrameReader::new(read_half);
     let mut writer = FrameWriter::new(write_half);
     let config = &shared.config;
@@ -67,7 +187,7 @@ async fn serve_inner(socket: TcpStream, shared: &Arc<Shared>, mut shutdown: watc
     // Handshake: the first frame must be a valid Hello with a valid token, within the timeout.
     let first = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return,
-        first = timeout(config.handshake_timeout, reader.read_frame()) => first,
+        first = timeout_at(deadline, reader.read_frame()) => first,
     };
     let hello_result = match first {
         Err(_elapsed) => return,
@@ -131,7 +251,7 @@ async fn serve_inner(socket: TcpStream, shared: &Arc<Shared>, mut shutdown: watc
 }
 
 /// Sends `frame` (an error or an auth failure) and closes, within the write timeout.
-async fn close_with(writer: &mut FrameWriter<OwnedWriteHalf>, frame: &Frame, shared: &Shared) {
+async fn close_with<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, frame: &Frame, shared: &Shared) {
     let _ = timeout(shared.config.write_timeout, async {
         writer.write_frame(frame).await?;
         add(&shared.stats.frames_sent, 1);
@@ -199,9 +319,9 @@ impl Handler {
     /// to send last. Consumes the handler so its sender is dropped on return, which (once the
     /// in-flight callbacks are done) lets the writer finish. The last frame is handed over before
     /// that drop, so the writer always finds it when its channel closes.
-    async fn read_loop(
+    async fn read_loop<R: AsyncRead + Unpin>(
         self,
-        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        reader: &mut FrameReader<R>,
         shutdown: &mut watch::Receiver<bool>,
         last: oneshot::Sender<Frame>,
     ) {
@@ -266,9 +386,9 @@ impl Handler {
     /// events are copied out of the shards' rings; a subscriber that does not drain is either
     /// dropped by the writer's `write_timeout` or, when its position leaves the ring, told
     /// `subscriber_too_slow`.
-    async fn watch(
+    async fn watch<R: AsyncRead + Unpin>(
         &self,
-        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        reader: &mut FrameReader<R>,
         shutdown: &mut watch::Receiver<bool>,
         request_id: u64,
         request: &[crate::layout::WatchRecord],
@@ -511,8 +631,8 @@ impl Drop for ReplySlot {
 /// frame (an error, an idle timeout, a shutdown notice) only after the drain means a client sees
 /// the answers to everything the server accepted before it sees why the connection ends.
 /// A peer that does not take a write within `write_timeout` is dropped.
-async fn write_loop(
-    mut writer: FrameWriter<OwnedWriteHalf>,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Frame>,
     mut last: oneshot::Receiver<Frame>,
     shared: Arc<Shared>,
@@ -548,8 +668,8 @@ async fn write_loop(
     let _ = timeout(config.write_timeout, writer.shutdown()).await;
 }
 
-async fn flush(
-    writer: &mut FrameWriter<OwnedWriteHalf>,
+async fn flush<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
     stats: &ServerStats,
     frames: u64,
     limit: std::time::Duration,
@@ -567,12 +687,91 @@ async fn flush(
     }
 }
 
-fn queue(writer: &mut FrameWriter<OwnedWriteHalf>, frame: &Frame, stats: &ServerStats) {
+fn queue<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, frame: &Frame, stats: &ServerStats) {
     if writer.queue(frame).is_err() {
         // Only a backend answer that breaks a frame limit can fail to encode; the client still
         // gets an answer for its request id.
         add(&stats.internal_errors, 1);
         let error = ErrorBody::new(ErrorCode::INTERNAL, "the answer does not fit in a frame");
         let _ = writer.queue(&Frame::new(frame.request_id, Payload::Error(error)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{admit, Admission};
+    use std::net::{IpAddr, SocketAddr};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    use crate::protocol::{ErrorCode, Frame, FrameReader, FrameWriter, Hello, Payload, Role};
+    use crate::server::{Backend, ServerConfig, Shared};
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn tls_servers_shake_hands_with_every_peer() {
+        for peer in ["127.0.0.1", "::1", "10.1.2.3", "203.0.113.9", "2001:db8::1"] {
+            for allow_remote in [false, true] {
+                assert_eq!(admit(ip(peer), true, allow_remote), Admission::Tls, "{peer} {allow_remote}");
+            }
+        }
+    }
+
+    #[test]
+    fn plaintext_from_loopback_is_served() {
+        for peer in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(admit(ip(peer), false, false), Admission::Plaintext, "{peer}");
+            assert_eq!(admit(ip(peer), false, true), Admission::Plaintext, "{peer}");
+        }
+    }
+
+    #[test]
+    fn plaintext_from_other_peers_needs_allow_remote() {
+        for peer in ["10.1.2.3", "192.168.1.1", "203.0.113.9", "0.0.0.0", "2001:db8::1", "::ffff:10.0.0.1", "fe80::1"] {
+            assert_eq!(admit(ip(peer), false, false), Admission::RefusePlaintext, "{peer}");
+            assert_eq!(admit(ip(peer), false, true), Admission::Plaintext, "{peer}");
+        }
+    }
+
+    /// Serves one real loopback connection as if it came from `peer`; returns the first frame
+    /// the client gets after sending its Hello.
+    async fn first_answer(peer: &str, allow_remote_plaintext: bool) -> (Frame, u64) {
+        let config = crate::engine::EngineConfig { shards: 1, ..crate::engine::EngineConfig::default() };
+        let engine = crate::engine::Engine::in_memory(config).unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(engine);
+        let config = ServerConfig { allow_remote_plaintext, ..ServerConfig::new("token") };
+        let shared = Arc::new(Shared { backend, config, stats: Arc::default(), next_connection_id: AtomicU64::new(1) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let peer: SocketAddr = peer.parse().unwrap();
+        let server = tokio::spawn(super::serve(socket, peer, shared.clone(), shutdown));
+        let (read_half, write_half) = client.into_split();
+        let mut writer = FrameWriter::new(write_half);
+        let hello = Hello { role: Role::Client, token: b"token".to_vec() };
+        writer.write_frame(&Frame::new(0, Payload::Hello(hello))).await.unwrap();
+        let frame = FrameReader::new(read_half).read_frame().await.unwrap().expect("an answer");
+        drop(writer);
+        server.await.unwrap();
+        (frame, shared.stats.snapshot().plaintext_refused)
+    }
+
+    #[tokio::test]
+    async fn a_remote_plaintext_peer_is_refused_before_its_token_is_read() {
+        let (frame, refused) = first_answer("203.0.113.9:40000", false).await;
+        let Payload::Error(error) = frame.payload else { panic!("expected tls_required, got {frame:?}") };
+        assert_eq!(error.code, ErrorCode::TLS_REQUIRED);
+        assert!(error.message.contains("--allow-remote"), "{}", error.message);
+        assert_eq!(refused, 1);
+        // The same peer with --allow-remote, and a loopback peer without it, are served.
+        for (peer, allow) in [("203.0.113.9:40000", true), ("127.0.0.1:40000", false)] {
+            let (frame, refused) = first_answer(peer, allow).await;
+            assert!(matches!(frame.payload, Payload::AuthOk(_)), "{peer}: {frame:?}");
+            assert_eq!(refused, 0);
+        }
     }
 }

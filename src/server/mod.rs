@@ -11,6 +11,11 @@
 //! `in_flight_per_connection_max` unanswered frames per connection (the reader stops reading, so
 //! TCP back-pressure reaches the client), and idle, handshake and slow-writer timeouts.
 //!
+//! Transport: with `ServerConfig::tls` every connection does the TLS handshake first (inside the
+//! handshake timeout, holding a connection slot), then the same protocol runs over the TLS
+//! stream. Without it, plaintext is taken only from loopback peers unless
+//! `allow_remote_plaintext` says otherwise (`connection::admit`).
+//!
 //! Shutdown: when the `shutdown` future completes, the listener stops accepting, every reader
 //! stops reading, frames already submitted finish and their replies are written (bounded by
 //! `drain_timeout`), and `run` returns once every connection has closed.
@@ -49,7 +54,7 @@ pub struct ServerConfig {
     /// connection can pin in the engine and the reply channel; the reader stops reading at the
     /// limit. Announced to clients in `AuthOk`.
     pub in_flight_per_connection_max: usize,
-    /// Time allowed between accept and a valid `Hello`.
+    /// Time allowed between accept and a valid `Hello` (the TLS handshake included).
     pub handshake_timeout: Duration,
     /// A connection with nothing received and nothing in flight for this long is closed.
     pub idle_timeout: Duration,
@@ -58,6 +63,13 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// At shutdown or close, time allowed for in-flight frames to be answered and written.
     pub drain_timeout: Duration,
+    /// Serve TLS (`crate::tls::server_config`): every connection does the TLS handshake first,
+    /// within `handshake_timeout`; a plaintext client is answered `tls_required`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Without `tls`: also take plaintext connections from non-loopback peers (their token
+    /// crosses the network in clear text). Off by default: such peers are answered
+    /// `tls_required` before anything is read.
+    pub allow_remote_plaintext: bool,
 }
 
 impl core::fmt::Debug for ServerConfig {
@@ -72,13 +84,15 @@ impl core::fmt::Debug for ServerConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("drain_timeout", &self.drain_timeout)
+            .field("tls", &self.tls.is_some())
+            .field("allow_remote_plaintext", &self.allow_remote_plaintext)
             .finish()
     }
 }
 
 impl ServerConfig {
     /// Defaults: 1024 connections, 64 frames in flight per connection, 10 s handshake, 5 min
-    /// idle, 10 s write, 30 s drain; no admin token.
+    /// idle, 10 s write, 30 s drain; no admin token; plaintext, from loopback peers only.
     pub fn new(client_token: impl Into<String>) -> ServerConfig {
         ServerConfig {
             client_token: client_token.into(),
@@ -89,6 +103,8 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            tls: None,
+            allow_remote_plaintext: false,
         }
     }
 
@@ -181,7 +197,7 @@ impl Server {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => accepted,
             };
-            let (socket, _peer) = match accepted {
+            let (socket, peer) = match accepted {
                 Ok(accepted) => {
                     accept_backoff = Duration::from_millis(1);
                     accepted
@@ -205,7 +221,7 @@ impl Server {
                 Ok(permit) => {
                     let shutdown_rx = shutdown_rx.clone();
                     tokio::spawn(async move {
-                        connection::serve(socket, shared, shutdown_rx).await;
+                        connection::serve(socket, peer, shared, shutdown_rx).await;
                         drop(permit);
                         drop(done);
                     });

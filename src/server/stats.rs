@@ -12,6 +12,11 @@ pub struct ServerStats {
     /// Refused because `connections_max` was reached.
     pub connections_refused: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// TLS handshakes that failed or did not finish within the handshake timeout.
+    pub tls_handshake_failures: AtomicU64,
+    /// Plaintext connections answered `tls_required`: to a TLS server, or from a non-loopback
+    /// peer without `allow_remote_plaintext`.
+    pub plaintext_refused: AtomicU64,
     pub frames_received: AtomicU64,
     pub frames_sent: AtomicU64,
     pub commands_received: AtomicU64,
@@ -39,6 +44,8 @@ pub struct StatsSnapshot {
     pub connections_active: u64,
     pub connections_refused: u64,
     pub auth_failures: u64,
+    pub tls_handshake_failures: u64,
+    pub plaintext_refused: u64,
     pub frames_received: u64,
     pub frames_sent: u64,
     pub commands_received: u64,
@@ -61,6 +68,8 @@ impl ServerStats {
             connections_active: get(&self.connections_active),
             connections_refused: get(&self.connections_refused),
             auth_failures: get(&self.auth_failures),
+            tls_handshake_failures: get(&self.tls_handshake_failures),
+            plaintext_refused: get(&self.plaintext_refused),
             frames_received: get(&self.frames_received),
             frames_sent: get(&self.frames_sent),
             commands_received: get(&self.commands_received),

@@ -51,8 +51,17 @@ struct TestServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+fn tls_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls").join(name)
+}
+
 impl TestServer {
     fn start() -> TestServer {
+        TestServer::start_with(false)
+    }
+
+    /// With `tls`, the server uses the test certificate of `tests/fixtures/tls`.
+    fn start_with(tls: bool) -> TestServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -62,7 +71,11 @@ impl TestServer {
                 let backend: Arc<dyn Backend> = Arc::new(engine);
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let config = ServerConfig::new(TOKEN);
+                let mut config = ServerConfig::new(TOKEN);
+                if tls {
+                    let tls = stormledger::tls::server_config(&tls_fixture("server.pem"), &tls_fixture("server.key"));
+                    config.tls = Some(tls.unwrap());
+                }
                 stormledger::server::run(listener, backend, config, async move {
                     let _ = stop_rx.await;
                 })
@@ -218,6 +231,26 @@ fn connect_run_verifies() {
     let (code, json) = run_storm(&args);
     assert_verified(code, &json);
     assert_eq!(json["fresh_setup"], false);
+}
+
+#[test]
+fn connect_over_tls_verifies() {
+    let server = TestServer::start_with(true);
+    let addr = server.addr.to_string();
+    let ca = tls_fixture("ca.pem").display().to_string();
+    let mut args = vec!["--connect", &addr, "--token", TOKEN, "--tls-ca", &ca, "--duration", "1"];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    assert_eq!(json["tls"], true, "{json:#}");
+    // Without --tls-ca the server refuses, and the tool says so instead of retrying.
+    let out = Command::new(storm_bin())
+        .args(["--connect", &addr, "--token", TOKEN, "--duration", "1", "--json"])
+        .env_remove("STORMLEDGER_TLS_CA")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls_required"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

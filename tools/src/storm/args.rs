@@ -21,6 +21,13 @@ pub struct Args {
     /// Client token for --connect (or STORMLEDGER_TOKEN).
     #[arg(long, env = "STORMLEDGER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// --connect over TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long, env = "STORMLEDGER_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the server's certificate must carry [default: the host of
+    /// --connect].
+    #[arg(long, env = "STORMLEDGER_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// Start `stormledger serve` on 127.0.0.1:0 with a temporary data directory, drive it over
     /// TCP, and stop it (SIGTERM) at the end.
     #[arg(long)]
@@ -134,6 +141,12 @@ impl Args {
         }
         if self.connect.is_some() && (self.durability.is_some() || self.shards.is_some()) {
             return Err("--durability and --shards apply to --engine and --spawn only".into());
+        }
+        if self.connect.is_none() && self.tls_ca.is_some() {
+            return Err("--tls-ca applies to --connect only".into());
+        }
+        if self.tls_ca.is_none() && self.tls_server_name.is_some() {
+            return Err("--tls-server-name needs --tls-ca".into());
         }
         Ok(())
     }

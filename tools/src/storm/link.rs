@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stormledger::client::{Client, ClientError};
+use stormledger::client::retry::is_retryable;
+use stormledger::client::{Client, ClientConfig, ClientError, TlsClientConfig};
 use stormledger::engine::Engine;
 use stormledger::layout::{CommandRecord, QueryRecord, ReplyRecord};
 use stormledger::protocol::QUERY_KIND_BALANCE;
@@ -18,7 +19,7 @@ pub const RECONNECT_FOR: Duration = Duration::from_secs(20);
 #[derive(Clone)]
 pub enum Target {
     Engine(Arc<Engine>),
-    Tcp { addr: String, token: String },
+    Tcp { addr: String, token: String, tls: Option<TlsClientConfig> },
 }
 
 /// See the module docs.
@@ -35,9 +36,9 @@ impl Link {
     }
 
     /// The live client, connecting (with retries for `RECONNECT_FOR`) when there is none.
-    /// Authentication failures are not retried.
+    /// Only failures that `retry::is_retryable` calls transient are retried.
     async fn client(&self) -> Result<Client, ClientError> {
-        let Target::Tcp { addr, token } = &self.target else {
+        let Target::Tcp { addr, token, tls } = &self.target else {
             return Err(ClientError::InvalidRequest("not a TCP link"));
         };
         let mut slot = self.client.lock().await;
@@ -50,7 +51,8 @@ impl Link {
         let deadline = Instant::now() + RECONNECT_FOR;
         let mut backoff = Duration::from_millis(10);
         loop {
-            match Client::connect(addr.as_str(), token).await {
+            let config = ClientConfig { tls: tls.clone(), ..ClientConfig::new(token.as_str()) };
+            match Client::connect_with(addr.as_str(), config).await {
                 Ok(client) => {
                     if self.connected_once.swap(true, Ordering::Relaxed) {
                         self.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -58,7 +60,8 @@ impl Link {
                     *slot = Some(client.clone());
                     return Ok(client);
                 }
-                Err(error @ ClientError::Auth(_)) => return Err(error),
+                // Wrong token, TLS failure, `tls_required`, not this protocol: retrying won't help.
+                Err(error) if !is_retryable(&error) => return Err(error),
                 Err(error) if Instant::now() + backoff > deadline => return Err(error),
                 Err(_) => {
                     tokio::time::sleep(backoff).await;

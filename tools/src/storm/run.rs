@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
-use stormledger::client::ClientError;
+use stormledger::client::{ClientError, TlsClientConfig};
 use stormledger::config::LedgerConfig;
 use stormledger::engine::EngineConfig;
 use stormledger::layout::ReplyRecord;
@@ -473,14 +473,22 @@ fn run(args: Args) -> Result<i32, Fatal> {
     } else if args.spawn {
         let bin = spawn::server_binary(args.server_bin.clone()).map_err(|e| Fatal(3, e))?;
         let s = spawn::spawn(bin, args.durability, args.shards).map_err(|e| Fatal(3, e))?;
-        let target = Target::Tcp { addr: s.addr.clone(), token: s.token.clone() };
+        let target = Target::Tcp { addr: s.addr.clone(), token: s.token.clone(), tls: None };
         spawned = Some(s);
         let d = args.durability.map_or("server-default".to_string(), |d| durability_name(d).to_string());
         ("spawn", d, target)
     } else {
         let addr = args.connect.clone().expect("validated");
         let token = args.token.clone().expect("validated");
-        ("connect", "server".to_string(), Target::Tcp { addr, token })
+        let tls = match &args.tls_ca {
+            Some(ca) => {
+                let name =
+                    args.tls_server_name.as_deref().unwrap_or_else(|| stormledger::tls::default_server_name(&addr));
+                Some(TlsClientConfig::from_ca_file(ca, name).map_err(|e| Fatal(2, format!("--tls-ca: {e}")))?)
+            }
+            None => None,
+        };
+        ("connect", "server".to_string(), Target::Tcp { addr, token, tls })
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -576,6 +584,7 @@ fn run(args: Args) -> Result<i32, Fatal> {
         .collect();
     let report = json!({
         "mode": mode,
+        "tls": args.tls_ca.is_some(),
         "durability": durability,
         "connections": args.connections,
         "batch": args.batch,
@@ -637,6 +646,7 @@ fn run(args: Args) -> Result<i32, Fatal> {
 fn print_table(r: &Value) {
     let rows: &[(&str, &str)] = &[
         ("mode", "mode"),
+        ("tls", "tls"),
         ("durability", "durability"),
         ("loop", "loop"),
         ("connections", "connections"),
