@@ -95,7 +95,7 @@ pub enum Command {
     History(HistoryArgs),
     /// One command's record and result, by its id.
     Lookup(LookupArgs),
-    /// Follow the event feed (not supported by this server version yet).
+    /// Follow the event feed: committed events in order, resumable with --from POSITION.
     Watch(WatchArgs),
     /// Operator actions (use the admin token).
     #[command(subcommand)]
