@@ -214,8 +214,18 @@ fn read_reply(r: &mut R) -> Result<Reply, String> {
     Ok(Reply { status, duplicate, value: r.i64()?, value2: r.i64()? })
 }
 
-/// The sections of a shard's snapshot.
+/// The sections of a shard's snapshot. The payment methods (a sort of the whole map) are encoded
+/// on a second thread while this one encodes the rest: a shard's worker is stalled meanwhile.
 pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
+    std::thread::scope(|s| {
+        let methods = s.spawn(|| encode_methods(&state.methods));
+        let mut sections = encode_without_methods(state);
+        sections.insert(3, (SECTION_METHODS, joined(methods)));
+        sections
+    })
+}
+
+fn encode_without_methods(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
     assert!(state.evicted.is_empty(), "evicted ids are drained after every batch");
     let mut meta = W(Vec::new());
     meta.u16(state.shard);
@@ -229,8 +239,6 @@ pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
     }
 
     let (account_ids, accounts) = encode_accounts(&state.accounts);
-
-    let methods = encode_methods(&state.methods);
 
     let mut ids = W(Vec::with_capacity(state.id_ring.len() * ID_SIZE));
     for (seq, record) in &state.id_ring {
@@ -297,7 +305,6 @@ pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
         (SECTION_META, meta.0),
         (SECTION_ACCOUNT_IDS, account_ids),
         (SECTION_ACCOUNTS, accounts),
-        (SECTION_METHODS, methods),
         (SECTION_IDS, ids.0),
         (SECTION_TOPUPS, topups.0),
         (SECTION_PENDING, pending.0),
