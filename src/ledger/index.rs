@@ -134,11 +134,12 @@ impl AccountIndex {
     /// with readers. After an error the index is partly filled and must be dropped.
     ///
     /// Why not `insert` in a loop: for millions of ids every insert is a cache miss and a TLB
-    /// miss, and under a hypervisor a TLB miss is a two-level page walk; even with prefetching
-    /// that cost ~140 ns an id on the development VM. Instead the ids are first grouped, in two
-    /// sequential passes over `ids` (hence `Clone`), by the region of the table their home lies
-    /// in (`LOAD_REGION` entries, which fit the L2 cache and TLB); then each region is filled in
-    /// turn. Returns the number of ids.
+    /// miss, and under a hypervisor a TLB miss is a two-level page walk. Even with the entries
+    /// prefetched 16 ids ahead, 10 M ids took 1.3-1.9 s of CPU on the development VM; grouped
+    /// as here, 0.5-0.7 s (both counting the table's page population; `benches/recovery.rs`).
+    /// The ids are first grouped, in two sequential passes over `ids` (hence `Clone`), by the
+    /// region of the table their home lies in (`LOAD_REGION` entries); then each region is
+    /// filled in turn, its probes staying within a megabyte of table. Returns the number of ids.
     pub(crate) fn load(&self, ids: impl Iterator<Item = u64> + Clone) -> Result<u32, LoadError> {
         assert!(self.is_empty(), "load fills an empty index");
         let regions = self.table.div_ceil(LOAD_REGION).min(LOAD_REGIONS_MAX);
@@ -166,9 +167,9 @@ impl AccountIndex {
         }
         // Each insert reads its entry before writing it. On a page never touched, the read maps
         // the shared zero page and the write then replaces it, flushing the TLB of every CPU the
-        // process runs on (an inter-processor interrupt: ~5x the cost of a plain write fault on
-        // the development VM). When the ids will touch most pages anyway (at least one id per
-        // page of table), make the whole table writable up front instead, in one call.
+        // process runs on (an inter-processor interrupt while the decoding threads run: ~6x the
+        // cost of a plain write fault on the development VM). When the ids will touch most
+        // pages anyway (at least one id per page of table), make the table writable up front.
         if n >= self.table * 16 / 4096 {
             populate_writable(&self.entries);
         }
@@ -225,9 +226,10 @@ pub fn populate_writable<T>(memory: &[T]) {
     let _ = memory;
 }
 
-/// Table entries per region in `AccountIndex::load` (256 KiB of table: within the L2 cache and
-/// the second-level TLB of current x86 cores), and at most this many regions (the grouping
-/// pass writes to one place per region at a time).
+/// Table entries per region in `AccountIndex::load` (1 MiB of table: 256 pages, within the
+/// second-level TLB), and at most this many regions. Smaller regions keep the fills in the L2
+/// cache but make the grouping pass write to too many places at once: with 16 Ki entries it
+/// took ~5x longer on the development VM, more than the fills gained.
 const LOAD_REGION: usize = 65_536;
 const LOAD_REGIONS_MAX: usize = 4_096;
 

@@ -441,10 +441,11 @@ fn decode_methods_in_chunks(b: &[u8], map: &mut IdMap<(u64, u64), Channel>, chun
     }
     map.reserve(count as usize);
     // Inserting millions of bindings in key order hits a random bucket each time: a cache and
-    // a TLB miss, ~200 ns on the development VM. So they are inserted a chunk at a time, each
-    // chunk ordered by the part of the table its buckets lie in. This assumes the std map's
-    // layout (hashbrown: the home bucket is `hash & (buckets - 1)`, `buckets` the power of two
-    // of which `capacity()` is 7/8); if that ever changes only the speed does.
+    // a TLB miss (10 M took ~2 s on the development VM). So they are inserted a chunk at a time,
+    // each chunk ordered by the part of the table (64 Ki buckets) its home buckets lie in
+    // (~1 s of CPU for 10 M, the map's page faults included). This assumes the std map's layout
+    // (hashbrown: the home bucket is `hash & (buckets - 1)`, `buckets` the power of two of which
+    // `capacity()` is 7/8); if that ever changes only the speed does.
     let buckets = (map.capacity() / 7 * 8).next_power_of_two().max(1);
     let region_shift = buckets.trailing_zeros().saturating_sub(16);
     let hasher = map.hasher().clone();
@@ -468,7 +469,6 @@ fn decode_methods_in_chunks(b: &[u8], map: &mut IdMap<(u64, u64), Channel>, chun
         }
         left -= chunk.len() as u64;
         counting_sort(&chunk, &mut grouped, (buckets >> region_shift).max(1), region);
-        grouped.truncate(chunk.len());
         map.extend(grouped.iter().copied());
     }
     if !r.done() {
