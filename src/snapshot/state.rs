@@ -788,6 +788,22 @@ mod tests {
         assert!(R { b: &over, at: 0, section: "test" }.varint().is_err());
     }
 
+    #[test]
+    fn the_example_in_the_format_doc() {
+        let fresh = Account::new(1000, AccountKind::User, 1, 0);
+        let funded = Account {
+            balance: 640,
+            spent_today: 10,
+            history_head: 300,
+            spent_day: 20419,
+            methods: 1,
+            ..Account::new(1001, AccountKind::User, 1, 0)
+        };
+        let (ids, records) = encode_accounts(&[fresh, funded]);
+        assert_eq!(ids, [2, 0, 0, 0, 0, 0, 0, 0, 0xd0, 0x0f, 0x02]);
+        assert_eq!(records, [0x80, 1, 1, 0x75, 0x80, 0x0a, 0x0a, 0xac, 0x02, 0xc3, 0x9f, 0x01, 0x01]);
+    }
+
     fn limits(accounts_max: u32) -> ShardLimits {
         ShardLimits { accounts_max, history_max: 16, ids_max: 16 }
     }
