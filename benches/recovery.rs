@@ -1,8 +1,11 @@
 //! Recovery speed: log replay (commands per second through `node::load_shard`), and writing /
 //! loading a snapshot of a large shard. Prints a table; `cargo bench --bench recovery`.
 //!
-//! Environment: BENCH_REPLAY_TIPS [2000000], BENCH_SNAPSHOT_ACCOUNTS [10000000], BENCH_DIR.
+//! Environment: BENCH_REPLAY_TIPS [2000000], BENCH_SNAPSHOT_ACCOUNTS [10000000],
+//! BENCH_SNAPSHOT_LOADS [3] (loads from the page cache per shape), BENCH_SNAPSHOT_ACTIVE [1] (0: only
+//! the fresh shape), BENCH_DIR.
 
+use std::path::Path;
 use std::time::Instant;
 
 use stormledger::config::{LedgerConfig, ShardLimits};
@@ -68,35 +71,107 @@ fn main() {
         loaded.commands_replayed as f64 / secs
     );
 
-    // Snapshot: a shard holding N accounts (users with a balance), written and loaded.
+    // Snapshot: a shard holding N accounts, written and loaded, in two shapes: "fresh" (users
+    // just created: every field but id, kind and flags zero) and "active" (each user then bound
+    // a payment method, topped up a varying amount and tipped once today: balance, spending,
+    // history and methods set).
     let accounts = env("BENCH_SNAPSHOT_ACCOUNTS", 10_000_000);
+    let rounds = env("BENCH_SNAPSHOT_LOADS", 3);
     let limits = ShardLimits { accounts_max: accounts as u32 + 64, history_max: 1 << 16, ids_max: 1 << 16 };
     let mut state = ShardState::new(0, 1, ledger.clone(), limits.clone());
     for account in 1..=accounts {
         let create = Command::CreateAccount { account, kind: AccountKind::User, flags: 1, union: 0 };
         state.apply(account, &create);
     }
-    let snapdir = base.join("snapshot");
+    snapshot_round("fresh", &state, &base.join("snapshot-fresh"), &ledger, &limits, rounds);
+    if env("BENCH_SNAPSHOT_ACTIVE", 1) == 0 {
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
+    let streamer = 1 << 40;
+    // One command a millisecond: pending top-ups expire (15 minutes) as they would in a day.
+    let mut ts = 1_795_752_000_000_000_000u64;
+    let mut apply = |state: &mut ShardState, command: Command| {
+        ts += 1_000_000;
+        state.apply(ts, &command);
+        state.drain_evicted();
+    };
+    apply(&mut state, Command::CreateAccount { account: streamer, kind: AccountKind::Streamer, flags: 0, union: 0 });
+    for user in 1..=accounts {
+        let (id, fen) = ((1 << 48) + user, 100 * (50 + user % 1000));
+        let txn = stormledger::layout::text_field("T").unwrap();
+        apply(&mut state, Command::BindMethod { user, method: 1, channel: stormledger::ledger::Channel::Alipay });
+        apply(&mut state, Command::TopUpBegin { id, user, method: 1, fen });
+        apply(&mut state, Command::TopUpConfirm { id, fen, channel_txn: txn });
+        apply(&mut state, Command::Tip { id: (1 << 49) + user, from: user, to: streamer, coins: 1 + user % 97 });
+    }
+    let user = state.account(accounts / 2).unwrap();
+    assert!(user.balance > 0 && user.spent_today > 0 && user.history_head > 0 && user.methods != 0, "{user:?}");
+    snapshot_round("active", &state, &base.join("snapshot-active"), &ledger, &limits, rounds);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Encodes and writes a snapshot of `state`, then loads it `rounds` times from the page cache
+/// and once after dropping the file's pages from the cache (`POSIX_FADV_DONTNEED`). Prints wall
+/// and CPU (user + system, all threads) seconds of each load.
+fn snapshot_round(
+    shape: &str,
+    state: &ShardState,
+    dir: &Path,
+    ledger: &LedgerConfig,
+    limits: &ShardLimits,
+    rounds: u64,
+) {
     let start = Instant::now();
-    let sections = stormledger::snapshot::state::encode(&state);
+    let sections = stormledger::snapshot::state::encode(state);
     let encoded = start.elapsed().as_secs_f64();
     let refs: Vec<(u32, &[u8])> = sections.iter().map(|(t, b)| (*t, b.as_slice())).collect();
     let meta = snapshot::SnapshotMeta { lsns: vec![1], timestamp: 1 };
-    let written = snapshot::write_snapshot(&snapdir, &meta, &refs).unwrap();
+    let sizes: Vec<String> = refs.iter().map(|(t, b)| format!("{t}:{}", b.len())).collect();
+    let written = snapshot::write_snapshot(dir, &meta, &refs).unwrap();
     let write_secs = start.elapsed().as_secs_f64();
     drop(sections);
-    drop(state);
-    let start = Instant::now();
-    let snap = snapshot::load_latest(&snapdir).unwrap().unwrap();
-    let restored = stormledger::snapshot::state::decode(|t| snap.section(t), ledger.clone(), limits).unwrap();
-    let load_secs = start.elapsed().as_secs_f64();
-    assert_eq!(restored.accounts().len() as u64, accounts + 9);
+    let load = || {
+        let (start, cpu) = (Instant::now(), cpu_secs());
+        let snap = snapshot::load_latest(dir).unwrap().unwrap();
+        let restored =
+            stormledger::snapshot::state::decode(|t| snap.section(t), ledger.clone(), limits.clone()).unwrap();
+        let took = format!("{:.2} (cpu {:.2})", start.elapsed().as_secs_f64(), cpu_secs() - cpu);
+        (took, restored)
+    };
+    let mut hot = Vec::new();
+    for _ in 0..rounds {
+        let (took, restored) = load();
+        hot.push(took);
+        assert!(restored.accounts() == state.accounts(), "restored accounts differ");
+    }
+    let file = std::fs::File::open(&written.path).unwrap();
+    // SAFETY: plain syscall on an open descriptor; only advice.
+    let dropped =
+        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(dropped, 0);
+    let (cold, restored) = load();
+    for id in [1, state.accounts().len() as u64 / 2] {
+        assert_eq!(restored.index().balance(id), state.index().balance(id));
+    }
     println!(
-        "snapshot: {accounts} accounts, {} MiB: encode {:.2} s, encode+write+fsync {:.2} s, load+verify+decode {:.2} s",
-        written.len >> 20,
-        encoded,
-        write_secs,
-        load_secs
+        "snapshot {shape}: {} accounts, {:.1} MiB ({:.1} B/account): encode {encoded:.2} s, encode+write+fsync {write_secs:.2} s; load+verify+decode {} s (page cache), {cold} s (file dropped from the page cache)",
+        state.accounts().len(),
+        written.len as f64 / (1 << 20) as f64,
+        written.len as f64 / state.accounts().len() as f64,
+        hot.join(" / "),
     );
-    let _ = std::fs::remove_dir_all(&base);
+    println!("  section sizes (tag:bytes): {}", sizes.join(" "));
+}
+
+/// User + system CPU time of this process so far (all threads).
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage only fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }

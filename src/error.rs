@@ -215,6 +215,8 @@ pub enum SnapshotError {
     Corrupt { path: PathBuf, offset: u64, reason: String },
     /// The snapshot does not fit the format's limits (too many sections, ...). Nothing written.
     TooLarge { reason: String },
+    /// An intact snapshot (header checksum verified) of a format version this build cannot read.
+    UnsupportedVersion { path: PathBuf, version: u16, supported: u16 },
     /// Snapshots exist but none verifies; each rejection is listed, newest first.
     NoneValid { dir: PathBuf, rejected: Vec<SnapshotError> },
 }
@@ -232,6 +234,11 @@ impl fmt::Display for SnapshotError {
                 write!(f, "snapshot {} corrupt at offset {offset}: {reason}", path.display())
             }
             Self::TooLarge { reason } => write!(f, "snapshot too large: {reason}"),
+            Self::UnsupportedVersion { path, version, supported } => write!(
+                f,
+                "snapshot {} has format version {version}; this build reads only version {supported}",
+                path.display()
+            ),
             Self::NoneValid { dir, rejected } => {
                 write!(f, "no valid snapshot in {} ({} rejected", dir.display(), rejected.len())?;
                 for e in rejected {

@@ -6,7 +6,7 @@ use std::path::Path;
 use stormledger::error::SnapshotError;
 use stormledger::snapshot::{
     list_snapshots, load_latest, load_latest_strict, load_snapshot, snapshot_file_name, write_snapshot, SnapshotMeta,
-    SNAPSHOTS_KEPT,
+    FORMAT_VERSION, SNAPSHOTS_KEPT,
 };
 
 fn meta(n: u64) -> SnapshotMeta {
@@ -130,4 +130,30 @@ fn large_section_roundtrips() {
     let s = load_latest(tmp.path()).unwrap().unwrap();
     assert!(s.section(2).unwrap() == &big[..]);
     assert_eq!(s.section(1).unwrap(), b"small");
+}
+
+#[test]
+fn another_format_version_is_refused_without_falling_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), 1);
+    let newest = write(tmp.path(), 2);
+    // An intact header (checksum recomputed) of version 1, the unreleased fixed-record layout,
+    // and of a version from the future.
+    for version in [1u16, FORMAT_VERSION + 1] {
+        let mut bytes = fs::read(&newest).unwrap();
+        bytes[8..10].copy_from_slice(&version.to_le_bytes());
+        let checksum = crc32c::crc32c(&bytes[..60]);
+        bytes[60..64].copy_from_slice(&checksum.to_le_bytes());
+        fs::write(&newest, &bytes).unwrap();
+        match load_snapshot(&newest) {
+            Err(SnapshotError::UnsupportedVersion { path, version: v, supported }) => {
+                assert_eq!((path, v, supported), (newest.clone(), version, FORMAT_VERSION))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Not damage: the loader stops here instead of silently starting from the older file.
+        let err = load_latest(tmp.path()).unwrap_err();
+        assert!(matches!(err, SnapshotError::UnsupportedVersion { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("format version {version}")), "{err}");
+    }
 }

@@ -110,6 +110,8 @@ fn a_restored_shard_behaves_exactly_like_the_original() {
         }
         let mut restored = restore(&original);
         same(&original, &restored, seed);
+        let encoded = stormledger::snapshot::state::encode(&original);
+        assert_eq!(stormledger::snapshot::state::encode(&restored), encoded, "seed {seed}: re-encoding");
         for _ in 0..300 {
             ts += 1 + rng.rng.below(200_000_000);
             let command = rng.next();

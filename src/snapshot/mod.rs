@@ -29,8 +29,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::SnapshotError;
 
-/// The only format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The only format version this build writes and reads. Version 1 (fixed 56-byte account
+/// records) was never released; its files are refused with `SnapshotError::UnsupportedVersion`.
+pub const FORMAT_VERSION: u16 = 2;
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"STLGSNAP";
 /// How many snapshots `write_snapshot` keeps (the new one included).
@@ -310,7 +311,12 @@ fn verify(path: &Path, bytes: &[u8]) -> Result<Verified, SnapshotError> {
         return Err(corrupt(0, "header checksum mismatch".into()));
     }
     if h.version.get() != FORMAT_VERSION {
-        return Err(corrupt(8, format!("unsupported format version {}", h.version.get())));
+        // An intact header of another version: not damage, so no fallback to an older file.
+        return Err(SnapshotError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            version: h.version.get(),
+            supported: FORMAT_VERSION,
+        });
     }
     let file_len = h.file_len.get();
     if actual_len < file_len {
@@ -384,7 +390,8 @@ fn check_zero(path: &Path, bytes: &[u8], from: u64, to: u64) -> Result<(), Snaps
 /// Newer snapshots that fail verification (corrupt or truncated) are passed over and listed in
 /// `LoadedSnapshot::skipped`; the caller must surface them. If snapshots exist but none
 /// verifies, that is an error (`NoneValid`), never `None`: starting from an empty state would
-/// silently lose everything the retired log held.
+/// silently lose everything the retired log held. A snapshot of another format version is an
+/// error at once (`UnsupportedVersion`): it is not damaged, and an older file would not help.
 pub fn load_latest(dir: &Path) -> Result<Option<LoadedSnapshot>, SnapshotError> {
     let mut skipped = Vec::new();
     for (_, path) in list_snapshots(dir)?.iter().rev() {
