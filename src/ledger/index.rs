@@ -27,9 +27,7 @@ pub struct AccountIndex {
 fn zeroed<T>(n: usize) -> Box<[T]> {
     // SAFETY: only instantiated with AtomicU64/AtomicU32/AtomicI64, for which all-zero bytes
     // are a valid value (zero).
-    let slice = unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() };
-    crate::mem::advise_huge_slice(&slice);
-    slice
+    unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() }
 }
 
 const HASH: u64 = 0x9E37_79B9_7F4A_7C15;

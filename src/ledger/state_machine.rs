@@ -200,7 +200,7 @@ impl ShardState {
             index: Arc::new(AccountIndex::new(limits.accounts_max)),
             // Reserved, not touched: pages become resident as accounts are created, and the
             // vector never reallocates (no copy stall, no garbage left behind).
-            accounts: crate::mem::huge_vec(limits.accounts_max as usize),
+            accounts: Vec::with_capacity(limits.accounts_max as usize),
             methods: IdMap::default(),
             ids: IdTable::new(limits.ids_max as usize),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
