@@ -330,3 +330,40 @@ fn unusable_pem_files_are_errors_that_name_the_file() {
         assert!(error.contains(&ca.display().to_string()), "{error}");
     }
 }
+
+/// This host's address on its default route, if it has one that is not loopback (found by
+/// "connecting" a UDP socket, which sends nothing).
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("10.255.255.255:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_client_sends_no_token_to_a_non_loopback_address_unless_allowed() {
+    assert!(stormledger::client::plaintext_allowed("127.0.0.1".parse().unwrap(), false));
+    assert!(stormledger::client::plaintext_allowed("::ffff:127.0.0.1".parse().unwrap(), false));
+    assert!(!stormledger::client::plaintext_allowed("10.1.2.3".parse().unwrap(), false));
+    assert!(stormledger::client::plaintext_allowed("10.1.2.3".parse().unwrap(), true));
+    let Some(ip) = non_loopback_ip() else {
+        eprintln!("no non-loopback address on this host: only the decision was tested");
+        return;
+    };
+    // A bare listener on that address records whatever bytes arrive.
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind a non-loopback address");
+    let addr = listener.local_addr().unwrap();
+    let received = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut bytes = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut bytes)).await;
+        bytes
+    });
+    let result = tokio::time::timeout(DEADLINE, Client::connect(addr, TOKEN)).await.expect("bounded");
+    match result {
+        Err(ClientError::PlaintextToRemote(peer)) => assert_eq!(peer, addr),
+        other => panic!("expected PlaintextToRemote, got {other:?}"),
+    }
+    let bytes = tokio::time::timeout(DEADLINE, received).await.expect("bounded").expect("listener task");
+    assert!(bytes.is_empty(), "the client sent {} bytes (the token must not cross the network)", bytes.len());
+}

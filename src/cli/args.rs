@@ -56,6 +56,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "STORMLEDGER_TLS_SERVER_NAME", value_name = "NAME")]
     pub tls_server_name: Option<String>,
 
+    /// Client commands without --tls-ca: send the token in clear text to a server that is not
+    /// on a loopback address (refused by default, exit 2: the token would cross the network).
+    #[arg(long, global = true, env = "STORMLEDGER_ALLOW_REMOTE_PLAINTEXT")]
+    pub allow_remote_plaintext: bool,
+
     /// Client commands: give up after this many seconds without an answer (exit 3).
     #[arg(long, global = true, env = "STORMLEDGER_TIMEOUT", value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]

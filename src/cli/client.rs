@@ -196,6 +196,7 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
             Err(why) => return fail(Failure::auth(why)),
         };
         let mut config = ClientConfig::new(token);
+        config.allow_remote_plaintext = cli.allow_remote_plaintext;
         config.tls = match tls_config(cli) {
             Ok(tls) => tls,
             Err(failure) => return fail(failure),
@@ -205,6 +206,7 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
             Err(ClientError::Server(body)) if body.code == ErrorCode::TLS_REQUIRED => {
                 return fail(tls_required(addr, &body.message))
             }
+            Err(e @ ClientError::PlaintextToRemote(_)) => return fail(plaintext_to_remote(&e)),
             Err(ClientError::Server(body)) => {
                 return fail(Failure {
                     exit: EXIT_UNREACHABLE,
@@ -351,6 +353,10 @@ fn tls_config(cli: &Cli) -> Result<Option<TlsClientConfig>, Failure> {
     TlsClientConfig::from_ca_file(ca, name).map(Some).map_err(|e| Failure::usage(format!("--tls-ca: {e}")))
 }
 
+fn plaintext_to_remote(error: &ClientError) -> Failure {
+    Failure::usage(format!("{error}: pass --tls-ca FILE, or --allow-remote-plaintext on a trusted network"))
+}
+
 fn tls_required(addr: &str, message: &str) -> Failure {
     Failure::unreachable(format!(
         "the server at {addr} refused a plaintext connection (tls_required: {message}); if it serves TLS, connect \
@@ -378,7 +384,9 @@ async fn connect(cli: &Cli, admin: bool, timeout: Duration) -> Result<Client, Fa
     config.connect_timeout = timeout.min(Duration::from_secs(10));
     let server_name = tls.as_ref().map(|tls| tls.server_name.to_str().into_owned());
     config.tls = tls;
+    config.allow_remote_plaintext = cli.allow_remote_plaintext;
     Client::connect_with(addr, config).await.map_err(|e| match e {
+        e @ ClientError::PlaintextToRemote(_) => plaintext_to_remote(&e),
         ClientError::Tls(e) => Failure::unreachable(format!(
             "TLS handshake with the server at {addr} (server name {}) failed: {e}{}",
             server_name.as_deref().unwrap_or("?"),

@@ -58,6 +58,9 @@ pub enum ClientError {
     Closed,
     /// The call cannot be sent (e.g. a token longer than the protocol allows).
     InvalidRequest(&'static str),
+    /// No TLS and the server is not on a loopback address: the token was not sent (see
+    /// `ClientConfig::allow_remote_plaintext`).
+    PlaintextToRemote(std::net::SocketAddr),
     /// The TLS handshake failed: the server's certificate is not trusted or not for the expected
     /// name, or the server does not speak TLS. Retrying will not help.
     Tls(Arc<std::io::Error>),
@@ -76,6 +79,11 @@ impl core::fmt::Display for ClientError {
             }
             ClientError::Closed => write!(f, "connection closed"),
             ClientError::InvalidRequest(reason) => write!(f, "invalid request: {reason}"),
+            ClientError::PlaintextToRemote(addr) => write!(
+                f,
+                "refusing to send the token in clear text to {addr}, which is not a loopback address: connect \
+                 with TLS, or allow plaintext explicitly"
+            ),
             ClientError::Tls(error) => {
                 write!(f, "TLS handshake failed: {error}{}", crate::tls::handshake_hint(error))
             }
@@ -112,6 +120,10 @@ pub struct ClientConfig {
     pub queue_max: usize,
     /// Connect over TLS (`TlsClientConfig::from_ca_file`); `None`: plaintext.
     pub tls: Option<TlsClientConfig>,
+    /// Without TLS, send the token to a server that is not on a loopback address anyway. Off by
+    /// default: a plaintext connection to another host is refused before the token is sent
+    /// (`ClientError::PlaintextToRemote`), because the token would cross the network in clear.
+    pub allow_remote_plaintext: bool,
 }
 
 impl core::fmt::Debug for ClientConfig {
@@ -122,6 +134,7 @@ impl core::fmt::Debug for ClientConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("queue_max", &self.queue_max)
             .field("tls", &self.tls)
+            .field("allow_remote_plaintext", &self.allow_remote_plaintext)
             .finish()
     }
 }
@@ -135,6 +148,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(5),
             queue_max: 1 << 16,
             tls: None,
+            allow_remote_plaintext: false,
         }
     }
 }
@@ -443,6 +457,10 @@ async fn open(addr: impl ToSocketAddrs, config: &ClientConfig) -> Result<(ReadHa
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let Some(tls) = &config.tls else {
+        let peer = stream.peer_addr()?;
+        if !plaintext_allowed(peer.ip(), config.allow_remote_plaintext) {
+            return Err(ClientError::PlaintextToRemote(peer));
+        }
         let (read_half, write_half) = stream.into_split();
         return Ok((Box::new(read_half), Box::new(write_half)));
     };
@@ -456,6 +474,12 @@ async fn open(addr: impl ToSocketAddrs, config: &ClientConfig) -> Result<(ReadHa
     })?;
     let (read_half, write_half) = tokio::io::split(stream);
     Ok((Box::new(read_half), Box::new(write_half)))
+}
+
+/// Whether a plaintext connection to `peer` may carry the token: only to a loopback address,
+/// unless the caller allowed it explicitly.
+pub fn plaintext_allowed(peer: std::net::IpAddr, allow_remote_plaintext: bool) -> bool {
+    peer.to_canonical().is_loopback() || allow_remote_plaintext
 }
 
 /// Connects, sends Hello with the token and waits for AuthOk: the start of every connection.

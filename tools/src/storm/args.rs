@@ -24,6 +24,10 @@ pub struct Args {
     /// --connect over TLS, trusting the CA certificate(s) in this PEM file.
     #[arg(long, env = "STORMLEDGER_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
+    /// --connect without --tls-ca to a server that is not on a loopback address: send the token
+    /// in clear text anyway (refused by default).
+    #[arg(long, env = "STORMLEDGER_ALLOW_REMOTE_PLAINTEXT")]
+    pub allow_remote_plaintext: bool,
     /// With --tls-ca: the name the server's certificate must carry [default: the host of
     /// --connect].
     #[arg(long, env = "STORMLEDGER_TLS_SERVER_NAME", value_name = "NAME")]

@@ -19,7 +19,7 @@ pub const RECONNECT_FOR: Duration = Duration::from_secs(20);
 #[derive(Clone)]
 pub enum Target {
     Engine(Arc<Engine>),
-    Tcp { addr: String, token: String, tls: Option<TlsClientConfig> },
+    Tcp { addr: String, token: String, tls: Option<TlsClientConfig>, allow_remote_plaintext: bool },
 }
 
 /// See the module docs.
@@ -38,7 +38,7 @@ impl Link {
     /// The live client, connecting (with retries for `RECONNECT_FOR`) when there is none.
     /// Only failures that `retry::is_retryable` calls transient are retried.
     async fn client(&self) -> Result<Client, ClientError> {
-        let Target::Tcp { addr, token, tls } = &self.target else {
+        let Target::Tcp { addr, token, tls, allow_remote_plaintext } = &self.target else {
             return Err(ClientError::InvalidRequest("not a TCP link"));
         };
         let mut slot = self.client.lock().await;
@@ -51,7 +51,11 @@ impl Link {
         let deadline = Instant::now() + RECONNECT_FOR;
         let mut backoff = Duration::from_millis(10);
         loop {
-            let config = ClientConfig { tls: tls.clone(), ..ClientConfig::new(token.as_str()) };
+            let config = ClientConfig {
+                tls: tls.clone(),
+                allow_remote_plaintext: *allow_remote_plaintext,
+                ..ClientConfig::new(token.as_str())
+            };
             match Client::connect_with(addr.as_str(), config).await {
                 Ok(client) => {
                     if self.connected_once.swap(true, Ordering::Relaxed) {

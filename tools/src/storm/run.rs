@@ -473,7 +473,8 @@ fn run(args: Args) -> Result<i32, Fatal> {
     } else if args.spawn {
         let bin = spawn::server_binary(args.server_bin.clone()).map_err(|e| Fatal(3, e))?;
         let s = spawn::spawn(bin, args.durability, args.shards).map_err(|e| Fatal(3, e))?;
-        let target = Target::Tcp { addr: s.addr.clone(), token: s.token.clone(), tls: None };
+        let target =
+            Target::Tcp { addr: s.addr.clone(), token: s.token.clone(), tls: None, allow_remote_plaintext: false };
         spawned = Some(s);
         let d = args.durability.map_or("server-default".to_string(), |d| durability_name(d).to_string());
         ("spawn", d, target)
@@ -488,7 +489,8 @@ fn run(args: Args) -> Result<i32, Fatal> {
             }
             None => None,
         };
-        ("connect", "server".to_string(), Target::Tcp { addr, token, tls })
+        let allow_remote_plaintext = args.allow_remote_plaintext;
+        ("connect", "server".to_string(), Target::Tcp { addr, token, tls, allow_remote_plaintext })
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
