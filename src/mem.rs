@@ -35,8 +35,8 @@ pub fn advise_huge_any(ptr: *const u8, bytes: usize) {
         let start = ptr as usize & !(PAGE - 1);
         let end = (ptr as usize + bytes).next_multiple_of(PAGE);
         // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs the pages of the
-        // caller's own allocation (rounded to whole pages, which belong to the same large
-        // allocation); it never changes their contents. Errors are ignored: it is a hint.
+        // range (rounded out to whole pages, which may also hold neighbouring heap data); it
+        // never changes their contents or validity. Errors are ignored: it is a hint.
         unsafe {
             libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
         }

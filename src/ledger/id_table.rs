@@ -30,9 +30,14 @@ impl IdTable {
         IdTable { entries, mask: buckets - 1, len: 0 }
     }
 
+    /// Bytes of the bucket array.
+    pub fn bytes(&self) -> usize {
+        core::mem::size_of_val(&self.entries[..])
+    }
+
     /// Asks for huge pages for the bucket array whatever its size (see `mem::advise_huge_any`).
     pub fn advise_huge_pages(&self) {
-        crate::mem::advise_huge_any(self.entries.as_ptr() as *const u8, core::mem::size_of_val(&self.entries[..]));
+        crate::mem::advise_huge_any(self.entries.as_ptr() as *const u8, self.bytes());
     }
 
     pub fn len(&self) -> usize {
@@ -139,15 +144,14 @@ impl IdTable {
     /// Hints the CPU to load the bucket where `id` would be (no effect on results).
     #[inline]
     pub fn prefetch(&self, id: u64) {
-        let i = home(id, self.mask);
-        crate::ledger::index::prefetch(self.entries.as_ptr().wrapping_add(i) as *const u8);
+        crate::ledger::index::prefetch(self.bucket_address(id));
     }
 
     /// Like `prefetch`, plus the next cache line: `remove` scans the probe run after the id's
     /// bucket for an entry to shift back, and at load 0.5 that run often crosses a line.
     #[inline]
     pub fn prefetch_run(&self, id: u64) {
-        let bucket = self.entries.as_ptr().wrapping_add(home(id, self.mask)) as *const u8;
+        let bucket = self.bucket_address(id);
         crate::ledger::index::prefetch(bucket);
         crate::ledger::index::prefetch(bucket.wrapping_add(64));
     }

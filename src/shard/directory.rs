@@ -52,17 +52,11 @@ impl IdDirectory {
     pub fn with_capacity(ids: usize) -> IdDirectory {
         let per_stripe = ids.div_ceil(STRIPES) * 5 / 4 + 64;
         let stripes: Box<[Mutex<IdTable>]> = (0..STRIPES).map(|_| Mutex::new(IdTable::new(per_stripe))).collect();
-        let huge = per_stripe * 2 * 16 * STRIPES >= crate::mem::HUGE_MIN_BYTES;
-        let layouts = stripes
-            .iter()
-            .map(|s| {
-                let table = s.lock();
-                if huge {
-                    table.advise_huge_pages();
-                }
-                table.layout()
-            })
-            .collect();
+        // No stripe is large enough for a huge-page hint of its own, but together they are.
+        if stripes.iter().map(|s| s.lock().bytes()).sum::<usize>() >= crate::mem::HUGE_MIN_BYTES {
+            stripes.iter().for_each(|s| s.lock().advise_huge_pages());
+        }
+        let layouts = stripes.iter().map(|s| s.lock().layout()).collect();
         IdDirectory { stripes, layouts }
     }
 
