@@ -1,7 +1,9 @@
-//! Recovery speed: log replay (commands per second through `node::load_shard`), and writing /
-//! loading a snapshot of a large shard. Prints a table; `cargo bench --bench recovery`.
+//! Recovery speed: log replay (commands per second through `node::load_shard`: one shard, then
+//! every shard of a multi-shard log at once as `Node::open` does), and writing / loading a
+//! snapshot of a large shard. Prints a table; `cargo bench --bench recovery`.
 //!
-//! Environment: BENCH_REPLAY_TIPS [2000000], BENCH_SNAPSHOT_ACCOUNTS [10000000],
+//! Environment: BENCH_REPLAY_TIPS [2000000] (per shard), BENCH_REPLAY_SHARDS [2] (the parallel
+//! replay; 1: skip it), BENCH_SNAPSHOT_ACCOUNTS [10000000],
 //! BENCH_SNAPSHOT_LOADS [3] (loads from the page cache per shape), BENCH_SNAPSHOT_ACTIVE [1] (0: only
 //! the fresh shape), BENCH_DIR.
 
@@ -31,45 +33,47 @@ fn main() {
     let ledger =
         LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() };
 
-    // Replay: one shard's log of setup + tips, loaded the way the server starts.
+    // Replay: one shard's log of setup + tips, loaded the way the server starts; then a log of
+    // several shards, all loaded at once (one thread each, as `Node::open` does).
     let tips = env("BENCH_REPLAY_TIPS", 2_000_000);
-    let spec = StormSpec { users: 100_000, streamers: 1_000, topup_yuan: 100_000, ..StormSpec::default() };
     let limits = ShardLimits { accounts_max: 200_000, history_max: 1 << 20, ids_max: 1 << 20 };
     let dir = base.join("replay");
-    let mut config = NodeConfig::new(&dir);
-    config.engine =
-        EngineConfig { shards: 1, ledger: ledger.clone(), limits: limits.clone(), ..EngineConfig::default() };
-    config.durability = Durability::Buffered;
-    config.snapshot_every_bytes = 0;
-    let node = Node::open(config).unwrap();
-    for phase in spec.setup_phases() {
-        for chunk in phase.chunks(8192) {
-            node.engine().execute(chunk);
-        }
-    }
-    let mut gen = spec.tips();
-    let mut pending = Vec::new();
-    for _ in 0..tips.div_ceil(8192) {
-        let batch: Vec<CommandRecord> = (0..8192).map(|_| gen.next_tip().to_record()).collect();
-        let (tx, rx) = std::sync::mpsc::channel();
-        node.engine().submit(batch, Box::new(move |_| tx.send(()).unwrap()));
-        pending.push(rx);
-        if pending.len() > 8 {
-            pending.remove(0).recv().unwrap();
-        }
-    }
-    pending.into_iter().for_each(|rx| rx.recv().unwrap());
-    node.shutdown();
-    let start = Instant::now();
+    write_log(&dir, 1, tips, &ledger, &limits);
+    let (start, cpu) = (Instant::now(), cpu_secs());
     let loaded = load_shard(&dir, 0, 1, &ledger, &limits, &mut |_| {}).unwrap();
-    let secs = start.elapsed().as_secs_f64();
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
     println!(
-        "replay: {} commands in {} batches in {:.2} s = {:.0} commands/s",
+        "replay, 1 shard: {} commands in {} batches in {:.2} s = {:.0} commands/s (cpu {:.2} s)",
         loaded.commands_replayed,
         loaded.batches_replayed,
         secs,
-        loaded.commands_replayed as f64 / secs
+        loaded.commands_replayed as f64 / secs,
+        cpu,
     );
+    drop(loaded);
+    let shards = env("BENCH_REPLAY_SHARDS", 2) as u16;
+    if shards > 1 {
+        let dir = base.join(format!("replay-{shards}"));
+        write_log(&dir, shards, tips * shards as u64, &ledger, &limits);
+        let (start, cpu) = (Instant::now(), cpu_secs());
+        let loaded: Vec<_> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..shards)
+                .map(|shard| {
+                    let (dir, ledger, limits) = (&dir, &ledger, &limits);
+                    s.spawn(move || load_shard(dir, shard, shards, ledger, limits, &mut |_| {}).unwrap())
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
+        let commands: u64 = loaded.iter().map(|l| l.commands_replayed).sum();
+        println!(
+            "replay, {shards} shards at once: {commands} commands in {:.2} s = {:.0} commands/s (cpu {:.2} s)",
+            secs,
+            commands as f64 / secs,
+            cpu,
+        );
+    }
 
     // Snapshot: a shard holding N accounts, written and loaded, in two shapes: "fresh" (users
     // just created: every field but id, kind and flags zero) and "active" (each user then bound
@@ -162,6 +166,35 @@ fn snapshot_round(
         hot.join(" / "),
     );
     println!("  section sizes (tag:bytes): {}", sizes.join(" "));
+}
+
+/// Writes a log of `shards` shards: the storm's setup (100 000 users, 1 000 streamers, funded
+/// through real top-ups) and then `tips` tips, in batches of 8 192 with 8 in flight.
+fn write_log(dir: &Path, shards: u16, tips: u64, ledger: &LedgerConfig, limits: &ShardLimits) {
+    let spec = StormSpec { users: 100_000, streamers: 1_000, topup_yuan: 100_000, ..StormSpec::default() };
+    let mut config = NodeConfig::new(dir);
+    config.engine = EngineConfig { shards, ledger: ledger.clone(), limits: limits.clone(), ..EngineConfig::default() };
+    config.durability = Durability::Buffered;
+    config.snapshot_every_bytes = 0;
+    let node = Node::open(config).unwrap();
+    for phase in spec.setup_phases() {
+        for chunk in phase.chunks(8192) {
+            node.engine().execute(chunk);
+        }
+    }
+    let mut gen = spec.tips();
+    let mut pending = Vec::new();
+    for _ in 0..tips.div_ceil(8192) {
+        let batch: Vec<CommandRecord> = (0..8192).map(|_| gen.next_tip().to_record()).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        node.engine().submit(batch, Box::new(move |_| tx.send(()).unwrap()));
+        pending.push(rx);
+        if pending.len() > 8 {
+            pending.remove(0).recv().unwrap();
+        }
+    }
+    pending.into_iter().for_each(|rx| rx.recv().unwrap());
+    node.shutdown();
 }
 
 /// User + system CPU time of this process so far (all threads).

@@ -244,6 +244,7 @@ pub fn load_shard_with_feed(
         feed.start_after(snapshot_lsn);
     }
     let (mut batches, mut commands) = (0u64, 0u64);
+    let mut decoded: Vec<Command> = Vec::new();
     if report.next_lsn > snapshot_lsn + 1 {
         let records = reader.iter_from(snapshot_lsn + 1).map_err(|e| NodeError::Corrupt(e.to_string()))?;
         for record in records {
@@ -261,21 +262,26 @@ pub fn load_shard_with_feed(
                 ))
             })?;
             let mut events = crate::feed::BatchEvents::new(record.lsn);
-            // The worker's prefetch, two stages ahead (hints only; replay results are the same).
-            let ahead = |k: usize| cmds.get(k).and_then(|r| Command::from_record(r).ok());
-            for (i, r) in cmds.iter().enumerate() {
-                if let Some(c) = ahead(i + 12) {
-                    state.prefetch_index(&c);
-                }
-                if let Some(c) = ahead(i + 6) {
-                    state.prefetch_account(&c);
-                }
-                let command = Command::from_record(r).map_err(|status| {
+            decoded.clear();
+            for r in cmds {
+                decoded.push(Command::from_record(r).map_err(|status| {
                     NodeError::Corrupt(format!("shard {shard}: undecodable command at lsn {} ({status})", record.lsn))
-                })?;
+                })?);
+            }
+            // The worker's prefetch, two stages ahead (hints only; replay results are the same).
+            for c in decoded.iter().take(12) {
+                state.prefetch_index(c);
+            }
+            for (i, (r, command)) in cmds.iter().zip(&decoded).enumerate() {
+                if let Some(c) = decoded.get(i + 12) {
+                    state.prefetch_index(c);
+                }
+                if let Some(c) = decoded.get(i + 6) {
+                    state.prefetch_account(c);
+                }
                 match feed {
-                    Some(_) => events.apply(&mut state, i, r.timestamp.get(), &command),
-                    None => state.apply(r.timestamp.get(), &command),
+                    Some(_) => events.apply(&mut state, i, r.timestamp.get(), command),
+                    None => state.apply(r.timestamp.get(), command),
                 };
                 commands += 1;
             }
@@ -373,7 +379,9 @@ impl Node {
         let storage: Arc<dyn Storage> = Arc::new(MmapStorage);
         let (mut states, mut journals, mut policies) = (Vec::new(), Vec::new(), Vec::new());
         let feed = Arc::new(crate::feed::Feed::new(shards, config.engine.feed_events_max));
-        for shard in 0..shards {
+        // Shards are independent (a directory and a feed shard each): recover them in parallel,
+        // a thread each. Results, and the first error, are taken in shard order.
+        let recover = |shard: u16| -> Result<(ShardState, Box<dyn Journal>, SnapshotPolicy), NodeError> {
             let shard_dir = wal::shard_dir(&dir, shard as u32);
             // Opening the writer first repairs a torn tail (and refuses a corrupt log); replay
             // then reads exactly what the writer will continue after.
@@ -416,14 +424,31 @@ impl Node {
             // as the older of the two (file retention drops anything older), so it is the only
             // position the retirement rule needs. No second read of the snapshot files.
             let kept_lsns = if loaded.snapshot_path.is_some() { vec![loaded.snapshot_lsn] } else { Vec::new() };
-            policies.push(Some(SnapshotPolicy {
+            let policy = SnapshotPolicy {
                 dir: shard_dir.join("snapshots"),
                 every_bytes: config.snapshot_every_bytes,
                 retire_log: config.retire_log,
                 kept: kept_lsns,
-            }));
-            states.push(loaded.state);
-            journals.push(Box::new(WalJournal { wal }) as Box<dyn Journal>);
+            };
+            Ok((loaded.state, Box::new(WalJournal { wal }) as Box<dyn Journal>, policy))
+        };
+        let recovered: Vec<_> = std::thread::scope(|scope| {
+            let recover = &recover;
+            let threads: Vec<_> = (0..shards)
+                .map(|shard| {
+                    std::thread::Builder::new()
+                        .name(format!("recover-{shard}"))
+                        .spawn_scoped(scope, move || recover(shard))
+                        .map_err(|e| NodeError::Corrupt(format!("cannot start a recovery thread: {e}")))
+                })
+                .collect();
+            threads.into_iter().map(|t| t?.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        for result in recovered {
+            let (state, journal, policy) = result?;
+            states.push(state);
+            journals.push(journal);
+            policies.push(Some(policy));
         }
         let engine = Engine::start_with_feed(&config.engine, states, journals, policies, Arc::new(SystemClock), feed);
         Ok(Node { engine: Arc::new(engine), _lock: Some(lock) })
