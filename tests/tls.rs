@@ -274,6 +274,39 @@ async fn a_handshake_holds_a_connection_slot_and_is_bounded_by_the_handshake_tim
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_over_the_connection_limit_are_bounded_and_the_rest_are_closed_at_once() {
+    let engine = engine();
+    let server = serve(engine, |config| {
+        config.tls = Some(server_tls());
+        config.connections_max = 1;
+        config.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // One stalled handshake holds the only slot; the next REFUSALS_IN_FLIGHT_MAX peers each get
+    // a refusal that waits (up to the handshake timeout) for their TLS hello, which never comes.
+    let slot = TcpStream::connect(server.addr).await.unwrap();
+    eventually(|| server.stats.snapshot().connections_accepted >= 1).await;
+    let mut waiting = Vec::new();
+    for _ in 0..stormledger::server::REFUSALS_IN_FLIGHT_MAX {
+        waiting.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let refused = 1 + stormledger::server::REFUSALS_IN_FLIGHT_MAX as u64;
+    eventually(|| server.stats.snapshot().connections_accepted >= refused).await;
+    // One more: no handshake is started for it, the server closes it without a byte.
+    let mut extra = TcpStream::connect(server.addr).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, extra.read_to_end(&mut sink)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "closed at once without an answer: {closed:?}");
+    // The refusals in progress are still waiting for their hello (the handshake timeout is far).
+    let mut byte = [0u8; 1];
+    let still_open = tokio::time::timeout(Duration::from_millis(50), waiting[0].read(&mut byte)).await;
+    assert!(still_open.is_err(), "a refusal in progress is still open: {still_open:?}");
+    assert!(server.stats.snapshot().connections_refused >= refused);
+    drop((slot, waiting));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_is_optional_for_the_client_but_must_match_when_offered() {
     use stormledger::tls::rustls;
     let (_engine, server) = tls_server().await;

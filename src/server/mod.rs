@@ -7,7 +7,9 @@
 //! callbacks run on engine threads and only push a reply into a channel slot reserved in advance,
 //! which never blocks.
 //!
-//! Limits: `connections_max` connections (more are answered `too_many_connections` and closed),
+//! Limits: `connections_max` connections (more are answered `too_many_connections` and closed;
+//! at most `REFUSALS_IN_FLIGHT_MAX` such answers, each a TLS handshake on a TLS server, are in
+//! progress at once, and connections beyond that are closed without one),
 //! `in_flight_per_connection_max` unanswered frames per connection (the reader stops reading, so
 //! TCP back-pressure reaches the client), and idle, handshake and slow-writer timeouts.
 //!
@@ -26,6 +28,12 @@
 
 pub mod backend;
 mod connection;
+
+/// Most refusals (`too_many_connections` answers) in progress at once. On a TLS server each one
+/// costs a handshake, so a flood of connections over the limit could otherwise keep the network
+/// threads busy with handshakes for connections that will be closed anyway; beyond this the
+/// socket is closed at once (counted in `connections_refused` all the same).
+pub const REFUSALS_IN_FLIGHT_MAX: usize = 64;
 pub mod stats;
 
 use std::future::Future;
@@ -185,6 +193,7 @@ impl Server {
     /// Serves `listener` until `shutdown` completes, then drains and returns.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future) -> Result<(), ServerError> {
         let limit = Arc::new(Semaphore::new(self.shared.config.connections_max));
+        let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT_MAX));
         let (notify_shutdown, shutdown_rx) = watch::channel(false);
         // Every connection task holds a clone of `done_tx`; when all are dropped `recv` returns
         // None, which is how `run` knows every connection has finished.
@@ -230,10 +239,13 @@ impl Server {
                     // Refuse explicitly instead of leaving the client hanging in the backlog: it
                     // learns why and can back off or try another node.
                     stats::add(&self.shared.stats.connections_refused, 1);
-                    tokio::spawn(async move {
-                        connection::refuse(socket, &shared).await;
-                        drop(done);
-                    });
+                    if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                        tokio::spawn(async move {
+                            connection::refuse(socket, &shared).await;
+                            drop(refusing);
+                            drop(done);
+                        });
+                    }
                 }
             }
         }
