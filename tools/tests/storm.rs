@@ -169,6 +169,7 @@ fn engine_run_verifies() {
     let (code, json) = run_storm(&args);
     assert_verified(code, &json);
     assert_eq!(json["mode"], "engine");
+    assert!(json["probe_reads"].as_u64().unwrap() > 0, "{json:#}");
     // Poor users run out of coins: the rejections are counted.
     assert!(json["tips_insufficient_funds"].as_u64().unwrap() > 0, "{json:#}");
     assert!(json["reads"].as_u64().unwrap() > 0, "{json:#}");
@@ -227,6 +228,11 @@ fn connect_run_verifies() {
     assert_verified(code, &json);
     assert_eq!(json["mode"], "connect");
     assert_eq!(json["in_doubt"], 0, "{json:#}");
+    // The read probe ran on its own connection: single reads, timed, none failed.
+    assert!(json["probe_reads"].as_u64().unwrap() > 0, "{json:#}");
+    assert_eq!(json["probe_reads_failed"], 0, "{json:#}");
+    assert!(json["probe_read_p99_us"].as_f64().unwrap() > 0.0, "{json:#}");
+    assert!(json["probe_error"].is_null(), "{json:#}");
     // A second run against the same server (accounts exist, new ids) still verifies.
     let (code, json) = run_storm(&args);
     assert_verified(code, &json);

@@ -80,6 +80,11 @@ pub struct Args {
     /// Percent of operations that are balance reads.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub read_percent: u32,
+    /// Read probe: this many single balance reads per second during the storm, each one round
+    /// trip on a thread and connection of its own, timed from send to answer (`probe_read_*` in
+    /// the report). 0: no probe.
+    #[arg(long, value_name = "PER_SEC", default_value_t = 1000.0)]
+    pub probe_reads: f64,
     /// Percent of writes that are gift purchases (the rest are tips).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub gift_percent: u32,
@@ -128,6 +133,9 @@ impl Args {
             if !(d > 0.0 && d <= 86_400.0) {
                 return Err("--duration must be in (0, 86400] seconds".into());
             }
+        }
+        if !(self.probe_reads >= 0.0 && self.probe_reads <= 100_000.0) {
+            return Err("--probe-reads must be in 0..=100000".into());
         }
         if let Some(r) = self.rate {
             if !(r > 0.0 && r.is_finite()) {

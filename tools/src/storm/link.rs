@@ -75,6 +75,10 @@ impl Link {
         }
     }
 
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
     /// Connects now (TCP) so that an unreachable server is reported before anything is sent.
     pub async fn warm_up(&self) -> Result<(), ClientError> {
         match self.target {

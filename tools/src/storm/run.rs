@@ -21,6 +21,7 @@ use stormledger::workload::{SplitMix64, StormSpec, TipGen, STREAMER_BASE, TIP_BA
 use super::args::Args;
 use super::link::{Link, Target};
 use super::model::{Model, Tally};
+use super::probe::ProbeReport;
 use super::record::Recorder;
 use super::spawn;
 
@@ -427,6 +428,7 @@ struct Outcome {
     platform_checked: bool,
     fresh: bool,
     failure: Option<String>,
+    probe: Option<ProbeReport>,
 }
 
 fn run(args: Args) -> Result<i32, Fatal> {
@@ -577,6 +579,16 @@ fn run(args: Args) -> Result<i32, Fatal> {
     let writes = tips + load(&c.gifts_ok) + load(&c.gifts_rejected);
     let secs = outcome.storm_secs.max(1e-9);
     let pct = |h: &Histogram<u64>, q: f64| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+    let probe_us = |q: f64| {
+        outcome.probe.as_ref().filter(|p| !p.latency_ns.is_empty()).map(|p| {
+            let ns = if q >= 1.0 { p.latency_ns.max() } else { p.latency_ns.value_at_quantile(q) };
+            (ns as f64 / 10.0).round() / 100.0
+        })
+    };
+    let probe_error = outcome.probe.as_ref().and_then(|p| p.error.clone());
+    if let Some(e) = &probe_error {
+        eprintln!("stormledger-storm: {e}");
+    }
     let rejections: BTreeMap<&str, u64> = c
         .by_status
         .iter()
@@ -624,6 +636,13 @@ fn run(args: Args) -> Result<i32, Fatal> {
         "read_p99_us": pct(&hists.read, 0.99),
         "read_p999_us": pct(&hists.read, 0.999),
         "read_max_us": hists.read.max(),
+        "probe_reads": outcome.probe.as_ref().map_or(0, |p| p.latency_ns.len()),
+        "probe_reads_failed": outcome.probe.as_ref().map_or(0, |p| p.failed),
+        "probe_read_p50_us": probe_us(0.5),
+        "probe_read_p99_us": probe_us(0.99),
+        "probe_read_p999_us": probe_us(0.999),
+        "probe_read_max_us": probe_us(1.0),
+        "probe_error": probe_error,
         "rejections": rejections,
         "in_doubt": load(&c.in_doubt),
         "in_doubt_resolved": load(&c.resolved),
@@ -672,6 +691,10 @@ fn print_table(r: &Value) {
         ("reads", "reads"),
         ("read_p50_us", "read p50 us"),
         ("read_p99_us", "read p99 us"),
+        ("probe_reads", "probe reads (1 per round trip)"),
+        ("probe_read_p50_us", "probe read p50 us"),
+        ("probe_read_p99_us", "probe read p99 us"),
+        ("probe_read_p999_us", "probe read p99.9 us"),
         ("in_doubt", "in doubt"),
         ("in_doubt_resolved", "in doubt resolved"),
         ("reconnects", "reconnects"),
@@ -743,9 +766,16 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
             }
         })
     };
+    let probe = if args.probe_reads > 0.0 {
+        let probe = super::probe::start(links[0].target().clone(), spec.users, args.probe_reads, spec.seed);
+        Some(probe.map_err(|e| Fatal(3, format!("cannot start the read probe: {e}")))?)
+    } else {
+        None
+    };
     let storm = run_storm(args, links, shared.clone(), deadline);
     storm.await;
     let storm_secs = start.elapsed().as_secs_f64();
+    let probe = probe.map(super::probe::Probe::finish);
     ticker.abort();
     progress.finish_and_clear();
 
@@ -810,6 +840,7 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
         platform_checked,
         fresh,
         failure,
+        probe,
     })
 }
 

@@ -1,0 +1,122 @@
+//! The read probe: what one balance read costs a client while the storm runs.
+//!
+//! The storm's own reads (`--read-percent`) ride in batches next to the write frames, share the
+//! tool's async runtime with them and are timed from the batch's intended start, so they measure
+//! the load generator as much as the server. The probe is what an application serving a user's
+//! "my balance" screen does: one balance query per round trip, on a thread, runtime and
+//! connection of its own, timed from the moment it is sent to the moment its answer is back.
+//! Probes are paced (`--probe-reads PER_SEC`) so they add no noticeable load.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use stormledger::client::{Client, ClientConfig};
+use stormledger::layout::QueryRecord;
+use stormledger::protocol::QUERY_KIND_BALANCE;
+use stormledger::server::Backend;
+use stormledger::workload::{SplitMix64, STREAMER_BASE};
+
+use super::link::Target;
+
+/// Latencies in nanoseconds, send to answer.
+pub struct ProbeReport {
+    pub latency_ns: Histogram<u64>,
+    pub failed: u64,
+    pub error: Option<String>,
+}
+
+/// A running probe; `finish` stops it and returns what it measured.
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<ProbeReport>,
+}
+
+/// Starts probing `target` at `per_sec` reads per second, each a random user in `1..=users` or
+/// (one in ten) the hot streamer, like the storm's reads.
+pub fn start(target: Target, users: u64, per_sec: f64, seed: u64) -> std::io::Result<Probe> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let interval = Duration::from_secs_f64(1.0 / per_sec);
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("read-probe".into())
+        .spawn(move || run(target, users, interval, seed, &flag))?;
+    Ok(Probe { stop, thread })
+}
+
+impl Probe {
+    pub fn finish(self) -> ProbeReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|_| ProbeReport {
+            latency_ns: new_histogram(),
+            failed: 0,
+            error: Some("the probe thread panicked".into()),
+        })
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicBool) -> ProbeReport {
+    let mut report = ProbeReport { latency_ns: new_histogram(), failed: 0, error: None };
+    let mut rng = SplitMix64(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut key = move || if rng.below(10) == 0 { STREAMER_BASE } else { 1 + rng.below(users) };
+    match target {
+        Target::Engine(engine) => {
+            while !stop.load(Ordering::Relaxed) {
+                let k = key();
+                let start = Instant::now();
+                let reply = Backend::balance(engine.as_ref(), k);
+                let ns = start.elapsed().as_nanos() as u64;
+                std::hint::black_box(reply);
+                report.latency_ns.saturating_record(ns.max(1));
+                std::thread::sleep(interval);
+            }
+        }
+        Target::Tcp { addr, token, tls, allow_remote_plaintext } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    report.error = Some(format!("probe runtime: {e}"));
+                    return report;
+                }
+            };
+            runtime.block_on(async {
+                let config = ClientConfig { tls, allow_remote_plaintext, ..ClientConfig::new(token.as_str()) };
+                let client = match Client::connect_with(addr.as_str(), config).await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        report.error = Some(format!("probe connection: {e}"));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let mut query = QueryRecord { kind: QUERY_KIND_BALANCE, ..QueryRecord::default() };
+                    query.key.set(key());
+                    let start = Instant::now();
+                    match client.queries(vec![query]).await {
+                        Ok(_) => {
+                            let ns = start.elapsed().as_nanos() as u64;
+                            report.latency_ns.saturating_record(ns.max(1));
+                        }
+                        Err(e) => {
+                            report.failed += 1;
+                            report.error.get_or_insert_with(|| format!("probe read: {e}"));
+                            if client.is_closed() {
+                                return;
+                            }
+                        }
+                    }
+                    // A blocking sleep: the probe's runtime has nothing else to run, and a tokio
+                    // timer would round the pause up to its millisecond wheel.
+                    std::thread::sleep(interval);
+                }
+            });
+        }
+    }
+    report
+}
