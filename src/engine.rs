@@ -156,13 +156,19 @@ impl Engine {
         assert_eq!(snapshots.len(), n);
         assert_eq!(states.len(), n);
         assert_eq!(journals.len(), n);
+        // Every id in a shard's idempotency window, plus the top-ups kept after their id left it
+        // (in flight, or ended and kept for late callbacks).
         let ids: usize = states.iter().map(|s| s.limits().ids_max as usize).sum();
-        let directory = Arc::new(IdDirectory::with_capacity(ids + ids / 4));
+        let topups: usize = states.iter().map(|s| s.topups_in_flight_max() + s.topups_kept_max()).sum();
+        let directory = Arc::new(IdDirectory::with_capacity(ids + ids / 4 + topups));
         for state in &states {
             for (id, record) in state.id_records() {
                 if !matches!(record.command, Command::ReplicaSettle { .. }) {
                     assert!(directory.insert(id, state.shard()), "the directory is sized for every retained id");
                 }
+            }
+            for id in state.topup_ids_outside_window() {
+                assert!(directory.insert(id, state.shard()), "the directory is sized for every kept top-up");
             }
         }
         let mut write_tx = Vec::new();

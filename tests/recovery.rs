@@ -255,3 +255,41 @@ fn replication_cut_off_by_a_crash_is_completed_at_start() {
     assert!(states[1].account(streamer).is_some(), "the replica was completed");
     assert_eq!(states[1].replica_in(0), 1);
 }
+
+#[test]
+fn a_top_up_callback_after_its_id_left_the_window_is_routed_and_applied_across_restarts() {
+    use stormledger::layout::text_field;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config(dir.path(), 2);
+    config.engine.limits.ids_max = 64;
+    let spec = spec();
+    let node = Node::open(config.clone()).unwrap();
+    setup(node.engine(), &spec);
+    let user = 7u64;
+    let status = |engine: &Engine, command: Command| engine.execute(&[command])[0];
+    let begin = Command::TopUpBegin { id: 4_000_001, user, method: 1, fen: 600 };
+    let confirm = Command::TopUpConfirm { id: 4_000_001, fen: 600, channel_txn: text_field("LATE-1").unwrap() };
+    assert_eq!(status(node.engine(), begin).status.get(), 0);
+    // A storm pushes the begin out of its shard's 64-id window (and of the directory's).
+    storm(node.engine(), &spec, 10, 0);
+    let before = node.engine().balance(user).unwrap();
+    node.shutdown();
+    // After a restart (replay of the log) the callback is still routed to its top-up.
+    let node = Node::open(config.clone()).unwrap();
+    let reply = status(node.engine(), confirm);
+    assert_eq!((reply.status.get(), reply.value.get(), reply.flags), (0, 60, 0));
+    assert_eq!(node.engine().balance(user), Some(before + 60));
+    storm(node.engine(), &spec, 10, 10);
+    let before = node.engine().balance(user).unwrap();
+    assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+    node.shutdown();
+    // After a restart from a snapshot: the repeated callback gets the original answer, once.
+    let node = Node::open(config).unwrap();
+    let reply = status(node.engine(), confirm);
+    assert_eq!((reply.status.get(), reply.value.get(), reply.flags), (0, 60, 1));
+    let retried_begin = status(node.engine(), begin);
+    assert_eq!((retried_begin.status.get(), retried_begin.flags), (0, 1));
+    assert_eq!(node.engine().balance(user), Some(before));
+    node.engine().audit();
+    node.shutdown();
+}

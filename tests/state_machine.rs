@@ -367,3 +367,80 @@ fn status_codes_are_stable_and_named() {
     assert_eq!(Ok.code(), 0);
     assert_eq!(InsufficientFunds.code(), 15);
 }
+
+#[test]
+fn a_top_up_outlives_its_id_record_so_late_and_repeated_callbacks_still_find_it() {
+    let mut l = funded();
+    l.run(bind(10, 1));
+    // Three top-ups begun, then 64 tips push their ids out of the 64-id window.
+    assert_eq!(l.run(begin(7001, 10, 600)).status, Ok);
+    assert_eq!(l.run(begin(7002, 10, 600)).status, Ok);
+    assert_eq!(l.run(begin(7003, 10, 600)).status, Ok);
+    assert_eq!(l.run(confirm(7003, 600, "T7003")).status, Ok);
+    for i in 0..70 {
+        l.run(tip(20_000 + i, 10, 20, 1));
+    }
+    assert!(l.state.id_record(7001).is_none() && l.state.id_record(7003).is_none());
+    let evicted = l.state.drain_evicted();
+    assert!(!evicted.contains(&7001) && !evicted.contains(&7003), "their ids stay taken: {evicted:?}");
+    let before = l.balance(10);
+    // The channel's callback comes after the id left the window: the top-up is still there.
+    let ok = l.run(confirm(7001, 600, "T7001"));
+    assert_eq!((ok.status, ok.value, ok.duplicate), (Ok, 60, false));
+    assert_eq!(l.balance(10), before + 60);
+    // ... and again: the original answer, no second credit.
+    let again = l.run(confirm(7001, 600, "T7001"));
+    assert_eq!((again.status, again.value, again.duplicate), (Ok, 60, true));
+    let done_earlier = l.run(confirm(7003, 600, "T7003"));
+    assert_eq!((done_earlier.status, done_earlier.duplicate), (Ok, true));
+    assert_eq!(l.balance(10), before + 60);
+    // A retried begin is answered by the top-up, not started over; other fields are refused.
+    let retried = l.run(begin(7001, 10, 600));
+    assert_eq!((retried.status, retried.value, retried.duplicate), (Ok, 60, true));
+    assert_eq!(l.run(begin(7001, 10, 3000)).status, ExistsWithDifferentFields);
+    assert!(l.run(confirm(7001, 600, "T7001")).duplicate, "still succeeded, once");
+    assert_eq!(l.balance(10), before + 60);
+    // A late failure of the one still pending, then its late confirmation: refunded, not credited.
+    assert_eq!(l.run(Command::TopUpFail { id: 7002, reason: FailReason::Timeout }).status, Ok);
+    assert_eq!(l.run(confirm(7002, 600, "T7002")).status, TopUpRefunded);
+    assert_eq!(l.balance(10), before + 60);
+}
+
+#[test]
+fn ended_top_ups_kept_outside_the_window_are_bounded_oldest_first() {
+    let mut l = funded();
+    let kept = l.state.topups_kept_max() as u64;
+    for id in 0..kept + 3 {
+        assert_eq!(l.run(begin(8000 + id, 10, 600)).status, Ok);
+        assert_eq!(l.run(confirm(8000 + id, 600, &format!("T{id}"))).status, Ok);
+    }
+    for i in 0..70 {
+        l.run(tip(30_000 + i, 10, 20, 1));
+    }
+    // The three oldest are forgotten (their ids released), the rest still answer.
+    let released = l.state.drain_evicted();
+    for id in 0..3 {
+        assert_eq!(l.run(confirm(8000 + id, 600, &format!("T{id}"))).status, NotFound);
+        assert!(released.contains(&(8000 + id)));
+    }
+    for id in 3..kept + 3 {
+        assert!(l.run(confirm(8000 + id, 600, &format!("T{id}"))).duplicate);
+        assert!(!released.contains(&(8000 + id)));
+    }
+}
+
+#[test]
+fn pending_top_ups_are_bounded_per_shard() {
+    let mut l = funded();
+    let max = l.state.topups_in_flight_max() as u64;
+    // All begun within one top-up lifetime (a nanosecond apart), none ended.
+    for id in 0..max {
+        l.now += 1;
+        assert_eq!(l.state.apply(l.now, &begin(100_000 + id, 10, 600)).0.status, Ok);
+    }
+    // One more waits for one of them to end: `busy`, nothing recorded under its id.
+    assert_eq!(l.run(begin(9999, 10, 600)).status, Busy);
+    assert!(l.state.id_record(9999).is_none());
+    assert_eq!(l.run(confirm(100_000, 600, "T100000")).status, Ok);
+    assert_eq!(l.run(begin(9999, 10, 600)).status, Ok);
+}

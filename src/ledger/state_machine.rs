@@ -135,7 +135,9 @@ pub struct TopUp {
     pub confirmed_fen: u64,
     /// The reply the first confirmation got (returned again to duplicates).
     pub confirm_reply: Option<Reply>,
-    /// Its id record has left the idempotency window: drop it once it is no longer pending.
+    /// Its id record has left the idempotency window. The top-up is kept all the same (callbacks
+    /// come late and more than once): while pending, and then among the ended top-ups kept
+    /// (`ShardState::topups_kept`) until newer ones push it out. Its id stays taken meanwhile.
     pub id_evicted: bool,
 }
 
@@ -162,6 +164,12 @@ pub struct ShardState {
     pub(crate) id_seq: u64,
     pub(crate) topups: IdMap<u64, TopUp>,
     pub(crate) pending: VecDeque<(u64, u64)>,
+    /// Ended top-ups whose id record has left the idempotency window, by (deadline, id): the
+    /// first is forgotten first once there are more than `topups_kept_max`. Derived from
+    /// `topups` (not stored in snapshots).
+    pub(crate) topups_kept: std::collections::BTreeSet<(u64, u64)>,
+    /// Top-ups in state pending (derived from `topups`).
+    pub(crate) topups_pending: usize,
     pub(crate) history: HistoryRing,
     pub(crate) last_timestamp: u64,
     /// Replication sequence numbers: the last emitted by this shard, and the last applied from
@@ -181,6 +189,8 @@ pub const OUTBOX_MAX: usize = 4096;
 /// this many commands ahead).
 const PREFETCH_EVICTION_AHEAD: usize = 12;
 pub const REPLICATION_IN_FLIGHT_MAX: usize = 1024;
+/// The least a shard keeps of pending top-ups, and of ended top-ups outside the window.
+pub const TOPUPS_MIN: usize = 4096;
 
 struct Leg {
     debit: u32,
@@ -207,6 +217,8 @@ impl ShardState {
             id_seq: 0,
             topups: IdMap::default(),
             pending: VecDeque::new(),
+            topups_kept: std::collections::BTreeSet::new(),
+            topups_pending: 0,
             history: HistoryRing::new(limits.history_max),
             last_timestamp: 0,
             replica_out: 0,
@@ -344,6 +356,19 @@ impl ShardState {
                 broken.push(format!("shard {}: account {} published balance differs", self.shard, a.id));
             }
         }
+        let pending = self.topups.values().filter(|t| t.state == TopUpState::Pending).count();
+        if pending != self.topups_pending {
+            broken.push(format!("shard {}: {pending} pending top-ups, {} counted", self.shard, self.topups_pending));
+        }
+        let kept: std::collections::BTreeSet<(u64, u64)> = self
+            .topups
+            .iter()
+            .filter(|(_, t)| t.id_evicted && t.state != TopUpState::Pending)
+            .map(|(&id, t)| (t.deadline, id))
+            .collect();
+        if kept != self.topups_kept || kept.len() > self.topups_kept_max() {
+            broken.push(format!("shard {}: the kept top-ups are not the ended ones outside the window", self.shard));
+        }
         broken
     }
 
@@ -460,7 +485,8 @@ impl ShardState {
         };
 
         if let Some(id) = command.transfer_id() {
-            if !reply.status.is_retryable() {
+            // A duplicate here is a retried top-up begin answered by its kept top-up.
+            if !reply.status.is_retryable() && !reply.duplicate {
                 self.remember(id, timestamp, *command, reply);
             }
         } else if let Command::ReplicaSettle { id, .. } = *command {
@@ -503,17 +529,22 @@ impl ShardState {
             let (old_seq, old) = self.id_ring.pop_front().expect("non-empty");
             let old_id = old.command.transfer_id().unwrap_or_else(|| old.command.reply_id());
             self.ids.remove_if(old_id, old_seq);
-            // Only a top-up's begin owns a top-up record (skip the map probe for the others).
-            if let Command::TopUpBegin { .. } = old.command {
-                if let Some(topup) = self.topups.get_mut(&old_id) {
-                    if topup.state == TopUpState::Pending {
-                        topup.id_evicted = true;
-                    } else {
-                        self.topups.remove(&old_id);
+            // Only a top-up's begin owns a top-up record (skip the map probe for the others). The
+            // top-up outlives its id record, and its id stays taken in the directory.
+            let topup = match old.command {
+                Command::TopUpBegin { .. } => self.topups.get_mut(&old_id),
+                _ => None,
+            };
+            match topup {
+                Some(topup) => {
+                    topup.id_evicted = true;
+                    if topup.state != TopUpState::Pending {
+                        let deadline = topup.deadline;
+                        self.keep_topup(deadline, old_id);
                     }
                 }
+                None => self.evicted.push(old_id),
             }
-            self.evicted.push(old_id);
         }
         let seq = self.id_seq;
         self.id_seq += 1;
@@ -647,7 +678,51 @@ impl ShardState {
         Ok(())
     }
 
+    /// Keeps an ended top-up whose id record has left the window; forgets the oldest beyond
+    /// `topups_kept_max` (its id is then released, unless a retried begin put it back in the
+    /// window meanwhile).
+    fn keep_topup(&mut self, deadline: u64, id: u64) {
+        self.topups_kept.insert((deadline, id));
+        while self.topups_kept.len() > self.topups_kept_max() {
+            let (_, oldest) = self.topups_kept.pop_first().expect("non-empty");
+            self.topups.remove(&oldest);
+            if self.ids.get(oldest).is_none() {
+                self.evicted.push(oldest);
+            }
+        }
+    }
+
+    /// Ended top-ups kept after their id left the idempotency window (per shard): a quarter of
+    /// the window, at least `TOPUPS_MIN`.
+    pub fn topups_kept_max(&self) -> usize {
+        (self.limits.ids_max as usize / 4).max(TOPUPS_MIN)
+    }
+
+    /// Pending top-ups one shard holds (a begin beyond that answers `busy`): a quarter of the
+    /// idempotency window, at least `TOPUPS_MIN`.
+    pub fn topups_in_flight_max(&self) -> usize {
+        (self.limits.ids_max as usize / 4).max(TOPUPS_MIN)
+    }
+
+    /// Ids of top-ups kept after their id record left the window (they stay in the directory).
+    pub fn topup_ids_outside_window(&self) -> impl Iterator<Item = u64> + '_ {
+        self.topups.iter().filter(|(_, t)| t.id_evicted).map(|(&id, _)| id)
+    }
+
     fn topup_begin(&mut self, timestamp: u64, id: u64, user: u64, method: u64, fen: u64) -> Reply {
+        // A retried begin whose id record has left the window: the top-up itself answers.
+        if let Some(topup) = self.topups.get(&id) {
+            let same =
+                topup.user == user && topup.fen == fen && self.methods.get(&(user, method)) == Some(&topup.channel);
+            return if same {
+                Reply { duplicate: true, ..Reply::ok(topup.coins as i64, topup.fen as i64) }
+            } else {
+                Reply::status(Status::ExistsWithDifferentFields)
+            };
+        }
+        if self.topups_pending >= self.topups_in_flight_max() {
+            return Reply::status(Status::Busy);
+        }
         let Some(slot) = self.index.lookup(user) else { return Reply::status(Status::AccountNotFound) };
         if let Err(status) = self.check_user(slot) {
             return Reply::status(status);
@@ -680,6 +755,7 @@ impl ShardState {
             },
         );
         self.pending.push_back((deadline, id));
+        self.topups_pending += 1;
         self.record(
             slot,
             timestamp,
@@ -702,8 +778,9 @@ impl ShardState {
             if let Some(topup) = self.topups.get_mut(&id) {
                 if topup.state == TopUpState::Pending {
                     topup.state = TopUpState::Expired;
+                    self.topups_pending -= 1;
                     if topup.id_evicted {
-                        self.topups.remove(&id);
+                        self.keep_topup(deadline, id);
                     }
                 }
             }
@@ -773,12 +850,16 @@ impl ShardState {
 
     fn finish_topup(&mut self, id: u64, state: TopUpState, txn: [u8; TEXT_LEN], fen: u64, reply: Reply) {
         let topup = self.topups.get_mut(&id).expect("present");
+        if topup.state == TopUpState::Pending {
+            self.topups_pending -= 1;
+        }
         topup.state = state;
         topup.channel_txn = txn;
         topup.confirmed_fen = fen;
         topup.confirm_reply = Some(reply);
         if topup.id_evicted {
-            self.topups.remove(&id);
+            let deadline = topup.deadline;
+            self.keep_topup(deadline, id);
         }
     }
 
@@ -787,9 +868,11 @@ impl ShardState {
         match topup.state {
             TopUpState::Pending => {
                 topup.state = TopUpState::Failed;
+                self.topups_pending -= 1;
                 topup.fail_reason = Some(reason);
                 if topup.id_evicted {
-                    self.topups.remove(&id);
+                    let deadline = topup.deadline;
+                    self.keep_topup(deadline, id);
                 }
                 Reply::ok(0, 0)
             }

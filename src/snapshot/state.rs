@@ -714,6 +714,12 @@ pub fn decode<'a>(
             confirm_reply: has_reply.then_some(reply),
             id_evicted,
         };
+        if topup.id_evicted && topup.state != TopUpState::Pending {
+            state.topups_kept.insert((topup.deadline, id));
+        }
+        if topup.state == TopUpState::Pending {
+            state.topups_pending += 1;
+        }
         state.topups.insert(id, topup);
     }
 
