@@ -13,6 +13,7 @@ cargo bench --bench state_machine 2>&1 | grep -E "^state_machine|thrpt"
 cargo bench --bench wal_append 2>&1 | grep -E "^wal_append|time:|thrpt"
 cargo bench --bench engine 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
 cargo bench --bench recovery 2>&1 | grep -E "^(replay|snapshot)"
+cargo bench --bench loopback 2>&1 | grep -E "^loopback"
 for batch in 1 64 512; do
   conns=4; window=8
   [ "$batch" = 1 ] && { conns=50; window=1; }
