@@ -533,9 +533,18 @@ impl Engine {
                 }
                 let shards: Vec<usize> =
                     if self.is_striped(key) { (0..self.shards as usize).collect() } else { vec![home] };
-                let gather = Arc::new(Gather::new(shards.len(), move |parts: Vec<(u16, Vec<HistoryEntry>)>| {
-                    let mut all: Vec<(u16, HistoryEntry)> =
-                        parts.into_iter().flat_map(|(s, entries)| entries.into_iter().map(move |e| (s, e))).collect();
+                // Every shard asked must answer: a page with a shard missing would look complete and
+                // a cursor taken from it would skip that shard's entries, so it is `busy` (queue
+                // full) or `unavailable` (shard stopped) instead.
+                type Part = Result<Vec<HistoryEntry>, Status>;
+                let gather = Arc::new(Gather::new(shards.len(), move |parts: Vec<(u16, Part)>| {
+                    if let Some((_, Err(status))) = parts.iter().find(|(_, entries)| entries.is_err()) {
+                        return done(status_answer(*status));
+                    }
+                    let mut all: Vec<(u16, HistoryEntry)> = parts
+                        .into_iter()
+                        .flat_map(|(s, entries)| entries.unwrap_or_default().into_iter().map(move |e| (s, e)))
+                        .collect();
                     all.sort_by_key(|(s, e)| std::cmp::Reverse((e.timestamp, *s)));
                     all.truncate(limit);
                     let mut answer = status_answer(Status::Ok);
@@ -554,14 +563,13 @@ impl Engine {
                     let result = self.ask(
                         shard,
                         q,
-                        Box::new(move |a| {
-                            if let ShardAnswer::History(h) = a {
-                                g.add(shard as u16, h);
-                            }
+                        Box::new(move |a| match a {
+                            ShardAnswer::History(h) => g.add(shard as u16, Ok(h)),
+                            _ => g.add(shard as u16, Err(Status::Unavailable)),
                         }),
                     );
-                    if result.is_err() {
-                        gather.add(shard as u16, Vec::new());
+                    if let Err(status) = result {
+                        gather.add(shard as u16, Err(status));
                     }
                 }
             }

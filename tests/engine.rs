@@ -355,3 +355,41 @@ fn a_retry_older_than_the_idempotency_window_is_refused_not_reapplied() {
     assert_eq!(tip(901, 0), Status::Ok);
     assert_eq!(engine.balance(2), Some(990));
 }
+
+/// Blocks its `n`th append until the test has passed the barrier twice.
+struct GateNth(Arc<Barrier>, u32);
+
+impl Journal for GateNth {
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<u64, JournalError> {
+        self.1 -= 1;
+        if self.1 == 0 {
+            self.0.wait();
+            self.0.wait();
+        }
+        Ok(0)
+    }
+}
+
+#[test]
+fn a_history_page_a_shard_cannot_serve_is_busy_not_silently_short() {
+    let mut cfg = config(1);
+    cfg.query_depth_max = 1;
+    let gate = Arc::new(Barrier::new(2));
+    let engine = start(&cfg, vec![Box::new(GateNth(gate.clone(), 2))]);
+    let user = Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    assert_eq!(status(&engine, user), Status::Ok);
+    // The shard blocks in its second append; one history query fills its read queue ...
+    let other = Command::CreateAccount { account: 2, kind: AccountKind::User, flags: 0, union: 0 };
+    engine.submit(vec![other.to_record()], Box::new(|_| {}));
+    gate.wait();
+    let mut q = QueryRecord { kind: query_kind::HISTORY, ..QueryRecord::default() };
+    q.key.set(1);
+    let (tx, rx) = crossbeam_channel::bounded(2);
+    let first = tx.clone();
+    engine.query(q, Box::new(move |a| first.send(a.reply.status.get()).unwrap()));
+    // ... so the next is answered `busy` at once, not an empty `ok` page.
+    engine.query(q, Box::new(move |a| tx.send(a.reply.status.get()).unwrap()));
+    assert_eq!(rx.recv().unwrap(), Status::Busy.code());
+    gate.wait();
+    assert_eq!(rx.recv().unwrap(), Status::Ok.code());
+}
