@@ -183,7 +183,7 @@ fn topup_callbacks_are_idempotent_and_out_of_order_safe() {
         (Command::TopUpFail { id: 2, reason: FailReason::NetworkError }, ExistsWithDifferentFields, None),
         (confirm(2, 600, "T3"), TopUpRefunded, Some(600)),
         (confirm(2, 600, "T3"), TopUpRefunded, Some(600)),
-        (Command::TopUpFail { id: 2, reason: FailReason::Declined }, TopUpNotPending, None),
+        (Command::TopUpFail { id: 2, reason: FailReason::Declined }, Ok, None), // a repeat: the original answer
     ]);
     assert_eq!(l.balance(10), 300);
     assert_eq!(l.state.topup(2).unwrap().state, TopUpState::Refunded);
@@ -404,6 +404,10 @@ fn a_top_up_outlives_its_id_record_so_late_and_repeated_callbacks_still_find_it(
     assert_eq!(l.run(Command::TopUpFail { id: 7002, reason: FailReason::Timeout }).status, Ok);
     assert_eq!(l.run(confirm(7002, 600, "T7002")).status, TopUpRefunded);
     assert_eq!(l.balance(10), before + 60);
+    // The failure callback repeated after that still gets its original answer.
+    let failed_again = l.run(Command::TopUpFail { id: 7002, reason: FailReason::Timeout });
+    assert_eq!((failed_again.status, failed_again.duplicate), (Ok, true));
+    assert_eq!(l.run(Command::TopUpFail { id: 7002, reason: FailReason::Declined }).status, TopUpNotPending);
 }
 
 #[test]

@@ -876,7 +876,11 @@ impl ShardState {
                 }
                 Reply::ok(0, 0)
             }
-            TopUpState::Failed if topup.fail_reason == Some(reason) => Reply { duplicate: true, ..Reply::ok(0, 0) },
+            // A repeated failure callback gets its original answer, also after a late
+            // confirmation turned the failed top-up into a refund.
+            TopUpState::Failed | TopUpState::Refunded if topup.fail_reason == Some(reason) => {
+                Reply { duplicate: true, ..Reply::ok(0, 0) }
+            }
             TopUpState::Failed => Reply::status(Status::ExistsWithDifferentFields),
             TopUpState::Succeeded => Reply::status(Status::TopUpAlreadySucceeded),
             TopUpState::Expired | TopUpState::Refunded => Reply::status(Status::TopUpNotPending),
