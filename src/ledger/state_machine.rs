@@ -24,6 +24,7 @@ use crate::ledger::command::{
 };
 use crate::ledger::id_table::IdTable;
 use crate::ledger::index::AccountIndex;
+use crate::ledger::methods::Methods;
 use crate::ledger::status::Status;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -156,7 +157,9 @@ pub struct ShardState {
     pub(crate) limits: ShardLimits,
     pub(crate) index: Arc<AccountIndex>,
     pub(crate) accounts: Vec<Account>,
-    pub(crate) methods: IdMap<(u64, u64), Channel>,
+    /// Payment methods bound by users (sorted arrays loaded from a snapshot, plus a map of the
+    /// bindings made since: `ledger::methods`).
+    pub(crate) methods: Methods,
     pub(crate) ids: IdTable,
     pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
     pub(crate) id_seq: u64,
@@ -201,7 +204,7 @@ impl ShardState {
             // Reserved, not touched: pages become resident as accounts are created, and the
             // vector never reallocates (no copy stall, no garbage left behind).
             accounts: Vec::with_capacity(limits.accounts_max as usize),
-            methods: IdMap::default(),
+            methods: Methods::default(),
             ids: IdTable::new(limits.ids_max as usize),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
             id_seq: 0,
@@ -611,7 +614,7 @@ impl ShardState {
         if account.kind != AccountKind::User {
             return Reply::status(Status::WrongAccountKind);
         }
-        if let Some(&bound) = self.methods.get(&(user, method)) {
+        if let Some(bound) = self.methods.get(user, method) {
             return if bound == channel {
                 Reply { duplicate: true, ..Reply::ok(0, 0) }
             } else {
@@ -624,7 +627,7 @@ impl ShardState {
         if account.methods as u32 >= self.config.methods_per_user_max {
             return Reply::status(Status::TooManyMethods);
         }
-        self.methods.insert((user, method), channel);
+        self.methods.insert(user, method, channel);
         self.accounts[slot as usize].methods += 1;
         Reply::ok(0, 0)
     }
@@ -652,7 +655,7 @@ impl ShardState {
         if let Err(status) = self.check_user(slot) {
             return Reply::status(status);
         }
-        let Some(&channel) = self.methods.get(&(user, method)) else {
+        let Some(channel) = self.methods.get(user, method) else {
             return Reply::status(Status::MethodNotBound);
         };
         let preset = self.config.topup_presets_fen.contains(&fen);
