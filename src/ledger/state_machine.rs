@@ -356,12 +356,16 @@ impl ShardState {
         assert!(broken.is_empty(), "{}", broken.join("; "));
     }
 
-    /// Stage one of prefetching a command: the index entry of the account it reads first.
-    /// Call a few commands ahead of `apply`; hints only, results never depend on it.
+    /// Stage one of prefetching a command: the index entry of the account it reads first (and
+    /// for a binding or a top-up, the directory entry of the user's bindings). Call a few
+    /// commands ahead of `apply`; hints only, results never depend on it.
     #[inline]
     pub fn prefetch_index(&self, command: &Command) {
         if let Some(account) = primary_account(command) {
             self.index.prefetch_entry(account);
+        }
+        if let Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } = *command {
+            self.methods.prefetch_directory(user);
         }
         if let Some(id) = command.transfer_id() {
             self.ids.prefetch(id);
@@ -375,9 +379,13 @@ impl ShardState {
         }
     }
 
-    /// Stage two: the account record and published balance (its index entry is cached now).
+    /// Stage two: the account record and published balance (its index entry is cached now), and
+    /// for a binding or a top-up, the keys of the user's bindings (`Methods::prefetch_keys`).
     #[inline]
     pub fn prefetch_account(&self, command: &Command) {
+        if let Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } = *command {
+            self.methods.prefetch_keys(user);
+        }
         if let Some(slot) = primary_account(command).and_then(|a| self.index.lookup(a)) {
             // An account is 56 bytes, so it usually spans two cache lines: load both ends.
             let account = self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8;
