@@ -135,3 +135,59 @@ fn a_restored_shard_behaves_exactly_like_the_original() {
     assert!(ok_spends > 300, "{ok_spends} tips and gifts applied");
     assert!(evictions > 1_000, "{evictions} ids evicted");
 }
+
+#[test]
+fn bindings_behave_the_same_before_and_after_a_restore() {
+    // Loaded bindings (sorted arrays) and bindings made after the load (a map) answer alike:
+    // duplicates, conflicting channels, the per-user maximum counting both, unknown methods.
+    let limits = ShardLimits { accounts_max: 128, history_max: 64, ids_max: 48 };
+    let config = LedgerConfig { methods_per_user_max: 3, topup_ttl_seconds: 30, ..LedgerConfig::default() };
+    let mut original = ShardState::new(0, 1, config.clone(), limits.clone());
+    let mut ts = 1_795_752_000_000_000_000u64;
+    let bind = |user, method, channel| Command::BindMethod { user, method, channel };
+    for user in [1, 2] {
+        let create =
+            Command::CreateAccount { account: user, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+        for command in [create, bind(user, 10, Channel::Alipay), bind(user, 5, Channel::Wechat)] {
+            ts += 1;
+            assert_eq!(original.apply(ts, &command).0.status.name(), "ok");
+        }
+    }
+    let sections = stormledger::snapshot::state::encode(&original);
+    let find = |tag: u32| sections.iter().find(|(t, _)| *t == tag).map(|(_, b)| b.as_slice());
+    let mut restored = stormledger::snapshot::state::decode(find, config, limits).unwrap();
+    let begin = |id, user, method| Command::TopUpBegin { id, user, method, fen: 600 };
+    let steps = [
+        (bind(1, 10, Channel::Alipay), "ok", true),
+        (bind(1, 5, Channel::Wechat), "ok", true),
+        (bind(1, 10, Channel::Wechat), "exists_with_different_fields", false),
+        (begin(1_000, 1, 7), "method_not_bound", false),
+        (bind(1, 7, Channel::BankCard), "ok", false),
+        (bind(1, 7, Channel::BankCard), "ok", true),
+        (bind(1, 7, Channel::Alipay), "exists_with_different_fields", false),
+        (bind(1, 8, Channel::BankCard), "too_many_methods", false),
+        (bind(1, 1, Channel::BankCard), "too_many_methods", false),
+        (bind(2, 1, Channel::AppleIap), "ok", false),
+        (bind(2, 11, Channel::AppleIap), "too_many_methods", false),
+        (begin(1_001, 1, 10), "ok", false),
+        (begin(1_002, 1, 7), "ok", false),
+        (begin(1_003, 2, 1), "ok", false),
+        (begin(1_004, 2, 5), "ok", false),
+        (begin(1_005, 2, 11), "method_not_bound", false),
+        (begin(1_006, 3, 10), "account_not_found", false),
+    ];
+    for (command, status, duplicate) in steps {
+        ts += 1;
+        let a = original.apply(ts, &command);
+        let b = restored.apply(ts, &command);
+        assert_eq!(a, b, "{command:?}");
+        assert_eq!((a.0.status.name(), a.0.duplicate), (status, duplicate), "{command:?}");
+    }
+    for id in 1_001..=1_004 {
+        assert_eq!(original.topup(id), restored.topup(id));
+    }
+    assert_eq!(restored.topup(1_002).unwrap().channel, Channel::BankCard);
+    assert_eq!(restored.topup(1_003).unwrap().channel, Channel::AppleIap);
+    assert_eq!(restored.topup(1_004).unwrap().channel, Channel::Wechat);
+    assert_eq!(stormledger::snapshot::state::encode(&original), stormledger::snapshot::state::encode(&restored));
+}

@@ -8,6 +8,7 @@ pub mod amount;
 pub mod command;
 pub mod id_table;
 pub mod index;
+pub mod methods;
 pub mod state_machine;
 pub mod status;
 

@@ -24,6 +24,7 @@ use crate::ledger::command::{
 };
 use crate::ledger::id_table::IdTable;
 use crate::ledger::index::AccountIndex;
+use crate::ledger::methods::Methods;
 use crate::ledger::status::Status;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -158,7 +159,9 @@ pub struct ShardState {
     pub(crate) limits: ShardLimits,
     pub(crate) index: Arc<AccountIndex>,
     pub(crate) accounts: Vec<Account>,
-    pub(crate) methods: IdMap<(u64, u64), Channel>,
+    /// Payment methods bound by users (sorted arrays loaded from a snapshot, plus a map of the
+    /// bindings made since: `ledger::methods`).
+    pub(crate) methods: Methods,
     pub(crate) ids: IdTable,
     pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
     pub(crate) id_seq: u64,
@@ -211,7 +214,7 @@ impl ShardState {
             // Reserved, not touched: pages become resident as accounts are created, and the
             // vector never reallocates (no copy stall, no garbage left behind).
             accounts: Vec::with_capacity(limits.accounts_max as usize),
-            methods: IdMap::default(),
+            methods: Methods::default(),
             ids: IdTable::new(limits.ids_max as usize),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
             id_seq: 0,
@@ -378,12 +381,16 @@ impl ShardState {
         assert!(broken.is_empty(), "{}", broken.join("; "));
     }
 
-    /// Stage one of prefetching a command: the index entry of the account it reads first.
-    /// Call a few commands ahead of `apply`; hints only, results never depend on it.
+    /// Stage one of prefetching a command: the index entry of the account it reads first (and
+    /// for a binding or a top-up, the directory entry of the user's bindings). Call a few
+    /// commands ahead of `apply`; hints only, results never depend on it.
     #[inline]
     pub fn prefetch_index(&self, command: &Command) {
         if let Some(account) = primary_account(command) {
             self.index.prefetch_entry(account);
+        }
+        if let Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } = *command {
+            self.methods.prefetch_directory(user);
         }
         if let Some(id) = command.transfer_id() {
             self.ids.prefetch(id);
@@ -397,9 +404,13 @@ impl ShardState {
         }
     }
 
-    /// Stage two: the account record and published balance (its index entry is cached now).
+    /// Stage two: the account record and published balance (its index entry is cached now), and
+    /// for a binding or a top-up, the keys of the user's bindings (`Methods::prefetch_keys`).
     #[inline]
     pub fn prefetch_account(&self, command: &Command) {
+        if let Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } = *command {
+            self.methods.prefetch_keys(user);
+        }
         if let Some(slot) = primary_account(command).and_then(|a| self.index.lookup(a)) {
             // An account is 56 bytes, so it usually spans two cache lines: load both ends.
             let account = self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8;
@@ -642,7 +653,7 @@ impl ShardState {
         if account.kind != AccountKind::User {
             return Reply::status(Status::WrongAccountKind);
         }
-        if let Some(&bound) = self.methods.get(&(user, method)) {
+        if let Some(bound) = self.methods.get(user, method) {
             return if bound == channel {
                 Reply { duplicate: true, ..Reply::ok(0, 0) }
             } else {
@@ -655,7 +666,7 @@ impl ShardState {
         if account.methods as u32 >= self.config.methods_per_user_max {
             return Reply::status(Status::TooManyMethods);
         }
-        self.methods.insert((user, method), channel);
+        self.methods.insert(user, method, channel);
         self.accounts[slot as usize].methods += 1;
         Reply::ok(0, 0)
     }
@@ -712,8 +723,7 @@ impl ShardState {
     fn topup_begin(&mut self, timestamp: u64, id: u64, user: u64, method: u64, fen: u64) -> Reply {
         // A retried begin whose id record has left the window: the top-up itself answers.
         if let Some(topup) = self.topups.get(&id) {
-            let same =
-                topup.user == user && topup.fen == fen && self.methods.get(&(user, method)) == Some(&topup.channel);
+            let same = topup.user == user && topup.fen == fen && self.methods.get(user, method) == Some(topup.channel);
             return if same {
                 Reply { duplicate: true, ..Reply::ok(topup.coins as i64, topup.fen as i64) }
             } else {
@@ -727,7 +737,7 @@ impl ShardState {
         if let Err(status) = self.check_user(slot) {
             return Reply::status(status);
         }
-        let Some(&channel) = self.methods.get(&(user, method)) else {
+        let Some(channel) = self.methods.get(user, method) else {
             return Reply::status(Status::MethodNotBound);
         };
         let preset = self.config.topup_presets_fen.contains(&fen);

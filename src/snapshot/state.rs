@@ -6,8 +6,8 @@
 //! Everything is written in a deterministic order (creation order for accounts, ring order for
 //! ids and history, sorted keys for maps), and decoding accepts only the canonical encoding, so
 //! the same state always gives the same bytes. Decoding checks every length and rebuilds the
-//! derived indexes; the account index and the payment-method map are filled on two helper
-//! threads while the accounts are decoded.
+//! derived indexes; the account index and then the payment methods' sorted arrays are filled on
+//! a helper thread while the accounts are decoded.
 
 use std::collections::VecDeque;
 
@@ -15,7 +15,8 @@ use crate::config::{LedgerConfig, ShardLimits};
 use crate::layout::{CommandRecord, TEXT_LEN};
 use crate::ledger::account::{Account, HistoryEntry, HistoryRing};
 use crate::ledger::index::{AccountIndex, LoadError};
-use crate::ledger::state_machine::{IdMap, IdRecord, Reply, ShardState, TopUp, TopUpState};
+use crate::ledger::methods::{Methods, MethodsLoader};
+use crate::ledger::state_machine::{IdRecord, Reply, ShardState, TopUp, TopUpState};
 use crate::ledger::{AccountKind, Channel, Command, FailReason, Status};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -215,8 +216,9 @@ fn read_reply(r: &mut R) -> Result<Reply, String> {
     Ok(Reply { status, duplicate, value: r.i64()?, value2: r.i64()? })
 }
 
-/// The sections of a shard's snapshot. The payment methods (a sort of the whole map) are encoded
-/// on a second thread while this one encodes the rest: a shard's worker is stalled meanwhile.
+/// The sections of a shard's snapshot. The payment methods (a merge of the loaded, sorted
+/// bindings with the sorted later ones) are encoded on a second thread while this one encodes the
+/// rest: a shard's worker is stalled meanwhile.
 pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
     std::thread::scope(|s| {
         let methods = s.spawn(|| encode_methods(&state.methods));
@@ -366,14 +368,11 @@ fn encode_accounts(accounts: &[Account]) -> (Vec<u8>, Vec<u8>) {
 /// The payment methods section: a u64 count, then per binding, sorted by (user, method): the
 /// user as a varint delta from the previous binding's (the first from 0), the method as a
 /// varint, the channel code as one byte.
-fn encode_methods(map: &IdMap<(u64, u64), Channel>) -> Vec<u8> {
-    let mut sorted: Vec<((u64, u64), Channel)> = map.iter().map(|(&k, &v)| (k, v)).collect();
-    // Millions of bindings, sorted on the shard's thread: a radix sort (a few linear passes).
-    radix_sort(&mut sorted, |((user, method), _)| u128::from(*user) << 64 | u128::from(*method));
-    let mut w = W(Vec::with_capacity(8 + sorted.len() * 3));
-    w.u64(sorted.len() as u64);
+fn encode_methods(methods: &Methods) -> Vec<u8> {
+    let mut w = W(Vec::with_capacity(8 + methods.len() * 3));
+    w.u64(methods.len() as u64);
     let mut previous_user = 0;
-    for ((user, method), channel) in sorted {
+    for ((user, method), channel) in methods.sorted() {
         w.varint(user - previous_user);
         w.varint(method);
         w.u8(channel as u8);
@@ -382,101 +381,28 @@ fn encode_methods(map: &IdMap<(u64, u64), Channel>) -> Vec<u8> {
     w.0
 }
 
-/// Sorts `items` by `key`: least significant byte first, one stable counting sort per byte in
-/// which the keys differ.
-fn radix_sort<T: Copy>(items: &mut Vec<T>, key: impl Fn(&T) -> u128) {
-    let (mut any, mut all) = (0u128, !0u128);
-    for item in items.iter() {
-        let k = key(item);
-        (any, all) = (any | k, all & k);
-    }
-    let mut scratch = Vec::new();
-    for byte in 0..16 {
-        if (any ^ all) >> (8 * byte) & 0xff != 0 {
-            counting_sort(items, &mut scratch, 256, |item| (key(item) >> (8 * byte)) as usize & 0xff);
-            std::mem::swap(items, &mut scratch);
-        }
-    }
-}
-
-/// Places `items` into `out` ordered by `digit(item)` (below `digits`), keeping the order of
-/// equal digits: one pass to count, one to place.
-fn counting_sort<T: Copy>(items: &[T], out: &mut Vec<T>, digits: usize, digit: impl Fn(&T) -> usize) {
-    let mut next = vec![0usize; digits];
-    for item in items {
-        if let Some(n) = next.get_mut(digit(item)) {
-            *n += 1;
-        }
-    }
-    let mut start = 0;
-    for n in next.iter_mut() {
-        (*n, start) = (start, start + *n);
-    }
-    if out.len() != items.len() {
-        out.clear();
-        out.extend_from_slice(items);
-    }
-    for item in items {
-        if let Some(n) = next.get_mut(digit(item)) {
-            if let Some(slot) = out.get_mut(*n) {
-                *slot = *item;
-            }
-            *n += 1;
-        }
-    }
-}
-
-/// Bindings decoded before they are inserted in bucket order (24 MiB of them at a time, and as
-/// much again once grouped).
-const METHODS_CHUNK: usize = 1 << 20;
-
-fn decode_methods(b: &[u8], map: &mut IdMap<(u64, u64), Channel>) -> Result<(), String> {
-    decode_methods_in_chunks(b, map, METHODS_CHUNK)
-}
-
-fn decode_methods_in_chunks(b: &[u8], map: &mut IdMap<(u64, u64), Channel>, chunk_len: usize) -> Result<(), String> {
+/// The payment methods section back into sorted arrays (`ledger::methods`): one sequential
+/// pass, the section being in the arrays' order already.
+fn decode_methods(b: &[u8]) -> Result<Methods, String> {
     let mut r = R { b, at: 0, section: "methods" };
     let count = r.u64()?;
-    // At least 3 bytes each: a damaged count cannot make this allocate more than the file.
+    // At least 3 bytes each: a damaged count cannot make this reserve more than the file.
     if count > (b.len() / 3) as u64 {
         return Err(r.bad("count"));
     }
-    map.reserve(count as usize);
-    // Inserting millions of bindings in key order hits a random bucket each time: a cache and
-    // a TLB miss (10 M took ~2 s on the development VM). So they are inserted a chunk at a time,
-    // each chunk ordered by the part of the table (64 Ki buckets) its home buckets lie in
-    // (~1 s of CPU for 10 M, the map's page faults included). This assumes the std map's layout
-    // (hashbrown: the home bucket is `hash & (buckets - 1)`, `buckets` the power of two of which
-    // `capacity()` is 7/8); if that ever changes only the speed does.
-    let buckets = (map.capacity() / 7 * 8).next_power_of_two().max(1);
-    let region_shift = buckets.trailing_zeros().saturating_sub(16);
-    let hasher = map.hasher().clone();
-    let region = |(key, _): &((u64, u64), Channel)| {
-        (std::hash::BuildHasher::hash_one(&hasher, key) as usize & (buckets - 1)) >> region_shift
-    };
-    let (mut chunk, mut grouped) = (Vec::with_capacity((count as usize).min(chunk_len)), Vec::new());
-    let mut previous: Option<(u64, u64)> = None;
-    let mut left = count;
-    while left > 0 {
-        chunk.clear();
-        for _ in 0..left.min(chunk_len as u64) {
-            let user = r.varint()?.checked_add(previous.map_or(0, |p| p.0)).ok_or_else(|| r.bad("user"))?;
-            let key = (user, r.varint()?);
-            if previous.is_some_and(|p| p >= key) {
-                return Err(r.bad("binding (not in ascending order)"));
-            }
-            let channel = Channel::from_code(u16::from(r.u8()?)).ok_or_else(|| r.bad("channel"))?;
-            chunk.push((key, channel));
-            previous = Some(key);
-        }
-        left -= chunk.len() as u64;
-        counting_sort(&chunk, &mut grouped, (buckets >> region_shift).max(1), region);
-        map.extend(grouped.iter().copied());
+    let mut loader = MethodsLoader::with_capacity(count as usize);
+    let mut previous_user = 0u64;
+    for _ in 0..count {
+        let user = r.varint()?.checked_add(previous_user).ok_or_else(|| r.bad("user"))?;
+        let method = r.varint()?;
+        let channel = Channel::from_code(u16::from(r.u8()?)).ok_or_else(|| r.bad("channel"))?;
+        loader.push(user, method, channel).map_err(|_| r.bad("binding (not in ascending order)"))?;
+        previous_user = user;
     }
     if !r.done() {
         return Err(r.bad("length"));
     }
-    Ok(())
+    Ok(loader.finish())
 }
 
 /// The ids of an account ids section, stopping at the first malformed one (which
@@ -629,10 +555,13 @@ pub fn decode<'a>(
         return Err(m.bad("length"));
     }
 
-    // Accounts and payment methods, the sections that grow with the user base, each on its own
-    // thread: this one decodes the account records (sequential writes), one helper fills the
-    // account index from the ids, another the methods map (both random access, see `load` and
-    // `decode_methods`). With two cores, wall time is about half the sum of the three.
+    // Accounts and payment methods, the sections that grow with the user base, on two threads:
+    // this one decodes the account records (sequential writes); a helper fills the account
+    // index from the ids (random access, see `load`), then the methods' sorted arrays
+    // (sequential, `decode_methods`). Two threads for two cores: with the methods on a third
+    // thread, the three shared the cores and the records, the longest part, finished later
+    // (the recovery bench's 10 M funded users, 32 loads each way, alternating on the
+    // development VM: 0.69-1.05 s here, 0.76-1.26 s with three threads).
     let section_of = |tag: u32, name: &str| section(tag).ok_or_else(|| format!("snapshot has no {name} section"));
     let ids_section = section_of(SECTION_ACCOUNT_IDS, "account ids")?;
     let records = section_of(SECTION_ACCOUNTS, "accounts")?;
@@ -642,12 +571,11 @@ pub fn decode<'a>(
         return Err(format!("snapshot holds {count} accounts, more than accounts_max ({})", limits.accounts_max));
     }
     let index = AccountIndex::new(limits.accounts_max);
-    let (accounts, methods) = (&mut state.accounts, &mut state.methods);
-    let (decoded, indexed, bound) = std::thread::scope(|s| {
-        let indexer = s.spawn(|| index.load(IdIter(ids, count)));
-        let binder = s.spawn(|| decode_methods(methods_section, methods));
+    let accounts = &mut state.accounts;
+    let (decoded, (indexed, bound)) = std::thread::scope(|s| {
+        let helper = s.spawn(|| (index.load(IdIter(ids, count)), decode_methods(methods_section)));
         let decoded = decode_accounts(ids_section, records, accounts, &index);
-        (decoded, joined(indexer), joined(binder))
+        (decoded, joined(helper))
     });
     // A malformed id stops the index early; `decode_accounts` names it, so its error comes first.
     decoded?;
@@ -661,7 +589,7 @@ pub fn decode<'a>(
         }
         other => return Err(format!("snapshot section account ids: loading the index failed ({other:?})")),
     }
-    bound?;
+    state.methods = bound?;
     state.index = std::sync::Arc::new(index);
 
     let mut r = get(SECTION_IDS, "ids")?;
@@ -860,8 +788,11 @@ mod tests {
             state.index.publish(slot, account.balance);
             state.accounts.push(account);
             for _ in 0..rng.below(3) {
-                let key = (if rng.below(2) == 0 { id } else { any(&mut rng) }, any(&mut rng));
-                state.methods.insert(key, Channel::ALL[rng.below(4) as usize]);
+                let (user, method) = (if rng.below(2) == 0 { id } else { any(&mut rng) }, any(&mut rng));
+                let channel = Channel::ALL[rng.below(4) as usize];
+                if state.methods.get(user, method).is_none() {
+                    state.methods.insert(user, method, channel);
+                }
             }
         }
         state
@@ -885,14 +816,49 @@ mod tests {
     }
 
     #[test]
-    fn methods_load_in_several_chunks() {
+    fn methods_bound_after_a_load_encode_like_methods_bound_without_one() {
+        // A third of the bindings go through a snapshot, the rest are bound after the load (before,
+        // between and after the loaded ones): the result encodes exactly like the original.
         let state = random_state(20_000, 6);
-        let sections = encode(&state);
-        let methods = find(&sections)(SECTION_METHODS).unwrap();
-        for chunk in [1, 7, 1000] {
-            let mut map = IdMap::default();
-            decode_methods_in_chunks(methods, &mut map, chunk).unwrap();
-            assert_eq!(map, state.methods);
+        let all: Vec<_> = state.methods.sorted().collect();
+        assert!(all.len() > 10_000, "{}", all.len());
+        let mut first = Methods::default();
+        for &((user, method), channel) in all.iter().step_by(3) {
+            first.insert(user, method, channel);
+        }
+        let mut restored = decode_methods(&encode_methods(&first)).unwrap();
+        assert_eq!(restored, first);
+        for (i, &((user, method), channel)) in all.iter().enumerate() {
+            if i % 3 != 0 {
+                assert_eq!(restored.get(user, method), None);
+                restored.insert(user, method, channel);
+            }
+        }
+        assert_eq!(restored, state.methods);
+        let bytes = encode_methods(&state.methods);
+        assert_eq!(encode_methods(&restored), bytes);
+        assert_eq!(encode_methods(&decode_methods(&bytes).unwrap()), bytes);
+    }
+
+    #[test]
+    fn methods_must_be_ascending_and_unique() {
+        let section = |bindings: &[(u64, u64)]| {
+            let mut w = W(Vec::new());
+            w.u64(bindings.len() as u64);
+            for &(user_delta, method) in bindings {
+                w.varint(user_delta);
+                w.varint(method);
+                w.u8(Channel::Wechat as u8);
+            }
+            w.0
+        };
+        let methods = decode_methods(&section(&[(5, 1), (0, 2), (1, 0)])).unwrap();
+        assert_eq!(methods.get(5, 2), Some(Channel::Wechat));
+        assert_eq!(methods.get(6, 0), Some(Channel::Wechat));
+        assert_eq!(methods.get(6, 1), None);
+        for bad in [&[(5, 1), (0, 1)][..], &[(5, 2), (0, 1)]] {
+            let err = decode_methods(&section(bad)).unwrap_err();
+            assert!(err.contains("not in ascending order"), "{err}");
         }
     }
 
