@@ -159,7 +159,7 @@ impl Engine {
         // Every id in a shard's idempotency window, plus the top-ups kept after their id left it
         // (in flight, or ended and kept for late callbacks).
         let ids: usize = states.iter().map(|s| s.limits().ids_max as usize).sum();
-        let topups: usize = states.iter().map(|s| s.topups_in_flight_max() + s.topups_kept_max()).sum();
+        let topups: usize = states.iter().map(|s| 2 * s.topups_max()).sum();
         let directory = Arc::new(IdDirectory::with_capacity(ids + ids / 4 + topups));
         for state in &states {
             for (id, record) in state.id_records() {

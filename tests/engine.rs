@@ -150,15 +150,18 @@ fn maintenance_refuses_writes_and_keeps_reads() {
     assert_eq!(status(&engine, Command::Tip { id: 1, from: 1, to: 1_000_000, coins: 1 }), Status::Ok);
 }
 
-/// A journal that blocks until released: lets a test fill a shard's queue.
-struct GateJournal(Arc<Barrier>, bool);
+/// A journal that blocks its `n`th append until the test has passed the barrier twice: lets a
+/// test fill a shard's queues.
+struct GateNth(Arc<Barrier>, u32);
 
-impl Journal for GateJournal {
+impl Journal for GateNth {
     fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<u64, JournalError> {
-        if self.1 {
-            self.1 = false;
-            self.0.wait();
-            self.0.wait();
+        if self.1 > 0 {
+            self.1 -= 1;
+            if self.1 == 0 {
+                self.0.wait();
+                self.0.wait();
+            }
         }
         Ok(0)
     }
@@ -169,7 +172,7 @@ fn a_full_queue_answers_busy_and_changes_nothing() {
     let mut cfg = config(1);
     cfg.queue_depth_max = 2;
     let gate = Arc::new(Barrier::new(2));
-    let engine = start(&cfg, vec![Box::new(GateJournal(gate.clone(), true))]);
+    let engine = start(&cfg, vec![Box::new(GateNth(gate.clone(), 1))]);
     // The first batch blocks in the journal ...
     let first = Arc::new(AtomicU64::new(u64::MAX));
     let f = first.clone();
@@ -354,20 +357,6 @@ fn a_retry_older_than_the_idempotency_window_is_refused_not_reapplied() {
     assert_eq!(tip(900, T0 + 3_600_000_000_000), Status::Ok);
     assert_eq!(tip(901, 0), Status::Ok);
     assert_eq!(engine.balance(2), Some(990));
-}
-
-/// Blocks its `n`th append until the test has passed the barrier twice.
-struct GateNth(Arc<Barrier>, u32);
-
-impl Journal for GateNth {
-    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<u64, JournalError> {
-        self.1 -= 1;
-        if self.1 == 0 {
-            self.0.wait();
-            self.0.wait();
-        }
-        Ok(0)
-    }
 }
 
 #[test]

@@ -413,7 +413,7 @@ fn a_top_up_outlives_its_id_record_so_late_and_repeated_callbacks_still_find_it(
 #[test]
 fn ended_top_ups_kept_outside_the_window_are_bounded_oldest_first() {
     let mut l = funded();
-    let kept = l.state.topups_kept_max() as u64;
+    let kept = l.state.topups_max() as u64;
     for id in 0..kept + 3 {
         assert_eq!(l.run(begin(8000 + id, 10, 600)).status, Ok);
         assert_eq!(l.run(confirm(8000 + id, 600, &format!("T{id}"))).status, Ok);
@@ -436,7 +436,7 @@ fn ended_top_ups_kept_outside_the_window_are_bounded_oldest_first() {
 #[test]
 fn pending_top_ups_are_bounded_per_shard() {
     let mut l = funded();
-    let max = l.state.topups_in_flight_max() as u64;
+    let max = l.state.topups_max() as u64;
     // All begun within one top-up lifetime (a nanosecond apart), none ended.
     for id in 0..max {
         l.now += 1;

@@ -168,7 +168,7 @@ pub struct ShardState {
     pub(crate) topups: IdMap<u64, TopUp>,
     pub(crate) pending: VecDeque<(u64, u64)>,
     /// Ended top-ups whose id record has left the idempotency window, by (deadline, id): the
-    /// first is forgotten first once there are more than `topups_kept_max`. Derived from
+    /// first is forgotten first once there are more than `topups_max`. Derived from
     /// `topups` (not stored in snapshots).
     pub(crate) topups_kept: std::collections::BTreeSet<(u64, u64)>,
     /// Top-ups in state pending (derived from `topups`).
@@ -369,7 +369,7 @@ impl ShardState {
             .filter(|(_, t)| t.id_evicted && t.state != TopUpState::Pending)
             .map(|(&id, t)| (t.deadline, id))
             .collect();
-        if kept != self.topups_kept || kept.len() > self.topups_kept_max() {
+        if kept != self.topups_kept || kept.len() > self.topups_max() {
             broken.push(format!("shard {}: the kept top-ups are not the ended ones outside the window", self.shard));
         }
         broken
@@ -550,8 +550,7 @@ impl ShardState {
                 Some(topup) => {
                     topup.id_evicted = true;
                     if topup.state != TopUpState::Pending {
-                        let deadline = topup.deadline;
-                        self.keep_topup(deadline, old_id);
+                        self.keep_topup(old_id);
                     }
                 }
                 None => self.evicted.push(old_id),
@@ -690,11 +689,12 @@ impl ShardState {
     }
 
     /// Keeps an ended top-up whose id record has left the window; forgets the oldest beyond
-    /// `topups_kept_max` (its id is then released, unless a retried begin put it back in the
+    /// `topups_max` (its id is then released, unless a retried begin put it back in the
     /// window meanwhile).
-    fn keep_topup(&mut self, deadline: u64, id: u64) {
+    fn keep_topup(&mut self, id: u64) {
+        let deadline = self.topups.get(&id).expect("a kept top-up exists").deadline;
         self.topups_kept.insert((deadline, id));
-        while self.topups_kept.len() > self.topups_kept_max() {
+        while self.topups_kept.len() > self.topups_max() {
             let (_, oldest) = self.topups_kept.pop_first().expect("non-empty");
             self.topups.remove(&oldest);
             if self.ids.get(oldest).is_none() {
@@ -703,15 +703,10 @@ impl ShardState {
         }
     }
 
-    /// Ended top-ups kept after their id left the idempotency window (per shard): a quarter of
-    /// the window, at least `TOPUPS_MIN`.
-    pub fn topups_kept_max(&self) -> usize {
-        (self.limits.ids_max as usize / 4).max(TOPUPS_MIN)
-    }
-
-    /// Pending top-ups one shard holds (a begin beyond that answers `busy`): a quarter of the
-    /// idempotency window, at least `TOPUPS_MIN`.
-    pub fn topups_in_flight_max(&self) -> usize {
+    /// The bound, per shard, both of pending top-ups (a begin beyond it answers `busy`) and of
+    /// ended top-ups kept after their id left the idempotency window: a quarter of the window,
+    /// at least `TOPUPS_MIN`.
+    pub fn topups_max(&self) -> usize {
         (self.limits.ids_max as usize / 4).max(TOPUPS_MIN)
     }
 
@@ -730,7 +725,7 @@ impl ShardState {
                 Reply::status(Status::ExistsWithDifferentFields)
             };
         }
-        if self.topups_pending >= self.topups_in_flight_max() {
+        if self.topups_pending >= self.topups_max() {
             return Reply::status(Status::Busy);
         }
         let Some(slot) = self.index.lookup(user) else { return Reply::status(Status::AccountNotFound) };
@@ -790,7 +785,7 @@ impl ShardState {
                     topup.state = TopUpState::Expired;
                     self.topups_pending -= 1;
                     if topup.id_evicted {
-                        self.keep_topup(deadline, id);
+                        self.keep_topup(id);
                     }
                 }
             }
@@ -868,8 +863,7 @@ impl ShardState {
         topup.confirmed_fen = fen;
         topup.confirm_reply = Some(reply);
         if topup.id_evicted {
-            let deadline = topup.deadline;
-            self.keep_topup(deadline, id);
+            self.keep_topup(id);
         }
     }
 
@@ -881,8 +875,7 @@ impl ShardState {
                 self.topups_pending -= 1;
                 topup.fail_reason = Some(reason);
                 if topup.id_evicted {
-                    let deadline = topup.deadline;
-                    self.keep_topup(deadline, id);
+                    self.keep_topup(id);
                 }
                 Reply::ok(0, 0)
             }

@@ -22,6 +22,19 @@ pub enum Target {
     Tcp { addr: String, token: String, tls: Option<TlsClientConfig>, allow_remote_plaintext: bool },
 }
 
+impl Target {
+    /// For a TCP target: the address, and the client configuration every connection to it uses.
+    pub fn tcp(&self) -> Option<(&str, ClientConfig)> {
+        let Target::Tcp { addr, token, tls, allow_remote_plaintext } = self else { return None };
+        let config = ClientConfig {
+            tls: tls.clone(),
+            allow_remote_plaintext: *allow_remote_plaintext,
+            ..ClientConfig::new(token.as_str())
+        };
+        Some((addr.as_str(), config))
+    }
+}
+
 /// See the module docs.
 pub struct Link {
     target: Target,
@@ -38,7 +51,7 @@ impl Link {
     /// The live client, connecting (with retries for `RECONNECT_FOR`) when there is none.
     /// Only failures that `retry::is_retryable` calls transient are retried.
     async fn client(&self) -> Result<Client, ClientError> {
-        let Target::Tcp { addr, token, tls, allow_remote_plaintext } = &self.target else {
+        let Some((addr, config)) = self.target.tcp() else {
             return Err(ClientError::InvalidRequest("not a TCP link"));
         };
         let mut slot = self.client.lock().await;
@@ -51,12 +64,7 @@ impl Link {
         let deadline = Instant::now() + RECONNECT_FOR;
         let mut backoff = Duration::from_millis(10);
         loop {
-            let config = ClientConfig {
-                tls: tls.clone(),
-                allow_remote_plaintext: *allow_remote_plaintext,
-                ..ClientConfig::new(token.as_str())
-            };
-            match Client::connect_with(addr.as_str(), config).await {
+            match Client::connect_with(addr, config.clone()).await {
                 Ok(client) => {
                     if self.connected_once.swap(true, Ordering::Relaxed) {
                         self.reconnects.fetch_add(1, Ordering::Relaxed);

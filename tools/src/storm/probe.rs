@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use stormledger::client::{Client, ClientConfig};
+use stormledger::client::Client;
 use stormledger::layout::QueryRecord;
 use stormledger::protocol::QUERY_KIND_BALANCE;
 use stormledger::server::Backend;
@@ -65,7 +65,7 @@ fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicB
     let mut report = ProbeReport { latency_ns: new_histogram(), failed: 0, error: None };
     let mut rng = SplitMix64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut key = move || if rng.below(10) == 0 { STREAMER_BASE } else { 1 + rng.below(users) };
-    match target {
+    match &target {
         Target::Engine(engine) => {
             while !stop.load(Ordering::Relaxed) {
                 let k = key();
@@ -77,7 +77,8 @@ fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicB
                 std::thread::sleep(interval);
             }
         }
-        Target::Tcp { addr, token, tls, allow_remote_plaintext } => {
+        Target::Tcp { .. } => {
+            let (addr, config) = target.tcp().expect("a TCP target");
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
@@ -86,8 +87,7 @@ fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicB
                 }
             };
             runtime.block_on(async {
-                let config = ClientConfig { tls, allow_remote_plaintext, ..ClientConfig::new(token.as_str()) };
-                let client = match Client::connect_with(addr.as_str(), config).await {
+                let client = match Client::connect_with(addr, config).await {
                     Ok(client) => client,
                     Err(e) => {
                         report.error = Some(format!("probe connection: {e}"));
