@@ -5,6 +5,7 @@
 
 use crate::layout::text_field;
 use crate::ledger::command::flags;
+use crate::ledger::state_machine::TOPUPS_MIN;
 use crate::ledger::{AccountKind, Channel, Command};
 
 /// The first streamer's id; streamer `i` is `STREAMER_BASE + i` (streamer 0 is the hot one).
@@ -94,17 +95,32 @@ impl StormSpec {
             .collect();
         let methods =
             (1..=self.users).map(|u| Command::BindMethod { user: u, method: 1, channel: channel_of(u) }).collect();
-        let begins = (1..=self.users)
-            .map(|u| Command::TopUpBegin { id: TOPUP_BASE + u, user: u, method: 1, fen: self.topup_yuan_of(u) * 100 })
-            .collect();
-        let confirms = (1..=self.users)
-            .map(|u| Command::TopUpConfirm {
-                id: TOPUP_BASE + u,
-                fen: self.topup_yuan_of(u) * 100,
-                channel_txn: text_field(&format!("S{u}")).expect("short ascii"),
-            })
-            .collect();
-        vec![union, streamers, users, methods, begins, confirms]
+        let mut phases = vec![union, streamers, users, methods];
+        // A shard holds a bounded number of pending top-ups (at least `TOPUPS_MIN`; a begin
+        // beyond it is answered `busy`): begin and confirm them a bounded number at a time.
+        let users: Vec<u64> = (1..=self.users).collect();
+        for chunk in users.chunks(TOPUPS_MIN) {
+            let begins = chunk
+                .iter()
+                .map(|&u| Command::TopUpBegin {
+                    id: TOPUP_BASE + u,
+                    user: u,
+                    method: 1,
+                    fen: self.topup_yuan_of(u) * 100,
+                })
+                .collect();
+            let confirms = chunk
+                .iter()
+                .map(|&u| Command::TopUpConfirm {
+                    id: TOPUP_BASE + u,
+                    fen: self.topup_yuan_of(u) * 100,
+                    channel_txn: text_field(&format!("S{u}")).expect("short ascii"),
+                })
+                .collect();
+            phases.push(begins);
+            phases.push(confirms);
+        }
+        phases
     }
 
     /// Coins each (not poor) user holds after setup.
@@ -218,6 +234,24 @@ mod tests {
             }
         }
         assert!((4_500..5_700).contains(&hot), "{hot}");
+    }
+
+    #[test]
+    fn setup_stays_within_a_shards_pending_top_ups() {
+        use crate::config::{LedgerConfig, ShardLimits};
+        use crate::ledger::{ShardState, Status};
+        // More users than one shard may have top-ups pending (`TOPUPS_MIN` with a small window).
+        let spec = StormSpec { users: 3 * TOPUPS_MIN as u64 + 5, streamers: 3, ..StormSpec::default() };
+        let limits = ShardLimits { accounts_max: 20_000, history_max: 1024, ids_max: 1024 };
+        let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits);
+        assert_eq!(state.topups_max(), TOPUPS_MIN);
+        let mut ts = 1;
+        for phase in spec.setup_phases() {
+            for command in phase {
+                ts += 1;
+                assert_eq!(state.apply(ts, &command).0.status, Status::Ok, "{command:?}");
+            }
+        }
     }
 
     #[test]

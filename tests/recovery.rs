@@ -290,6 +290,12 @@ fn a_top_up_callback_after_its_id_left_the_window_is_routed_and_applied_across_r
     let retried_begin = status(node.engine(), begin);
     assert_eq!((retried_begin.status.get(), retried_begin.flags), (0, 1));
     assert_eq!(node.engine().balance(user), Some(before));
+    // Its id stays taken: a tip under it is refused, whichever shard the payer lives on.
+    for payer in 1..=4 {
+        let tip = Command::Tip { id: 4_000_001, from: payer, to: STREAMER_BASE, coins: 1 };
+        assert_eq!(status(node.engine(), tip).status.get(), Status::ExistsWithDifferentFields.code(), "payer {payer}");
+    }
+    assert_eq!(node.engine().balance(user), Some(before));
     node.engine().audit();
     node.shutdown();
 }

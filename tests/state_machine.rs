@@ -408,6 +408,12 @@ fn a_top_up_outlives_its_id_record_so_late_and_repeated_callbacks_still_find_it(
     let failed_again = l.run(Command::TopUpFail { id: 7002, reason: FailReason::Timeout });
     assert_eq!((failed_again.status, failed_again.duplicate), (Ok, true));
     assert_eq!(l.run(Command::TopUpFail { id: 7002, reason: FailReason::Declined }).status, TopUpNotPending);
+    // The ids stay taken: a tip or a settlement under one of them is refused and moves nothing.
+    let payer = l.balance(10);
+    assert_eq!(l.run(tip(7001, 10, 20, 1)).status, ExistsWithDifferentFields);
+    assert_eq!(l.run(tip(7002, 10, 20, 1)).status, ExistsWithDifferentFields);
+    assert_eq!(l.run(Command::Settle { id: 7003, account: 20 }).status, ExistsWithDifferentFields);
+    assert_eq!(l.balance(10), payer);
 }
 
 #[test]

@@ -141,6 +141,12 @@ impl IdTable {
         self.len -= 1;
     }
 
+    /// The ids held, in table order (only to move them into another table: the order must
+    /// not reach an output).
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.iter().filter(|e| e.1 != 0).map(|e| e.0)
+    }
+
     /// Hints the CPU to load the bucket where `id` would be (no effect on results).
     #[inline]
     pub fn prefetch(&self, id: u64) {

@@ -173,6 +173,11 @@ pub struct ShardState {
     pub(crate) topups_kept: std::collections::BTreeSet<(u64, u64)>,
     /// Top-ups in state pending (derived from `topups`).
     pub(crate) topups_pending: usize,
+    /// The ids of the top-ups held after their id record left the window (pending or kept),
+    /// derived from `topups`. Every transfer command probes it (its id may not reuse one), and a
+    /// probe of `topups` itself would be a cache miss per tip at a million top-ups: this table
+    /// is prefetched with the command's other lines.
+    pub(crate) topup_ids: IdTable,
     pub(crate) history: HistoryRing,
     pub(crate) last_timestamp: u64,
     /// Replication sequence numbers: the last emitted by this shard, and the last applied from
@@ -222,6 +227,7 @@ impl ShardState {
             pending: VecDeque::new(),
             topups_kept: std::collections::BTreeSet::new(),
             topups_pending: 0,
+            topup_ids: IdTable::new(TOPUPS_MIN),
             history: HistoryRing::new(limits.history_max),
             last_timestamp: 0,
             replica_out: 0,
@@ -372,6 +378,10 @@ impl ShardState {
         if kept != self.topups_kept || kept.len() > self.topups_max() {
             broken.push(format!("shard {}: the kept top-ups are not the ended ones outside the window", self.shard));
         }
+        let held = self.topups.iter().filter(|(_, t)| t.id_evicted).map(|(&id, _)| id);
+        if held.clone().count() != self.topup_ids.len() || held.clone().any(|id| self.topup_ids.get(id).is_none()) {
+            broken.push(format!("shard {}: the held top-up ids are not those outside the window", self.shard));
+        }
         broken
     }
 
@@ -389,11 +399,17 @@ impl ShardState {
         if let Some(account) = primary_account(command) {
             self.index.prefetch_entry(account);
         }
+        if let Some(receiver) = counterparty(command) {
+            self.index.prefetch_entry(receiver);
+        }
         if let Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } = *command {
             self.methods.prefetch_directory(user);
         }
         if let Some(id) = command.transfer_id() {
             self.ids.prefetch(id);
+            if !self.topup_ids.is_empty() {
+                self.topup_ids.prefetch(id);
+            }
             // The record this command will push out of a full window is a few places from the
             // front (about as many as commands ahead of it): load its bucket too.
             if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
@@ -411,13 +427,20 @@ impl ShardState {
         if let Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } = *command {
             self.methods.prefetch_keys(user);
         }
-        if let Some(slot) = primary_account(command).and_then(|a| self.index.lookup(a)) {
-            // An account is 56 bytes, so it usually spans two cache lines: load both ends.
-            let account = self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8;
-            crate::ledger::index::prefetch(account);
-            crate::ledger::index::prefetch(account.wrapping_add(core::mem::size_of::<Account>() - 1));
-            self.index.prefetch_balance(slot);
+        for account in [primary_account(command), counterparty(command)].into_iter().flatten() {
+            if let Some(slot) = self.index.lookup(account) {
+                self.prefetch_slot(slot);
+            }
         }
+    }
+
+    #[inline]
+    fn prefetch_slot(&self, slot: u32) {
+        // An account is 56 bytes, so it usually spans two cache lines: load both ends.
+        let account = self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8;
+        crate::ledger::index::prefetch(account);
+        crate::ledger::index::prefetch(account.wrapping_add(core::mem::size_of::<Account>() - 1));
+        self.index.prefetch_balance(slot);
     }
 
     /// Applies one command at `timestamp` (strictly increasing, assigned at ingest).
@@ -439,6 +462,11 @@ impl ShardState {
                     };
                     return (reply, fanout);
                 }
+                return (Reply::status(Status::ExistsWithDifferentFields), Fanout::None);
+            }
+            // A top-up outlives its id record, and its id stays taken: another command under it
+            // is refused.
+            if !matches!(command, Command::TopUpBegin { .. }) && self.topup_ids.get(id).is_some() {
                 return (Reply::status(Status::ExistsWithDifferentFields), Fanout::None);
             }
         }
@@ -549,7 +577,9 @@ impl ShardState {
             match topup {
                 Some(topup) => {
                     topup.id_evicted = true;
-                    if topup.state != TopUpState::Pending {
+                    let ended = topup.state != TopUpState::Pending;
+                    self.hold_topup_id(old_id);
+                    if ended {
                         self.keep_topup(old_id);
                     }
                 }
@@ -697,17 +727,30 @@ impl ShardState {
         while self.topups_kept.len() > self.topups_max() {
             let (_, oldest) = self.topups_kept.pop_first().expect("non-empty");
             self.topups.remove(&oldest);
+            self.topup_ids.remove(oldest);
             if self.ids.get(oldest).is_none() {
                 self.evicted.push(oldest);
             }
         }
     }
 
+    /// Adds the id of a top-up whose id record left the window to `topup_ids`. The table
+    /// starts small and doubles when full (a rehash of what it holds: at most twice
+    /// `topups_max`, pending and kept ones, 16 B a bucket, 32 B an id), so its memory follows use.
+    pub(crate) fn hold_topup_id(&mut self, id: u64) {
+        if self.topup_ids.is_full() {
+            let mut bigger = IdTable::new(self.topup_ids.len() * 2);
+            self.topup_ids.ids().for_each(|held| bigger.insert(held, 0));
+            self.topup_ids = bigger;
+        }
+        self.topup_ids.insert(id, 0);
+    }
+
     /// The bound, per shard, both of pending top-ups (a begin beyond it answers `busy`) and of
     /// ended top-ups kept after their id left the idempotency window: a quarter of the window,
     /// at least `TOPUPS_MIN`.
     pub fn topups_max(&self) -> usize {
-        (self.limits.ids_max as usize / 4).max(TOPUPS_MIN)
+        topups_max(&self.limits)
     }
 
     /// Ids of top-ups kept after their id record left the window (they stay in the directory).
@@ -1079,6 +1122,18 @@ fn primary_account(command: &Command) -> Option<u64> {
             Some(user)
         }
         Command::CreateAccount { account, .. } | Command::Freeze { account, .. } => Some(account),
+        _ => None,
+    }
+}
+
+fn topups_max(limits: &ShardLimits) -> usize {
+    (limits.ids_max as usize / 4).max(TOPUPS_MIN)
+}
+
+/// The account a spend credits (a streamer, read on every tip, so prefetched with the payer).
+fn counterparty(command: &Command) -> Option<u64> {
+    match *command {
+        Command::Tip { to, .. } | Command::Gift { to, .. } | Command::PayEvent { to, .. } => Some(to),
         _ => None,
     }
 }

@@ -642,6 +642,9 @@ pub fn decode<'a>(
             confirm_reply: has_reply.then_some(reply),
             id_evicted,
         };
+        if topup.id_evicted {
+            state.hold_topup_id(id);
+        }
         if topup.id_evicted && topup.state != TopUpState::Pending {
             state.topups_kept.insert((topup.deadline, id));
         }
