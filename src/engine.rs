@@ -103,6 +103,9 @@ pub struct Engine {
     permits: Arc<AtomicUsize>,
     stats: Arc<EngineStats>,
     maintenance: AtomicBool,
+    /// The marker file that keeps `admin maintenance on` across restarts (`Node` sets it on a
+    /// durable data directory); the lock orders concurrent operator actions.
+    maintenance_file: Mutex<Option<std::path::PathBuf>>,
     batch_commands_max: usize,
     threads: Mutex<Vec<JoinHandle<ShardState>>>,
     feed: Arc<crate::feed::Feed>,
@@ -249,6 +252,7 @@ impl Engine {
             permits,
             stats,
             maintenance: AtomicBool::new(false),
+            maintenance_file: Mutex::new(None),
             batch_commands_max: config.batch_commands_max,
             threads: Mutex::new(threads),
             feed,
@@ -271,6 +275,30 @@ impl Engine {
 
     pub fn maintenance(&self) -> bool {
         self.maintenance.load(Ordering::Acquire)
+    }
+
+    /// Keeps the maintenance switch in the marker file `path` from now on, and starts paused if
+    /// the file exists (it was on when the server stopped). Returns whether it does.
+    pub fn keep_maintenance_in(&self, path: std::path::PathBuf) -> bool {
+        let mut file = self.maintenance_file.lock();
+        let on = path.exists();
+        self.set_maintenance(on);
+        *file = Some(path);
+        on
+    }
+
+    /// `admin maintenance`: the marker file is written (or removed) durably before the switch
+    /// changes, so an acknowledged switch survives a crash; if that fails nothing changes.
+    fn switch_maintenance(&self, on: bool) -> Status {
+        let file = self.maintenance_file.lock();
+        if let Some(path) = file.as_ref() {
+            if let Err(error) = write_marker(path, on) {
+                eprintln!("admin maintenance: cannot record the switch in {}: {error}", path.display());
+                return Status::Unavailable;
+            }
+        }
+        self.set_maintenance(on);
+        Status::Ok
     }
 
     /// Submits write commands. `done` is called exactly once, from an engine thread or this
@@ -405,10 +433,7 @@ impl Engine {
     /// snapshot requests. `None` for ledger commands.
     fn operator_action(&self, record: &CommandRecord) -> Option<Status> {
         match record.kind {
-            kind::MAINTENANCE => {
-                self.set_maintenance(record.flags != 0);
-                Some(Status::Ok)
-            }
+            kind::MAINTENANCE => Some(self.switch_maintenance(record.flags != 0)),
             kind::SNAPSHOT => None,
             _ => None,
         }
@@ -799,4 +824,23 @@ impl Backend for Engine {
     fn feed(&self) -> Option<Arc<crate::feed::Feed>> {
         Some(self.feed.clone())
     }
+}
+
+/// Creates (`on`) or removes the maintenance marker file, then syncs it and its directory.
+fn write_marker(path: &std::path::Path, on: bool) -> Result<(), crate::error::StorageError> {
+    use std::io::Write;
+    let io = |what: &'static str| move |e| crate::storage::io_err(what, path, e);
+    if on {
+        let mut f = std::fs::File::create(path).map_err(io("create"))?;
+        f.write_all(b"writes are paused (admin maintenance on); `admin maintenance off` resumes them\n")
+            .map_err(io("write"))?;
+        f.sync_all().map_err(io("fsync"))?;
+    } else {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(crate::storage::io_err("remove", path, e)),
+        }
+    }
+    crate::storage::sync_dir_path(path.parent().unwrap_or(std::path::Path::new(".")))
 }

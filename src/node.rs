@@ -11,6 +11,7 @@
 //! DIR/LOCK               flock'ed by the running node
 //! DIR/cluster.json       shard count and format version (fixed at creation)
 //! DIR/ledger.json        the business rules the log was written under (replay needs them)
+//! DIR/maintenance        present while writes are paused (`admin maintenance on`)
 //! DIR/shard-NN/*.wal     the shard's log segments (docs/wal-format.md)
 //! DIR/shard-NN/snapshots/snapshot-*.snap   the shard's newest two snapshots
 //! ```
@@ -329,6 +330,9 @@ impl Journal for WalJournal {
     }
 }
 
+/// The marker file of `admin maintenance on` in the data directory.
+pub const MAINTENANCE_FILE: &str = "maintenance";
+
 /// A running node.
 pub struct Node {
     engine: Arc<Engine>,
@@ -451,6 +455,13 @@ impl Node {
             policies.push(Some(policy));
         }
         let engine = Engine::start_with_feed(&config.engine, states, journals, policies, Arc::new(SystemClock), feed);
+        if engine.keep_maintenance_in(dir.join(MAINTENANCE_FILE)) {
+            eprintln!(
+                "note: writes are paused: `admin maintenance on` was in effect when the server stopped \
+                 ({}); `admin maintenance off` resumes them",
+                dir.join(MAINTENANCE_FILE).display()
+            );
+        }
         Ok(Node { engine: Arc::new(engine), _lock: Some(lock) })
     }
 

@@ -74,7 +74,7 @@ pub trait StorageFile: Send {
     fn sync(&mut self, offset: u64, len: u64) -> Result<(), StorageError>;
 }
 
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> StorageError {
+pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> StorageError {
     StorageError::Io { op, path: path.to_path_buf(), source }
 }
 

@@ -299,3 +299,33 @@ fn a_top_up_callback_after_its_id_left_the_window_is_routed_and_applied_across_r
     node.engine().audit();
     node.shutdown();
 }
+
+#[test]
+fn maintenance_mode_survives_a_restart_until_switched_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let node = Node::open(node_config(dir.path(), 2)).unwrap();
+    setup(node.engine(), &spec);
+    let on = CommandRecord { kind: kind::MAINTENANCE, flags: 1, ..CommandRecord::default() };
+    let off = CommandRecord { kind: kind::MAINTENANCE, flags: 0, ..CommandRecord::default() };
+    let run = |engine: &Engine, record: CommandRecord| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        engine.submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
+        rx.recv().unwrap()
+    };
+    let tip = Command::Tip { id: 77_000_001, from: 1, to: STREAMER_BASE, coins: 1 };
+    assert_eq!(run(node.engine(), on), 0);
+    assert_eq!(node.engine().execute(&[tip])[0].status.get(), Status::Maintenance.code());
+    // A crash (no shutdown) while paused: the node comes back paused, reads still work.
+    drop(node);
+    let node = Node::open(node_config(dir.path(), 2)).unwrap();
+    assert!(node.engine().maintenance());
+    assert_eq!(node.engine().execute(&[tip])[0].status.get(), Status::Maintenance.code());
+    assert!(node.engine().balance(1).is_some());
+    assert_eq!(run(node.engine(), off), 0);
+    assert_eq!(node.engine().execute(&[tip])[0].status.get(), 0);
+    node.shutdown();
+    let node = Node::open(node_config(dir.path(), 2)).unwrap();
+    assert!(!node.engine().maintenance());
+    node.shutdown();
+}
