@@ -1,14 +1,15 @@
 //! `stormledger-recover`: the offline log and snapshot tool.
 //!
 //! verify | inspect | replay | recover [--dry-run], over the server's own recovery code
-//! (`node::load_shard`, `wal::recover`). Only `recover` without `--dry-run` writes, and it
+//! (`node::load_shard`, `wal::recover`; `verify` and `replay` load the shards in parallel, as
+//! the server does). Only `recover` without `--dry-run` writes, and it
 //! takes the data directory's lock first, so it never runs beside a live server.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use zerocopy::FromBytes;
 
@@ -99,15 +100,22 @@ struct ShardReport {
     loaded: Result<stormledger::node::LoadedShard, NodeError>,
 }
 
+/// Loads every shard at once, a thread each (as the server recovers), a progress line each.
 fn load_all(dir: &Path, shards: u16, ledger: &stormledger::config::LedgerConfig) -> Vec<ShardReport> {
-    (0..shards)
-        .map(|shard| {
-            let bar = progress(shard);
-            let loaded = load_shard(dir, shard, shards, ledger, &tool_limits(), &mut |n| bar.set_position(n));
-            bar.finish_and_clear();
-            ShardReport { shard, loaded }
-        })
-        .collect()
+    let bars = MultiProgress::new();
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..shards)
+            .map(|shard| {
+                let bar = bars.add(progress(shard));
+                scope.spawn(move || {
+                    let loaded = load_shard(dir, shard, shards, ledger, &tool_limits(), &mut |n| bar.set_position(n));
+                    bar.finish_and_clear();
+                    ShardReport { shard, loaded }
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
 }
 
 fn outcome_json(outcome: &RecoveryOutcome) -> serde_json::Value {
