@@ -1,6 +1,6 @@
 //! The ceiling: one shard's state machine applying tips, no queues, no log, no threads.
 //!
-//! `cargo bench --bench state_machine`
+//! `cargo bench --bench state_machine` (`BENCH_USERS=N` for another number of users than 100 000)
 
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ fn apply_tips(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(5)).sample_size(20);
     for (name, hot) in [("storm_50pct_hot", 50), ("uniform", 0)] {
         let spec = StormSpec {
-            users: 100_000,
+            users: std::env::var("BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000),
             streamers: 1_000,
             hot_percent: hot,
             topup_yuan: 100_000,

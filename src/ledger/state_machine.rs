@@ -750,12 +750,12 @@ impl ShardState {
     /// ended top-ups kept after their id left the idempotency window: a quarter of the window,
     /// at least `TOPUPS_MIN`.
     pub fn topups_max(&self) -> usize {
-        topups_max(&self.limits)
+        (self.limits.ids_max as usize / 4).max(TOPUPS_MIN)
     }
 
     /// Ids of top-ups kept after their id record left the window (they stay in the directory).
     pub fn topup_ids_outside_window(&self) -> impl Iterator<Item = u64> + '_ {
-        self.topups.iter().filter(|(_, t)| t.id_evicted).map(|(&id, _)| id)
+        self.topup_ids.ids()
     }
 
     fn topup_begin(&mut self, timestamp: u64, id: u64, user: u64, method: u64, fen: u64) -> Reply {
@@ -1124,10 +1124,6 @@ fn primary_account(command: &Command) -> Option<u64> {
         Command::CreateAccount { account, .. } | Command::Freeze { account, .. } => Some(account),
         _ => None,
     }
-}
-
-fn topups_max(limits: &ShardLimits) -> usize {
-    (limits.ids_max as usize / 4).max(TOPUPS_MIN)
 }
 
 /// The account a spend credits (a streamer, read on every tip, so prefetched with the payer).
