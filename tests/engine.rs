@@ -351,8 +351,10 @@ fn a_retry_older_than_the_idempotency_window_is_refused_not_reapplied() {
     // Id 500 was forgotten: a retry that says it was first sent long ago is refused ...
     assert_eq!(tip(500, T0), Status::IdExpired);
     assert_eq!(engine.balance(2), Some(1_000), "nothing moved");
-    // ... a remembered id is answered from the record whatever its send time ...
+    // ... a remembered id is answered from the record whatever its send time, and so is the
+    // id of a top-up the shard still holds after its record left the window ...
     assert_eq!(tip(539, T0), Status::ExistsWithDifferentFields);
+    assert_eq!(tip(10_000_001, T0), Status::ExistsWithDifferentFields);
     // ... and a new command sent now (or without a send time) is applied.
     assert_eq!(tip(900, T0 + 3_600_000_000_000), Status::Ok);
     assert_eq!(tip(901, 0), Status::Ok);

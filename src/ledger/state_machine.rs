@@ -285,6 +285,12 @@ impl ShardState {
         self.id_ring.get(seq.checked_sub(front)? as usize).map(|(_, r)| r)
     }
 
+    /// Whether a command under transfer id `id` would be answered from what the shard keeps:
+    /// its idempotency record, or a top-up held after that record left the window.
+    pub fn knows_id(&self, id: u64) -> bool {
+        self.id_record(id).is_some() || self.topup_ids.get(id).is_some()
+    }
+
     pub fn topup(&self, id: u64) -> Option<&TopUp> {
         self.topups.get(&id)
     }

@@ -391,7 +391,7 @@ pub fn run(
         let mut expired: Vec<(usize, u32, ReplyRecord)> = Vec::new();
         for (p, part) in parts.iter().enumerate() {
             for (i, item) in part.items.iter().enumerate() {
-                let forgotten = |id: u64| state.id_record(id).is_none();
+                let forgotten = |id: u64| !state.knows_id(id);
                 if item.sent_at != 0 && item.sent_at < horizon && item.command.transfer_id().is_some_and(forgotten) {
                     expired.push((p, item.tag, reply_record(&item.command, Reply::status(Status::IdExpired))));
                     if item.claimed {
