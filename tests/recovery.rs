@@ -55,7 +55,10 @@ fn balances(engine: &Engine, spec: &StormSpec) -> Vec<Option<i64>> {
 }
 
 fn admin(engine: &Engine, kind: u8) -> u16 {
-    let record = CommandRecord { kind, ..CommandRecord::default() };
+    submit_one(engine, CommandRecord { kind, ..CommandRecord::default() })
+}
+
+fn submit_one(engine: &Engine, record: CommandRecord) -> u16 {
     let (tx, rx) = std::sync::mpsc::channel();
     engine.submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
     rx.recv().unwrap()
@@ -308,13 +311,8 @@ fn maintenance_mode_survives_a_restart_until_switched_off() {
     setup(node.engine(), &spec);
     let on = CommandRecord { kind: kind::MAINTENANCE, flags: 1, ..CommandRecord::default() };
     let off = CommandRecord { kind: kind::MAINTENANCE, flags: 0, ..CommandRecord::default() };
-    let run = |engine: &Engine, record: CommandRecord| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        engine.submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
-        rx.recv().unwrap()
-    };
     let tip = Command::Tip { id: 77_000_001, from: 1, to: STREAMER_BASE, coins: 1 };
-    assert_eq!(run(node.engine(), on), 0);
+    assert_eq!(submit_one(node.engine(), on), 0);
     assert_eq!(node.engine().execute(&[tip])[0].status.get(), Status::Maintenance.code());
     // A crash (no shutdown) while paused: the node comes back paused, reads still work.
     drop(node);
@@ -322,7 +320,7 @@ fn maintenance_mode_survives_a_restart_until_switched_off() {
     assert!(node.engine().maintenance());
     assert_eq!(node.engine().execute(&[tip])[0].status.get(), Status::Maintenance.code());
     assert!(node.engine().balance(1).is_some());
-    assert_eq!(run(node.engine(), off), 0);
+    assert_eq!(submit_one(node.engine(), off), 0);
     assert_eq!(node.engine().execute(&[tip])[0].status.get(), 0);
     node.shutdown();
     let node = Node::open(node_config(dir.path(), 2)).unwrap();
