@@ -742,7 +742,8 @@ impl ShardState {
 
     /// Adds the id of a top-up whose id record left the window to `topup_ids`. The table
     /// starts small and doubles when full (a rehash of what it holds: at most twice
-    /// `topups_max`, pending and kept ones, 16 B a bucket, 32 B an id), so its memory follows use.
+    /// `topups_max`, pending and kept ones; 16 B buckets, two to four per id), so its memory
+    /// follows use.
     pub(crate) fn hold_topup_id(&mut self, id: u64) {
         if self.topup_ids.is_full() {
             let mut bigger = IdTable::new(self.topup_ids.len() * 2);
