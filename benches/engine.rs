@@ -4,7 +4,8 @@
 //!
 //! Environment (defaults in brackets): BENCH_USERS [1000000], BENCH_STREAMERS [1000],
 //! BENCH_TIPS [4000000], BENCH_SHARDS [cores], BENCH_BATCH [8192], BENCH_WINDOW [8],
-//! BENCH_MODES [memory,sync], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir].
+//! BENCH_MODES [memory,sync], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir]. Smaller
+//! defaults in a smoke run (`cargo test --benches`, see `common`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,9 +19,8 @@ use stormledger::layout::CommandRecord;
 use stormledger::node::{Durability, Node, NodeConfig};
 use stormledger::workload::{SplitMix64, StormSpec, STREAMER_BASE};
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+mod common;
+use common::size;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -180,12 +180,12 @@ fn main() {
         return;
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) as u64;
-    let users = env("BENCH_USERS", 1_000_000);
-    let streamers = env("BENCH_STREAMERS", 1_000);
-    let tips = env("BENCH_TIPS", 4_000_000);
-    let shards = env("BENCH_SHARDS", cores) as u16;
-    let batch = env("BENCH_BATCH", 8192) as usize;
-    let window = env("BENCH_WINDOW", 8) as usize;
+    let users = size("BENCH_USERS", 1_000_000, 2_000);
+    let streamers = size("BENCH_STREAMERS", 1_000, 10);
+    let tips = size("BENCH_TIPS", 4_000_000, 20_000);
+    let shards = size("BENCH_SHARDS", cores, cores) as u16;
+    let batch = size("BENCH_BATCH", 8192, 1024) as usize;
+    let window = size("BENCH_WINDOW", 8, 8) as usize;
     let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync".into());
     let base = std::env::var("BENCH_DIR")
         .map(std::path::PathBuf::from)
@@ -193,7 +193,7 @@ fn main() {
     println!("engine bench: {users} users, {streamers} streamers, {tips} tips, {shards} shards, batch {batch}, window {window}, {cores} cores");
     // Memory first: the storm runs leave freed memory in the allocator, which would hide what
     // the accounts cost.
-    let accounts = env("BENCH_MEM_ACCOUNTS", 2_000_000);
+    let accounts = size("BENCH_MEM_ACCOUNTS", 2_000_000, 10_000);
     if accounts > 0 {
         let (bytes, per) = memory(accounts, shards);
         println!("memory: {accounts} user accounts -> {} MiB resident, {per:.1} bytes/account", bytes >> 20);

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+mod common;
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let pings: u64 = std::env::var("BENCH_PINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let pings = common::size("BENCH_PINGS", 20_000, 200);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let echo = std::thread::spawn(move || {

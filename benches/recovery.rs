@@ -5,7 +5,7 @@
 //! Environment: BENCH_REPLAY_TIPS [2000000] (per shard), BENCH_REPLAY_SHARDS [2] (the parallel
 //! replay; 1: skip it), BENCH_SNAPSHOT_ACCOUNTS [10000000],
 //! BENCH_SNAPSHOT_LOADS [3] (loads from the page cache per shape), BENCH_SNAPSHOT_ACTIVE [1] (0: only
-//! the fresh shape), BENCH_DIR.
+//! the fresh shape), BENCH_DIR. Smaller defaults in a smoke run (`cargo test --benches`).
 
 use std::path::Path;
 use std::time::Instant;
@@ -18,9 +18,8 @@ use stormledger::node::{load_shard, Durability, Node, NodeConfig};
 use stormledger::snapshot;
 use stormledger::workload::StormSpec;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+mod common;
+use common::size;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -35,7 +34,7 @@ fn main() {
 
     // Replay: one shard's log of setup + tips, loaded the way the server starts; then a log of
     // several shards, all loaded at once (one thread each, as `Node::open` does).
-    let tips = env("BENCH_REPLAY_TIPS", 2_000_000);
+    let tips = size("BENCH_REPLAY_TIPS", 2_000_000, 20_000);
     let limits = ShardLimits { accounts_max: 200_000, history_max: 1 << 20, ids_max: 1 << 20 };
     let dir = base.join("replay");
     write_log(&dir, 1, tips, &ledger, &limits);
@@ -51,7 +50,7 @@ fn main() {
         cpu,
     );
     drop(loaded);
-    let shards = env("BENCH_REPLAY_SHARDS", 2) as u16;
+    let shards = size("BENCH_REPLAY_SHARDS", 2, 2) as u16;
     if shards > 1 {
         let dir = base.join(format!("replay-{shards}"));
         write_log(&dir, shards, tips * shards as u64, &ledger, &limits);
@@ -79,8 +78,8 @@ fn main() {
     // just created: every field but id, kind and flags zero) and "active" (each user then bound
     // a payment method, topped up a varying amount and tipped once today: balance, spending,
     // history and methods set).
-    let accounts = env("BENCH_SNAPSHOT_ACCOUNTS", 10_000_000);
-    let rounds = env("BENCH_SNAPSHOT_LOADS", 3);
+    let accounts = size("BENCH_SNAPSHOT_ACCOUNTS", 10_000_000, 20_000);
+    let rounds = size("BENCH_SNAPSHOT_LOADS", 3, 1);
     let limits = ShardLimits { accounts_max: accounts as u32 + 64, history_max: 1 << 16, ids_max: 1 << 16 };
     let mut state = ShardState::new(0, 1, ledger.clone(), limits.clone());
     for account in 1..=accounts {
@@ -88,7 +87,7 @@ fn main() {
         state.apply(account, &create);
     }
     snapshot_round("fresh", &state, &base.join("snapshot-fresh"), &ledger, &limits, rounds);
-    if env("BENCH_SNAPSHOT_ACTIVE", 1) == 0 {
+    if size("BENCH_SNAPSHOT_ACTIVE", 1, 1) == 0 {
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
@@ -169,9 +168,10 @@ fn snapshot_round(
 }
 
 /// Writes a log of `shards` shards: the storm's setup (100 000 users, 1 000 streamers, funded
-/// through real top-ups) and then `tips` tips, in batches of 8 192 with 8 in flight.
+/// through real top-ups; 2 000 and 10 in a smoke run) and then `tips` tips, in batches of 8 192 with 8 in flight.
 fn write_log(dir: &Path, shards: u16, tips: u64, ledger: &LedgerConfig, limits: &ShardLimits) {
-    let spec = StormSpec { users: 100_000, streamers: 1_000, topup_yuan: 100_000, ..StormSpec::default() };
+    let (users, streamers) = if common::smoke() { (2_000, 10) } else { (100_000, 1_000) };
+    let spec = StormSpec { users, streamers, topup_yuan: 100_000, ..StormSpec::default() };
     let mut config = NodeConfig::new(dir);
     config.engine = EngineConfig { shards, ledger: ledger.clone(), limits: limits.clone(), ..EngineConfig::default() };
     config.durability = Durability::Buffered;
