@@ -82,6 +82,26 @@ pub struct NodeConfig {
     pub snapshot_every_bytes: u64,
     /// Delete log segments covered by the older of the two kept snapshots.
     pub retire_log: bool,
+    /// Where the logs live: real files, or for simulation tests an in-memory crash image
+    /// (`storage::MemStorage`; snapshots and the directory's small files stay real files, so
+    /// such a node takes no snapshots).
+    pub log_storage: LogStorage,
+}
+
+/// See `NodeConfig::log_storage`.
+#[derive(Clone)]
+pub struct LogStorage(pub Arc<dyn Storage>);
+
+impl Default for LogStorage {
+    fn default() -> Self {
+        LogStorage(Arc::new(MmapStorage))
+    }
+}
+
+impl std::fmt::Debug for LogStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogStorage")
+    }
 }
 
 impl NodeConfig {
@@ -93,6 +113,7 @@ impl NodeConfig {
             segment_size: 64 << 20,
             snapshot_every_bytes: 512 << 20,
             retire_log: true,
+            log_storage: LogStorage::default(),
         }
     }
 }
@@ -195,13 +216,15 @@ pub fn load_shard(
     limits: &ShardLimits,
     progress: &mut dyn FnMut(u64),
 ) -> Result<LoadedShard, NodeError> {
-    load_shard_with_feed(data_dir, shard, shards, ledger, limits, progress, None)
+    load_shard_with_feed(data_dir, &MmapStorage, shard, shards, ledger, limits, progress, None)
 }
 
 /// `load_shard`, refilling the shard's event feed with the events of the replayed batches (the
 /// events after the snapshot keep their positions across the restart).
+#[allow(clippy::too_many_arguments)]
 pub fn load_shard_with_feed(
     data_dir: &Path,
+    storage: &dyn Storage,
     shard: u16,
     shards: u16,
     ledger: &LedgerConfig,
@@ -225,10 +248,9 @@ pub fn load_shard_with_feed(
         }
         None => (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0, None, Vec::new()),
     };
-    let storage = MmapStorage;
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let (reader, report) =
-        WalReader::open(&dir, shard as u32, &storage).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+        WalReader::open(&dir, shard as u32, storage).map_err(|e| NodeError::Corrupt(e.to_string()))?;
     if report.next_lsn <= snapshot_lsn && report.records > 0 {
         return Err(NodeError::Corrupt(format!(
             "shard {shard}: the log ends at lsn {} but the snapshot covers up to {snapshot_lsn}: acknowledged records are missing",
@@ -380,7 +402,7 @@ impl Node {
         let shards = config.engine.shards;
         let persist_mode =
             if config.durability == Durability::Sync { PersistMode::Sync } else { PersistMode::Buffered };
-        let storage: Arc<dyn Storage> = Arc::new(MmapStorage);
+        let storage: Arc<dyn Storage> = config.log_storage.0.clone();
         let (mut states, mut journals, mut policies) = (Vec::new(), Vec::new(), Vec::new());
         let feed = Arc::new(crate::feed::Feed::new(shards, config.engine.feed_events_max));
         // Shards are independent (a directory and a feed shard each): recover them in parallel,
@@ -412,7 +434,8 @@ impl Node {
                     );
                 }
             };
-            let loaded = load_shard_with_feed(&dir, shard, shards, ledger, limits, &mut progress, shard_feed)?;
+            let loaded =
+                load_shard_with_feed(&dir, storage.as_ref(), shard, shards, ledger, limits, &mut progress, shard_feed)?;
             for skipped in &loaded.skipped_snapshots {
                 eprintln!("shard {shard}: passed over a damaged snapshot: {skipped}");
             }
