@@ -2,7 +2,9 @@
 //! moments while several clients drive tips, top-ups and settlements; after each restart every
 //! acknowledged command must be there with its result, every in-doubt command must resolve to
 //! one consistent answer when retried with its id, balances must equal the model built from the
-//! answers, and `stormledger-recover verify` must pass at the end.
+//! answers, and `stormledger-recover verify` must pass at the end. The server runs with 1 MiB
+//! segments, and every other cycle asks for a snapshot mid-storm, so kills also land in
+//! snapshot writes and restarts load snapshots and replay the log after them.
 //!
 //! Cycles: 20 by default; STORMLEDGER_CRASH_CYCLES=N for more, STORMLEDGER_CRASH_SEED=S to
 //! reproduce a run (the seed is printed).
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use stormledger::client::Client;
 use stormledger::layout::{text_field, QueryRecord, ReplyRecord};
-use stormledger::ledger::command::flags;
+use stormledger::ledger::command::{flags, kind};
 use stormledger::ledger::{AccountKind, Channel, Command, Status};
 use stormledger::workload::SplitMix64;
 
@@ -41,6 +43,9 @@ impl Drop for Server {
 fn start(dir: &Path) -> Server {
     let mut child = Process::new(env!("CARGO_BIN_EXE_stormledger"))
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "2", "--durability", "sync"])
+        // Small segments and frequent snapshots: kills also land in snapshot writes, log
+        // rollovers and retirement, and restarts load snapshots.
+        .args(["--segment-mib", "1", "--snapshot-every-mib", "1"])
         .args(["--token", TOKEN, "--admin-token", ADMIN, "--data-dir"])
         .arg(dir)
         .stdout(Stdio::piped())
@@ -57,6 +62,16 @@ fn kill9(server: &mut Server) {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGKILL) };
     let _ = server.child.wait();
+}
+
+async fn admin_snapshot(addr: String) {
+    let mut config = stormledger::client::ClientConfig::new(ADMIN);
+    config.role = stormledger::protocol::Role::Admin;
+    if let Ok(admin) = Client::connect_with(addr.as_str(), config).await {
+        let record = stormledger::layout::CommandRecord { kind: kind::SNAPSHOT, ..Default::default() };
+        // Its answer does not matter (the kill may cut it off); the restarts check the result.
+        let _ = admin.submit(vec![record]).await;
+    }
 }
 
 /// What the test knows about one id: the command and, once answered, its reply.
@@ -275,7 +290,14 @@ fn kill_dash_nine_mid_storm_loses_nothing_acknowledged() {
     runtime.block_on(setup(&server.addr));
     for cycle in 0..cycles {
         let drive = runtime.spawn(drive(server.addr.clone(), book.clone(), seed.wrapping_add(cycle), next_id.clone()));
-        std::thread::sleep(Duration::from_millis(30 + rng.below(200)));
+        let (before, after) = (30 + rng.below(100), rng.below(100));
+        std::thread::sleep(Duration::from_millis(before));
+        // Every other cycle asks for a snapshot mid-storm: the kill may land in its write, and
+        // later restarts load snapshots and retire the log behind them.
+        if cycle % 2 == 1 {
+            runtime.spawn(admin_snapshot(server.addr.clone()));
+        }
+        std::thread::sleep(Duration::from_millis(after));
         kill9(&mut server);
         runtime
             .block_on(async { tokio::time::timeout(Duration::from_secs(30), drive).await })
@@ -306,5 +328,10 @@ fn kill_dash_nine_mid_storm_loses_nothing_acknowledged() {
         let loaded = stormledger::node::load_shard(dir.path(), shard, cluster.shards, &ledger, &limits, &mut |_| {})
             .unwrap_or_else(|e| panic!("shard {shard}: {e}"));
         assert_eq!(loaded.state.invariant_violations(), Vec::<String>::new());
+        eprintln!(
+            "shard {shard}: loads from {} + {} commands",
+            loaded.snapshot_path.map_or("genesis".into(), |p| p.display().to_string()),
+            loaded.commands_replayed
+        );
     }
 }
