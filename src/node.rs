@@ -27,7 +27,7 @@ use crate::error::StorageError;
 use crate::layout::CommandRecord;
 use crate::ledger::{Command, ShardState};
 use crate::shard::worker::{Journal, JournalError, SnapshotPolicy, SystemClock};
-use crate::storage::{DirLock, MmapStorage, Storage};
+use crate::storage::{DirLock, MmapStorage, SharedStorage, Storage};
 use crate::wal::{self, PersistMode, RecoveryOutcome, Wal, WalConfig, WalReader};
 
 /// The record kind of a batch of commands in the log.
@@ -82,26 +82,10 @@ pub struct NodeConfig {
     pub snapshot_every_bytes: u64,
     /// Delete log segments covered by the older of the two kept snapshots.
     pub retire_log: bool,
-    /// Where the logs live: real files, or for simulation tests an in-memory crash image
-    /// (`storage::MemStorage`; snapshots and the directory's small files stay real files, so
-    /// such a node takes no snapshots).
-    pub log_storage: LogStorage,
-}
-
-/// See `NodeConfig::log_storage`.
-#[derive(Clone)]
-pub struct LogStorage(pub Arc<dyn Storage>);
-
-impl Default for LogStorage {
-    fn default() -> Self {
-        LogStorage(Arc::new(MmapStorage))
-    }
-}
-
-impl std::fmt::Debug for LogStorage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LogStorage")
-    }
+    /// Where the logs and snapshots live: real files, or for simulation tests an in-memory
+    /// crash image (`storage::MemStorage`; the directory's small files, its lock and the
+    /// maintenance marker stay real files).
+    pub storage: SharedStorage,
 }
 
 impl NodeConfig {
@@ -113,7 +97,7 @@ impl NodeConfig {
             segment_size: 64 << 20,
             snapshot_every_bytes: 512 << 20,
             retire_log: true,
-            log_storage: LogStorage::default(),
+            storage: SharedStorage::default(),
         }
     }
 }
@@ -234,7 +218,8 @@ pub fn load_shard_with_feed(
 ) -> Result<LoadedShard, NodeError> {
     let dir = wal::shard_dir(data_dir, shard as u32);
     let snapshot_dir = dir.join("snapshots");
-    let loaded = crate::snapshot::load_latest(&snapshot_dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+    let loaded =
+        crate::snapshot::load_latest_in(storage, &snapshot_dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
     let (mut state, snapshot_lsn, snapshot_path, skipped) = match loaded {
         Some(snap) => {
             let lsn = *snap.meta.lsns.first().ok_or_else(|| NodeError::Corrupt("snapshot without lsn".into()))?;
@@ -402,7 +387,7 @@ impl Node {
         let shards = config.engine.shards;
         let persist_mode =
             if config.durability == Durability::Sync { PersistMode::Sync } else { PersistMode::Buffered };
-        let storage: Arc<dyn Storage> = config.log_storage.0.clone();
+        let storage: Arc<dyn Storage> = config.storage.0.clone();
         let (mut states, mut journals, mut policies) = (Vec::new(), Vec::new(), Vec::new());
         let feed = Arc::new(crate::feed::Feed::new(shards, config.engine.feed_events_max));
         // Shards are independent (a directory and a feed shard each): recover them in parallel,
@@ -453,6 +438,7 @@ impl Node {
             let kept_lsns = if loaded.snapshot_path.is_some() { vec![loaded.snapshot_lsn] } else { Vec::new() };
             let policy = SnapshotPolicy {
                 dir: shard_dir.join("snapshots"),
+                storage: config.storage.clone(),
                 every_bytes: config.snapshot_every_bytes,
                 retire_log: config.retire_log,
                 kept: kept_lsns,

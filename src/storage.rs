@@ -50,6 +50,10 @@ pub trait Storage: Send + Sync {
     fn allocate(&self, path: &Path, len: u64) -> Result<Box<dyn StorageFile>, StorageError>;
     /// Opens an existing file.
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Box<dyn StorageFile>, StorageError>;
+    /// Creates a new file holding `chunks` one after another and makes its contents durable;
+    /// the *name* is durable only after `sync_dir`. Fails if the file exists. For files written
+    /// once, whole (snapshots); the log's fixed-size segments use `allocate`.
+    fn write_file(&self, path: &Path, chunks: &[&[u8]]) -> Result<(), StorageError>;
     /// Renames a file (atomic on POSIX). Durable only after `sync_dir`.
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError>;
     /// Removes a file. Durable only after `sync_dir`.
@@ -58,8 +62,24 @@ pub trait Storage: Send + Sync {
     fn sync_dir(&self, dir: &Path) -> Result<(), StorageError>;
 }
 
+/// A storage shared by the threads of a node (real files by default); `Debug` for configs.
+#[derive(Clone)]
+pub struct SharedStorage(pub Arc<dyn Storage>);
+
+impl Default for SharedStorage {
+    fn default() -> Self {
+        SharedStorage(Arc::new(MmapStorage))
+    }
+}
+
+impl std::fmt::Debug for SharedStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedStorage")
+    }
+}
+
 /// One open, fixed-size file.
-pub trait StorageFile: Send {
+pub trait StorageFile: Send + Sync {
     /// The path used in error messages.
     fn path(&self) -> &Path;
     /// Records that the file was renamed, so later errors name it correctly.
@@ -125,6 +145,16 @@ struct MmapFile {
 impl Storage for MmapStorage {
     fn create_dir_all(&self, dir: &Path) -> Result<(), StorageError> {
         fs::create_dir_all(dir).map_err(|e| io_err("create directory", dir, e))
+    }
+
+    fn write_file(&self, path: &Path, chunks: &[&[u8]]) -> Result<(), StorageError> {
+        let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| io_err("create", path, e))?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, file);
+        for chunk in chunks {
+            out.write_all(chunk).map_err(|e| io_err("write", path, e))?;
+        }
+        let file = out.into_inner().map_err(|e| io_err("write", path, e.into_error()))?;
+        file.sync_all().map_err(|e| io_err("fsync", path, e))
     }
 
     fn list(&self, dir: &Path) -> Result<Vec<String>, StorageError> {
@@ -354,6 +384,16 @@ impl Storage for FaultyStorage {
         Ok(Box::new(FaultyFile { inner, plan: Arc::clone(&self.plan) }))
     }
 
+    fn write_file(&self, path: &Path, chunks: &[&[u8]]) -> Result<(), StorageError> {
+        if FaultPlan::trip(&self.plan.writes, &self.plan.write_countdown) {
+            return Err(injected("write", path, libc::EIO));
+        }
+        if FaultPlan::trip(&self.plan.syncs, &self.plan.sync_countdown) {
+            return Err(injected("fsync", path, libc::EIO));
+        }
+        self.inner.write_file(path, chunks)
+    }
+
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
         self.inner.rename(from, to)
     }
@@ -579,6 +619,20 @@ impl Storage for MemStorage {
             data,
             writable: mode == OpenMode::ReadWrite,
         }))
+    }
+
+    fn write_file(&self, path: &Path, chunks: &[&[u8]]) -> Result<(), StorageError> {
+        let bytes = chunks.concat();
+        let mut st = self.state.lock();
+        if st.live_names.contains_key(path) {
+            return Err(io_err("create", path, io::Error::from(io::ErrorKind::AlreadyExists)));
+        }
+        let ino = st.next_inode;
+        st.next_inode += 1;
+        // The contents are durable at once (the real storage fsyncs the file); the name is not.
+        st.inodes.insert(ino, Inode { live: bytes.clone(), durable: bytes });
+        st.live_names.insert(path.to_path_buf(), ino);
+        Ok(())
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {

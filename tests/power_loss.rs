@@ -1,6 +1,6 @@
 //! Power loss, process kill and torn writes under a running two-shard node, simulated. The
-//! logs live in an in-memory crash image (`storage::MemStorage`), so a crash keeps exactly
-//! what a real one would: every write (process kill), only what was synced (power loss), or
+//! logs and snapshots live in an in-memory crash image (`storage::MemStorage`), so a crash
+//! keeps exactly what a real one would: every write (process kill), only what was synced (power loss), or
 //! that plus a prefix of the unsynced writes in issue order (a torn write-back). `kill -9` of a
 //! real server (`tests/crash.rs`) never loses the page cache; this does.
 //!
@@ -24,8 +24,8 @@ use stormledger::engine::EngineConfig;
 use stormledger::layout::{text_field, ReplyRecord};
 use stormledger::ledger::command::flags;
 use stormledger::ledger::{AccountKind, Channel, Command, Status};
-use stormledger::node::{LogStorage, Node, NodeConfig};
-use stormledger::storage::{Crash, MemStorage};
+use stormledger::node::{Node, NodeConfig};
+use stormledger::storage::{Crash, MemStorage, SharedStorage};
 use stormledger::workload::SplitMix64;
 
 const USERS: u64 = 16;
@@ -45,10 +45,11 @@ fn config(dir: &Path, storage: &MemStorage, cycles: u64) -> NodeConfig {
         limits: ShardLimits { accounts_max: 1024, history_max: 4096, ids_max },
         ..EngineConfig::default()
     };
-    // Small segments: the storm crosses segment boundaries; no snapshots (they are real files).
+    // Small segments and frequent snapshots: crashes land in rollovers, snapshot writes and
+    // log retirement, and restarts load snapshots and replay the log after them.
     c.segment_size = 128 * 1024;
-    c.snapshot_every_bytes = 0;
-    c.log_storage = LogStorage(Arc::new(storage.clone()));
+    c.snapshot_every_bytes = 96 * 1024;
+    c.storage = SharedStorage(Arc::new(storage.clone()));
     c
 }
 

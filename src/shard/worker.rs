@@ -243,6 +243,8 @@ pub enum Internal {
 #[derive(Clone, Debug)]
 pub struct SnapshotPolicy {
     pub dir: std::path::PathBuf,
+    /// Where the snapshot files live (real files but in simulation tests).
+    pub storage: crate::storage::SharedStorage,
     /// Take one after this many bytes of log (0 = only on request).
     pub every_bytes: u64,
     /// Retire log segments covered by the oldest kept snapshot.
@@ -639,12 +641,14 @@ impl Snapshotter {
         self.bytes_since = 0;
         let sections = crate::snapshot::state::encode(state);
         let meta = crate::snapshot::SnapshotMeta { lsns: vec![lsn], timestamp: state.last_timestamp() };
-        let dir = self.policy.dir.clone();
+        let (dir, storage) = (self.policy.dir.clone(), self.policy.storage.0.clone());
         let handle = std::thread::Builder::new()
             .name(format!("snapshot-{}", state.shard()))
             .spawn(move || {
                 let refs: Vec<(u32, &[u8])> = sections.iter().map(|(t, b)| (*t, b.as_slice())).collect();
-                crate::snapshot::write_snapshot(&dir, &meta, &refs).map(|_| ()).map_err(|e| e.to_string())
+                crate::snapshot::write_snapshot_in(storage.as_ref(), &dir, &meta, &refs)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             })
             .expect("spawn snapshot writer");
         self.in_flight = Some((lsn, handle, waiting));

@@ -4,6 +4,8 @@
 //! Owns: the `snapshot-NNNNNNNNNNNNNNNNNNNN.snap` files of a directory: writing them atomically
 //! (write `*.snap.tmp`, fsync, rename, fsync the directory), verifying and loading them (one
 //! mmap, checksums, zero-copy section slices), and retention (the `SNAPSHOTS_KEPT` newest).
+//! The files go through a `storage::Storage` (the `*_in` functions): real files for the
+//! server and tools, the in-memory crash image in simulation tests.
 //!
 //! Must never: interpret section contents (the engine owns what a section means), load a
 //! snapshot whose checksums fail, write when loading, or treat a `.snap.tmp` file as a snapshot
@@ -18,16 +20,15 @@
 
 pub mod state;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::SnapshotError;
+use crate::error::{SnapshotError, StorageError};
+use crate::storage::{MmapStorage, OpenMode, Storage, StorageFile};
 
 /// The only format version this build writes and reads. Version 1 (fixed 56-byte account
 /// records) was never released; its files are refused with `SnapshotError::UnsupportedVersion`.
@@ -102,21 +103,32 @@ pub struct WrittenSnapshot {
     pub removed: Vec<PathBuf>,
 }
 
-/// A verified snapshot, mapped read-only; sections borrow the mapping.
-#[derive(Debug)]
+/// A verified snapshot, mapped read-only (real files); sections borrow the mapping.
 pub struct LoadedSnapshot {
     pub path: PathBuf,
     pub sequence: u64,
     pub meta: SnapshotMeta,
     /// Newer snapshots that failed verification and were passed over (`load_latest` only).
     pub skipped: Vec<SnapshotError>,
-    map: Option<Mmap>,
+    file: Box<dyn StorageFile>,
     sections: Vec<(u32, Range<usize>)>,
+}
+
+impl std::fmt::Debug for LoadedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedSnapshot")
+            .field("path", &self.path)
+            .field("sequence", &self.sequence)
+            .field("meta", &self.meta)
+            .field("skipped", &self.skipped)
+            .field("len", &self.len())
+            .finish()
+    }
 }
 
 impl LoadedSnapshot {
     fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or_default()
+        self.file.bytes()
     }
 
     /// The first section with `tag`.
@@ -149,28 +161,28 @@ fn parse_file_name(name: &str) -> Option<u64> {
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
 }
 
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> SnapshotError {
-    SnapshotError::Io { op, path: path.to_path_buf(), source }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("fsync directory", dir, e))
+/// A storage failure as a snapshot error (the storage layer names the call and the path).
+fn storage_err(error: StorageError) -> SnapshotError {
+    match error {
+        StorageError::Io { op, path, source } => SnapshotError::Io { op, path, source },
+        other => SnapshotError::Io { op: "storage", path: PathBuf::new(), source: io::Error::other(other.to_string()) },
+    }
 }
 
 /// The snapshots in `dir` (final names only), oldest first. A missing directory has none.
 pub fn list_snapshots(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("read directory", dir, e)),
+    list_snapshots_in(&MmapStorage, dir)
+}
+
+/// `list_snapshots` on `storage`.
+pub fn list_snapshots_in(storage: &dyn Storage, dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
+    let names = match storage.list(dir) {
+        Ok(names) => names,
+        Err(StorageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(storage_err(e)),
     };
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| io_err("read directory", dir, e))?;
-        if let Some(seq) = entry.file_name().to_str().and_then(parse_file_name) {
-            found.push((seq, entry.path()));
-        }
-    }
+    let mut found: Vec<(u64, PathBuf)> =
+        names.iter().filter_map(|name| parse_file_name(name).map(|seq| (seq, dir.join(name)))).collect();
     found.sort();
     Ok(found)
 }
@@ -186,6 +198,16 @@ pub fn write_snapshot(
     meta: &SnapshotMeta,
     sections: &[(u32, &[u8])],
 ) -> Result<WrittenSnapshot, SnapshotError> {
+    write_snapshot_in(&MmapStorage, dir, meta, sections)
+}
+
+/// `write_snapshot` on `storage`.
+pub fn write_snapshot_in(
+    storage: &dyn Storage,
+    dir: &Path,
+    meta: &SnapshotMeta,
+    sections: &[(u32, &[u8])],
+) -> Result<WrittenSnapshot, SnapshotError> {
     let shard_count = u32::try_from(meta.lsns.len())
         .ok()
         .filter(|&n| n <= MAX_SHARDS)
@@ -193,8 +215,8 @@ pub fn write_snapshot(
     let section_count = u32::try_from(sections.len()).ok().filter(|&n| n <= MAX_SECTIONS).ok_or_else(|| {
         SnapshotError::TooLarge { reason: format!("{} sections (max {MAX_SECTIONS})", sections.len()) }
     })?;
-    fs::create_dir_all(dir).map_err(|e| io_err("create directory", dir, e))?;
-    let existing = list_snapshots(dir)?;
+    storage.create_dir_all(dir).map_err(storage_err)?;
+    let existing = list_snapshots_in(storage, dir)?;
     let sequence = existing.last().map_or(1, |(s, _)| s + 1);
 
     // Layout: header, lsns, section table, then each section at an aligned offset.
@@ -234,49 +256,38 @@ pub fn write_snapshot(
 
     let path = dir.join(snapshot_file_name(sequence));
     let tmp = dir.join(format!("{}.tmp", snapshot_file_name(sequence)));
-    remove_stale_tmp(dir)?;
-    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err("create", &tmp, e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let write = |out: &mut BufWriter<File>, bytes: &[u8]| out.write_all(bytes).map_err(|e| io_err("write", &tmp, e));
-    let zeros = [0u8; SECTION_ALIGN as usize];
-    let pad = |out: &mut BufWriter<File>, at: u64| {
-        let n = (align_up(at) - at) as usize;
-        out.write_all(zeros.get(..n).unwrap_or_default()).map_err(|e| io_err("write", &tmp, e))
-    };
-    write(&mut out, header.as_bytes())?;
-    write(&mut out, lsns.as_bytes())?;
-    write(&mut out, table.as_bytes())?;
-    pad(&mut out, table_start + SECTION_ENTRY_SIZE * u64::from(section_count))?;
+    remove_stale_tmp(storage, dir)?;
+    // The file, in order: header, lsns, section table, then each section, each padded to
+    // `SECTION_ALIGN` with zeros.
+    const ZEROS: [u8; SECTION_ALIGN as usize] = [0; SECTION_ALIGN as usize];
+    let pad = |at: u64| ZEROS.get(..(align_up(at) - at) as usize).unwrap_or_default();
+    let mut chunks: Vec<&[u8]> = vec![header.as_bytes(), lsns.as_bytes(), table.as_bytes()];
+    chunks.push(pad(table_start + SECTION_ENTRY_SIZE * u64::from(section_count)));
     for (entry, (_, data)) in table.iter().zip(sections) {
-        write(&mut out, data)?;
-        pad(&mut out, entry.offset.get() + data.len() as u64)?;
+        chunks.push(data);
+        chunks.push(pad(entry.offset.get() + data.len() as u64));
     }
-    let file = out.into_inner().map_err(|e| io_err("write", &tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
-    drop(file);
-    fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))?;
-    sync_dir(dir)?;
+    storage.write_file(&tmp, &chunks).map_err(storage_err)?;
+    storage.rename(&tmp, &path).map_err(storage_err)?;
+    storage.sync_dir(dir).map_err(storage_err)?;
 
     // Retention, only after the new snapshot is durable under its final name.
-    let all = list_snapshots(dir)?;
+    let all = list_snapshots_in(storage, dir)?;
     let mut removed = Vec::new();
     for (_, old) in all.iter().take(all.len().saturating_sub(SNAPSHOTS_KEPT)) {
-        fs::remove_file(old).map_err(|e| io_err("remove", old, e))?;
+        storage.remove(old).map_err(storage_err)?;
         removed.push(old.clone());
     }
     if !removed.is_empty() {
-        sync_dir(dir)?;
+        storage.sync_dir(dir).map_err(storage_err)?;
     }
     Ok(WrittenSnapshot { path, sequence, len: file_len, removed })
 }
 
-fn remove_stale_tmp(dir: &Path) -> Result<(), SnapshotError> {
-    for entry in fs::read_dir(dir).map_err(|e| io_err("read directory", dir, e))? {
-        let entry = entry.map_err(|e| io_err("read directory", dir, e))?;
-        let name = entry.file_name();
-        let is_tmp = name.to_str().and_then(|n| n.strip_suffix(".tmp")).is_some_and(|n| parse_file_name(n).is_some());
-        if is_tmp {
-            fs::remove_file(entry.path()).map_err(|e| io_err("remove", &entry.path(), e))?;
+fn remove_stale_tmp(storage: &dyn Storage, dir: &Path) -> Result<(), SnapshotError> {
+    for name in storage.list(dir).map_err(storage_err)? {
+        if name.strip_suffix(".tmp").is_some_and(|n| parse_file_name(n).is_some()) {
+            storage.remove(&dir.join(name)).map_err(storage_err)?;
         }
     }
     Ok(())
@@ -284,15 +295,19 @@ fn remove_stale_tmp(dir: &Path) -> Result<(), SnapshotError> {
 
 /// Opens and fully verifies one snapshot file: every checksum, every length, zero padding.
 pub fn load_snapshot(path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
-    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
-    let actual_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    load_snapshot_in(&MmapStorage, path)
+}
+
+/// `load_snapshot` on `storage`.
+pub fn load_snapshot_in(storage: &dyn Storage, path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    // Real files are mapped read-only; snapshot files are never modified after their rename.
+    let file = storage.open(path, OpenMode::ReadOnly).map_err(storage_err)?;
+    let actual_len = file.size();
     if actual_len < HEADER_SIZE {
         return Err(SnapshotError::Truncated { path: path.to_path_buf(), expected_len: HEADER_SIZE, actual_len });
     }
-    // SAFETY: snapshot files are never modified after their rename; the map is read-only.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err("mmap", path, e))?;
-    let (meta, sequence, sections) = verify(path, &map)?;
-    Ok(LoadedSnapshot { path: path.to_path_buf(), sequence, meta, skipped: Vec::new(), map: Some(map), sections })
+    let (meta, sequence, sections) = verify(path, file.bytes())?;
+    Ok(LoadedSnapshot { path: path.to_path_buf(), sequence, meta, skipped: Vec::new(), file, sections })
 }
 
 type Verified = (SnapshotMeta, u64, Vec<(u32, Range<usize>)>);
@@ -393,9 +408,14 @@ fn check_zero(path: &Path, bytes: &[u8], from: u64, to: u64) -> Result<(), Snaps
 /// silently lose everything the retired log held. A snapshot of another format version is an
 /// error at once (`UnsupportedVersion`): it is not damaged, and an older file would not help.
 pub fn load_latest(dir: &Path) -> Result<Option<LoadedSnapshot>, SnapshotError> {
+    load_latest_in(&MmapStorage, dir)
+}
+
+/// `load_latest` on `storage`.
+pub fn load_latest_in(storage: &dyn Storage, dir: &Path) -> Result<Option<LoadedSnapshot>, SnapshotError> {
     let mut skipped = Vec::new();
-    for (_, path) in list_snapshots(dir)?.iter().rev() {
-        match load_snapshot(path) {
+    for (_, path) in list_snapshots_in(storage, dir)?.iter().rev() {
+        match load_snapshot_in(storage, path) {
             Ok(mut s) => {
                 s.skipped = skipped;
                 return Ok(Some(s));
