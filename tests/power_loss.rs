@@ -4,12 +4,13 @@
 //! that plus a prefix of the unsynced writes in issue order (a torn write-back). `kill -9` of a
 //! real server (`tests/crash.rs`) never loses the page cache; this does.
 //!
-//! Each cycle drives tips and settlements (a settlement sweeps a striped streamer on every
-//! shard: cross-shard work) with up to 8 batches in flight, takes a crash image after a seeded
+//! Each cycle drives tips, settlements (a settlement sweeps a striped streamer on every shard:
+//! cross-shard work), top-up begins and the channel's confirmations of acknowledged begins
+//! (some sent twice) with up to 8 batches in flight, takes a crash image after a seeded
 //! number of commands, and restarts a node on it. Then: every command acknowledged before the image
 //! is there with its original reply; every in-doubt one, sent again, gets one answer that
-//! stays the same; at the end the balances equal a model built from the answers and every
-//! shard's money invariants hold.
+//! stays the same; at the end the balances equal a model built from the answers (a top-up
+//! credited once however often it was confirmed) and every shard's money invariants hold.
 //!
 //! Cycles: 12 by default; STORMLEDGER_SIM_CYCLES=N for more, STORMLEDGER_SIM_SEED=S to
 //! reproduce (the seed is printed).
@@ -53,20 +54,33 @@ fn config(dir: &Path, storage: &MemStorage, cycles: u64) -> NodeConfig {
     c
 }
 
-/// Every command sent, by id, with the reply it is known to have.
+/// Every command sent, by request number, with the reply it is known to have.
 #[derive(Default)]
 struct Book {
     commands: BTreeMap<u64, (Command, Option<ReplyRecord>)>,
+    /// Top-ups whose begin was acknowledged `ok`: the payment channel may confirm them.
+    begun: Vec<u64>,
     /// Replies that arrive after the crash image was taken are not evidence: ignored.
     closed: bool,
+}
+
+impl Book {
+    fn answered(&mut self, key: u64, reply: ReplyRecord) {
+        let entry = self.commands.get_mut(&key).expect("sent");
+        entry.1 = Some(reply);
+        if let (Command::TopUpBegin { id, .. }, 0) = (entry.0, reply.status.get()) {
+            self.begun.push(id);
+        }
+    }
 }
 
 fn same_reply(a: &ReplyRecord, b: &ReplyRecord) -> bool {
     (a.status.get(), a.value.get(), a.value2.get()) == (b.status.get(), b.value.get(), b.value2.get())
 }
 
-/// Sends random tips and settlements, up to 8 batches in flight, and takes a crash image of
-/// `storage` once `crash_after` more commands have been sent (batches are still in flight).
+/// Sends random tips, settlements, top-up begins and the channel's confirmations of acknowledged
+/// begins (some twice), up to 8 batches in flight, and takes a crash image of `storage` once
+/// `crash_after` more commands have been sent (batches are still in flight).
 fn drive(
     node: &Node,
     storage: &MemStorage,
@@ -90,33 +104,39 @@ fn drive(
             std::thread::yield_now();
             continue;
         }
-        let batch: Vec<Command> = (0..1 + rng.below(64))
+        let mut b = book.lock().unwrap();
+        let batch: Vec<(u64, Command)> = (0..1 + rng.below(64))
             .map(|_| {
                 *next_id += 1;
+                let id = *next_id;
                 let streamer = STREAMERS[rng.below(2) as usize];
-                if rng.below(40) == 0 {
-                    Command::Settle { id: *next_id, account: streamer }
-                } else {
-                    Command::Tip { id: *next_id, from: 1 + rng.below(USERS), to: streamer, coins: 1 + rng.below(30) }
-                }
+                let command = match rng.below(40) {
+                    0 => Command::Settle { id, account: streamer },
+                    1 | 2 => Command::TopUpBegin { id, user: 1 + rng.below(USERS), method: 1, fen: 600 },
+                    3 | 4 if !b.begun.is_empty() => {
+                        let topup = b.begun[rng.below(b.begun.len() as u64) as usize];
+                        let channel_txn = text_field(&format!("C{topup}")).unwrap();
+                        Command::TopUpConfirm { id: topup, fen: 600, channel_txn }
+                    }
+                    _ => Command::Tip { id, from: 1 + rng.below(USERS), to: streamer, coins: 1 + rng.below(30) },
+                };
+                (id, command)
             })
             .collect();
-        {
-            let mut b = book.lock().unwrap();
-            for c in &batch {
-                b.commands.insert(c.transfer_id().unwrap(), (*c, None));
-            }
+        for (key, c) in &batch {
+            b.commands.insert(*key, (*c, None));
         }
+        drop(b);
         in_flight.fetch_add(1, Ordering::AcqRel);
         let (book, in_flight) = (book.clone(), in_flight.clone());
-        let ids: Vec<u64> = batch.iter().map(|c| c.transfer_id().unwrap()).collect();
+        let keys: Vec<u64> = batch.iter().map(|(key, _)| *key).collect();
         node.engine().submit(
-            batch.iter().map(Command::to_record).collect(),
+            batch.iter().map(|(_, c)| c.to_record()).collect(),
             Box::new(move |replies| {
                 let mut b = book.lock().unwrap();
                 if !b.closed {
-                    for (id, r) in ids.iter().zip(replies) {
-                        b.commands.get_mut(id).unwrap().1 = Some(r);
+                    for (key, r) in keys.iter().zip(replies) {
+                        b.answered(*key, r);
                     }
                 }
                 in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -129,29 +149,29 @@ fn drive(
     image
 }
 
-/// After a restart: the commands sent from id `first` on. Acknowledged ones answer as before;
-/// in-doubt ones get a final answer. Returns how many in-doubt ones had survived the crash.
+/// After a restart: the commands sent from request `first` on. Acknowledged ones answer as
+/// before (a repeated confirmation too); in-doubt ones get a final answer. Returns how many
+/// in-doubt ones were answered as already applied.
 fn resolve(node: &Node, book: &Mutex<Book>, first: u64) -> usize {
     let mut survived = 0;
     let mut b = book.lock().unwrap();
-    let ids: Vec<u64> = b.commands.range(first..).map(|(id, _)| *id).collect();
-    for chunk in ids.chunks(512) {
+    let keys: Vec<u64> = b.commands.range(first..).map(|(key, _)| *key).collect();
+    for chunk in keys.chunks(512) {
         let commands: Vec<Command> = chunk.iter().map(|id| b.commands[id].0).collect();
         let replies = node.engine().execute(&commands);
         for (id, r) in chunk.iter().zip(replies) {
-            let entry = b.commands.get_mut(id).unwrap();
-            match entry.1 {
+            let (command, known) = b.commands[id];
+            match known {
                 Some(original) => {
                     assert!(
                         same_reply(&original, &r) && r.flags & 1 == 1,
-                        "acknowledged {:?} lost or changed: {original:?} then {r:?}",
-                        entry.0
+                        "acknowledged {command:?} lost or changed: {original:?} then {r:?}"
                     );
                 }
                 None => {
                     assert!(Status::from_code(r.status.get()).is_some_and(|s| !s.is_retryable()), "{r:?}");
                     survived += (r.flags & 1) as usize;
-                    entry.1 = Some(r);
+                    b.answered(*id, r);
                 }
             }
         }
@@ -162,6 +182,23 @@ fn resolve(node: &Node, book: &Mutex<Book>, first: u64) -> usize {
 
 fn expected(book: &Book) -> BTreeMap<u64, i64> {
     let mut balances: BTreeMap<u64, i64> = (1..=USERS).map(|u| (u, FUNDED)).collect();
+    // A top-up is credited once (60 coins for 6 yuan), however many confirmations said ok.
+    let users: BTreeMap<u64, u64> = book
+        .commands
+        .values()
+        .filter_map(|(c, _)| match *c {
+            Command::TopUpBegin { id, user, .. } => Some((id, user)),
+            _ => None,
+        })
+        .collect();
+    let mut credited = std::collections::BTreeSet::new();
+    for (c, r) in book.commands.values() {
+        if let (Command::TopUpConfirm { id, .. }, Some(r)) = (c, r) {
+            if r.status.get() == Status::Ok.code() && credited.insert(*id) {
+                *balances.entry(users[id]).or_default() += 60;
+            }
+        }
+    }
     for (c, r) in book.commands.values() {
         let r = r.expect("every command resolved");
         if r.status.get() != Status::Ok.code() {
@@ -231,9 +268,12 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
 
     let b = book.lock().unwrap();
     assert!(b.commands.len() > 1_000, "the storm ran ({} commands)", b.commands.len());
+    let confirms = b.commands.values().filter(|(c, _)| matches!(c, Command::TopUpConfirm { .. })).count();
     eprintln!(
-        "{} commands; {in_doubt_total} in doubt at a crash, of which {survived_total} had survived it",
-        b.commands.len()
+        "{} commands ({confirms} payment confirmations for {} top-ups); {in_doubt_total} in doubt at a crash, \
+         of which {survived_total} were answered as already applied",
+        b.commands.len(),
+        b.begun.len()
     );
     for (account, coins) in expected(&b) {
         assert_eq!(node.engine().balance(account), Some(coins), "balance of {account}");
