@@ -1,16 +1,17 @@
 //! Power loss, process kill and torn writes under a running two-shard node, simulated. The
 //! logs and snapshots live in an in-memory crash image (`storage::MemStorage`), so a crash
-//! keeps exactly what a real one would: every write (process kill), only what was synced (power loss), or
-//! that plus a prefix of the unsynced writes in issue order (a torn write-back). `kill -9` of a
-//! real server (`tests/crash.rs`) never loses the page cache; this does.
+//! keeps exactly what a real one would: every write (process kill), only what was synced
+//! (power loss), or that plus a prefix of the unsynced writes in issue order (a torn
+//! write-back). `kill -9` of a real server (`tests/crash.rs`) never loses the page cache; this
+//! does.
 //!
 //! Each cycle drives tips, settlements (a settlement sweeps a striped streamer on every shard:
 //! cross-shard work), top-up begins and the channel's confirmations of acknowledged begins
-//! (some sent twice) with up to 8 batches in flight, takes a crash image after a seeded
-//! number of commands, and restarts a node on it. Then: every command acknowledged before the image
-//! is there with its original reply; every in-doubt one, sent again, gets one answer that
-//! stays the same; at the end the balances equal a model built from the answers (a top-up
-//! credited once however often it was confirmed) and every shard's money invariants hold.
+//! (some sent twice) with up to 8 batches in flight, takes a crash image after a seeded number
+//! of commands, and restarts a node on it. Then: every command acknowledged before the image is
+//! there with its original reply; every in-doubt one, sent again, gets one answer that stays
+//! the same; at the end the balances equal a model built from the answers (a top-up credited
+//! once however often it was confirmed) and every shard's money invariants hold.
 //!
 //! Cycles: 12 by default; STORMLEDGER_SIM_CYCLES=N for more, STORMLEDGER_SIM_SEED=S to
 //! reproduce (the seed is printed).
