@@ -22,6 +22,8 @@ use stormledger::ledger::command::{flags, kind};
 use stormledger::ledger::{AccountKind, Channel, Command, Status};
 use stormledger::workload::SplitMix64;
 
+mod common;
+
 const TOKEN: &str = "crash-test-client-token";
 const ADMIN: &str = "crash-test-admin-token";
 const USERS: u64 = 40;
@@ -258,19 +260,7 @@ fn expected(book: &Book, credited: &BTreeMap<u64, i64>) -> BTreeMap<u64, i64> {
         *balances.entry(*user).or_default() += coins;
     }
     for (c, r) in book.commands.values() {
-        let r = r.expect("every command resolved");
-        if r.status.get() != 0 {
-            continue;
-        }
-        match *c {
-            Command::Tip { from, to, coins, .. } => {
-                *balances.entry(from).or_default() -= coins as i64;
-                *balances.entry(to).or_default() += (coins * 5_000 / 10_000) as i64;
-                *balances.entry(UNION).or_default() += (coins * 1_000 / 10_000) as i64;
-            }
-            Command::Settle { account, .. } => *balances.entry(account).or_default() -= r.value.get(),
-            _ => {}
-        }
+        common::apply_to_model(&mut balances, c, &r.expect("every command resolved"), UNION);
     }
     balances
 }

@@ -30,6 +30,8 @@ use stormledger::node::{Node, NodeConfig};
 use stormledger::storage::{Crash, MemStorage, SharedStorage};
 use stormledger::workload::SplitMix64;
 
+mod common;
+
 const USERS: u64 = 16;
 const STREAMERS: [u64; 2] = [1_000_001, 1_000_002];
 const UNION: u64 = 2_000_000;
@@ -201,19 +203,7 @@ fn expected(book: &Book) -> BTreeMap<u64, i64> {
         }
     }
     for (c, r) in book.commands.values() {
-        let r = r.expect("every command resolved");
-        if r.status.get() != Status::Ok.code() {
-            continue;
-        }
-        match *c {
-            Command::Tip { from, to, coins, .. } => {
-                *balances.entry(from).or_default() -= coins as i64;
-                *balances.entry(to).or_default() += (coins * 5_000 / 10_000) as i64;
-                *balances.entry(UNION).or_default() += (coins * 1_000 / 10_000) as i64;
-            }
-            Command::Settle { account, .. } => *balances.entry(account).or_default() -= r.value.get(),
-            _ => {}
-        }
+        common::apply_to_model(&mut balances, c, &r.expect("every command resolved"), UNION);
     }
     balances
 }
