@@ -7,8 +7,9 @@
 //!
 //! Each cycle drives tips, settlements (a settlement sweeps a striped streamer on every shard:
 //! cross-shard work), top-up begins and the channel's confirmations of acknowledged begins
-//! (some sent twice) with up to 8 batches in flight, takes a crash image after a seeded number
-//! of commands, and restarts a node on it. Then: every command acknowledged before the image is
+//! (some sent twice) with up to 8 batches in flight; in every fourth cycle a sync fails first
+//! (`storage::FaultyStorage`), so a shard stops taking writes. It takes a crash image after a
+//! seeded number of commands and restarts a node on it. Then: every command acknowledged before the image is
 //! there with its original reply; every in-doubt one, sent again, gets one answer that stays
 //! the same; at the end the balances equal a model built from the answers (a top-up credited
 //! once however often it was confirmed) and every shard's money invariants hold.
@@ -27,7 +28,7 @@ use stormledger::layout::{text_field, ReplyRecord};
 use stormledger::ledger::command::flags;
 use stormledger::ledger::{AccountKind, Channel, Command, Status};
 use stormledger::node::{Node, NodeConfig};
-use stormledger::storage::{Crash, MemStorage, SharedStorage};
+use stormledger::storage::{Crash, FaultyStorage, MemStorage, SharedStorage};
 use stormledger::workload::SplitMix64;
 
 mod common;
@@ -41,7 +42,7 @@ const FUNDED: i64 = TOPUPS as i64 * 6_480;
 /// Commands sent per cycle at most: every id stays in its shard's idempotency window.
 const PER_CYCLE: u64 = 4_000;
 
-fn config(dir: &Path, storage: &MemStorage, cycles: u64) -> NodeConfig {
+fn config(dir: &Path, storage: &FaultyStorage, cycles: u64) -> NodeConfig {
     let mut c = NodeConfig::new(dir);
     let ids_max = (cycles * PER_CYCLE + 4096) as u32;
     c.engine = EngineConfig {
@@ -63,12 +64,23 @@ struct Book {
     commands: BTreeMap<u64, (Command, Option<ReplyRecord>)>,
     /// Top-ups whose begin was acknowledged `ok`: the payment channel may confirm them.
     begun: Vec<u64>,
+    /// Requests answered `busy` or `unavailable` (in doubt until resolved).
+    retryable: std::collections::BTreeSet<u64>,
+    /// Of those, how many turned out applied after the restart.
+    retryable_applied: usize,
     /// Replies that arrive after the crash image was taken are not evidence: ignored.
     closed: bool,
 }
 
 impl Book {
     fn answered(&mut self, key: u64, reply: ReplyRecord) {
+        // `busy`/`unavailable` promise nothing: the command may have been applied (a
+        // cross-shard one on its home shard; or its log write reached the disk although the sync
+        // failed). It stays in doubt and is resolved by sending it again.
+        if Status::from_code(reply.status.get()).is_some_and(Status::is_retryable) {
+            self.retryable.insert(key);
+            return;
+        }
         let entry = self.commands.get_mut(&key).expect("sent");
         entry.1 = Some(reply);
         if let (Command::TopUpBegin { id, .. }, 0) = (entry.0, reply.status.get()) {
@@ -174,6 +186,9 @@ fn resolve(node: &Node, book: &Mutex<Book>, first: u64) -> usize {
                 None => {
                     assert!(Status::from_code(r.status.get()).is_some_and(|s| !s.is_retryable()), "{r:?}");
                     survived += (r.flags & 1) as usize;
+                    if b.retryable.remove(id) && r.flags & 1 == 1 {
+                        b.retryable_applied += 1;
+                    }
                     b.answered(*id, r);
                 }
             }
@@ -216,7 +231,8 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = SplitMix64(seed);
     let mut storage = MemStorage::new();
-    let mut node = Node::open(config(dir.path(), &storage, cycles)).unwrap();
+    let mut faults = FaultyStorage::new(Arc::new(storage.clone()));
+    let mut node = Node::open(config(dir.path(), &faults, cycles)).unwrap();
 
     let mut setup = vec![Command::CreateAccount { account: UNION, kind: AccountKind::Union, flags: 0, union: 0 }];
     for s in STREAMERS {
@@ -247,11 +263,16 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
             _ => Crash::ProcessKill,
         };
         let crash_after = 64 + rng.below(PER_CYCLE - 128);
+        // Every fourth cycle a sync fails first (a disk error): its shard stops taking writes.
+        if cycle % 4 == 3 {
+            faults.fail_nth_sync(1 + rng.below(64));
+        }
         let image = drive(&node, &storage, crash, &book, &mut rng, &mut next_id, crash_after);
         in_doubt_total += book.lock().unwrap().commands.range(first..).filter(|(_, (_, r))| r.is_none()).count();
         node.shutdown();
         storage = image;
-        node = Node::open(config(dir.path(), &storage, cycles))
+        faults = FaultyStorage::new(Arc::new(storage.clone()));
+        node = Node::open(config(dir.path(), &faults, cycles))
             .unwrap_or_else(|e| panic!("cycle {cycle} ({crash:?}): {e}"));
         survived_total += resolve(&node, &book, first);
         node.engine().audit();
@@ -262,9 +283,10 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
     let confirms = b.commands.values().filter(|(c, _)| matches!(c, Command::TopUpConfirm { .. })).count();
     eprintln!(
         "{} commands ({confirms} payment confirmations for {} top-ups); {in_doubt_total} in doubt at a crash, \
-         of which {survived_total} were answered as already applied",
+         of which {survived_total} were answered as already applied ({} of them had been answered `unavailable`)",
         b.commands.len(),
-        b.begun.len()
+        b.begun.len(),
+        b.retryable_applied
     );
     for (account, coins) in expected(&b) {
         assert_eq!(node.engine().balance(account), Some(coins), "balance of {account}");

@@ -43,7 +43,8 @@ statuses! {
     Busy = 3, "busy";
     /// Writes are paused by the operator; reads keep working. Nothing changed.
     Maintenance = 4, "maintenance";
-    /// The shard's log failed (IO error); it accepts no writes until restart. Nothing changed.
+    /// The shard's log failed (IO error); it accepts no writes until restart. Not applied then;
+    /// retry with the same id (after a restart it may turn out applied: docs/protocol.md).
     Unavailable = 5, "unavailable";
     /// The id is zero or in the range reserved for system accounts.
     InvalidId = 6, "invalid_id";
