@@ -112,7 +112,8 @@ impl Status {
         self as u16
     }
 
-    /// A retry with the same id may succeed later (nothing was recorded under the id).
+    /// A retry with the same id may succeed later: the command was not applied then (after a
+    /// restart an `unavailable` one may turn out applied; the retry then gets its answer).
     pub const fn is_retryable(self) -> bool {
         matches!(self, Status::Busy | Status::Maintenance | Status::Unavailable)
     }
