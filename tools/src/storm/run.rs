@@ -94,8 +94,8 @@ struct Counters {
     tips_insufficient: AtomicU64,
     gifts_ok: AtomicU64,
     gifts_rejected: AtomicU64,
-    /// Writes answered with a retryable status (busy, maintenance, unavailable): not applied by
-    /// the running server (the storm does not restart it).
+    /// Writes answered with a retryable status (busy, maintenance, unavailable): counted as not
+    /// applied, which holds for tips and gifts while the server runs (the storm never restarts it).
     refused: AtomicU64,
     reads_ok: AtomicU64,
     reads_failed: AtomicU64,
