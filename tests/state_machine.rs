@@ -398,6 +398,8 @@ fn a_top_up_outlives_its_id_record_so_late_and_repeated_callbacks_still_find_it(
     let retried = l.run(begin(7001, 10, 600));
     assert_eq!((retried.status, retried.value, retried.duplicate), (Ok, 60, true));
     assert_eq!(l.run(begin(7001, 10, 3000)).status, ExistsWithDifferentFields);
+    let retried = l.run(begin(7001, 10, 600));
+    assert_eq!((retried.status, retried.duplicate), (Ok, true), "a refused other begin is not remembered over it");
     assert!(l.run(confirm(7001, 600, "T7001")).duplicate, "still succeeded, once");
     assert_eq!(l.balance(10), before + 60);
     // A late failure of the one still pending, then its late confirmation: refunded, not credited.

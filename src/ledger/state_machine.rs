@@ -470,10 +470,15 @@ impl ShardState {
                 }
                 return (Reply::status(Status::ExistsWithDifferentFields), Fanout::None);
             }
-            // A top-up outlives its id record, and its id stays taken: another command under it
-            // is refused.
-            if !matches!(command, Command::TopUpBegin { .. }) && self.topup_ids.get(id).is_some() {
-                return (Reply::status(Status::ExistsWithDifferentFields), Fanout::None);
+            // A top-up outlives its id record, and its id stays taken: a retried begin is answered
+            // by the top-up, any other command under the id is refused. Neither is remembered
+            // (the id's record is the top-up).
+            if self.topup_ids.get(id).is_some() {
+                let reply = match *command {
+                    Command::TopUpBegin { user, method, fen, .. } => self.retried_begin(id, user, method, fen),
+                    _ => Reply::status(Status::ExistsWithDifferentFields),
+                };
+                return (reply, Fanout::None);
             }
         }
 
@@ -530,8 +535,7 @@ impl ShardState {
         };
 
         if let Some(id) = command.transfer_id() {
-            // A duplicate here is a retried top-up begin answered by its kept top-up.
-            if !reply.status.is_retryable() && !reply.duplicate {
+            if !reply.status.is_retryable() {
                 self.remember(id, timestamp, *command, reply);
             }
         } else if let Command::ReplicaSettle { id, .. } = *command {
@@ -725,8 +729,7 @@ impl ShardState {
     }
 
     /// Keeps an ended top-up whose id record has left the window; forgets the oldest beyond
-    /// `topups_max` (its id is then released, unless a retried begin put it back in the
-    /// window meanwhile).
+    /// `topups_max`, and releases its id (nothing remembers a held id in the window again).
     fn keep_topup(&mut self, id: u64) {
         let deadline = self.topups.get(&id).expect("a kept top-up exists").deadline;
         self.topups_kept.insert((deadline, id));
@@ -734,9 +737,7 @@ impl ShardState {
             let (_, oldest) = self.topups_kept.pop_first().expect("non-empty");
             self.topups.remove(&oldest);
             self.topup_ids.remove(oldest);
-            if self.ids.get(oldest).is_none() {
-                self.evicted.push(oldest);
-            }
+            self.evicted.push(oldest);
         }
     }
 
@@ -765,16 +766,19 @@ impl ShardState {
         self.topup_ids.ids()
     }
 
-    fn topup_begin(&mut self, timestamp: u64, id: u64, user: u64, method: u64, fen: u64) -> Reply {
-        // A retried begin whose id record has left the window: the top-up itself answers.
-        if let Some(topup) = self.topups.get(&id) {
-            let same = topup.user == user && topup.fen == fen && self.methods.get(user, method) == Some(topup.channel);
-            return if same {
-                Reply { duplicate: true, ..Reply::ok(topup.coins as i64, topup.fen as i64) }
-            } else {
-                Reply::status(Status::ExistsWithDifferentFields)
-            };
+    /// A begin under the id of a top-up held after its id record left the window: the original
+    /// answer if it is the same begin, else `exists_with_different_fields`.
+    fn retried_begin(&self, id: u64, user: u64, method: u64, fen: u64) -> Reply {
+        let topup = self.topups.get(&id).expect("a held id has its top-up");
+        let same = topup.user == user && topup.fen == fen && self.methods.get(user, method) == Some(topup.channel);
+        if same {
+            Reply { duplicate: true, ..Reply::ok(topup.coins as i64, topup.fen as i64) }
+        } else {
+            Reply::status(Status::ExistsWithDifferentFields)
         }
+    }
+
+    fn topup_begin(&mut self, timestamp: u64, id: u64, user: u64, method: u64, fen: u64) -> Reply {
         if self.topups_pending >= self.topups_max() {
             return Reply::status(Status::Busy);
         }
