@@ -168,7 +168,8 @@ fn snapshot_round(
 }
 
 /// Writes a log of `shards` shards: the storm's setup (100 000 users, 1 000 streamers, funded
-/// through real top-ups; 2 000 and 10 in a smoke run) and then `tips` tips, in batches of 8 192 with 8 in flight.
+/// through real top-ups; 2 000 and 10 in a smoke run) and then `tips` tips, in batches of 8 192
+/// with 8 in flight.
 fn write_log(dir: &Path, shards: u16, tips: u64, ledger: &LedgerConfig, limits: &ShardLimits) {
     let (users, streamers) = if common::smoke() { (2_000, 10) } else { (100_000, 1_000) };
     let spec = StormSpec { users, streamers, topup_yuan: 100_000, ..StormSpec::default() };

@@ -26,7 +26,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::error::StorageError;
 use crate::layout::CommandRecord;
 use crate::ledger::{Command, ShardState};
-use crate::shard::worker::{Journal, JournalError, SnapshotPolicy, SystemClock};
+use crate::shard::worker::{Journal, JournalError, SnapshotPolicy, SystemClock, PREFETCH_FAR, PREFETCH_NEAR};
 use crate::storage::{DirLock, MmapStorage, SharedStorage, Storage};
 use crate::wal::{self, PersistMode, RecoveryOutcome, Wal, WalConfig, WalReader};
 
@@ -277,14 +277,14 @@ pub fn load_shard_with_feed(
                 })?);
             }
             // The worker's prefetch, two stages ahead (hints only; replay results are the same).
-            for c in decoded.iter().take(12) {
+            for c in decoded.iter().take(PREFETCH_FAR) {
                 state.prefetch_index(c);
             }
             for (i, (r, command)) in cmds.iter().zip(&decoded).enumerate() {
-                if let Some(c) = decoded.get(i + 12) {
+                if let Some(c) = decoded.get(i + PREFETCH_FAR) {
                     state.prefetch_index(c);
                 }
-                if let Some(c) = decoded.get(i + 6) {
+                if let Some(c) = decoded.get(i + PREFETCH_NEAR) {
                     state.prefetch_account(c);
                 }
                 match feed {

@@ -98,8 +98,8 @@ impl StormSpec {
         let mut phases = vec![union, streamers, users, methods];
         // A shard holds a bounded number of pending top-ups (at least `TOPUPS_MIN`; a begin
         // beyond it is answered `busy`): begin and confirm them a bounded number at a time.
-        let users: Vec<u64> = (1..=self.users).collect();
-        for chunk in users.chunks(TOPUPS_MIN) {
+        let user_ids: Vec<u64> = (1..=self.users).collect();
+        for chunk in user_ids.chunks(TOPUPS_MIN) {
             let begins = chunk
                 .iter()
                 .map(|&u| Command::TopUpBegin {

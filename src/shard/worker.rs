@@ -288,9 +288,9 @@ pub fn reply_record(command: &Command, reply: Reply) -> ReplyRecord {
     r
 }
 
-/// How far ahead the worker prefetches index entries, and accounts.
-const PREFETCH_FAR: usize = 12;
-const PREFETCH_NEAR: usize = 6;
+/// How far ahead the worker (and replay) prefetches index entries, and accounts.
+pub const PREFETCH_FAR: usize = 12;
+pub const PREFETCH_NEAR: usize = 6;
 
 enum Entry {
     Replica(Command, Option<Arc<Join>>),
