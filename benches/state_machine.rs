@@ -1,6 +1,7 @@
 //! The ceiling: one shard's state machine applying tips, no queues, no log, no threads.
 //!
-//! `cargo bench --bench state_machine` (`BENCH_USERS=N` for another number of users than 100 000)
+//! `cargo bench --bench state_machine` (`BENCH_USERS=N` for another number of users than 100 000).
+//! Besides criterion's estimate it prints the deciles of the time a tip took in each batch.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,9 @@ fn apply_tips(c: &mut Criterion) {
         let mut tips = spec.tips();
         const BATCH: usize = 8192;
         group.throughput(Throughput::Elements(BATCH as u64));
+        // Nanoseconds a tip of every batch timed: criterion's mean moves by a third from one
+        // process to the next on a shared VM, the fastest batches and the deciles much less.
+        let mut per_batch: Vec<f64> = Vec::new();
         group.bench_function(format!("apply_tip/{name}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -61,13 +65,29 @@ fn apply_tips(c: &mut Criterion) {
                         let (reply, _) = state.apply(ts, cmd);
                         std::hint::black_box(reply);
                     }
-                    total += start.elapsed();
+                    let took = start.elapsed();
+                    per_batch.push(took.as_nanos() as f64 / BATCH as f64);
+                    total += took;
                     // The worker hands the ids that left the window to the directory each batch.
                     drop(state.drain_evicted());
                 }
                 total
             })
         });
+        // The first quarter is mostly warm-up (and the rings' first pages being faulted in).
+        let warm_up = per_batch.len() / 4;
+        let steady = &mut per_batch[warm_up..];
+        steady.sort_by(f64::total_cmp);
+        if let Some(&fastest) = steady.first() {
+            let at = |q: f64| steady[((steady.len() - 1) as f64 * q) as usize];
+            println!(
+                "apply_tip/{name}: ns a tip per batch of {BATCH}, {} batches: fastest {fastest:.1}, p10 {:.1}, p50 {:.1}, p90 {:.1}",
+                steady.len(),
+                at(0.1),
+                at(0.5),
+                at(0.9)
+            );
+        }
     }
     group.finish();
 }

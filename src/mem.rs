@@ -7,9 +7,16 @@
 //! of them: one shard's state machine went from 2.8 M to 4.2-5.3 M tips/s
 //! (`cargo bench --bench state_machine`, docs/benchmarks.md).
 //!
-//! The account vector and the account index are *not* advised: a snapshot load fills them all
-//! at once at start-up, and with the hint the kernel compacts memory for every 2 MiB page it
-//! hands out, which made loading 10 M accounts in a fresh process take 2.3 s instead of 0.6 s.
+//! The account vector and the account index (ids and published balances) are advised too:
+//! every tip probes the payer's index entry and touches its account and balance, at random,
+//! and with 4 KiB pages those were TLB misses that the prefetches waited for (with 1 M users,
+//! one shard's tips took 176-221 ns each before, 140-154 ns after, five runs each way of the
+//! uncommitted apply harness described in docs/benchmarks.md). A snapshot load, though, fills
+//! them all at once at start-up, and with the hint the kernel compacts memory for every 2 MiB
+//! page it hands out, which made loading 10 M accounts in a fresh process take 2.3 s instead
+//! of 0.6 s. So a new shard advises them at once (`ShardState::new`), and a snapshot load
+//! fills memory that is not advised and advises it afterwards: khugepaged collapses it in the
+//! background, and accounts created later get huge pages directly.
 //!
 //! The hint changes no result: where THP is off (`/sys/kernel/mm/transparent_hugepage/enabled`
 //! = `never`) or on other systems it does nothing.

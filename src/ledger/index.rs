@@ -54,6 +54,14 @@ impl AccountIndex {
         }
     }
 
+    /// Asks for transparent huge pages behind both arrays (`mem::advise_huge`): an index probe
+    /// and a balance store per account touched, at random, are TLB misses with 4 KiB pages. A
+    /// new shard calls it at once; a snapshot load after filling the arrays (see `mem`).
+    pub fn advise_huge(&self) {
+        crate::mem::advise_huge_slice(&self.entries);
+        crate::mem::advise_huge_slice(&self.balances);
+    }
+
     /// Accounts inserted so far.
     pub fn len(&self) -> u32 {
         self.len.load(Ordering::Acquire)

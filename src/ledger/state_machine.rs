@@ -29,6 +29,12 @@ use crate::ledger::status::Status;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// The platform account's slot: the system accounts are created first, in `SYSTEM_ACCOUNTS`'
+/// order, by `ShardState::new` (and a snapshot load checks they are there), so every spend
+/// reaches it without an index probe.
+const PLATFORM_SLOT: u32 = 0;
+const _: () = assert!(SYSTEM_ACCOUNTS[PLATFORM_SLOT as usize].0 == SYSTEM_PLATFORM);
+
 /// A deterministic, fast hasher for integer keys. Hash maps in the state machine are only ever
 /// probed, never iterated for output, so their order cannot leak into results.
 #[derive(Default, Clone, Copy)]
@@ -218,7 +224,7 @@ impl ShardState {
             index: Arc::new(AccountIndex::new(limits.accounts_max)),
             // Reserved, not touched: pages become resident as accounts are created, and the
             // vector never reallocates (no copy stall, no garbage left behind).
-            accounts: Vec::with_capacity(limits.accounts_max as usize),
+            accounts: crate::mem::huge_vec(limits.accounts_max as usize),
             methods: Methods::default(),
             ids: IdTable::new(limits.ids_max as usize),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
@@ -237,6 +243,7 @@ impl ShardState {
             config,
             limits,
         };
+        state.index.advise_huge();
         for (id, kind) in SYSTEM_ACCOUNTS {
             state.insert_account(Account::new(id, kind, 0, 0)).expect("capacity for system accounts");
         }
@@ -629,6 +636,7 @@ impl ShardState {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn record(
         &mut self,
         slot: u32,
@@ -1045,7 +1053,8 @@ impl ShardState {
         if receiver_balance.checked_add(streamer_share as i64).is_none() {
             return Err(Reply::status(Status::Overflow));
         }
-        let platform = self.slot(SYSTEM_PLATFORM);
+        let platform = PLATFORM_SLOT;
+        debug_assert_eq!(self.accounts[platform as usize].id, SYSTEM_PLATFORM);
         if self.accounts[platform as usize].balance.checked_add(coins as i64).is_none() {
             return Err(Reply::status(Status::Overflow));
         }
@@ -1055,9 +1064,14 @@ impl ShardState {
     /// How `coins` spent on a streamer split into (streamer, union, platform) shares.
     /// Deterministic rounding: each share is rounded down; the platform takes the remainder.
     pub fn spend_split(&self, coins: u64, has_union: bool) -> [u64; 3] {
-        let streamer_share = (coins as u128 * self.config.streamer_share_bp as u128 / 10_000) as u64;
-        let union_share =
-            if has_union { (coins as u128 * self.config.union_share_bp as u128 / 10_000) as u64 } else { 0 };
+        // floor(coins * bp / 10 000); in u64 (a multiply and a shift) when the product fits,
+        // which it does for any coins below 1.8e15, else in u128 (a library division).
+        let share = |bp: u64| match coins.checked_mul(bp) {
+            Some(product) => product / 10_000,
+            None => (coins as u128 * bp as u128 / 10_000) as u64,
+        };
+        let streamer_share = share(self.config.streamer_share_bp);
+        let union_share = if has_union { share(self.config.union_share_bp) } else { 0 };
         [streamer_share, union_share, coins - streamer_share - union_share]
     }
 

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use crate::config::{LedgerConfig, ShardLimits};
 use crate::layout::{CommandRecord, TEXT_LEN};
 use crate::ledger::account::{Account, HistoryEntry, HistoryRing};
+use crate::ledger::command::SYSTEM_ACCOUNTS;
 use crate::ledger::index::{AccountIndex, LoadError};
 use crate::ledger::methods::{Methods, MethodsLoader};
 use crate::ledger::state_machine::{IdRecord, Reply, ShardState, TopUp, TopUpState};
@@ -541,9 +542,10 @@ pub fn decode<'a>(
         return Err(m.bad("shard number"));
     }
     let mut state = ShardState::new(shard, shards, config, limits.clone());
-    // Genesis created the system accounts; the snapshot has them (with balances), so start empty.
-    state.accounts.clear();
-    state.accounts.reserve(limits.accounts_max as usize);
+    // Genesis created the system accounts; the snapshot has them (with balances), so start
+    // empty, in memory not yet advised for huge pages: filled all at once with the hint, the
+    // kernel would compact memory for every 2 MiB page (see `mem`). Advised once filled.
+    state.accounts = Vec::with_capacity(limits.accounts_max as usize);
     state.last_timestamp = m.u64()?;
     state.id_seq = m.u64()?;
     state.replica_out = m.u64()?;
@@ -590,7 +592,16 @@ pub fn decode<'a>(
         other => return Err(format!("snapshot section account ids: loading the index failed ({other:?})")),
     }
     state.methods = bound?;
+    index.advise_huge();
+    crate::mem::advise_huge(state.accounts.as_ptr() as *const u8, state.accounts.capacity() * size_of::<Account>());
     state.index = std::sync::Arc::new(index);
+    // The system accounts come first, in their fixed order (the state machine reaches the
+    // platform account by its slot).
+    for (slot, &(id, kind)) in SYSTEM_ACCOUNTS.iter().enumerate() {
+        if !state.accounts.get(slot).is_some_and(|a| a.id == id && a.kind == kind) {
+            return Err(format!("snapshot section accounts: system account {id} is not at position {slot}"));
+        }
+    }
 
     let mut r = get(SECTION_IDS, "ids")?;
     let mut ring = VecDeque::new();
@@ -816,6 +827,15 @@ mod tests {
             }
             assert_eq!(encode(&restored), sections, "the same state gives the same bytes");
         }
+    }
+
+    #[test]
+    fn a_snapshot_without_the_system_accounts_first_is_refused() {
+        let mut state = random_state(10, 6);
+        state.accounts.swap(0, 12);
+        let sections = encode(&state);
+        let error = decode(find(&sections), LedgerConfig::default(), state.limits.clone()).err().unwrap();
+        assert!(error.contains("system account"), "{error}");
     }
 
     #[test]
