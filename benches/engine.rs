@@ -4,7 +4,8 @@
 //!
 //! Environment (defaults in brackets): BENCH_USERS [1000000], BENCH_STREAMERS [1000],
 //! BENCH_TIPS [4000000], BENCH_SHARDS [cores], BENCH_BATCH [8192], BENCH_WINDOW [8],
-//! BENCH_MODES [memory,sync], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir]. Smaller
+//! BENCH_MODES [memory,sync,sync/pwrite: a durability, then optionally `/` and how the log
+//! writes its segments, `wal::LogWrite`], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir]. Smaller
 //! defaults in a smoke run (`cargo test --benches`, see `common`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +18,7 @@ use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::engine::{Engine, EngineConfig};
 use stormledger::layout::CommandRecord;
 use stormledger::node::{Durability, Node, NodeConfig};
+use stormledger::wal::LogWrite;
 use stormledger::workload::{SplitMix64, StormSpec, STREAMER_BASE};
 
 mod common;
@@ -95,20 +97,27 @@ struct Row {
     reads: Option<Histogram<u64>>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     spec: &StormSpec,
     mode: Durability,
+    log_write: Option<LogWrite>,
     shards: u16,
     tips: u64,
     batch: usize,
     window: usize,
     base: &std::path::Path,
 ) -> Row {
-    let dir = base.join(format!("{}-{}", mode.name(), spec.hot_percent));
+    let mode_name = match log_write {
+        Some(w) => format!("{}/{w}", mode.name()),
+        None => mode.name().to_string(),
+    };
+    let dir = base.join(format!("{}-{}", mode_name.replace('/', "-"), spec.hot_percent));
     let _ = std::fs::remove_dir_all(&dir);
     let mut config = NodeConfig::new(&dir);
     config.engine = engine_config(spec, shards);
     config.durability = mode;
+    config.log_write = log_write.unwrap_or_default();
     config.snapshot_every_bytes = 0;
     let node = Node::open(config).expect("open node");
     let engine = node.engine().clone();
@@ -149,7 +158,7 @@ fn run(
     drop(engine);
     node.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
-    let name = format!("{} hot={}% shards={shards}", mode.name(), spec.hot_percent);
+    let name = format!("{mode_name} hot={}% shards={shards}", spec.hot_percent);
     Row { name, tips, ok, secs: elapsed.as_secs_f64(), ack, reads: Some(reads) }
 }
 
@@ -192,7 +201,7 @@ fn main() {
     let shards = size("BENCH_SHARDS", cores, cores) as u16;
     let batch = size("BENCH_BATCH", 8192, 1024) as usize;
     let window = size("BENCH_WINDOW", 8, 8) as usize;
-    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync".into());
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync,sync/pwrite".into());
     let base = std::env::var("BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench"));
@@ -211,10 +220,14 @@ fn main() {
     }
     let mut rows = Vec::new();
     for mode in modes.split(',').filter(|m| !m.is_empty()) {
+        let (mode, log_write) = match mode.split_once('/') {
+            Some((mode, write)) => (mode, Some(write.parse::<LogWrite>().expect("log write method"))),
+            None => (mode, None),
+        };
         let mode: Durability = mode.parse().expect("mode");
         for hot in [50, 0] {
             let spec = StormSpec { users, streamers, hot_percent: hot, topup_yuan: 100_000, ..StormSpec::default() };
-            let row = run(&spec, mode, shards, tips, batch, window, &base);
+            let row = run(&spec, mode, log_write, shards, tips, batch, window, &base);
             rows.push(row);
         }
     }

@@ -28,7 +28,7 @@ use crate::layout::CommandRecord;
 use crate::ledger::{Command, ShardState};
 use crate::shard::worker::{Journal, JournalError, SnapshotPolicy, SystemClock, PREFETCH_FAR, PREFETCH_NEAR};
 use crate::storage::{DirLock, MmapStorage, SharedStorage, Storage};
-use crate::wal::{self, PersistMode, RecoveryOutcome, Wal, WalConfig, WalReader};
+use crate::wal::{self, LogWrite, PersistMode, RecoveryOutcome, Wal, WalConfig, WalReader};
 
 /// The record kind of a batch of commands in the log.
 pub const RECORD_KIND_COMMANDS: u16 = 1;
@@ -78,6 +78,9 @@ pub struct NodeConfig {
     pub durability: Durability,
     /// Size of each pre-allocated log segment.
     pub segment_size: u64,
+    /// How batches reach the log's pages: a copy into the mapping (default) or `pwrite`
+    /// (`wal::LogWrite`; the same bytes and durability, a cheaper sync).
+    pub log_write: LogWrite,
     /// A shard snapshots after this many bytes of log (0 = only on `admin snapshot`).
     pub snapshot_every_bytes: u64,
     /// Delete log segments covered by the older of the two kept snapshots.
@@ -95,6 +98,7 @@ impl NodeConfig {
             engine: EngineConfig::default(),
             durability: Durability::Sync,
             segment_size: 64 << 20,
+            log_write: LogWrite::default(),
             snapshot_every_bytes: 512 << 20,
             retire_log: true,
             storage: SharedStorage::default(),
@@ -396,7 +400,7 @@ impl Node {
             let shard_dir = wal::shard_dir(&dir, shard as u32);
             // Opening the writer first repairs a torn tail (and refuses a corrupt log); replay
             // then reads exactly what the writer will continue after.
-            let wal_config = WalConfig { segment_size: config.segment_size, persist_mode };
+            let wal_config = WalConfig { segment_size: config.segment_size, persist_mode, write: config.log_write };
             let (wal, report) = Wal::open(&shard_dir, shard as u32, wal_config, storage.clone())
                 .map_err(|e| NodeError::Corrupt(e.to_string()))?;
             if let RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } = &report.outcome {

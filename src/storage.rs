@@ -3,8 +3,9 @@
 //! Owns: how bytes reach a file and when they are durable. Three implementations:
 //! - [`MmapStorage`]: real files, space reserved with `posix_fallocate` at creation (so a full
 //!   disk is an error at allocation time, never a SIGBUS on a later store into the mapping),
-//!   mapped with `MmapMut`; a write is a copy into the mapping, a sync is `msync(MS_SYNC)` of the
-//!   written range (on Linux this is `fdatasync` restricted to that range).
+//!   mapped with `MmapMut`; a write is a copy into the mapping (or, `write_unmapped`, a
+//!   `pwrite` to the same file), a sync is `msync(MS_SYNC)` of the written range (on Linux this
+//!   is `fdatasync` restricted to that range).
 //! - [`FaultyStorage`]: wraps another storage and fails the Nth write, sync or allocation, so the
 //!   error paths of the log run in tests.
 //! - [`MemStorage`]: an in-memory crash image that keeps live bytes (what the process sees) and
@@ -90,6 +91,13 @@ pub trait StorageFile: Send + Sync {
     fn bytes(&self) -> &[u8];
     /// Copies `data` to `offset`. Not durable until `sync` covers it.
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError>;
+    /// Like `write` (same bytes, same durability once `sync` covers them), but for a mapped
+    /// file through its descriptor (`pwrite(2)`) instead of through the mapping, so the pages
+    /// are never dirtied through this process's page tables (see `wal::LogWrite`). Elsewhere
+    /// the same as `write`.
+    fn write_unmapped(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        self.write(offset, data)
+    }
     /// Makes `[offset, offset + len)` durable. Must not return before it is.
     fn sync(&mut self, offset: u64, len: u64) -> Result<(), StorageError>;
 }
@@ -136,9 +144,8 @@ enum Map {
 
 struct MmapFile {
     path: PathBuf,
-    // Kept open for the lifetime of the mapping; the mapping does not need it, but error
-    // reporting and future fdatasync fallbacks do.
-    _file: File,
+    // Kept open for the lifetime of the mapping: `write_unmapped` writes through it.
+    file: File,
     map: Map,
 }
 
@@ -194,7 +201,7 @@ impl Storage for MmapStorage {
         // SAFETY: the file is ours (created with create_new under the directory lock) and is
         // never truncated while mapped.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err("mmap", path, e))?;
-        Ok(Box::new(MmapFile { path: path.to_path_buf(), _file: file, map: Map::ReadWrite(map) }))
+        Ok(Box::new(MmapFile { path: path.to_path_buf(), file, map: Map::ReadWrite(map) }))
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Box<dyn StorageFile>, StorageError> {
@@ -216,7 +223,7 @@ impl Storage for MmapStorage {
                 }
             }
         };
-        Ok(Box::new(MmapFile { path: path.to_path_buf(), _file: file, map }))
+        Ok(Box::new(MmapFile { path: path.to_path_buf(), file, map }))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
@@ -268,6 +275,18 @@ impl StorageFile for MmapFile {
                     .copy_from_slice(data);
                 Ok(())
             }
+            Map::ReadOnly(_) | Map::Empty => Err(StorageError::ReadOnly { path: self.path.clone() }),
+        }
+    }
+
+    fn write_unmapped(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        use std::os::unix::fs::FileExt;
+        checked_range(&self.path, offset, data.len() as u64, self.size())?;
+        match &self.map {
+            // The same page cache pages the mapping shows: `bytes()` sees the data at once, and
+            // the msync of `sync` writes them back (msync of a shared file mapping syncs the
+            // file's range, however its pages were dirtied).
+            Map::ReadWrite(_) => self.file.write_all_at(data, offset).map_err(|e| io_err("pwrite", &self.path, e)),
             Map::ReadOnly(_) | Map::Empty => Err(StorageError::ReadOnly { path: self.path.clone() }),
         }
     }
@@ -437,6 +456,13 @@ impl StorageFile for FaultyFile {
             return Err(injected("write", self.inner.path(), libc::EIO));
         }
         self.inner.write(offset, data)
+    }
+
+    fn write_unmapped(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        if FaultPlan::trip(&self.plan.writes, &self.plan.write_countdown) {
+            return Err(injected("pwrite", self.inner.path(), libc::EIO));
+        }
+        self.inner.write_unmapped(offset, data)
     }
 
     fn sync(&mut self, offset: u64, len: u64) -> Result<(), StorageError> {

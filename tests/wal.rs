@@ -7,13 +7,13 @@ use proptest::prelude::*;
 use stormledger::error::{StorageError, WalCorruption, WalError};
 use stormledger::storage::{Crash, FaultyStorage, MemStorage, MmapStorage, Storage};
 use stormledger::wal::record::{self, RECORD_HEADER_SIZE};
-use stormledger::wal::{recover, PersistMode, RecoveryOutcome, RecoveryPolicy, Wal, WalConfig, WalReader};
+use stormledger::wal::{recover, LogWrite, PersistMode, RecoveryOutcome, RecoveryPolicy, Wal, WalConfig, WalReader};
 
 const SHARD: u32 = 0;
 const SEG: u64 = 64 << 10;
 
 fn cfg(mode: PersistMode) -> WalConfig {
-    WalConfig { segment_size: SEG, persist_mode: mode }
+    WalConfig { segment_size: SEG, persist_mode: mode, ..WalConfig::default() }
 }
 
 fn mem_dir() -> PathBuf {
@@ -64,16 +64,26 @@ fn expect_corrupt(result: Result<impl std::fmt::Debug, WalError>) -> (PathBuf, u
 
 #[test]
 fn roundtrip_across_rollover_and_reopen_on_real_files() {
+    // Each way of writing the segments, and a log written one way and continued the other.
+    for (first, then) in
+        [(LogWrite::Mmap, LogWrite::Mmap), (LogWrite::Pwrite, LogWrite::Pwrite), (LogWrite::Pwrite, LogWrite::Mmap)]
+    {
+        roundtrip_on_real_files(first, then);
+    }
+}
+
+fn roundtrip_on_real_files(first: LogWrite, then: LogWrite) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shard-00");
     let storage: Arc<dyn Storage> = Arc::new(MmapStorage);
-    let (mut wal, report) = Wal::open(&dir, SHARD, cfg(PersistMode::Sync), storage.clone()).unwrap();
+    let config = |write| WalConfig { write, ..cfg(PersistMode::Sync) };
+    let (mut wal, report) = Wal::open(&dir, SHARD, config(first), storage.clone()).unwrap();
     assert_eq!(report.outcome, RecoveryOutcome::Empty);
     assert_eq!(append_synced(&mut wal, 300), 300);
     assert!(wal.segment_indexes().len() >= 3, "expected rollover: {:?}", wal.segment_indexes());
     drop(wal);
 
-    let (mut wal, report) = Wal::open(&dir, SHARD, cfg(PersistMode::Sync), storage.clone()).unwrap();
+    let (mut wal, report) = Wal::open(&dir, SHARD, config(then), storage.clone()).unwrap();
     assert_eq!(report.outcome, RecoveryOutcome::Clean);
     assert_eq!((report.first_lsn, report.next_lsn, report.records), (1, 301, 300));
     append_synced(&mut wal, 50);
@@ -275,22 +285,25 @@ fn lsn_gaps_are_corruption() {
 
 #[test]
 fn failed_write_poisons_the_writer() {
-    let mem = MemStorage::new();
-    let faulty = FaultyStorage::new(Arc::new(mem.clone()));
-    let (mut wal, _) = Wal::open(&mem_dir(), SHARD, cfg(PersistMode::Sync), Arc::new(faulty.clone())).unwrap();
-    append_synced(&mut wal, 3);
-    faulty.fail_nth_write(2); // the payload write of the next append
-    let err = wal.append(1, 40, &payload(4, len_for(4))).unwrap_err();
-    assert!(matches!(&err, WalError::Storage(e) if e.raw_os_error() == Some(libc::EIO)), "{err}");
-    assert!(wal.is_poisoned());
-    assert!(matches!(wal.append(1, 40, b"x"), Err(WalError::Poisoned)));
-    assert!(matches!(wal.sync(), Err(WalError::Poisoned)));
-    drop(wal);
-    // Restart: the half-written record is a torn tail (it was never synced).
-    let image = mem.crash(Crash::ProcessKill);
-    let (mut wal, report) = Wal::open(&mem_dir(), SHARD, cfg(PersistMode::Sync), Arc::new(image.clone())).unwrap();
-    assert!(matches!(report.outcome, RecoveryOutcome::TruncatedTail { .. }), "{report:?}");
-    assert_eq!(append_synced(&mut wal, 1), 4);
+    for write in [LogWrite::Mmap, LogWrite::Pwrite] {
+        let config = WalConfig { write, ..cfg(PersistMode::Sync) };
+        let mem = MemStorage::new();
+        let faulty = FaultyStorage::new(Arc::new(mem.clone()));
+        let (mut wal, _) = Wal::open(&mem_dir(), SHARD, config, Arc::new(faulty.clone())).unwrap();
+        append_synced(&mut wal, 3);
+        faulty.fail_nth_write(2); // the payload write of the next append
+        let err = wal.append(1, 40, &payload(4, len_for(4))).unwrap_err();
+        assert!(matches!(&err, WalError::Storage(e) if e.raw_os_error() == Some(libc::EIO)), "{err}");
+        assert!(wal.is_poisoned());
+        assert!(matches!(wal.append(1, 40, b"x"), Err(WalError::Poisoned)));
+        assert!(matches!(wal.sync(), Err(WalError::Poisoned)));
+        drop(wal);
+        // Restart: the half-written record is a torn tail (it was never synced).
+        let image = mem.crash(Crash::ProcessKill);
+        let (mut wal, report) = Wal::open(&mem_dir(), SHARD, config, Arc::new(image.clone())).unwrap();
+        assert!(matches!(report.outcome, RecoveryOutcome::TruncatedTail { .. }), "{report:?}");
+        assert_eq!(append_synced(&mut wal, 1), 4);
+    }
 }
 
 #[test]
@@ -358,7 +371,7 @@ fn oversized_payload_is_refused_without_poisoning() {
 fn invalid_config_is_refused() {
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
     for segment_size in [0, 1000, 4097, 2 << 30] {
-        let c = WalConfig { segment_size, persist_mode: PersistMode::Sync };
+        let c = WalConfig { segment_size, persist_mode: PersistMode::Sync, ..WalConfig::default() };
         let err = Wal::open(&mem_dir(), SHARD, c, storage.clone()).unwrap_err();
         assert!(matches!(err, WalError::InvalidConfig { .. }));
     }
@@ -462,7 +475,7 @@ proptest! {
         reopen_at in 0usize..60,
     ) {
         let mem = MemStorage::new();
-        let config = WalConfig { segment_size: 8192, persist_mode: PersistMode::Sync };
+        let config = WalConfig { segment_size: 8192, persist_mode: PersistMode::Sync, ..WalConfig::default() };
         let (mut wal, _) = Wal::open(&mem_dir(), SHARD, config, Arc::new(mem.clone())).unwrap();
         for (i, (kind, ts, body)) in batches.iter().enumerate() {
             if i == reopen_at {

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::ledger::amount::parse_yuan;
 use crate::ledger::command::{AccountKind, Channel, FailReason};
 use crate::node::Durability;
+use crate::wal::LogWrite;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -150,6 +151,12 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_SEGMENT_MIB", value_name = "MIB")]
     pub segment_mib: Option<u64>,
 
+    /// How the log writes a batch into its memory-mapped segment: mmap (a copy into the
+    /// mapping) or pwrite (the write system call; same bytes and durability, a cheaper sync:
+    /// see docs/operations.md) [default: mmap].
+    #[arg(long, env = "STORMLEDGER_LOG_WRITE", value_name = "METHOD", value_parser = parse_log_write)]
+    pub log_write: Option<LogWrite>,
+
     /// TOML config file (keys as the long flags, with `_` for `-`; see docs/operations.md).
     #[arg(long, env = "STORMLEDGER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -173,6 +180,10 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_ALLOW_REMOTE", action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_remote: bool,
+}
+
+pub fn parse_log_write(s: &str) -> Result<LogWrite, String> {
+    s.parse()
 }
 
 pub fn parse_durability(s: &str) -> Result<Durability, String> {

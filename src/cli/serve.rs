@@ -9,12 +9,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::args::{parse_durability, Cli, ServeArgs};
+use super::args::{parse_durability, parse_log_write, Cli, ServeArgs};
 use super::{metrics, token, EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
 use crate::config::{LedgerConfig, ShardLimits};
 use crate::engine::EngineConfig;
 use crate::node::{Durability, Node, NodeConfig, NodeError};
 use crate::server::{Backend, Server, ServerConfig};
+use crate::wal::LogWrite;
 
 pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
@@ -41,6 +42,7 @@ pub struct FileConfig {
     pub feed_events_max: Option<usize>,
     pub snapshot_every_mib: Option<u64>,
     pub segment_mib: Option<u64>,
+    pub log_write: Option<String>,
     pub ledger: Option<LedgerConfig>,
 }
 
@@ -111,6 +113,7 @@ pub struct ServeConfig {
     pub feed_events_max: usize,
     pub snapshot_every_bytes: u64,
     pub segment_size: u64,
+    pub log_write: LogWrite,
 }
 
 impl ServeConfig {
@@ -173,6 +176,11 @@ impl ServeConfig {
         if !(1..=1024).contains(&segment_mib) {
             return Err(format!("--segment-mib must be in 1..=1024, got {segment_mib}"));
         }
+        let log_write = match (args.log_write, file.log_write) {
+            (Some(w), _) => w,
+            (None, Some(text)) => parse_log_write(&text).map_err(|e| format!("config file: log_write: {e}"))?,
+            (None, None) => node_defaults.log_write,
+        };
         Ok(ServeConfig {
             data_dir,
             listen,
@@ -188,6 +196,7 @@ impl ServeConfig {
             feed_events_max,
             snapshot_every_bytes,
             segment_size: segment_mib << 20,
+            log_write,
         })
     }
 }
@@ -297,6 +306,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         engine,
         durability: config.durability,
         segment_size: config.segment_size,
+        log_write: config.log_write,
         snapshot_every_bytes: config.snapshot_every_bytes,
         ..NodeConfig::new(dir.clone())
     };
@@ -305,10 +315,11 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         e => format!("cannot open data directory {}: {e}", dir.display()),
     })?;
     eprintln!(
-        "stormledger: data directory {}, {} shards, durability {:?}, client token {}, admin token {}",
+        "stormledger: data directory {}, {} shards, durability {:?}, log write {}, client token {}, admin token {}",
         dir.display(),
         config.shards,
         config.durability,
+        config.log_write,
         describe(&config.token),
         describe(&config.admin_token)
     );
@@ -441,7 +452,7 @@ mod tests {
         std::fs::write(
             &file,
             "data_dir = \"/srv/ledger\"\nlisten = \"127.0.0.1:9000\"\nshards = 3\ndurability = \"buffered\"\n\
-             metrics = \"127.0.0.1:9100\"\n[ledger]\ncoins_per_yuan = 20\n",
+             metrics = \"127.0.0.1:9100\"\nlog_write = \"pwrite\"\n[ledger]\ncoins_per_yuan = 20\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
@@ -451,10 +462,18 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.shards, 2);
         assert_eq!(c.durability, Durability::Buffered);
+        assert_eq!(c.log_write, LogWrite::Pwrite);
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(c.ledger.coins_per_yuan, 20);
         assert_eq!(c.token, TokenSource::File(PathBuf::from("/srv/ledger/auth.token")));
         assert_eq!(c.admin_token, TokenSource::File(PathBuf::from("/srv/ledger/admin.token")));
+
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--log-write", "mmap"]);
+        assert_eq!(ServeConfig::resolve(&cli, &args).unwrap().log_write, LogWrite::Mmap);
+        std::fs::write(&file, "log_write = \"direct\"\n").unwrap();
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f]);
+        let err = ServeConfig::resolve(&cli, &args).unwrap_err();
+        assert!(err.contains("log_write") && err.contains("expected mmap or pwrite"), "{err}");
 
         std::fs::write(&file, "listen_addr = \"x\"\n").unwrap();
         let (cli, args) = parse(&["stormledger", "serve", "--config", f]);
@@ -471,6 +490,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(c.durability, Durability::Sync);
+        assert_eq!(c.log_write, LogWrite::Mmap);
         assert!(c.metrics.is_none());
     }
 }

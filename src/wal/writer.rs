@@ -21,7 +21,7 @@ use super::record::{
     encode_record_header, encode_segment_header, record_size, SegmentInfo, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use super::recovery::{self, RecoveryPolicy, RecoveryReport};
-use super::{segment_file_name, spare_file_name, PersistMode, WalConfig, MAX_SEGMENT_INDEX};
+use super::{segment_file_name, spare_file_name, LogWrite, PersistMode, WalConfig, MAX_SEGMENT_INDEX};
 
 /// A segment of this log, oldest first; the last one is the active segment.
 #[derive(Clone, Copy, Debug)]
@@ -140,8 +140,17 @@ impl Wal {
         }
         let lsn = self.next_lsn;
         let header = encode_record_header(self.shard_id, kind, lsn, timestamp, payload);
-        self.active.write(self.write_offset, header.as_bytes())?;
-        self.active.write(self.write_offset + RECORD_HEADER_SIZE, payload)?;
+        let body = self.write_offset + RECORD_HEADER_SIZE;
+        match self.config.write {
+            LogWrite::Mmap => {
+                self.active.write(self.write_offset, header.as_bytes())?;
+                self.active.write(body, payload)?;
+            }
+            LogWrite::Pwrite => {
+                self.active.write_unmapped(self.write_offset, header.as_bytes())?;
+                self.active.write_unmapped(body, payload)?;
+            }
+        }
         // Padding is not written: the segment was allocated as zeros and is never reused.
         self.write_offset += size;
         self.next_lsn += 1;
