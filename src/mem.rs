@@ -10,8 +10,8 @@
 //! The account vector and the account index (ids and published balances) are advised too:
 //! every tip probes the payer's index entry and touches its account and balance, at random,
 //! and with 4 KiB pages those were TLB misses that the prefetches waited for (with 1 M users,
-//! one shard's tips took 176-221 ns each before, 140-154 ns after, five runs each way of the
-//! uncommitted apply harness described in docs/benchmarks.md). A snapshot load, though, fills
+//! the fastest batch of one shard's tips took 163-208 ns a tip before, 140-154 ns after, five
+//! runs each way; docs/benchmarks.md, session 5). A snapshot load, though, fills
 //! them all at once at start-up, and with the hint the kernel compacts memory for every 2 MiB
 //! page it hands out, which made loading 10 M accounts in a fresh process take 2.3 s instead
 //! of 0.6 s. So a new shard advises them at once (`ShardState::new`), and a snapshot load

@@ -100,8 +100,9 @@ impl FromStr for PersistMode {
 /// TLB-shootdown interrupt to every other core running the process (a VM exit each, under a
 /// hypervisor), plus a page fault on the first store to each page. A page written by `pwrite`
 /// was never writable in the process's page tables, so write-back needs neither. On the
-/// development VM `pwrite` made the durable engine 20-75 % faster and its balance reads' p99.9
-/// 8x shorter (docs/benchmarks.md, session 5).
+/// development VM the durable server's TCP storm ran 36-70 % faster with `pwrite`, and the
+/// p99.9 of balance reads during the in-process storm fell from 12-15 us to 1.4-3.5 us
+/// (docs/benchmarks.md, session 5).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub enum LogWrite {
     /// A copy into the shared mapping (`MmapMut`): the log as the design card describes it.
