@@ -215,6 +215,16 @@ struct Leg {
 impl ShardState {
     /// A new shard with its system accounts (genesis).
     pub fn new(shard: u16, shards: u16, config: LedgerConfig, limits: ShardLimits) -> ShardState {
+        Self::genesis(shard, shards, config, limits, true)
+    }
+
+    /// `new` without the huge-page hints on the account vector and index, for a snapshot load,
+    /// which replaces both with ones it fills itself and advises afterwards (see `mem`).
+    pub(crate) fn new_unadvised(shard: u16, shards: u16, config: LedgerConfig, limits: ShardLimits) -> ShardState {
+        Self::genesis(shard, shards, config, limits, false)
+    }
+
+    fn genesis(shard: u16, shards: u16, config: LedgerConfig, limits: ShardLimits, advise: bool) -> ShardState {
         assert!(shard < shards);
         let gift_prices = config.gifts.iter().copied().collect();
         let mut state = ShardState {
@@ -224,7 +234,10 @@ impl ShardState {
             index: Arc::new(AccountIndex::new(limits.accounts_max)),
             // Reserved, not touched: pages become resident as accounts are created, and the
             // vector never reallocates (no copy stall, no garbage left behind).
-            accounts: crate::mem::huge_vec(limits.accounts_max as usize),
+            accounts: match advise {
+                true => crate::mem::huge_vec(limits.accounts_max as usize),
+                false => Vec::with_capacity(limits.accounts_max as usize),
+            },
             methods: Methods::default(),
             ids: IdTable::new(limits.ids_max as usize),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
@@ -243,7 +256,9 @@ impl ShardState {
             config,
             limits,
         };
-        state.index.advise_huge();
+        if advise {
+            state.index.advise_huge();
+        }
         for (id, kind) in SYSTEM_ACCOUNTS {
             state.insert_account(Account::new(id, kind, 0, 0)).expect("capacity for system accounts");
         }

@@ -541,11 +541,12 @@ pub fn decode<'a>(
     if shard >= shards {
         return Err(m.bad("shard number"));
     }
-    let mut state = ShardState::new(shard, shards, config, limits.clone());
-    // Genesis created the system accounts; the snapshot has them (with balances), so start
-    // empty, in memory not yet advised for huge pages: filled all at once with the hint, the
-    // kernel would compact memory for every 2 MiB page (see `mem`). Advised once filled.
-    state.accounts = Vec::with_capacity(limits.accounts_max as usize);
+    // Without the huge-page hints: filled all at once with them, the kernel would compact
+    // memory for every 2 MiB page (see `mem`). The account vector and index are advised once
+    // filled.
+    let mut state = ShardState::new_unadvised(shard, shards, config, limits.clone());
+    // Genesis created the system accounts; the snapshot has them (with balances), so start empty.
+    state.accounts.clear();
     state.last_timestamp = m.u64()?;
     state.id_seq = m.u64()?;
     state.replica_out = m.u64()?;
