@@ -98,11 +98,11 @@ impl StormSpec {
         let mut phases = vec![union, streamers, users, methods];
         // A shard holds a bounded number of pending top-ups (at least `TOPUPS_MIN`; a begin
         // beyond it is answered `busy`): begin and confirm them a bounded number at a time.
-        let user_ids: Vec<u64> = (1..=self.users).collect();
-        for chunk in user_ids.chunks(TOPUPS_MIN) {
+        for first in (1..=self.users).step_by(TOPUPS_MIN) {
+            let chunk = first..=(first + TOPUPS_MIN as u64 - 1).min(self.users);
             let begins = chunk
-                .iter()
-                .map(|&u| Command::TopUpBegin {
+                .clone()
+                .map(|u| Command::TopUpBegin {
                     id: TOPUP_BASE + u,
                     user: u,
                     method: 1,
@@ -110,8 +110,7 @@ impl StormSpec {
                 })
                 .collect();
             let confirms = chunk
-                .iter()
-                .map(|&u| Command::TopUpConfirm {
+                .map(|u| Command::TopUpConfirm {
                     id: TOPUP_BASE + u,
                     fen: self.topup_yuan_of(u) * 100,
                     channel_txn: text_field(&format!("S{u}")).expect("short ascii"),

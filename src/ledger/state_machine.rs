@@ -234,9 +234,10 @@ impl ShardState {
             index: Arc::new(AccountIndex::new(limits.accounts_max)),
             // Reserved, not touched: pages become resident as accounts are created, and the
             // vector never reallocates (no copy stall, no garbage left behind).
-            accounts: match advise {
-                true => crate::mem::huge_vec(limits.accounts_max as usize),
-                false => Vec::with_capacity(limits.accounts_max as usize),
+            accounts: if advise {
+                crate::mem::huge_vec(limits.accounts_max as usize)
+            } else {
+                Vec::with_capacity(limits.accounts_max as usize)
             },
             methods: Methods::default(),
             ids: IdTable::new(limits.ids_max as usize),
