@@ -147,6 +147,27 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
 pub struct ClusterFile {
     pub format: u32,
     pub shards: u16,
+    /// The per-shard limits that decide results (`ShardLimits::accounts_max` decides when a
+    /// create answers `capacity_exhausted`, `ids_max` which ids are still remembered and which
+    /// ended top-ups are kept). The log replays to the answers it acknowledged only under the
+    /// limits it was written with, so they are fixed with the directory. Absent in a directory
+    /// created before they were recorded: the first start records the limits it runs with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts_max: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids_max: Option<u32>,
+}
+
+impl ClusterFile {
+    /// `limits` with the recorded result-deciding limits in place of its own (`history_max`,
+    /// which only bounds what reads can still see, is not fixed).
+    pub fn limits(&self, limits: &ShardLimits) -> ShardLimits {
+        ShardLimits {
+            accounts_max: self.accounts_max.unwrap_or(limits.accounts_max),
+            ids_max: self.ids_max.unwrap_or(limits.ids_max),
+            ..limits.clone()
+        }
+    }
 }
 
 /// Reads `DIR/cluster.json` and `DIR/ledger.json`, if the directory was initialised.
@@ -366,7 +387,7 @@ impl Node {
             return Ok(Node { engine: Arc::new(engine), _lock: Some(lock) });
         }
         match read_data_dir(&dir)? {
-            Some((cluster, ledger)) => {
+            Some((mut cluster, ledger)) => {
                 if cluster.shards != config.engine.shards {
                     eprintln!(
                         "note: {} was created with {} shards; using {} (the shard count is fixed per data directory)",
@@ -380,9 +401,31 @@ impl Node {
                     eprintln!("note: using the business rules stored in {}/ledger.json", dir.display());
                     config.engine.ledger = ledger;
                 }
+                let limits = cluster.limits(&config.engine.limits);
+                if limits != config.engine.limits {
+                    eprintln!(
+                        "note: {} was created with accounts_max {} and ids_max {} per shard; using them (they decide \
+                         results, so they are fixed per data directory)",
+                        dir.display(),
+                        limits.accounts_max,
+                        limits.ids_max
+                    );
+                    config.engine.limits = limits;
+                }
+                if cluster.accounts_max.is_none() || cluster.ids_max.is_none() {
+                    // A directory from before the limits were recorded: from now on they are.
+                    cluster.accounts_max = Some(config.engine.limits.accounts_max);
+                    cluster.ids_max = Some(config.engine.limits.ids_max);
+                    write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
+                }
             }
             None => {
-                let cluster = ClusterFile { format: DATA_FORMAT_VERSION, shards: config.engine.shards };
+                let cluster = ClusterFile {
+                    format: DATA_FORMAT_VERSION,
+                    shards: config.engine.shards,
+                    accounts_max: Some(config.engine.limits.accounts_max),
+                    ids_max: Some(config.engine.limits.ids_max),
+                };
                 let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
                 write_atomic(&dir, "ledger.json", &ledger)?;
                 write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;

@@ -143,6 +143,41 @@ fn the_shard_count_and_rules_of_a_directory_are_kept() {
     assert_eq!(balances(node.engine(), &spec), before);
 }
 
+#[test]
+fn the_limits_that_decide_results_are_kept_with_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config(dir.path(), 2);
+    config.engine.limits.ids_max = 64;
+    let spec = spec();
+    let node = Node::open(config.clone()).unwrap();
+    setup(node.engine(), &spec);
+    let tip = |coins| Command::Tip { id: 5_000_001, from: 7, to: STREAMER_BASE, coins };
+    assert_eq!(node.engine().execute(&[tip(1)])[0].status.get(), 0);
+    // The tip's id leaves the 64-id window; the same id with other fields is then a new command.
+    storm(node.engine(), &spec, 10, 0);
+    assert_eq!(node.engine().execute(&[tip(2)])[0].status.get(), 0);
+    let before = balances(node.engine(), &spec);
+    node.shutdown();
+    // Restarted with larger limits, the log is still replayed under its own: under a 8 192-id
+    // window the reused id would be remembered, refused, and the balances would differ.
+    config.engine.limits = ShardLimits { accounts_max: 8192, history_max: 4096, ids_max: 8192 };
+    let node = Node::open(config.clone()).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+    node.engine().audit();
+    node.shutdown();
+    let cluster = |dir: &Path| stormledger::node::read_data_dir(dir).unwrap().unwrap().0;
+    assert_eq!((cluster(dir.path()).accounts_max, cluster(dir.path()).ids_max), (Some(4096), Some(64)));
+
+    // A directory from before the limits were recorded records those of its next start.
+    std::fs::write(dir.path().join("cluster.json"), r#"{"format": 1, "shards": 2}"#).unwrap();
+    config.engine.limits.ids_max = 64;
+    config.engine.limits.accounts_max = 4096;
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+    node.shutdown();
+    assert_eq!((cluster(dir.path()).accounts_max, cluster(dir.path()).ids_max), (Some(4096), Some(64)));
+}
+
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()

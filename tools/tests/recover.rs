@@ -53,6 +53,8 @@ fn verify_replay_and_inspect_a_healthy_directory() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["ok"], true);
     assert_eq!(v["coin_sum"], "0");
+    // It replays under the limits the directory was made with (they decide results).
+    assert_eq!(v["limits"], serde_json::json!({"accounts_max": 4096, "ids_max": 8192, "recorded": true}));
     let (code, out) = tool(&["replay", d, "--json"]);
     assert_eq!(code, 0, "{out}");
     let (code, out) = tool(&["inspect", d, "--account", "7", "--limit", "5"]);

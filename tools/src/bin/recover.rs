@@ -16,7 +16,7 @@ use zerocopy::FromBytes;
 use stormledger::config::ShardLimits;
 use stormledger::layout::CommandRecord;
 use stormledger::ledger::command::kind;
-use stormledger::node::{load_shard, read_data_dir, NodeError, RECORD_KIND_COMMANDS};
+use stormledger::node::{load_shard, read_data_dir, ClusterFile, NodeError, RECORD_KIND_COMMANDS};
 use stormledger::storage::{DirLock, MmapStorage};
 use stormledger::wal::{self, RecoveryOutcome, RecoveryPolicy, WalReader};
 
@@ -72,14 +72,18 @@ enum Cmd {
     },
 }
 
-/// Ids large enough for a shard's snapshot and log (the tool does not know the server's flags).
-fn tool_limits() -> ShardLimits {
-    ShardLimits { accounts_max: 1 << 26, history_max: 1 << 20, ids_max: 1 << 22 }
+/// The limits to replay with. A directory records the ones that decide results
+/// (`ClusterFile::limits`) and the log replays to its acknowledged answers only under those; a
+/// directory from before they were recorded gets limits large enough for any shard (the
+/// replay's answers can then differ from the server's where an id was reused after it left the
+/// server's window, or a create was refused for capacity).
+fn replay_limits(cluster: &ClusterFile) -> ShardLimits {
+    cluster.limits(&ShardLimits { accounts_max: 1 << 26, history_max: 1 << 20, ids_max: 1 << 22 })
 }
 
-fn open_dir(dir: &Path) -> Result<(u16, stormledger::config::LedgerConfig), String> {
+fn open_dir(dir: &Path) -> Result<(ClusterFile, stormledger::config::LedgerConfig), String> {
     match read_data_dir(dir) {
-        Ok(Some((cluster, ledger))) => Ok((cluster.shards, ledger)),
+        Ok(Some((cluster, ledger))) => Ok((cluster, ledger)),
         Ok(None) => Err(format!("{} is not a stormledger data directory (no cluster.json)", dir.display())),
         Err(e) => Err(e.to_string()),
     }
@@ -101,14 +105,15 @@ struct ShardReport {
 }
 
 /// Loads every shard at once, a thread each (as the server recovers), a progress line each.
-fn load_all(dir: &Path, shards: u16, ledger: &stormledger::config::LedgerConfig) -> Vec<ShardReport> {
+fn load_all(dir: &Path, cluster: &ClusterFile, ledger: &stormledger::config::LedgerConfig) -> Vec<ShardReport> {
+    let (shards, limits) = (cluster.shards, &replay_limits(cluster));
     let bars = MultiProgress::new();
     std::thread::scope(|scope| {
         let threads: Vec<_> = (0..shards)
             .map(|shard| {
                 let bar = bars.add(progress(shard));
                 scope.spawn(move || {
-                    let loaded = load_shard(dir, shard, shards, ledger, &tool_limits(), &mut |n| bar.set_position(n));
+                    let loaded = load_shard(dir, shard, shards, ledger, limits, &mut |n| bar.set_position(n));
                     bar.finish_and_clear();
                     ShardReport { shard, loaded }
                 })
@@ -132,11 +137,13 @@ fn outcome_json(outcome: &RecoveryOutcome) -> serde_json::Value {
 }
 
 fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String> {
-    let (shards, ledger) = open_dir(dir)?;
+    let (cluster, ledger) = open_dir(dir)?;
     let mut ok = true;
     let mut out = Vec::new();
     let mut totals = [0i128; 2];
-    let reports = load_all(dir, shards, &ledger);
+    let reports = load_all(dir, &cluster, &ledger);
+    let limits = replay_limits(&cluster);
+    let recorded = cluster.accounts_max.is_some() && cluster.ids_max.is_some();
     let states: Vec<_> = reports.iter().filter_map(|r| r.loaded.as_ref().ok()).collect();
     for r in &reports {
         let shard = r.shard;
@@ -191,8 +198,14 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
         }
     }
     if json_out {
-        let summary =
-            json!({"ok": ok, "shards": out, "fen_sum": totals[0].to_string(), "coin_sum": totals[1].to_string()});
+        let limits = json!({"accounts_max": limits.accounts_max, "ids_max": limits.ids_max, "recorded": recorded});
+        let summary = json!({
+            "ok": ok,
+            "shards": out,
+            "fen_sum": totals[0].to_string(),
+            "coin_sum": totals[1].to_string(),
+            "limits": limits,
+        });
         println!("{summary}");
     } else {
         for s in &out {
@@ -206,13 +219,19 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                 println!("shard {shard}: FAILED: {}", s.get("error").unwrap_or(&s["problems"]));
             }
         }
+        if !recorded {
+            println!(
+                "note: the directory does not record its limits (made before they were); replayed with accounts_max {} and ids_max {}",
+                limits.accounts_max, limits.ids_max
+            );
+        }
         println!("{}", if ok { "all checks passed" } else { "verification FAILED" });
     }
     Ok(ok)
 }
 
 fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option<u16>) -> Result<bool, String> {
-    let (shards, _) = open_dir(dir)?;
+    let shards = open_dir(dir)?.0.shards;
     let mut printed = 0u64;
     for shard in 0..shards {
         if only.is_some_and(|s| s != shard) {
@@ -253,7 +272,7 @@ fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option
 }
 
 fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
-    let (shards, _) = open_dir(dir)?;
+    let shards = open_dir(dir)?.0.shards;
     let _lock = if dry_run {
         None
     } else {
