@@ -323,6 +323,13 @@ fn a_top_up_callback_after_its_id_left_the_window_is_routed_and_applied_across_r
     node.shutdown();
     // After a restart from a snapshot: the repeated callback gets the original answer, once.
     let node = Node::open(config).unwrap();
+    // `lookup` of its id still answers with the begin, rebuilt from the top-up.
+    let mut q =
+        stormledger::layout::QueryRecord { kind: stormledger::engine::query_kind::LOOKUP, ..Default::default() };
+    q.key.set(4_000_001);
+    let answer = node.engine().query_blocking(q);
+    assert_eq!((answer.reply.status.get(), answer.reply.value.get()), (0, 60));
+    assert_eq!(Command::from_record(&answer.command.unwrap()).unwrap(), begin);
     let reply = status(node.engine(), confirm);
     assert_eq!((reply.status.get(), reply.value.get(), reply.flags), (0, 60, 1));
     let retried_begin = status(node.engine(), begin);

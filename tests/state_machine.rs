@@ -369,6 +369,32 @@ fn status_codes_are_stable_and_named() {
 }
 
 #[test]
+fn a_held_top_up_answers_lookup_with_its_begin_and_refuses_a_begin_with_another_method() {
+    let mut l = funded();
+    l.run(bind(10, 1));
+    l.run(bind(10, 2)); // the same channel (Alipay) as method 1
+    let begin_at = l.now + SEC;
+    assert_eq!(l.run(begin(7101, 10, 600)).status, Ok);
+    let in_window = l.state.lookup(7101).expect("in the window");
+    for i in 0..70 {
+        l.run(tip(21_000 + i, 10, 20, 1));
+    }
+    assert!(l.state.id_record(7101).is_none(), "the id record left the window");
+    // The lookup answers from the top-up: the same record as while its id was in the window.
+    let held = l.state.lookup(7101).expect("the top-up is held");
+    assert_eq!(held, in_window);
+    assert_eq!(held.timestamp, begin_at);
+    assert_eq!(held.command, begin(7101, 10, 600));
+    assert_eq!((held.reply.status, held.reply.value, held.reply.value2, held.reply.duplicate), (Ok, 60, 600, false));
+    // A begin under its id naming another method of the same channel is another command.
+    let other_method = Command::TopUpBegin { id: 7101, user: 10, method: 2, fen: 600 };
+    assert_eq!(l.run(other_method).status, ExistsWithDifferentFields);
+    assert!(l.run(begin(7101, 10, 600)).duplicate);
+    // Ids nobody used, and tips that left the window, are not found.
+    assert!(l.state.lookup(99_999).is_none() && l.state.lookup(21_000).is_none());
+}
+
+#[test]
 fn a_top_up_outlives_its_id_record_so_late_and_repeated_callbacks_still_find_it() {
     let mut l = funded();
     l.run(bind(10, 1));

@@ -130,6 +130,9 @@ impl TopUpState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TopUp {
     pub user: u64,
+    /// The payment method the begin named. `None` only for a top-up restored from a snapshot
+    /// written before top-ups kept it (`snapshot::state`, section 10).
+    pub method: Option<u64>,
     pub channel: Channel,
     pub fen: u64,
     pub coins: u64,
@@ -306,6 +309,22 @@ impl ShardState {
         let seq = self.ids.get(id)?;
         let front = self.id_ring.front()?.0;
         self.id_ring.get(seq.checked_sub(front)? as usize).map(|(_, r)| r)
+    }
+
+    /// The record `lookup` answers with: the idempotency record of `id` while it is in the
+    /// window; after that, for a top-up begin whose top-up is still kept, the record rebuilt from
+    /// the top-up (its begin command, ingest time and original reply). `None` otherwise, and
+    /// for a top-up restored from a snapshot that did not keep its method.
+    pub fn lookup(&self, id: u64) -> Option<IdRecord> {
+        if let Some(record) = self.id_record(id) {
+            return Some(*record);
+        }
+        self.topup_ids.get(id)?;
+        let topup = self.topups.get(&id)?;
+        let command = Command::TopUpBegin { id, user: topup.user, method: topup.method?, fen: topup.fen };
+        // The deadline is the begin's ingest time plus the top-up time to live (`topup_begin`).
+        let timestamp = topup.deadline - self.config.topup_ttl_seconds * NS_PER_SEC;
+        Some(IdRecord { timestamp, command, reply: Reply::ok(topup.coins as i64, topup.fen as i64) })
     }
 
     /// Whether a command under transfer id `id` would be answered from what the shard keeps:
@@ -794,7 +813,12 @@ impl ShardState {
     /// answer if it is the same begin, else `exists_with_different_fields`.
     fn retried_begin(&self, id: u64, user: u64, method: u64, fen: u64) -> Reply {
         let topup = self.topups.get(&id).expect("a held id has its top-up");
-        let same = topup.user == user && topup.fen == fen && self.methods.get(user, method) == Some(topup.channel);
+        let same_method = match topup.method {
+            Some(m) => m == method,
+            // Restored from a snapshot that did not keep the method: the channel is what is known.
+            None => self.methods.get(user, method) == Some(topup.channel),
+        };
+        let same = topup.user == user && topup.fen == fen && same_method;
         if same {
             Reply { duplicate: true, ..Reply::ok(topup.coins as i64, topup.fen as i64) }
         } else {
@@ -825,6 +849,7 @@ impl ShardState {
             id,
             TopUp {
                 user,
+                method: Some(method),
                 channel,
                 fen,
                 coins,

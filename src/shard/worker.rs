@@ -587,7 +587,7 @@ pub fn run(
                 ShardQuery::History { account, limit, before } => {
                     ShardAnswer::History(state.history(account, limit, before))
                 }
-                ShardQuery::Lookup { id } => ShardAnswer::Lookup(state.id_record(id).copied()),
+                ShardQuery::Lookup { id } => ShardAnswer::Lookup(state.lookup(id)),
                 ShardQuery::TopUp { id } => ShardAnswer::TopUp(state.topup(id).copied()),
                 ShardQuery::Audit => ShardAnswer::Audit(AuditSummary {
                     shard,

@@ -30,6 +30,9 @@ pub const SECTION_PENDING: u32 = 6;
 pub const SECTION_HISTORY: u32 = 7;
 pub const SECTION_OUTBOX: u32 = 8;
 pub const SECTION_ACCOUNT_IDS: u32 = 9;
+/// The payment method of each top-up, in the top-ups section's order. Optional when loading:
+/// a snapshot written before top-ups kept their method has none (the methods are then unknown).
+pub const SECTION_TOPUP_METHODS: u32 = 10;
 
 /// Shape byte of an account record: which fields follow (the others are zero).
 const HAS_BALANCE: u8 = 1 << 0;
@@ -255,7 +258,10 @@ fn encode_without_methods(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
     let mut topups_sorted: Vec<_> = state.topups.iter().map(|(&k, v)| (k, *v)).collect();
     topups_sorted.sort_unstable_by_key(|e| e.0);
     let mut topups = W(Vec::with_capacity(topups_sorted.len() * TOPUP_SIZE));
+    let mut topup_methods = W(Vec::with_capacity(topups_sorted.len() * 9));
     for (id, t) in topups_sorted {
+        topup_methods.u8(t.method.is_some() as u8);
+        topup_methods.u64(t.method.unwrap_or(0));
         topups.u64(id);
         topups.u64(t.user);
         topups.u64(t.fen);
@@ -311,6 +317,7 @@ fn encode_without_methods(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
         (SECTION_ACCOUNTS, accounts),
         (SECTION_IDS, ids.0),
         (SECTION_TOPUPS, topups.0),
+        (SECTION_TOPUP_METHODS, topup_methods.0),
         (SECTION_PENDING, pending.0),
         (SECTION_HISTORY, history.0),
         (SECTION_OUTBOX, outbox.0),
@@ -623,8 +630,17 @@ pub fn decode<'a>(
     state.id_ring = ring;
 
     let mut r = get(SECTION_TOPUPS, "topups")?;
+    let mut methods = section(SECTION_TOPUP_METHODS).map(|b| R { b, at: 0, section: "top-up methods" });
     while !r.done() {
         let id = r.u64()?;
+        let method = match methods.as_mut() {
+            Some(m) => match (m.u8()?, m.u64()?) {
+                (1, method) => Some(method),
+                (0, 0) => None,
+                _ => return Err(m.bad("method")),
+            },
+            None => None,
+        };
         let user = r.u64()?;
         let fen = r.u64()?;
         let coins = r.u64()?;
@@ -643,6 +659,7 @@ pub fn decode<'a>(
         let id_evicted = r.u8()? != 0;
         let topup = TopUp {
             user,
+            method,
             channel,
             fen,
             coins,
@@ -664,6 +681,11 @@ pub fn decode<'a>(
             state.topups_pending += 1;
         }
         state.topups.insert(id, topup);
+    }
+    if let Some(m) = methods {
+        if !m.done() {
+            return Err(m.bad("length"));
+        }
     }
 
     let mut r = get(SECTION_PENDING, "pending")?;
@@ -941,5 +963,49 @@ mod tests {
         assert!(decode_with(&sections, SECTION_ACCOUNT_IDS, ids(&list), 1000).unwrap_err().contains("id 0"));
         let err = decode_with(&sections, SECTION_ACCOUNTS, find(&sections)(SECTION_ACCOUNTS).unwrap().to_vec(), 10);
         assert!(err.unwrap_err().contains("more than accounts_max"));
+    }
+
+    #[test]
+    fn top_ups_keep_their_method_and_a_snapshot_without_the_methods_section_still_loads() {
+        let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits(64));
+        let mut ts = 1_795_752_000_000_000_000u64;
+        let mut run = |state: &mut ShardState, c: Command| {
+            ts += 1_000_000_000;
+            state.apply(ts, &c).0
+        };
+        run(&mut state, Command::CreateAccount { account: 5, kind: AccountKind::User, flags: 1, union: 0 });
+        for method in [1, 2] {
+            run(&mut state, Command::BindMethod { user: 5, method, channel: Channel::Alipay });
+        }
+        let begin = Command::TopUpBegin { id: 900, user: 5, method: 1, fen: 600 };
+        assert_eq!(run(&mut state, begin).status, Status::Ok);
+        // Push the begin's id record out of the 16-id window: the top-up is held.
+        for id in 0..20 {
+            let other = Command::TopUpBegin { id: 1000 + id, user: 5, method: 2, fen: 600 };
+            assert_eq!(run(&mut state, other).status, Status::Ok);
+        }
+        assert!(state.id_record(900).is_none());
+        assert_eq!(state.lookup(900).map(|r| r.command), Some(begin));
+
+        let sections = encode(&state);
+        let restored = decode(find(&sections), LedgerConfig::default(), limits(64)).unwrap();
+        assert_eq!(restored.lookup(900), state.lookup(900));
+        assert_eq!(encode(&restored), sections, "one state, one encoding");
+
+        // Written before top-ups kept their method: no section 10. It loads; the method is
+        // unknown, so the lookup does not guess one, and a retried begin is compared by channel.
+        let older: Vec<_> = sections.iter().filter(|(t, _)| *t != SECTION_TOPUP_METHODS).cloned().collect();
+        let mut restored = decode(find(&older), LedgerConfig::default(), limits(64)).unwrap();
+        assert_eq!(restored.topup(900).map(|t| t.method), Some(None));
+        assert!(restored.lookup(900).is_none());
+        assert!(restored.apply(ts + 1, &begin).0.duplicate);
+
+        // A damaged methods section is an error: a truncated one, one byte longer, a bad flag.
+        let methods = find(&sections)(SECTION_TOPUP_METHODS).unwrap().to_vec();
+        let mut bad_flag = methods.clone();
+        bad_flag[0] = 2;
+        for damaged in [methods[..methods.len() - 1].to_vec(), [&methods[..], &[0]].concat(), bad_flag] {
+            assert!(decode_with(&sections, SECTION_TOPUP_METHODS, damaged, 64).is_err());
+        }
     }
 }
