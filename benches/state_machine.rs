@@ -1,6 +1,7 @@
 //! The ceiling: one shard's state machine applying tips, no queues, no log, no threads.
 //!
-//! `cargo bench --bench state_machine` (`BENCH_USERS=N` for another number of users than 100 000).
+//! `cargo bench --bench state_machine` (`BENCH_USERS=N` for another number of users than 100 000;
+//! `BENCH_IDS_MAX`, `BENCH_HISTORY_MAX` for other limits than 2^20 each).
 //! Besides criterion's estimate it prints the deciles of the time a tip took in each batch.
 
 use std::time::{Duration, Instant};
@@ -13,8 +14,12 @@ use stormledger::workload::StormSpec;
 fn funded_shard(spec: &StormSpec) -> (ShardState, u64) {
     let config =
         LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() };
-    let limits =
-        ShardLimits { accounts_max: (spec.users + spec.streamers + 64) as u32, history_max: 1 << 20, ids_max: 1 << 20 };
+    let env = |name: &str, default: u32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let limits = ShardLimits {
+        accounts_max: (spec.users + spec.streamers + 64) as u32,
+        history_max: env("BENCH_HISTORY_MAX", 1 << 20),
+        ids_max: env("BENCH_IDS_MAX", 1 << 20),
+    };
     let mut state = ShardState::new(0, 1, config, limits);
     let mut ts = 1_795_752_000_000_000_000u64;
     for phase in spec.setup_phases() {
