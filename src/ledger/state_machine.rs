@@ -666,6 +666,35 @@ impl ShardState {
         }
     }
 
+    /// The ledger legs of a spend, as `transfer` of (payer -> each of `to`) and (payer -> the
+    /// platform, the rest) would make them, with the payer debited and published once: the
+    /// payer pays `coins`, each `(slot, share)` gets its share, the platform what is left.
+    /// `spend_checked` has checked every bound that can refuse; what is asserted here cannot
+    /// fail unless the ledger is broken.
+    #[inline]
+    fn split_spend(&mut self, payer: u32, coins: u64, to: [(u32, u64); 2]) {
+        let platform = PLATFORM_SLOT;
+        let coins_i = i64::try_from(coins).expect("amount fits i64");
+        let payer_balance = &mut self.accounts[payer as usize].balance;
+        *payer_balance = payer_balance.checked_sub(coins_i).expect("debit in range");
+        self.index.publish(payer, *payer_balance);
+        let mut rest = coins;
+        for (slot, share) in to {
+            if slot == platform || share == 0 {
+                continue;
+            }
+            // Users pay only streamers (their union, the platform): all coin accounts, none the payer.
+            assert_ne!(slot, payer);
+            rest -= share;
+            let balance = &mut self.accounts[slot as usize].balance;
+            *balance = balance.checked_add(share as i64).expect("credit in range");
+            self.index.publish(slot, *balance);
+        }
+        let balance = &mut self.accounts[platform as usize].balance;
+        *balance = balance.checked_add(rest as i64).expect("credit in range");
+        self.index.publish(platform, *balance);
+    }
+
     fn slot(&self, id: u64) -> u32 {
         self.index.lookup(id).expect("system account present")
     }
@@ -1014,16 +1043,7 @@ impl ShardState {
         let reply = self.spend_checked(timestamp, payer, to, coins);
         match reply {
             Ok((streamer, union, platform, shares)) => {
-                let mut legs = [
-                    Leg { debit: payer, credit: streamer, amount: shares[0] },
-                    Leg { debit: payer, credit: platform, amount: shares[2] },
-                    Leg { debit: payer, credit: union.unwrap_or(platform), amount: shares[1] },
-                ];
-                let n = if union.is_some() { 3 } else { 2 };
-                if union.is_none() {
-                    legs[1].amount += shares[1];
-                }
-                self.transfer(&legs[..n]);
+                self.split_spend(payer, coins, [(streamer, shares[0]), (union.unwrap_or(platform), shares[1])]);
                 let day = self.day_of(timestamp);
                 let account = &mut self.accounts[payer as usize];
                 if account.spent_day != day {
