@@ -178,6 +178,36 @@ fn the_limits_that_decide_results_are_kept_with_the_directory() {
     assert_eq!((cluster(dir.path()).accounts_max, cluster(dir.path()).ids_max), (Some(4096), Some(64)));
 }
 
+#[test]
+fn the_segment_size_may_change_between_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let mut config = node_config(dir.path(), 2);
+    let node = Node::open(config.clone()).unwrap();
+    setup(node.engine(), &spec);
+    storm(node.engine(), &spec, 20, 0);
+    node.shutdown();
+    let mut expected = None;
+    for (round, segment_size) in [(1, 64 * 1024), (2, 1 << 20), (3, 128 * 1024)] {
+        config.segment_size = segment_size;
+        let node = Node::open(config.clone()).unwrap();
+        if let Some(expected) = &expected {
+            assert_eq!(&balances(node.engine(), &spec), expected, "segment size {segment_size}");
+        }
+        storm(node.engine(), &spec, 30, round * 30);
+        expected = Some(balances(node.engine(), &spec));
+        node.engine().audit();
+        node.shutdown();
+    }
+    let node = Node::open(config).unwrap();
+    assert_eq!(Some(balances(node.engine(), &spec)), expected);
+    // Segments of different sizes, all replayed (each is as large as when it was made).
+    let shard0 = stormledger::wal::shard_dir(dir.path(), 0);
+    let sizes: std::collections::BTreeSet<u64> =
+        segments(&shard0).iter().map(|p| std::fs::metadata(p).unwrap().len()).collect();
+    assert!(sizes.len() >= 2, "{sizes:?}");
+}
+
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
