@@ -4,7 +4,7 @@
 //!
 //! Environment (defaults in brackets): BENCH_USERS [1000000], BENCH_STREAMERS [1000],
 //! BENCH_TIPS [4000000], BENCH_SHARDS [cores], BENCH_BATCH [8192], BENCH_WINDOW [8],
-//! BENCH_MODES [memory,sync,sync/pwrite: a durability, then optionally `/` and how the log
+//! BENCH_MODES [memory,sync/mmap,sync/pwrite: a durability, then optionally `/` and how the log
 //! writes its segments, `wal::LogWrite`], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir]. Smaller
 //! defaults in a smoke run (`cargo test --benches`, see `common`).
 
@@ -201,7 +201,7 @@ fn main() {
     let shards = size("BENCH_SHARDS", cores, cores) as u16;
     let batch = size("BENCH_BATCH", 8192, 1024) as usize;
     let window = size("BENCH_WINDOW", 8, 8) as usize;
-    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync,sync/pwrite".into());
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync/mmap,sync/pwrite".into());
     let base = std::env::var("BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench"));

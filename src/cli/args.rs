@@ -153,7 +153,7 @@ pub struct ServeArgs {
 
     /// How the log writes a batch into its memory-mapped segment: mmap (a copy into the
     /// mapping) or pwrite (the write system call; same bytes and durability, a cheaper sync:
-    /// see docs/operations.md) [default: mmap].
+    /// see docs/operations.md) [default: pwrite].
     #[arg(long, env = "STORMLEDGER_LOG_WRITE", value_name = "METHOD", value_parser = parse_log_write)]
     pub log_write: Option<LogWrite>,
 

@@ -452,7 +452,7 @@ mod tests {
         std::fs::write(
             &file,
             "data_dir = \"/srv/ledger\"\nlisten = \"127.0.0.1:9000\"\nshards = 3\ndurability = \"buffered\"\n\
-             metrics = \"127.0.0.1:9100\"\nlog_write = \"pwrite\"\n[ledger]\ncoins_per_yuan = 20\n",
+             metrics = \"127.0.0.1:9100\"\nlog_write = \"mmap\"\n[ledger]\ncoins_per_yuan = 20\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
@@ -462,14 +462,14 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.shards, 2);
         assert_eq!(c.durability, Durability::Buffered);
-        assert_eq!(c.log_write, LogWrite::Pwrite);
+        assert_eq!(c.log_write, LogWrite::Mmap);
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(c.ledger.coins_per_yuan, 20);
         assert_eq!(c.token, TokenSource::File(PathBuf::from("/srv/ledger/auth.token")));
         assert_eq!(c.admin_token, TokenSource::File(PathBuf::from("/srv/ledger/admin.token")));
 
-        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--log-write", "mmap"]);
-        assert_eq!(ServeConfig::resolve(&cli, &args).unwrap().log_write, LogWrite::Mmap);
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--log-write", "pwrite"]);
+        assert_eq!(ServeConfig::resolve(&cli, &args).unwrap().log_write, LogWrite::Pwrite);
         std::fs::write(&file, "log_write = \"direct\"\n").unwrap();
         let (cli, args) = parse(&["stormledger", "serve", "--config", f]);
         let err = ServeConfig::resolve(&cli, &args).unwrap_err();
@@ -490,7 +490,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(c.durability, Durability::Sync);
-        assert_eq!(c.log_write, LogWrite::Mmap);
+        assert_eq!(c.log_write, LogWrite::Pwrite);
         assert!(c.metrics.is_none());
     }
 }

@@ -44,7 +44,7 @@ pub enum PersistMode {
     /// survives process crash, kernel crash and power loss (given a disk that honours flushes).
     #[default]
     Sync,
-    /// `sync` returns at once; the batch is in the kernel page cache via the shared mapping.
+    /// `sync` returns at once; the batch is in the kernel page cache (the segment's pages).
     /// Survives `kill -9` and any crash of the process. Does NOT survive power loss or a kernel
     /// crash: acknowledged batches since the last write-back are lost, and because write-back
     /// order is not guaranteed, recovery may find a hole and refuse to start (`Corrupt`) instead
@@ -102,13 +102,14 @@ impl FromStr for PersistMode {
 /// was never writable in the process's page tables, so write-back needs neither. On the
 /// development VM the durable server's TCP storm ran 36-70 % faster with `pwrite`, and the
 /// p99.9 of balance reads during the in-process storm fell from 12-15 us to 1.4-3.5 us
-/// (docs/benchmarks.md, session 5).
+/// (docs/benchmarks.md, sessions 5 and 6). So `pwrite` is the default since session 6.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub enum LogWrite {
-    /// A copy into the shared mapping (`MmapMut`): the log as the design card describes it.
-    #[default]
+    /// A copy into the shared mapping (`MmapMut`).
     Mmap,
-    /// `pwrite(2)` on the segment's file descriptor, into the same page cache pages.
+    /// `pwrite(2)` on the segment's file descriptor, into the same page cache pages (the
+    /// segment stays mapped: everything that reads the log reads the mapping).
+    #[default]
     Pwrite,
 }
 
@@ -152,7 +153,7 @@ pub struct WalConfig {
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self { segment_size: DEFAULT_SEGMENT_SIZE, persist_mode: PersistMode::Sync, write: LogWrite::Mmap }
+        Self { segment_size: DEFAULT_SEGMENT_SIZE, persist_mode: PersistMode::Sync, write: LogWrite::default() }
     }
 }
 
