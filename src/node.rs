@@ -182,6 +182,11 @@ pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, 
     if cluster.format != DATA_FORMAT_VERSION {
         return Err(NodeError::Corrupt(format!("{}: unknown data format {}", cluster_path.display(), cluster.format)));
     }
+    // The recorded limits are used as they are: refuse values no start could have recorded.
+    let recorded = cluster.limits(&ShardLimits { history_max: 16, ..ShardLimits::default() });
+    if let Err(e) = recorded.validate() {
+        return Err(NodeError::Corrupt(format!("{}: {e}", cluster_path.display())));
+    }
     let ledger_path = dir.join("ledger.json");
     let ledger: LedgerConfig = serde_json::from_str(&parse(&ledger_path)?)
         .map_err(|e| NodeError::Corrupt(format!("{}: {e}", ledger_path.display())))?;

@@ -54,6 +54,16 @@ fn balances(engine: &Engine, spec: &StormSpec) -> Vec<Option<i64>> {
     ids.iter().map(|&id| engine.balance(id)).collect()
 }
 
+/// A 2-shard node whose shards remember only their last 64 ids, with the storm's accounts set up.
+fn set_up_with_a_64_id_window(dir: &Path) -> (NodeConfig, Node, StormSpec) {
+    let mut config = node_config(dir, 2);
+    config.engine.limits.ids_max = 64;
+    let spec = spec();
+    let node = Node::open(config.clone()).unwrap();
+    setup(node.engine(), &spec);
+    (config, node, spec)
+}
+
 fn admin(engine: &Engine, kind: u8) -> u16 {
     submit_one(engine, CommandRecord { kind, ..CommandRecord::default() })
 }
@@ -146,11 +156,7 @@ fn the_shard_count_and_rules_of_a_directory_are_kept() {
 #[test]
 fn the_limits_that_decide_results_are_kept_with_the_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = node_config(dir.path(), 2);
-    config.engine.limits.ids_max = 64;
-    let spec = spec();
-    let node = Node::open(config.clone()).unwrap();
-    setup(node.engine(), &spec);
+    let (mut config, node, spec) = set_up_with_a_64_id_window(dir.path());
     let tip = |coins| Command::Tip { id: 5_000_001, from: 7, to: STREAMER_BASE, coins };
     assert_eq!(node.engine().execute(&[tip(1)])[0].status.get(), 0);
     // The tip's id leaves the 64-id window; the same id with other fields is then a new command.
@@ -167,6 +173,12 @@ fn the_limits_that_decide_results_are_kept_with_the_directory() {
     node.shutdown();
     let cluster = |dir: &Path| stormledger::node::read_data_dir(dir).unwrap().unwrap().0;
     assert_eq!((cluster(dir.path()).accounts_max, cluster(dir.path()).ids_max), (Some(4096), Some(64)));
+
+    // Recorded limits no start could have recorded are refused, naming the file.
+    std::fs::write(dir.path().join("cluster.json"), r#"{"format": 1, "shards": 2, "accounts_max": 8, "ids_max": 64}"#)
+        .unwrap();
+    let err = Node::open(config.clone()).err().expect("refused").to_string();
+    assert!(err.contains("cluster.json") && err.contains("accounts_max"), "{err}");
 
     // A directory from before the limits were recorded records those of its next start.
     std::fs::write(dir.path().join("cluster.json"), r#"{"format": 1, "shards": 2}"#).unwrap();
@@ -328,11 +340,7 @@ fn replication_cut_off_by_a_crash_is_completed_at_start() {
 fn a_top_up_callback_after_its_id_left_the_window_is_routed_and_applied_across_restarts() {
     use stormledger::layout::text_field;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = node_config(dir.path(), 2);
-    config.engine.limits.ids_max = 64;
-    let spec = spec();
-    let node = Node::open(config.clone()).unwrap();
-    setup(node.engine(), &spec);
+    let (config, node, spec) = set_up_with_a_64_id_window(dir.path());
     let user = 7u64;
     let status = |engine: &Engine, command: Command| engine.execute(&[command])[0];
     let begin = Command::TopUpBegin { id: 4_000_001, user, method: 1, fen: 600 };
