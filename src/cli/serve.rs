@@ -314,10 +314,18 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         NodeError::Locked { .. } => format!("{e}; stop that server or use another --data-dir"),
         e => format!("cannot open data directory {}: {e}", dir.display()),
     })?;
+    // What the node runs with: a data directory's recorded shard count and limits win.
+    let limits = match crate::node::read_data_dir(dir) {
+        Ok(Some((cluster, _))) => cluster.limits(&config.limits),
+        _ => config.limits.clone(),
+    };
     eprintln!(
-        "stormledger: data directory {}, {} shards, durability {:?}, log write {}, client token {}, admin token {}",
+        "stormledger: data directory {}, {} shards (accounts_max {}, ids_max {} a shard), durability {:?}, log write {}, \
+         client token {}, admin token {}",
         dir.display(),
-        config.shards,
+        node.engine().shards(),
+        limits.accounts_max,
+        limits.ids_max,
         config.durability,
         config.log_write,
         describe(&config.token),
