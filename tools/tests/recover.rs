@@ -69,6 +69,28 @@ fn verify_replay_and_inspect_a_healthy_directory() {
 }
 
 #[test]
+fn a_directory_without_recorded_limits_is_replayed_with_large_ones_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    make_dir(dir.path());
+    let d = dir.path().to_str().unwrap();
+    // As an earlier build wrote it: no limits in cluster.json.
+    std::fs::write(dir.path().join("cluster.json"), r#"{"format": 1, "shards": 2}"#).unwrap();
+    let (code, out) = tool(&["verify", d, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["limits"]["recorded"], false, "{out}");
+    assert!(v["limits"]["ids_max"].as_u64().unwrap() >= 8192, "{out}");
+    let (code, out) = tool(&["replay", d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("does not record its limits"), "{out}");
+    // Recorded limits no start accepts: refused, naming the file (exit 2, as for a bad directory).
+    std::fs::write(dir.path().join("cluster.json"), r#"{"format": 1, "shards": 2, "accounts_max": 1, "ids_max": 64}"#)
+        .unwrap();
+    let (code, _) = tool(&["verify", d]);
+    assert_eq!(code, 2);
+}
+
+#[test]
 fn a_torn_tail_fails_verify_and_recover_repairs_only_it() {
     let dir = tempfile::tempdir().unwrap();
     make_dir(dir.path());
