@@ -78,8 +78,8 @@ pub struct NodeConfig {
     pub durability: Durability,
     /// Size of each pre-allocated log segment.
     pub segment_size: u64,
-    /// How batches reach the log's pages: a copy into the mapping (default) or `pwrite`
-    /// (`wal::LogWrite`; the same bytes and durability, a cheaper sync).
+    /// How batches reach the log's pages: `pwrite` (default) or a copy into the mapping
+    /// (`wal::LogWrite`; the same bytes and durability, the sync costs differ).
     pub log_write: LogWrite,
     /// A shard snapshots after this many bytes of log (0 = only on `admin snapshot`).
     pub snapshot_every_bytes: u64,
@@ -167,6 +167,11 @@ impl ClusterFile {
             ids_max: self.ids_max.unwrap_or(limits.ids_max),
             ..limits.clone()
         }
+    }
+
+    /// Whether it records the limits (a directory made by an earlier build does not).
+    pub fn records_limits(&self) -> bool {
+        self.accounts_max.is_some() && self.ids_max.is_some()
     }
 }
 
@@ -373,6 +378,8 @@ pub const MAINTENANCE_FILE: &str = "maintenance";
 /// A running node.
 pub struct Node {
     engine: Arc<Engine>,
+    /// The limits the shards run with (a data directory's recorded ones win over the config's).
+    limits: ShardLimits,
     _lock: Option<DirLock>,
 }
 
@@ -388,8 +395,9 @@ impl Node {
             Err(e) => return Err(NodeError::Corrupt(e.to_string())),
         };
         if config.durability == Durability::InMemory {
+            let limits = config.engine.limits.clone();
             let engine = Engine::in_memory(config.engine).map_err(NodeError::Config)?;
-            return Ok(Node { engine: Arc::new(engine), _lock: Some(lock) });
+            return Ok(Node { engine: Arc::new(engine), limits, _lock: Some(lock) });
         }
         match read_data_dir(&dir)? {
             Some((mut cluster, ledger)) => {
@@ -417,7 +425,7 @@ impl Node {
                     );
                     config.engine.limits = limits;
                 }
-                if cluster.accounts_max.is_none() || cluster.ids_max.is_none() {
+                if !cluster.records_limits() {
                     // A directory from before the limits were recorded: from now on they are.
                     cluster.accounts_max = Some(config.engine.limits.accounts_max);
                     cluster.ids_max = Some(config.engine.limits.ids_max);
@@ -523,12 +531,17 @@ impl Node {
                 dir.join(MAINTENANCE_FILE).display()
             );
         }
-        Ok(Node { engine: Arc::new(engine), _lock: Some(lock) })
+        Ok(Node { engine: Arc::new(engine), limits: config.engine.limits, _lock: Some(lock) })
     }
 
     /// The engine (also the server's `Backend`).
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The per-shard limits it runs with.
+    pub fn limits(&self) -> &ShardLimits {
+        &self.limits
     }
 
     /// Drains the queues, syncs the logs and stops the workers; then releases the lock.

@@ -315,10 +315,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         e => format!("cannot open data directory {}: {e}", dir.display()),
     })?;
     // What the node runs with: a data directory's recorded shard count and limits win.
-    let limits = match crate::node::read_data_dir(dir) {
-        Ok(Some((cluster, _))) => cluster.limits(&config.limits),
-        _ => config.limits.clone(),
-    };
+    let limits = node.limits();
     eprintln!(
         "stormledger: data directory {}, {} shards (accounts_max {}, ids_max {} a shard), durability {:?}, log write {}, \
          client token {}, admin token {}",

@@ -319,8 +319,8 @@ impl ShardState {
         if let Some(record) = self.id_record(id) {
             return Some(*record);
         }
-        self.topup_ids.get(id)?;
-        let topup = self.topups.get(&id)?;
+        // Kept after its id record left the window (its id is then held in `topup_ids`).
+        let topup = self.topups.get(&id).filter(|t| t.id_evicted)?;
         let command = Command::TopUpBegin { id, user: topup.user, method: topup.method?, fen: topup.fen };
         // The deadline is the begin's ingest time plus the top-up time to live (`topup_begin`).
         let timestamp = topup.deadline - self.config.topup_ttl_seconds * NS_PER_SEC;

@@ -105,8 +105,12 @@ struct ShardReport {
 }
 
 /// Loads every shard at once, a thread each (as the server recovers), a progress line each.
-fn load_all(dir: &Path, cluster: &ClusterFile, ledger: &stormledger::config::LedgerConfig) -> Vec<ShardReport> {
-    let (shards, limits) = (cluster.shards, &replay_limits(cluster));
+fn load_all(
+    dir: &Path,
+    shards: u16,
+    ledger: &stormledger::config::LedgerConfig,
+    limits: &ShardLimits,
+) -> Vec<ShardReport> {
     let bars = MultiProgress::new();
     std::thread::scope(|scope| {
         let threads: Vec<_> = (0..shards)
@@ -141,9 +145,9 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
     let mut ok = true;
     let mut out = Vec::new();
     let mut totals = [0i128; 2];
-    let reports = load_all(dir, &cluster, &ledger);
     let limits = replay_limits(&cluster);
-    let recorded = cluster.accounts_max.is_some() && cluster.ids_max.is_some();
+    let recorded = cluster.records_limits();
+    let reports = load_all(dir, cluster.shards, &ledger, &limits);
     let states: Vec<_> = reports.iter().filter_map(|r| r.loaded.as_ref().ok()).collect();
     for r in &reports {
         let shard = r.shard;
