@@ -199,6 +199,13 @@ impl BatchEvents {
         BatchEvents { lsn, events: Vec::new() }
     }
 
+    /// Starts the next batch, at `lsn`, in the same buffer (a batch has up to a few thousand
+    /// events: a fresh vector would regrow to that, copying, every batch).
+    pub fn restart(&mut self, lsn: u64) {
+        self.lsn = lsn;
+        self.events.clear();
+    }
+
     /// Applies `command` (the `index`-th of the batch) and records its event, if it has one.
     pub fn apply(
         &mut self,
@@ -333,16 +340,30 @@ impl ShardFeed {
             let mut ring = self.ring.write();
             // Without a log (lsn 0), a batch counter stands in for the lsn.
             let lsn = if batch.lsn > ring.last.lsn { batch.lsn } else { ring.last.lsn + 1 };
-            for mut event in batch.events.drain(..) {
-                event.lsn.set(lsn);
-                ring.last = Position::of(&event);
-                if ring.events.len() == self.capacity {
-                    if let Some(old) = ring.events.pop_front() {
-                        ring.floor = Position::of(&old);
-                    }
-                }
-                ring.events.push_back(event);
+            // In bulk: drop what the batch pushes out of the ring, then append the batch (its
+            // tail only, if it alone is larger than the ring).
+            let events = &mut batch.events;
+            let skip = events.len().saturating_sub(self.capacity);
+            let overflow = (ring.events.len() + events.len() - skip).saturating_sub(self.capacity);
+            let dropped_last = match overflow {
+                0 => None,
+                n => ring.events.drain(..n).next_back(),
+            };
+            let dropped_last = match skip {
+                0 => dropped_last,
+                n => Some(events[n - 1]).map(|mut e| {
+                    e.lsn.set(lsn);
+                    e
+                }),
+            };
+            if let Some(old) = dropped_last {
+                ring.floor = Position::of(&old);
             }
+            ring.events.extend(events.drain(..).skip(skip).map(|mut event| {
+                event.lsn.set(lsn);
+                event
+            }));
+            ring.last = ring.events.back().map_or(ring.last, Position::of);
         }
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
@@ -482,5 +503,55 @@ pub enum ResolveError {
 impl core::fmt::Debug for ShardFeed {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ShardFeed").field("shard", &self.shard).field("capacity", &self.capacity).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ring as it was kept one event at a time: (events, floor, last).
+    fn model_publish(model: &mut (VecDeque<EventRecord>, Position, Position), capacity: usize, lsn: u64, n: u32) {
+        let lsn = if lsn > model.2.lsn { lsn } else { model.2.lsn + 1 };
+        for index in 0..n {
+            let mut event = EventRecord::default();
+            event.index.set(index);
+            event.lsn.set(lsn);
+            model.2 = Position::of(&event);
+            if model.0.len() == capacity {
+                let old = model.0.pop_front().expect("full");
+                model.1 = Position::of(&old);
+            }
+            model.0.push_back(event);
+        }
+    }
+
+    #[test]
+    fn a_batch_is_published_as_if_one_event_at_a_time() {
+        for capacity in [1, 3, 8] {
+            let feed = Feed::new(1, capacity);
+            let shard = feed.shard(0);
+            let mut model = (VecDeque::new(), Position::default(), Position::default());
+            let mut batch = BatchEvents::new(0);
+            // Batches smaller than, as large as and larger than the ring; lsn 0 (no log) too.
+            for (step, n) in [2u32, 1, 5, 8, 0, 3, 13, 1, 9, 4].into_iter().enumerate() {
+                let lsn = if step % 3 == 0 { 0 } else { 10 * step as u64 };
+                batch.restart(lsn);
+                for index in 0..n {
+                    let mut event = EventRecord::default();
+                    event.index.set(index);
+                    batch.events.push(event);
+                }
+                shard.publish(&mut batch);
+                if n > 0 {
+                    model_publish(&mut model, capacity, lsn, n);
+                }
+                assert!(batch.is_empty());
+                let mut out = Vec::new();
+                shard.read_after(shard.floor(), usize::MAX, &mut out).expect("from the floor");
+                assert_eq!(out, Vec::from(model.0.clone()), "capacity {capacity}, step {step}");
+                assert_eq!((shard.floor(), shard.last()), (model.1, model.2), "capacity {capacity}, step {step}");
+            }
+        }
     }
 }

@@ -288,6 +288,7 @@ pub fn load_shard_with_feed(
     }
     let (mut batches, mut commands) = (0u64, 0u64);
     let mut decoded: Vec<Command> = Vec::new();
+    let mut events = crate::feed::BatchEvents::new(0);
     if report.next_lsn > snapshot_lsn + 1 {
         let records = reader.iter_from(snapshot_lsn + 1).map_err(|e| NodeError::Corrupt(e.to_string()))?;
         for record in records {
@@ -304,7 +305,7 @@ pub fn load_shard_with_feed(
                     record.lsn
                 ))
             })?;
-            let mut events = crate::feed::BatchEvents::new(record.lsn);
+            events.restart(record.lsn);
             decoded.clear();
             for r in cmds {
                 decoded.push(Command::from_record(r).map_err(|status| {
@@ -331,7 +332,7 @@ pub fn load_shard_with_feed(
             if let Some(feed) = feed {
                 feed.publish(&mut events);
             }
-            state.drain_evicted();
+            state.clear_evicted();
             batches += 1;
             if batches % 64 == 0 {
                 progress(batches);

@@ -352,6 +352,17 @@ impl ShardState {
         std::mem::take(&mut self.evicted)
     }
 
+    /// Ids evicted from the idempotency window since the last `clear_evicted` (or drain).
+    pub fn evicted(&self) -> &[u64] {
+        &self.evicted
+    }
+
+    /// Forgets the evicted ids, keeping the buffer for the next batch's (a batch evicts up to
+    /// as many ids as it has commands: a fresh vector would regrow to that every batch).
+    pub fn clear_evicted(&mut self) {
+        self.evicted.clear();
+    }
+
     /// The earliest deadline of a pending top-up, if any (the worker ticks idle shards then).
     pub fn next_deadline(&self) -> Option<u64> {
         self.pending.front().map(|p| p.0)

@@ -75,45 +75,40 @@ impl IdDirectory {
     pub fn claim_many(&self, requests: &[(u64, u16)], out: &mut Vec<Claim>) {
         out.clear();
         out.resize(requests.len(), Claim::New);
-        let mut order: Vec<u32> = (0..requests.len() as u32).collect();
         // Stable: two requests for one id keep their order, so the first one claims it.
-        order.sort_by_key(|&i| stripe_of(requests[i as usize].0));
+        let (order, bounds) = by_stripe(requests.len(), |i| requests[i].0);
         for &i in order.iter().take(PREFETCH_AHEAD) {
             self.prefetch(requests[i as usize].0);
         }
-        let mut k = 0;
-        while k < order.len() {
-            let stripe = stripe_of(requests[order[k] as usize].0);
+        for (stripe, range) in stripe_ranges(&bounds) {
             let mut table = self.stripes[stripe].lock();
-            while k < order.len() && stripe_of(requests[order[k] as usize].0) == stripe {
+            for k in range {
                 if let Some(&ahead) = order.get(k + PREFETCH_AHEAD) {
                     self.prefetch(requests[ahead as usize].0);
                 }
-                let (id, shard) = requests[order[k] as usize];
-                out[order[k] as usize] = claim_in(&mut table, id, shard);
-                k += 1;
+                let i = order[k] as usize;
+                let (id, shard) = requests[i];
+                out[i] = claim_in(&mut table, id, shard);
             }
         }
     }
 
     /// Forgets many ids owned by `shard` (evicted from its idempotency window).
-    pub fn release_many(&self, ids: &mut [u64], shard: u16) {
-        ids.sort_unstable_by_key(|&id| stripe_of(id));
-        for &id in ids.iter().take(PREFETCH_AHEAD) {
-            self.prefetch(id);
+    pub fn release_many(&self, ids: &[u64], shard: u16) {
+        let (order, bounds) = by_stripe(ids.len(), |i| ids[i]);
+        for &i in order.iter().take(PREFETCH_AHEAD) {
+            self.prefetch(ids[i as usize]);
         }
-        let mut k = 0;
-        while k < ids.len() {
-            let stripe = stripe_of(ids[k]);
+        for (stripe, range) in stripe_ranges(&bounds) {
             let mut table = self.stripes[stripe].lock();
-            while k < ids.len() && stripe_of(ids[k]) == stripe {
-                if let Some(&ahead) = ids.get(k + PREFETCH_AHEAD) {
-                    self.prefetch(ahead);
+            for k in range {
+                if let Some(&ahead) = order.get(k + PREFETCH_AHEAD) {
+                    self.prefetch(ids[ahead as usize]);
                 }
-                if table.get(ids[k]) == Some(shard as u64) {
-                    table.remove(ids[k]);
+                let id = ids[order[k] as usize];
+                if table.get(id) == Some(shard as u64) {
+                    table.remove(id);
                 }
-                k += 1;
             }
         }
     }
@@ -156,6 +151,32 @@ impl IdDirectory {
     }
 }
 
+/// The positions `0..n` ordered by the stripe of `id_at(position)`, stably (a counting sort:
+/// two passes, where a comparison sort of a batch cost more than the claims' own bookkeeping),
+/// and where each stripe's run starts: stripe `s` holds `order[bounds[s]..bounds[s + 1]]`.
+fn by_stripe(n: usize, id_at: impl Fn(usize) -> u64) -> (Vec<u32>, Box<[u32; STRIPES + 1]>) {
+    let stripes: Vec<u8> = (0..n).map(|i| stripe_of(id_at(i)) as u8).collect();
+    let mut bounds = Box::new([0u32; STRIPES + 1]);
+    for &s in &stripes {
+        bounds[s as usize + 1] += 1;
+    }
+    for s in 0..STRIPES {
+        bounds[s + 1] += bounds[s];
+    }
+    let mut next = bounds.clone();
+    let mut order = vec![0u32; n];
+    for (i, &s) in stripes.iter().enumerate() {
+        order[next[s as usize] as usize] = i as u32;
+        next[s as usize] += 1;
+    }
+    (order, bounds)
+}
+
+/// The stripes that have positions in `bounds` (from `by_stripe`), with their ranges of `order`.
+fn stripe_ranges(bounds: &[u32; STRIPES + 1]) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+    (0..STRIPES).map(|s| (s, bounds[s] as usize..bounds[s + 1] as usize)).filter(|(_, r)| !r.is_empty())
+}
+
 fn claim_in(table: &mut IdTable, id: u64, shard: u16) -> Claim {
     match table.get(id) {
         Some(owner) => Claim::Existing(owner as u16),
@@ -178,7 +199,7 @@ mod tests {
         directory.claim_many(&[(7, 1), (8, 0), (7, 0)], &mut out);
         assert_eq!(out, vec![Claim::New, Claim::New, Claim::Existing(1)], "the first claim of an id wins");
         assert_eq!(directory.owner(7), Some(1));
-        directory.release_many(&mut [7, 8], 0);
+        directory.release_many(&[7, 8], 0);
         assert_eq!(directory.owner(7), Some(1), "only the owner releases");
         assert_eq!(directory.owner(8), None);
         // Fill one stripe: it answers Full rather than grow without bound.
@@ -186,5 +207,20 @@ mod tests {
         let claims: Vec<Claim> = same_stripe.iter().map(|&id| directory.claim(id, 0)).collect();
         assert!(claims.contains(&Claim::Full));
         assert!(claims.iter().take_while(|c| **c != Claim::Full).all(|c| matches!(c, Claim::New | Claim::Existing(_))));
+    }
+
+    #[test]
+    fn batches_are_ordered_by_stripe_stably() {
+        // Repeated ids and more ids than stripes, so runs are long and ties many.
+        let ids: Vec<u64> = (0..5_000u64).map(|i| 1 + (i * 7919) % 1_500).collect();
+        let (order, bounds) = by_stripe(ids.len(), |i| ids[i]);
+        let mut expected: Vec<u32> = (0..ids.len() as u32).collect();
+        expected.sort_by_key(|&i| stripe_of(ids[i as usize]));
+        assert_eq!(order, expected);
+        for (stripe, range) in stripe_ranges(&bounds) {
+            assert!(order[range].iter().all(|&i| stripe_of(ids[i as usize]) == stripe));
+        }
+        assert_eq!(stripe_ranges(&bounds).map(|(_, r)| r.len()).sum::<usize>(), ids.len());
+        assert_eq!(by_stripe(0, |_| 0).0, Vec::<u32>::new());
     }
 }

@@ -321,6 +321,7 @@ pub fn run(
     let mut snapshots = config.snapshot.clone().map(Snapshotter::new);
     let mut last_lsn = 0u64;
     let mut metrics = ShardMetrics::new(peers.stats.clone(), shard);
+    let mut events = crate::feed::BatchEvents::new(0);
 
     loop {
         // Wait for work (or for the next top-up deadline).
@@ -441,7 +442,7 @@ pub fn run(
                 metrics.batch(records.len(), started.elapsed());
             }
 
-            let mut events = crate::feed::BatchEvents::new(last_lsn);
+            events.restart(last_lsn);
             let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
                 parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
             for (p, tag, reply) in expired.drain(..) {
@@ -545,9 +546,11 @@ pub fn run(
             if let (Some(feed), false) = (&config.feed, poisoned) {
                 feed.publish(&mut events);
             }
-            let mut evicted = state.drain_evicted();
-            if !evicted.is_empty() {
-                peers.directory.release_many(&mut evicted, shard);
+            // Before the replies: a client that reuses an id this batch evicted, once it has
+            // its answer, must find the id free in the directory.
+            if !state.evicted().is_empty() {
+                peers.directory.release_many(state.evicted(), shard);
+                state.clear_evicted();
             }
             metrics.flush(poisoned);
             for (part, replies) in parts.drain(..).zip(replies) {
