@@ -7,6 +7,14 @@
 //! BENCH_MODES [memory,sync/mmap,sync/pwrite: a durability, then optionally `/` and how the log
 //! writes its segments, `wal::LogWrite`], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir]. Smaller
 //! defaults in a smoke run (`cargo test --benches`, see `common`).
+//!
+//! Then acknowledgement latency at fixed offered rates (open loop: batches are sent on a
+//! schedule, whatever came back, and a batch's latency counts from when it was due, so a stall
+//! shows in every batch it delays): BENCH_PACED [sync/pwrite: modes as above; empty: skip],
+//! BENCH_PACED_RATES [250000,500000,1000000 tips/s], BENCH_PACED_BATCH [1024],
+//! BENCH_PACED_SECS [3 a rate]. One node per mode, set up once; before the first rate it takes
+//! BENCH_PACED_WARMUP [2 x users] tips as fast as it can, so that the idempotency window has
+//! turned over (the setup's ids are evicted) and the rates see a server in steady state.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -259,4 +267,125 @@ fn main() {
             );
         }
     }
+
+    let paced_modes = std::env::var("BENCH_PACED").unwrap_or_else(|_| "sync/pwrite".into());
+    let rates: Vec<u64> = std::env::var("BENCH_PACED_RATES")
+        .unwrap_or_else(|_| if common::smoke() { "20000".into() } else { "250000,500000,1000000".into() })
+        .split(',')
+        .map(|r| r.trim().parse().expect("BENCH_PACED_RATES: tips/s, comma-separated"))
+        .collect();
+    let paced_batch = size("BENCH_PACED_BATCH", 1024, 256) as usize;
+    let secs = size("BENCH_PACED_SECS", 3, 1);
+    let warmup = size("BENCH_PACED_WARMUP", 2 * users, 2 * users);
+    for mode in paced_modes.split(',').filter(|m| !m.is_empty()) {
+        let spec = StormSpec { users, streamers, hot_percent: 50, topup_yuan: 100_000, ..StormSpec::default() };
+        paced(&spec, mode, shards, &rates, paced_batch, secs, warmup, &base);
+    }
+}
+
+/// The open-loop runs of one mode (see the module docs): prints a row per rate.
+#[allow(clippy::too_many_arguments)]
+fn paced(
+    spec: &StormSpec,
+    mode_name: &str,
+    shards: u16,
+    rates: &[u64],
+    batch: usize,
+    secs: u64,
+    warmup: u64,
+    base: &std::path::Path,
+) {
+    let (mode, log_write) = match mode_name.split_once('/') {
+        Some((mode, write)) => (mode, Some(write.parse::<LogWrite>().expect("log write method"))),
+        None => (mode_name, None),
+    };
+    let dir = base.join(format!("paced-{}", mode_name.replace('/', "-")));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = NodeConfig::new(&dir);
+    config.engine = engine_config(spec, shards);
+    config.durability = mode.parse().expect("mode");
+    config.log_write = log_write.unwrap_or_default();
+    config.snapshot_every_bytes = 0;
+    let node = Node::open(config).expect("open node");
+    let engine = node.engine().clone();
+    let mut hist = Histogram::new(3).unwrap();
+    for phase in spec.setup_phases() {
+        let records: Vec<CommandRecord> = phase.iter().map(|c| c.to_record()).collect();
+        let batches = records.chunks(8192).map(|c| c.to_vec()).collect();
+        let (_, ok) = drive(&engine, batches, 8, &mut hist);
+        assert_eq!(ok as usize, phase.len(), "setup phase failed");
+    }
+    let mut gen = spec.tips();
+    let mut next_batch = |n: usize| -> Vec<CommandRecord> { (0..n).map(|_| gen.next_tip().to_record()).collect() };
+    let warm: Vec<Vec<CommandRecord>> = (0..warmup.div_ceil(8192)).map(|_| next_batch(8192)).collect();
+    drive(&engine, warm, 8, &mut hist);
+    println!("paced runs, {mode_name}, batch {batch}, {secs} s a rate, after {warmup} warm-up tips:");
+    println!(
+        "{:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "offered", "acked/s", "ack p50us", "ack p90us", "ack p99us", "ack p999", "ack max", "inflight"
+    );
+    for &rate in rates {
+        let count = (rate * secs).div_ceil(batch as u64) as usize;
+        let batches: Vec<Vec<CommandRecord>> = (0..count).map(|_| next_batch(batch)).collect();
+        let interval = Duration::from_secs_f64(batch as f64 / rate as f64);
+        // (latency in us, measured when the replies arrive; accepted tips)
+        let (tx, rx) = crossbeam_channel::unbounded::<(u64, u64)>();
+        let mut hist = Histogram::<u64>::new(3).unwrap();
+        let (mut ok, mut in_flight, mut in_flight_max, mut received) = (0u64, 0usize, 0usize, 0usize);
+        // Beyond this many batches in flight the engine has fallen behind the rate for good.
+        const IN_FLIGHT_MAX: usize = 512;
+        let start = Instant::now();
+        let mut overloaded = false;
+        for (k, records) in batches.into_iter().enumerate() {
+            let due = start + interval.mul_f64(k as f64);
+            while let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            while let Ok((latency, n)) = rx.try_recv() {
+                hist.record(latency).ok();
+                ok += n;
+                in_flight -= 1;
+                received += 1;
+            }
+            if in_flight >= IN_FLIGHT_MAX {
+                overloaded = true;
+                break;
+            }
+            let tx = tx.clone();
+            engine.submit(
+                records,
+                Box::new(move |replies| {
+                    let latency = due.elapsed().as_micros() as u64;
+                    let n = replies.iter().filter(|r| r.status.get() == 0).count() as u64;
+                    let _ = tx.send((latency, n));
+                }),
+            );
+            in_flight += 1;
+            in_flight_max = in_flight_max.max(in_flight);
+        }
+        while in_flight > 0 {
+            let (latency, n) = rx.recv().unwrap();
+            hist.record(latency).ok();
+            ok += n;
+            in_flight -= 1;
+            received += 1;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(ok * 10 >= (received * batch) as u64 * 9, "most tips must be accepted ({ok} of {})", received * batch);
+        println!(
+            "{:>12} {:>12.0} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}",
+            rate,
+            ok as f64 / elapsed,
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.9),
+            hist.value_at_quantile(0.99),
+            hist.value_at_quantile(0.999),
+            hist.max(),
+            in_flight_max,
+            if overloaded { "  (fell behind: stopped at the in-flight bound)" } else { "" }
+        );
+    }
+    drop(engine);
+    node.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
 }
