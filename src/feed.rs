@@ -431,7 +431,10 @@ impl Feed {
                     shard,
                     capacity: capacity.max(1),
                     ring: RwLock::new(Ring {
-                        events: VecDeque::new(),
+                        // Reserved, not touched: pages become resident as events arrive, and the
+                        // ring never regrows (a doubling copied up to 48 MiB under the write
+                        // lock, stalling the shard and every reader for tens of milliseconds).
+                        events: VecDeque::from(crate::mem::huge_vec(capacity.max(1))),
                         floor: Position::default(),
                         last: Position::default(),
                     }),
