@@ -453,7 +453,7 @@ impl ShardState {
     /// Stage one of prefetching a command: the index entry of the account it reads first (and
     /// for a binding or a top-up, the directory entry of the user's bindings). Call a few
     /// commands ahead of `apply`; hints only, results never depend on it.
-    #[inline]
+    #[inline(always)]
     pub fn prefetch_index(&self, command: &Command) {
         if let Some(account) = primary_account(command) {
             self.index.prefetch_entry(account);
@@ -481,7 +481,7 @@ impl ShardState {
 
     /// Stage two: the account record and published balance (its index entry is cached now), and
     /// for a binding or a top-up, the keys of the user's bindings (`Methods::prefetch_keys`).
-    #[inline]
+    #[inline(always)]
     pub fn prefetch_account(&self, command: &Command) {
         if let Command::TopUpBegin { user, .. } | Command::BindMethod { user, .. } = *command {
             self.methods.prefetch_keys(user);

@@ -451,20 +451,20 @@ pub fn run(
             // Prefetch in two stages, a few commands ahead, so the cache misses of the next
             // payers overlap with applying this one (hints only: results do not change).
             let command_at = |entries: &[Entry], k: usize| match entries.get(k) {
-                Some(Entry::Write(p, j)) => Some(parts[*p].items[*j].command),
+                Some(Entry::Write(p, j)) => Some(&parts[*p].items[*j].command),
                 _ => None,
             };
             for k in 0..PREFETCH_FAR.min(entries.len()) {
                 if let Some(c) = command_at(&entries, k) {
-                    state.prefetch_index(&c);
+                    state.prefetch_index(c);
                 }
             }
             for i in 0..entries.len() {
                 if let Some(c) = command_at(&entries, i + PREFETCH_FAR) {
-                    state.prefetch_index(&c);
+                    state.prefetch_index(c);
                 }
                 if let Some(c) = command_at(&entries, i + PREFETCH_NEAR) {
-                    state.prefetch_account(&c);
+                    state.prefetch_account(c);
                 }
                 let entry = std::mem::replace(&mut entries[i], Entry::Tick);
                 let ts = base + i as u64;
