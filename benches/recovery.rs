@@ -25,6 +25,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // As the server and the recovery tool start (and the engine bench runs).
+    stormledger::tune_allocator();
     let base = std::env::var("BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench-recovery"));

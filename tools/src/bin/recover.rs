@@ -316,6 +316,7 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
+    stormledger::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Verify { dir, json } => verify(&dir, json, false),
