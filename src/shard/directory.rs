@@ -9,7 +9,7 @@
 
 use parking_lot::Mutex;
 
-use crate::ledger::id_table::IdTable;
+use crate::ledger::id_table::{IdTable, Lookup};
 use crate::ledger::index::prefetch;
 
 const STRIPES: usize = 256;
@@ -105,10 +105,7 @@ impl IdDirectory {
                 if let Some(&ahead) = order.get(k + PREFETCH_AHEAD) {
                     self.prefetch(ids[ahead as usize]);
                 }
-                let id = ids[order[k] as usize];
-                if table.get(id) == Some(shard as u64) {
-                    table.remove(id);
-                }
+                table.remove_if(ids[order[k] as usize], shard as u64);
             }
         }
     }
@@ -125,10 +122,7 @@ impl IdDirectory {
 
     /// Forgets `id` (a claim refused before it was queued, or an id evicted by its shard).
     pub fn release(&self, id: u64, shard: u16) {
-        let mut table = self.stripe(id).lock();
-        if table.get(id) == Some(shard as u64) {
-            table.remove(id);
-        }
+        self.stripe(id).lock().remove_if(id, shard as u64);
     }
 
     /// Records that `shard` owns `id` (recovery). False if the directory is full.
@@ -178,13 +172,10 @@ fn stripe_ranges(bounds: &[u32; STRIPES + 1]) -> impl Iterator<Item = (usize, st
 }
 
 fn claim_in(table: &mut IdTable, id: u64, shard: u16) -> Claim {
-    match table.get(id) {
-        Some(owner) => Claim::Existing(owner as u16),
-        None if table.is_full() => Claim::Full,
-        None => {
-            table.insert(id, shard as u64);
-            Claim::New
-        }
+    match table.get_or_insert(id, shard as u64) {
+        Lookup::Present(owner) => Claim::Existing(owner as u16),
+        Lookup::Inserted => Claim::New,
+        Lookup::Full => Claim::Full,
     }
 }
 
