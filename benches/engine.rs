@@ -105,6 +105,35 @@ struct Row {
     reads: Option<Histogram<u64>>,
 }
 
+/// A fresh node in `dir` with the workload's users, streamers and top-ups set up (batches of
+/// `batch`, `window` in flight).
+fn open_set_up(
+    spec: &StormSpec,
+    mode: Durability,
+    log_write: Option<LogWrite>,
+    shards: u16,
+    dir: &std::path::Path,
+    batch: usize,
+    window: usize,
+) -> (Node, Arc<Engine>) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut config = NodeConfig::new(dir);
+    config.engine = engine_config(spec, shards);
+    config.durability = mode;
+    config.log_write = log_write.unwrap_or_default();
+    config.snapshot_every_bytes = 0;
+    let node = Node::open(config).expect("open node");
+    let engine = node.engine().clone();
+    let mut setup_hist = Histogram::new(3).unwrap();
+    for phase in spec.setup_phases() {
+        let records: Vec<CommandRecord> = phase.iter().map(|c| c.to_record()).collect();
+        let batches = records.chunks(batch).map(|c| c.to_vec()).collect();
+        let (_, ok) = drive(&engine, batches, window, &mut setup_hist);
+        assert_eq!(ok as usize, phase.len(), "setup phase failed");
+    }
+    (node, engine)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run(
     spec: &StormSpec,
@@ -121,21 +150,7 @@ fn run(
         None => mode.name().to_string(),
     };
     let dir = base.join(format!("{}-{}", mode_name.replace('/', "-"), spec.hot_percent));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = NodeConfig::new(&dir);
-    config.engine = engine_config(spec, shards);
-    config.durability = mode;
-    config.log_write = log_write.unwrap_or_default();
-    config.snapshot_every_bytes = 0;
-    let node = Node::open(config).expect("open node");
-    let engine = node.engine().clone();
-    let mut setup_hist = Histogram::new(3).unwrap();
-    for phase in spec.setup_phases() {
-        let records: Vec<CommandRecord> = phase.iter().map(|c| c.to_record()).collect();
-        let batches = records.chunks(batch).map(|c| c.to_vec()).collect();
-        let (_, ok) = drive(&engine, batches, window, &mut setup_hist);
-        assert_eq!(ok as usize, phase.len(), "setup phase failed");
-    }
+    let (node, engine) = open_set_up(spec, mode, log_write, shards, &dir, batch, window);
     let mut gen = spec.tips();
     let batches: Vec<Vec<CommandRecord>> =
         (0..tips.div_ceil(batch as u64)).map(|_| (0..batch).map(|_| gen.next_tip().to_record()).collect()).collect();
@@ -300,21 +315,8 @@ fn paced(
         None => (mode_name, None),
     };
     let dir = base.join(format!("paced-{}", mode_name.replace('/', "-")));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = NodeConfig::new(&dir);
-    config.engine = engine_config(spec, shards);
-    config.durability = mode.parse().expect("mode");
-    config.log_write = log_write.unwrap_or_default();
-    config.snapshot_every_bytes = 0;
-    let node = Node::open(config).expect("open node");
-    let engine = node.engine().clone();
+    let (node, engine) = open_set_up(spec, mode.parse().expect("mode"), log_write, shards, &dir, 8192, 8);
     let mut hist = Histogram::new(3).unwrap();
-    for phase in spec.setup_phases() {
-        let records: Vec<CommandRecord> = phase.iter().map(|c| c.to_record()).collect();
-        let batches = records.chunks(8192).map(|c| c.to_vec()).collect();
-        let (_, ok) = drive(&engine, batches, 8, &mut hist);
-        assert_eq!(ok as usize, phase.len(), "setup phase failed");
-    }
     let mut gen = spec.tips();
     let mut next_batch = |n: usize| -> Vec<CommandRecord> { (0..n).map(|_| gen.next_tip().to_record()).collect() };
     let warm: Vec<Vec<CommandRecord>> = (0..warmup.div_ceil(8192)).map(|_| next_batch(8192)).collect();

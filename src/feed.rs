@@ -432,8 +432,8 @@ impl Feed {
                     capacity: capacity.max(1),
                     ring: RwLock::new(Ring {
                         // Reserved, not touched: pages become resident as events arrive, and the
-                        // ring never regrows (a doubling copied up to 48 MiB under the write
-                        // lock, stalling the shard and every reader for tens of milliseconds).
+                        // ring never regrows (a doubling copied up to 48 MiB, on the shard
+                        // thread and under the write lock that every reader waits on).
                         events: VecDeque::from(crate::mem::huge_vec(capacity.max(1))),
                         floor: Position::default(),
                         last: Position::default(),
