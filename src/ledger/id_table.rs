@@ -35,10 +35,16 @@ fn home(id: u64, mask: usize) -> usize {
 impl IdTable {
     /// A table for at most `capacity` ids.
     pub fn new(capacity: usize) -> IdTable {
+        let table = IdTable::new_unadvised(capacity);
+        crate::mem::advise_huge_slice(&table.entries);
+        table
+    }
+
+    /// `new` without the huge-page hint: for a table sized for a bound it seldom reaches, whose
+    /// untouched pages should stay out of memory (a huge page makes 2 MiB resident per touch).
+    pub fn new_unadvised(capacity: usize) -> IdTable {
         let buckets = (capacity.max(8) * 2).next_power_of_two();
-        let entries = vec![(0, 0); buckets];
-        crate::mem::advise_huge_slice(&entries);
-        IdTable { entries, mask: buckets - 1, len: 0 }
+        IdTable { entries: vec![(0, 0); buckets], mask: buckets - 1, len: 0 }
     }
 
     /// Bytes of the bucket array.

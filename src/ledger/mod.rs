@@ -11,6 +11,7 @@ pub mod index;
 pub mod methods;
 pub mod state_machine;
 pub mod status;
+pub mod topups;
 
 pub use command::{AccountKind, Channel, Command, FailReason};
 pub use state_machine::{Fanout, Reply, ShardState, TopUpState};

@@ -26,6 +26,7 @@ use crate::ledger::id_table::IdTable;
 use crate::ledger::index::AccountIndex;
 use crate::ledger::methods::Methods;
 use crate::ledger::status::Status;
+use crate::ledger::topups::TopUps;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -174,7 +175,7 @@ pub struct ShardState {
     pub(crate) ids: IdTable,
     pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
     pub(crate) id_seq: u64,
-    pub(crate) topups: IdMap<u64, TopUp>,
+    pub(crate) topups: TopUps,
     pub(crate) pending: VecDeque<(u64, u64)>,
     /// Ended top-ups whose id record has left the idempotency window, by (deadline, id): the
     /// first is forgotten first once there are more than `topups_max`. Derived from
@@ -246,7 +247,7 @@ impl ShardState {
             ids: IdTable::new(limits.ids_max as usize),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
             id_seq: 0,
-            topups: IdMap::default(),
+            topups: TopUps::with_bound(topups_bound(&limits)),
             pending: VecDeque::new(),
             topups_kept: std::collections::BTreeSet::new(),
             topups_pending: 0,
@@ -841,7 +842,7 @@ impl ShardState {
     /// ended top-ups kept after their id left the idempotency window: a quarter of the window,
     /// at least `TOPUPS_MIN`.
     pub fn topups_max(&self) -> usize {
-        (self.limits.ids_max as usize / 4).max(TOPUPS_MIN)
+        topups_max(&self.limits)
     }
 
     /// Ids of top-ups kept after their id record left the window (they stay in the directory).
@@ -1240,6 +1241,17 @@ fn set_frozen(account: &mut Account, frozen: bool) {
 }
 
 /// Unit of an account kind, re-exported for callers that check invariants across shards.
+/// See `ShardState::topups_max`.
+fn topups_max(limits: &ShardLimits) -> usize {
+    (limits.ids_max as usize / 4).max(TOPUPS_MIN)
+}
+
+/// The most top-ups a shard holds at once: each one's begin is in the idempotency window, or it
+/// is pending (at most `topups_max`) or kept (at most `topups_max`) outside it.
+fn topups_bound(limits: &ShardLimits) -> usize {
+    limits.ids_max as usize + 2 * topups_max(limits)
+}
+
 pub fn unit_of(kind: AccountKind) -> Unit {
     kind.unit()
 }
