@@ -345,17 +345,12 @@ impl ShardFeed {
             let events = &mut batch.events;
             let skip = events.len().saturating_sub(self.capacity);
             let overflow = (ring.events.len() + events.len() - skip).saturating_sub(self.capacity);
-            let dropped_last = match overflow {
-                0 => None,
-                n => ring.events.drain(..n).next_back(),
-            };
-            let dropped_last = match skip {
-                0 => dropped_last,
-                n => Some(events[n - 1]).map(|mut e| {
-                    e.lsn.set(lsn);
-                    e
-                }),
-            };
+            let mut dropped_last = ring.events.drain(..overflow).next_back();
+            if skip > 0 {
+                let mut last = events[skip - 1];
+                last.lsn.set(lsn);
+                dropped_last = Some(last);
+            }
             if let Some(old) = dropped_last {
                 ring.floor = Position::of(&old);
             }

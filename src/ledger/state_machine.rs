@@ -1240,7 +1240,6 @@ fn set_frozen(account: &mut Account, frozen: bool) {
     }
 }
 
-/// Unit of an account kind, re-exported for callers that check invariants across shards.
 /// See `ShardState::topups_max`.
 fn topups_max(limits: &ShardLimits) -> usize {
     (limits.ids_max as usize / 4).max(TOPUPS_MIN)
@@ -1252,6 +1251,7 @@ fn topups_bound(limits: &ShardLimits) -> usize {
     limits.ids_max as usize + 2 * topups_max(limits)
 }
 
+/// Unit of an account kind, re-exported for callers that check invariants across shards.
 pub fn unit_of(kind: AccountKind) -> Unit {
     kind.unit()
 }

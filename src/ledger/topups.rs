@@ -96,11 +96,6 @@ impl TopUps {
     pub fn values(&self) -> impl Iterator<Item = &TopUp> + Clone + '_ {
         self.iter().map(|(_, topup)| topup)
     }
-
-    /// Slots reserved: the vector never moves while it holds at most this many.
-    pub fn reserved(&self) -> usize {
-        self.slots.capacity()
-    }
 }
 
 #[cfg(test)]
