@@ -371,6 +371,11 @@ impl Journal for WalJournal {
         self.wal.retire_segments_before(lsn)?;
         Ok(())
     }
+
+    /// In `sync` mode an append waits for the disk: overlap it with applying the batch before.
+    fn pipelined(&self) -> bool {
+        self.wal.config().persist_mode == PersistMode::Sync
+    }
 }
 
 /// The marker file of `admin maintenance on` in the data directory.

@@ -1,6 +1,6 @@
 //! The sharded engine: cross-shard behaviour, reads, back-pressure, maintenance, concurrency.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use stormledger::config::{LedgerConfig, ShardLimits};
@@ -383,4 +383,185 @@ fn a_history_page_a_shard_cannot_serve_is_busy_not_silently_short() {
     assert_eq!(rx.recv().unwrap(), Status::Busy.code());
     gate.wait();
     assert_eq!(rx.recv().unwrap(), Status::Ok.code());
+}
+
+/// A journal that asks for a log thread of its own, as the write-ahead log does in sync mode.
+/// It tells the test the number of every append it starts, holds the append numbered `hold_at`
+/// until the test releases it, and fails the one numbered `fail_at`.
+struct HeldJournal {
+    appends: u32,
+    hold_at: Arc<AtomicU32>,
+    fail_at: Arc<AtomicU32>,
+    started: crossbeam_channel::Sender<u32>,
+    release: crossbeam_channel::Receiver<()>,
+}
+
+struct Held {
+    hold_at: Arc<AtomicU32>,
+    fail_at: Arc<AtomicU32>,
+    started: crossbeam_channel::Receiver<u32>,
+    release: crossbeam_channel::Sender<()>,
+    /// Appends started so far (read from `started`).
+    seen: u32,
+}
+
+impl Held {
+    fn new() -> (Held, Box<dyn Journal>) {
+        let (hold_at, fail_at) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (started_tx, started) = crossbeam_channel::unbounded();
+        let (release, release_rx) = crossbeam_channel::unbounded();
+        let journal = HeldJournal {
+            appends: 0,
+            hold_at: hold_at.clone(),
+            fail_at: fail_at.clone(),
+            started: started_tx,
+            release: release_rx,
+        };
+        (Held { hold_at, fail_at, started, release, seen: 0 }, Box::new(journal))
+    }
+
+    /// Notes the appends started so far; returns the number the next one will have.
+    fn next(&mut self) -> u32 {
+        while let Ok(n) = self.started.try_recv() {
+            self.seen = n;
+        }
+        self.seen + 1
+    }
+
+    /// Waits until append `n` has started.
+    fn wait_started(&mut self, n: u32) {
+        while self.seen < n {
+            self.seen = self.started.recv_timeout(std::time::Duration::from_secs(60)).expect("append started");
+        }
+    }
+}
+
+impl Journal for HeldJournal {
+    fn append_batch(&mut self, _: u64, _: &[CommandRecord]) -> Result<u64, JournalError> {
+        self.appends += 1;
+        let n = self.appends;
+        self.started.send(n).unwrap();
+        if self.hold_at.load(Ordering::SeqCst) == n {
+            self.release.recv().unwrap();
+        }
+        if self.fail_at.load(Ordering::SeqCst) == n {
+            return Err("injected: the disk went away".into());
+        }
+        Ok(n as u64)
+    }
+
+    fn pipelined(&self) -> bool {
+        true
+    }
+}
+
+/// Submits one command and returns where its reply will arrive.
+fn send(engine: &Engine, cmd: Command, sent_at: u64) -> crossbeam_channel::Receiver<Status> {
+    let mut record = cmd.to_record();
+    record.timestamp.set(sent_at);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    engine.submit(vec![record], Box::new(move |r| tx.send(Status::from_code(r[0].status.get()).unwrap()).unwrap()));
+    rx
+}
+
+/// Waits (without a time limit that could fail a slow machine) until the shard took every
+/// queued part, i.e. handed them to its log.
+fn wait_drained(engine: &Engine) {
+    while engine.queue_depths().iter().any(|&d| d > 0) {
+        std::thread::yield_now();
+    }
+}
+
+/// Three one-command batches G, A and B, with G held in the log while A and B are queued: the
+/// shard hands A to the log, and then B while A is still held, so B's write overlaps A's.
+/// Returns the append numbers of A and the reply receivers of G, A and B.
+fn pipeline_three(
+    engine: &Engine,
+    held: &mut Held,
+    a: Command,
+    b: (Command, u64),
+) -> (u32, [crossbeam_channel::Receiver<Status>; 3]) {
+    let g_at = held.next();
+    held.hold_at.store(g_at, Ordering::SeqCst);
+    let g = send(engine, Command::Tip { id: 7_000, from: 1, to: 1_000_000, coins: 1 }, 0);
+    held.wait_started(g_at);
+    let (ra, rb) = (send(engine, a, 0), send(engine, b.0, b.1));
+    held.hold_at.store(g_at + 1, Ordering::SeqCst);
+    held.release.send(()).unwrap();
+    held.wait_started(g_at + 1);
+    (g_at + 1, [g, ra, rb])
+}
+
+fn pipelined_engine(ids_max: u32) -> (Engine, Held) {
+    let mut cfg = config(1);
+    cfg.batch_commands_max = 1;
+    cfg.limits.ids_max = ids_max;
+    let (held, journal) = Held::new();
+    let engine = start(&cfg, vec![journal]);
+    setup(&engine, 2, 1_000);
+    (engine, held)
+}
+
+#[test]
+fn a_pipelined_log_takes_the_next_batch_but_applies_nothing_before_its_own_sync() {
+    let (engine, mut held) = pipelined_engine(1 << 10);
+    let a = Command::Tip { id: 7_001, from: 1, to: 1_000_000, coins: 10 };
+    let b = Command::Tip { id: 7_002, from: 2, to: 1_000_000, coins: 20 };
+    let (a_at, [g, ra, rb]) = pipeline_three(&engine, &mut held, a, (b, 0));
+    assert_eq!(g.recv().unwrap(), Status::Ok);
+    // A is held in the log; the shard still takes B off its queue (to log it behind A) ...
+    wait_drained(&engine);
+    // ... but neither is applied or answered before its own append is done.
+    assert!(ra.try_recv().is_err() && rb.try_recv().is_err());
+    assert_eq!(engine.balance(1), Some(1_000 - 1));
+    assert_eq!(engine.balance(2), Some(1_000));
+    held.release.send(()).unwrap();
+    assert_eq!(ra.recv().unwrap(), Status::Ok);
+    assert_eq!(rb.recv().unwrap(), Status::Ok);
+    held.wait_started(a_at + 1);
+    assert_eq!(held.seen, a_at + 1, "one append each, in order");
+    assert_eq!(engine.balance(1), Some(1_000 - 11));
+    assert_eq!(engine.balance(2), Some(1_000 - 20));
+}
+
+#[test]
+fn a_failed_append_in_a_pipelined_log_fails_the_batch_behind_it_too() {
+    let (engine, mut held) = pipelined_engine(1 << 10);
+    let a = Command::Tip { id: 7_001, from: 1, to: 1_000_000, coins: 10 };
+    let b = Command::Tip { id: 7_002, from: 2, to: 1_000_000, coins: 20 };
+    let a_at = held.next() + 1;
+    held.fail_at.store(a_at, Ordering::SeqCst);
+    let (_, [g, ra, rb]) = pipeline_three(&engine, &mut held, a, (b, 0));
+    assert_eq!(g.recv().unwrap(), Status::Ok);
+    wait_drained(&engine);
+    held.release.send(()).unwrap();
+    // A's append failed. B's would succeed, but it was logged behind an unknown state.
+    assert_eq!(ra.recv().unwrap(), Status::Unavailable);
+    assert_eq!(rb.recv().unwrap(), Status::Unavailable);
+    assert_eq!(engine.balance(1), Some(1_000 - 1));
+    assert_eq!(engine.balance(2), Some(1_000));
+    assert_eq!(
+        send(&engine, Command::Tip { id: 7_003, from: 2, to: 1_000_000, coins: 1 }, 0).recv().unwrap(),
+        Status::Unavailable
+    );
+    assert_eq!(engine.stats().poisoned_shards(), 1);
+}
+
+#[test]
+fn a_pipelined_retry_of_an_id_the_batch_ahead_forgets_is_refused_not_reapplied() {
+    // A window of 16 ids, full of tips 500..=515 after the set-up.
+    let (engine, mut held) = pipelined_engine(16);
+    for id in 500..516 {
+        assert_eq!(status(&engine, Command::Tip { id, from: 2, to: 1_000_000, coins: 1 }), Status::Ok);
+    }
+    // G (tip 7 000) forgets 500, A forgets 501. B retries 501, first sent long ago: checked
+    // before A is applied, 501 would still be known and B would tip a second time.
+    let a = Command::Tip { id: 7_001, from: 1, to: 1_000_000, coins: 10 };
+    let b = Command::Tip { id: 501, from: 2, to: 1_000_000, coins: 1 };
+    let (_, [g, ra, rb]) = pipeline_three(&engine, &mut held, a, (b, T0));
+    assert_eq!(g.recv().unwrap(), Status::Ok);
+    held.release.send(()).unwrap();
+    assert_eq!(ra.recv().unwrap(), Status::Ok);
+    assert_eq!(rb.recv().unwrap(), Status::IdExpired);
+    assert_eq!(engine.balance(2), Some(1_000 - 16), "501 tipped once");
 }

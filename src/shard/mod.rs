@@ -4,6 +4,7 @@
 //! reply leaves a worker before its batch is durable.
 
 pub mod directory;
+pub mod log_stage;
 pub mod router;
 pub mod stats;
 pub mod worker;

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Select, Sender};
 use parking_lot::Mutex;
@@ -17,6 +17,7 @@ use crate::ledger::account::HistoryEntry;
 use crate::ledger::state_machine::{Fanout, IdRecord, Reply, ShardState, TopUp};
 use crate::ledger::{Command, Status};
 use crate::shard::directory::IdDirectory;
+use crate::shard::log_stage::{Appended, LogStage};
 use crate::shard::stats::{EngineStats, ShardMetrics};
 
 /// Makes a batch durable. Implemented by the write-ahead log; `NullJournal` keeps nothing
@@ -34,6 +35,13 @@ pub trait Journal: Send + 'static {
     /// Drops log segments whose records all have positions below `lsn` (covered by snapshots).
     fn retire_before(&mut self, _lsn: u64) -> Result<(), JournalError> {
         Ok(())
+    }
+
+    /// Whether appends should run on a log thread of their own, so that one batch's write and
+    /// sync overlap applying the batch before it (`log_stage`). Worth it when an append waits
+    /// for the disk; an inline append costs no thread hand-off.
+    fn pipelined(&self) -> bool {
+        false
     }
 }
 
@@ -298,11 +306,218 @@ enum Entry {
     Tick,
 }
 
+/// One drained batch: its parts, its entries in log order (entry i has timestamp `base + i`),
+/// and the commands refused before the log (`id_expired`), answered with the batch.
+#[derive(Default)]
+struct Batch {
+    parts: Vec<Part>,
+    entries: Vec<Entry>,
+    expired: Vec<(usize, u32, ReplyRecord)>,
+    base: u64,
+    /// Handed to the log (false: the shard was poisoned, every command is `unavailable`).
+    logged: bool,
+}
+
+/// Applying durable batches: the shard's state and everything a batch's effects reach.
+struct Applier {
+    shard: u16,
+    state: ShardState,
+    peers: Peers,
+    metrics: ShardMetrics,
+    events: crate::feed::BatchEvents,
+    feed: Option<Arc<crate::feed::ShardFeed>>,
+    poisoned: bool,
+    /// The log position of the newest applied batch.
+    last_lsn: u64,
+    /// Log bytes of every applied batch (snapshots are taken by log volume).
+    logged_bytes: u64,
+    /// Records buffers back from the log, for the next batches.
+    spare_records: Vec<Vec<CommandRecord>>,
+}
+
+impl Applier {
+    /// Completes `batch` with the log's result (`None`: it was not logged). Durable: applies
+    /// every entry in order, then publishes its feed events, releases evicted ids and replies.
+    /// Failed: poisons the shard and answers every command `unavailable`, applying nothing.
+    fn complete(&mut self, batch: &mut Batch, appended: Option<Appended>) {
+        let shard = self.shard;
+        if let Some(appended) = appended {
+            match appended.result {
+                Ok(lsn) if !self.poisoned => {
+                    self.last_lsn = lsn;
+                    self.logged_bytes += (appended.records.len() * std::mem::size_of::<CommandRecord>()) as u64;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    if !self.poisoned {
+                        eprintln!("shard {shard}: journal failed, refusing all further writes: {error}");
+                    }
+                    self.poisoned = true;
+                }
+            }
+            self.metrics.batch(appended.records.len(), appended.elapsed);
+            self.spare_records.push(appended.records);
+        }
+        let poisoned = self.poisoned;
+        let (state, events, peers, metrics) = (&mut self.state, &mut self.events, &self.peers, &mut self.metrics);
+        let (parts, entries) = (&batch.parts, &mut batch.entries);
+
+        events.restart(self.last_lsn);
+        let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
+            parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
+        for (p, tag, reply) in batch.expired.drain(..) {
+            replies[p].push((tag, reply));
+        }
+        // Prefetch in two stages, a few commands ahead, so the cache misses of the next payers
+        // overlap with applying this one (hints only: results do not change).
+        let command_at = |entries: &[Entry], k: usize| match entries.get(k) {
+            Some(Entry::Write(p, j)) => Some(&parts[*p].items[*j].command),
+            _ => None,
+        };
+        for k in 0..PREFETCH_FAR.min(entries.len()) {
+            if let Some(c) = command_at(entries, k) {
+                state.prefetch_index(c);
+            }
+        }
+        for i in 0..entries.len() {
+            if let Some(c) = command_at(entries, i + PREFETCH_FAR) {
+                state.prefetch_index(c);
+            }
+            if let Some(c) = command_at(entries, i + PREFETCH_NEAR) {
+                state.prefetch_account(c);
+            }
+            let entry = std::mem::replace(&mut entries[i], Entry::Tick);
+            let ts = batch.base + i as u64;
+            match entry {
+                Entry::Tick => {
+                    if !poisoned {
+                        state.apply(ts, &Command::Tick);
+                    }
+                }
+                Entry::Replica(command, join) => {
+                    if poisoned {
+                        if let Some(join) = join {
+                            join.part_done(0, false);
+                        }
+                        continue;
+                    }
+                    let (reply, _) = events.apply(state, i, ts, &command);
+                    if let Some(join) = join {
+                        join.part_done(reply.value, true);
+                    }
+                }
+                Entry::Write(p, j) => {
+                    let item = &parts[p].items[j];
+                    if poisoned {
+                        metrics.command(item.command.kind(), Status::Unavailable);
+                        replies[p].push((item.tag, reply_record(&item.command, Reply::status(Status::Unavailable))));
+                        if item.permit {
+                            peers.permits.fetch_add(1, Ordering::AcqRel);
+                        }
+                        if item.claimed {
+                            peers.directory.release(item.command.transfer_id().expect("claimed"), shard);
+                        }
+                        continue;
+                    }
+                    let (reply, fanout) = events.apply(state, i, ts, &item.command);
+                    metrics.command(item.command.kind(), reply.status);
+                    match fanout {
+                        Fanout::None => {
+                            replies[p].push((item.tag, reply_record(&item.command, reply)));
+                            if item.permit {
+                                peers.permits.fetch_add(1, Ordering::AcqRel);
+                            }
+                        }
+                        Fanout::Replicate(replica) => {
+                            assert!(item.permit, "replicated commands hold a permit");
+                            let join = Join::new(item, reply, &parts[p].collector, peers);
+                            for (s, tx) in peers.internal.iter().enumerate() {
+                                if s != shard as usize {
+                                    let msg = Internal::Replica { command: replica, join: Some(join.clone()) };
+                                    if tx.send(msg).is_err() {
+                                        join.part_done(0, false);
+                                    }
+                                }
+                            }
+                        }
+                        Fanout::GatherSettlement { id } => {
+                            assert!(item.permit, "settlements hold a permit");
+                            let join = Join::new(item, reply, &parts[p].collector, peers);
+                            for (s, tx) in peers.queries.iter().enumerate() {
+                                if s != shard as usize {
+                                    let part_join = join.clone();
+                                    let done = Box::new(move |answer: ShardAnswer| {
+                                        let value = match answer {
+                                            ShardAnswer::Lookup(Some(r)) => r.reply.value,
+                                            _ => 0,
+                                        };
+                                        part_join.part_done(value, true);
+                                    });
+                                    if tx.try_send(QueryMsg { query: ShardQuery::Lookup { id }, done }).is_err() {
+                                        join.part_done(0, false);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        entries.clear();
+        if let (Some(feed), false) = (&self.feed, poisoned) {
+            feed.publish(events);
+        }
+        // Before the replies: a client that reuses an id this batch evicted, once it has its
+        // answer, must find the id free in the directory.
+        if !state.evicted().is_empty() {
+            peers.directory.release_many(state.evicted(), shard);
+            state.clear_evicted();
+        }
+        metrics.flush(poisoned);
+        for (part, replies) in batch.parts.drain(..).zip(replies) {
+            part.collector.fill(&replies);
+        }
+    }
+
+    /// Answers the reads that need the shard's state (after the batch: a client sees its own
+    /// acknowledged writes, and nothing of a batch still in the log).
+    fn answer(&self, query: ShardQuery) -> ShardAnswer {
+        let state = &self.state;
+        match query {
+            ShardQuery::History { account, limit, before } => {
+                ShardAnswer::History(state.history(account, limit, before))
+            }
+            ShardQuery::Lookup { id } => ShardAnswer::Lookup(state.lookup(id)),
+            ShardQuery::TopUp { id } => ShardAnswer::TopUp(state.topup(id).copied()),
+            ShardQuery::Audit => ShardAnswer::Audit(AuditSummary {
+                shard: self.shard,
+                accounts: state.accounts().len(),
+                unit_sums: state.unit_sums(),
+                last_timestamp: state.last_timestamp(),
+                poisoned: self.poisoned,
+            }),
+        }
+    }
+}
+
 /// The worker loop. Returns the state when shut down (tests inspect it).
+///
+/// Pipelining: with a journal that waits for the disk (`Journal::pipelined`), batch k+1 is
+/// drained, checked, timestamped and handed to the log thread before batch k is applied, so
+/// k+1's write and sync run while k is applied. Every batch is still applied only after its own
+/// log result, in log order, and nothing of it (replies, balances, feed events, replica
+/// messages) leaves the shard before. Drain-time decisions that read the state are the only
+/// ones taken before the previous batch is applied; each is safe or falls back:
+/// - timestamps continue from the last one assigned, not the last one applied;
+/// - a `Tick` is only added to an empty batch, and an empty drain completes batch k first;
+/// - the `id_expired` check: batch k can only raise the idempotency horizon, and by at most its
+///   own length of ids (`ShardState::id_horizon_within`). A command whose first-send time is
+///   at or after that bound passes the check before and after k alike; if any command of k+1 is
+///   earlier, batch k is applied first and k+1 is checked exactly.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    mut state: ShardState,
-    mut journal: Box<dyn Journal>,
+    state: ShardState,
+    journal: Box<dyn Journal>,
     clock: Arc<dyn Clock>,
     writes: Receiver<Part>,
     internal: Receiver<Internal>,
@@ -311,34 +526,49 @@ pub fn run(
     config: WorkerConfig,
 ) -> ShardState {
     let shard = state.shard();
-    let mut poisoned = false;
-    let mut parts: Vec<Part> = Vec::new();
+    let mut log = LogStage::new(journal, shard);
+    let mut last_assigned = state.last_timestamp();
+    let metrics = ShardMetrics::new(peers.stats.clone(), shard);
+    let mut w = Applier {
+        shard,
+        state,
+        peers,
+        metrics,
+        events: crate::feed::BatchEvents::new(0),
+        feed: config.feed.clone(),
+        poisoned: false,
+        last_lsn: 0,
+        logged_bytes: 0,
+        spare_records: Vec::new(),
+    };
     let mut carry: Option<Part> = None;
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut records: Vec<CommandRecord> = Vec::new();
     let mut shutting_down = false;
     let mut snapshot_requests: Vec<SnapshotDone> = Vec::new();
     let mut snapshots = config.snapshot.clone().map(Snapshotter::new);
-    let mut last_lsn = 0u64;
-    let mut metrics = ShardMetrics::new(peers.stats.clone(), shard);
-    let mut events = crate::feed::BatchEvents::new(0);
+    // The batch in the log, applied once its result is in (pipelined journals only).
+    let mut ahead: Option<Batch> = None;
+    let mut spare_batches: Vec<Batch> = Vec::new();
 
     loop {
-        // Wait for work (or for the next top-up deadline).
-        let mut replicas: Vec<(Command, Option<Arc<Join>>)> = Vec::new();
+        let mut batch = spare_batches.pop().unwrap_or_default();
         let mut pending_queries: Vec<QueryMsg> = Vec::new();
+        // Wait for work (or for the next top-up deadline); with a batch in the log, only take
+        // what is already queued.
         if carry.is_none() {
             let mut select = Select::new();
             let i_internal = select.recv(&internal);
             let i_writes = select.recv(&writes);
             let i_queries = select.recv(&queries);
-            let ready =
-                if shutting_down { select.try_ready().ok() } else { select.ready_timeout(config.tick_interval).ok() };
+            let ready = if shutting_down || ahead.is_some() {
+                select.try_ready().ok()
+            } else {
+                select.ready_timeout(config.tick_interval).ok()
+            };
             match ready {
-                None if shutting_down => break,
+                None if shutting_down && ahead.is_none() => break,
                 None => {}
                 Some(i) if i == i_internal => match internal.try_recv() {
-                    Ok(Internal::Replica { command, join }) => replicas.push((command, join)),
+                    Ok(Internal::Replica { command, join }) => batch.entries.push(Entry::Replica(command, join)),
                     Ok(Internal::Snapshot { done }) => snapshot_requests.push(done),
                     Ok(Internal::Shutdown) => shutting_down = true,
                     Err(_) => {}
@@ -359,12 +589,12 @@ pub fn run(
         // Drain more without blocking, up to the batch limit.
         while let Ok(msg) = internal.try_recv() {
             match msg {
-                Internal::Replica { command, join } => replicas.push((command, join)),
+                Internal::Replica { command, join } => batch.entries.push(Entry::Replica(command, join)),
                 Internal::Snapshot { done } => snapshot_requests.push(done),
                 Internal::Shutdown => shutting_down = true,
             }
         }
-        let mut count = replicas.len();
+        let mut count = batch.entries.len();
         loop {
             let part = match carry.take() {
                 Some(p) => p,
@@ -378,207 +608,104 @@ pub fn run(
                 break;
             }
             count += part.items.len();
-            parts.push(part);
+            batch.parts.push(part);
         }
 
-        // Assign timestamps: strictly increasing per shard, close to the wall clock.
-        entries.clear();
-        records.clear();
-        for (command, join) in replicas {
-            entries.push(Entry::Replica(command, join));
+        // The batch in the log is applied now if there is nothing to overlap it with, or this
+        // batch's checks depend on its outcome (see "Pipelining" above).
+        if let Some(mut prev) = ahead.take() {
+            let bound = w.state.id_horizon_within(prev.entries.len());
+            let depends =
+                batch.parts.iter().flat_map(|p| &p.items).any(|item| item.sent_at != 0 && item.sent_at < bound);
+            if depends || w.poisoned || (batch.entries.is_empty() && batch.parts.is_empty()) {
+                w.complete(&mut prev, Some(log.finish()));
+                spare_batches.push(prev);
+            } else {
+                ahead = Some(prev);
+            }
         }
+
         // A command first sent before the idempotency horizon whose id is not remembered may
         // retry a forgotten one: refuse it (not logged, nothing changes) instead of risking a
         // second application.
-        let horizon = state.id_horizon();
-        let mut expired: Vec<(usize, u32, ReplyRecord)> = Vec::new();
-        for (p, part) in parts.iter().enumerate() {
+        let horizon = w.state.id_horizon();
+        for (p, part) in batch.parts.iter().enumerate() {
             for (i, item) in part.items.iter().enumerate() {
-                let forgotten = |id: u64| !state.knows_id(id);
+                let forgotten = |id: u64| !w.state.knows_id(id);
                 if item.sent_at != 0 && item.sent_at < horizon && item.command.transfer_id().is_some_and(forgotten) {
-                    expired.push((p, item.tag, reply_record(&item.command, Reply::status(Status::IdExpired))));
+                    batch.expired.push((p, item.tag, reply_record(&item.command, Reply::status(Status::IdExpired))));
                     if item.claimed {
-                        peers.directory.release(item.command.transfer_id().expect("has an id"), shard);
+                        w.peers.directory.release(item.command.transfer_id().expect("has an id"), shard);
                     }
                     if item.permit {
-                        peers.permits.fetch_add(1, Ordering::AcqRel);
+                        w.peers.permits.fetch_add(1, Ordering::AcqRel);
                     }
                     continue;
                 }
-                entries.push(Entry::Write(p, i));
+                batch.entries.push(Entry::Write(p, i));
             }
         }
         let now = clock.now_ns();
-        if entries.is_empty() && state.next_deadline().is_some_and(|d| d <= now) && !poisoned {
-            entries.push(Entry::Tick);
+        let deadline_passed = w.state.next_deadline().is_some_and(|d| d <= now);
+        if batch.entries.is_empty() && ahead.is_none() && deadline_passed && !w.poisoned {
+            batch.entries.push(Entry::Tick);
         }
 
-        if !entries.is_empty() {
-            let base = now.max(state.last_timestamp() + 1);
-            for (i, entry) in entries.iter().enumerate() {
-                let command = match entry {
-                    Entry::Replica(c, _) => *c,
-                    Entry::Write(p, j) => parts[*p].items[*j].command,
-                    Entry::Tick => Command::Tick,
-                };
-                let mut record = command.to_record();
-                record.timestamp.set(base + i as u64);
-                records.push(record);
-            }
-            if !poisoned {
-                let started = Instant::now();
-                match journal.append_batch(base, &records) {
-                    Ok(lsn) => {
-                        last_lsn = lsn;
-                        if let Some(s) = snapshots.as_mut() {
-                            s.bytes_since += (records.len() * std::mem::size_of::<CommandRecord>()) as u64;
-                        }
-                    }
-                    Err(error) => {
-                        eprintln!("shard {shard}: journal failed, refusing all further writes: {error}");
-                        poisoned = true;
-                    }
+        if !batch.entries.is_empty() {
+            // Timestamps: strictly increasing per shard, close to the wall clock.
+            batch.base = now.max(last_assigned + 1);
+            last_assigned = batch.base + batch.entries.len() as u64 - 1;
+            batch.logged = !w.poisoned;
+            if batch.logged {
+                let mut records = w.spare_records.pop().unwrap_or_default();
+                records.clear();
+                for (i, entry) in batch.entries.iter().enumerate() {
+                    let command = match entry {
+                        Entry::Replica(c, _) => *c,
+                        Entry::Write(p, j) => batch.parts[*p].items[*j].command,
+                        Entry::Tick => Command::Tick,
+                    };
+                    let mut record = command.to_record();
+                    record.timestamp.set(batch.base + i as u64);
+                    records.push(record);
                 }
-                metrics.batch(records.len(), started.elapsed());
+                log.submit(batch.base, records);
             }
-
-            events.restart(last_lsn);
-            let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
-                parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
-            for (p, tag, reply) in expired.drain(..) {
-                replies[p].push((tag, reply));
+            // Apply the batch before this one while this one is written and synced.
+            if let Some(mut prev) = ahead.take() {
+                w.complete(&mut prev, Some(log.finish()));
+                spare_batches.push(prev);
             }
-            // Prefetch in two stages, a few commands ahead, so the cache misses of the next
-            // payers overlap with applying this one (hints only: results do not change).
-            let command_at = |entries: &[Entry], k: usize| match entries.get(k) {
-                Some(Entry::Write(p, j)) => Some(&parts[*p].items[*j].command),
-                _ => None,
-            };
-            for k in 0..PREFETCH_FAR.min(entries.len()) {
-                if let Some(c) = command_at(&entries, k) {
-                    state.prefetch_index(c);
-                }
+            if batch.logged && log.is_pipelined() {
+                ahead = Some(batch);
+            } else {
+                let appended = batch.logged.then(|| log.finish());
+                w.complete(&mut batch, appended);
+                spare_batches.push(batch);
             }
-            for i in 0..entries.len() {
-                if let Some(c) = command_at(&entries, i + PREFETCH_FAR) {
-                    state.prefetch_index(c);
-                }
-                if let Some(c) = command_at(&entries, i + PREFETCH_NEAR) {
-                    state.prefetch_account(c);
-                }
-                let entry = std::mem::replace(&mut entries[i], Entry::Tick);
-                let ts = base + i as u64;
-                match entry {
-                    Entry::Tick => {
-                        state.apply(ts, &Command::Tick);
-                    }
-                    Entry::Replica(command, join) => {
-                        if poisoned {
-                            if let Some(join) = join {
-                                join.part_done(0, false);
-                            }
-                            continue;
-                        }
-                        let (reply, _) = events.apply(&mut state, i, ts, &command);
-                        if let Some(join) = join {
-                            join.part_done(reply.value, true);
-                        }
-                    }
-                    Entry::Write(p, j) => {
-                        let item = &parts[p].items[j];
-                        if poisoned {
-                            metrics.command(item.command.kind(), Status::Unavailable);
-                            replies[p]
-                                .push((item.tag, reply_record(&item.command, Reply::status(Status::Unavailable))));
-                            if item.permit {
-                                peers.permits.fetch_add(1, Ordering::AcqRel);
-                            }
-                            if item.claimed {
-                                peers.directory.release(item.command.transfer_id().expect("claimed"), shard);
-                            }
-                            continue;
-                        }
-                        let (reply, fanout) = events.apply(&mut state, i, ts, &item.command);
-                        metrics.command(item.command.kind(), reply.status);
-                        match fanout {
-                            Fanout::None => {
-                                replies[p].push((item.tag, reply_record(&item.command, reply)));
-                                if item.permit {
-                                    peers.permits.fetch_add(1, Ordering::AcqRel);
-                                }
-                            }
-                            Fanout::Replicate(replica) => {
-                                assert!(item.permit, "replicated commands hold a permit");
-                                let join = Join::new(item, reply, &parts[p].collector, &peers);
-                                for (s, tx) in peers.internal.iter().enumerate() {
-                                    if s != shard as usize {
-                                        let msg = Internal::Replica { command: replica, join: Some(join.clone()) };
-                                        if tx.send(msg).is_err() {
-                                            join.part_done(0, false);
-                                        }
-                                    }
-                                }
-                            }
-                            Fanout::GatherSettlement { id } => {
-                                assert!(item.permit, "settlements hold a permit");
-                                let join = Join::new(item, reply, &parts[p].collector, &peers);
-                                for (s, tx) in peers.queries.iter().enumerate() {
-                                    if s != shard as usize {
-                                        let part_join = join.clone();
-                                        let done = Box::new(move |answer: ShardAnswer| {
-                                            let value = match answer {
-                                                ShardAnswer::Lookup(Some(r)) => r.reply.value,
-                                                _ => 0,
-                                            };
-                                            part_join.part_done(value, true);
-                                        });
-                                        if tx.try_send(QueryMsg { query: ShardQuery::Lookup { id }, done }).is_err() {
-                                            join.part_done(0, false);
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            entries.clear();
-            if let (Some(feed), false) = (&config.feed, poisoned) {
-                feed.publish(&mut events);
-            }
-            // Before the replies: a client that reuses an id this batch evicted, once it has
-            // its answer, must find the id free in the directory.
-            if !state.evicted().is_empty() {
-                peers.directory.release_many(state.evicted(), shard);
-                state.clear_evicted();
-            }
-            metrics.flush(poisoned);
-            for (part, replies) in parts.drain(..).zip(replies) {
-                part.collector.fill(&replies);
-            }
-        } else if !parts.is_empty() {
-            // Every command of these parts was refused before the journal (`id_expired`).
-            let mut replies: Vec<Vec<(u32, ReplyRecord)>> = parts.iter().map(|_| Vec::new()).collect();
-            for (p, tag, reply) in expired.drain(..) {
-                replies[p].push((tag, reply));
-            }
-            for (part, replies) in parts.drain(..).zip(replies) {
-                part.collector.fill(&replies);
-            }
+        } else {
+            // Every command of these parts (if any) was refused before the log (`id_expired`).
+            w.complete(&mut batch, None);
+            spare_batches.push(batch);
         }
 
         // Snapshots: on request or by log volume, encoded here (the state is ours), written by a
         // helper thread; covered log segments are retired once the file is durable.
         if let Some(s) = snapshots.as_mut() {
-            s.poll(journal.as_mut(), shard);
-            let due = s.policy.every_bytes > 0 && s.bytes_since >= s.policy.every_bytes;
-            if (due || !snapshot_requests.is_empty()) && !poisoned {
-                s.start(&state, last_lsn, journal.as_mut(), std::mem::take(&mut snapshot_requests));
+            s.poll(&mut log, shard);
+            let due = s.policy.every_bytes > 0 && w.logged_bytes - s.logged_at_start >= s.policy.every_bytes;
+            if (due || !snapshot_requests.is_empty()) && !w.poisoned {
+                // A snapshot that starts now covers every batch handed to the log.
+                if let Some(mut prev) = ahead.take_if(|_| !s.writing()) {
+                    w.complete(&mut prev, Some(log.finish()));
+                    spare_batches.push(prev);
+                }
+                s.start(&w.state, w.last_lsn, w.logged_bytes, &mut log, std::mem::take(&mut snapshot_requests));
             }
         }
         for done in snapshot_requests.drain(..) {
             // Without a log (in-memory mode) there is nothing to snapshot: say so with lsn 0.
-            done(if poisoned { Err("the shard's log failed".into()) } else { Ok(0) });
+            done(if w.poisoned { Err("the shard's log failed".into()) } else { Ok(0) });
         }
 
         // Reads after the batch: a client sees its own acknowledged writes.
@@ -586,32 +713,19 @@ pub fn run(
             pending_queries.push(q);
         }
         for QueryMsg { query, done } in pending_queries {
-            let answer = match query {
-                ShardQuery::History { account, limit, before } => {
-                    ShardAnswer::History(state.history(account, limit, before))
-                }
-                ShardQuery::Lookup { id } => ShardAnswer::Lookup(state.lookup(id)),
-                ShardQuery::TopUp { id } => ShardAnswer::TopUp(state.topup(id).copied()),
-                ShardQuery::Audit => ShardAnswer::Audit(AuditSummary {
-                    shard,
-                    accounts: state.accounts().len(),
-                    unit_sums: state.unit_sums(),
-                    last_timestamp: state.last_timestamp(),
-                    poisoned,
-                }),
-            };
-            done(answer);
+            done(w.answer(query));
         }
     }
     if let Some(mut s) = snapshots {
-        s.finish(journal.as_mut(), shard);
+        s.finish(&mut log, shard);
     }
-    if !poisoned {
-        if let Err(error) = journal.sync_all() {
+    if !w.poisoned {
+        if let Err(error) = log.sync_all() {
             eprintln!("shard {shard}: final sync failed: {error}");
         }
     }
-    state
+    drop(log);
+    w.state
 }
 
 type SnapshotDone = Box<dyn FnOnce(Result<u64, String>) + Send>;
@@ -620,28 +734,40 @@ type SnapshotWriter = std::thread::JoinHandle<Result<(), String>>;
 /// One shard's snapshot bookkeeping: at most one snapshot is being written at a time.
 struct Snapshotter {
     policy: SnapshotPolicy,
-    bytes_since: u64,
+    /// `Applier::logged_bytes` when the last snapshot started.
+    logged_at_start: u64,
     in_flight: Option<(u64, SnapshotWriter, Vec<SnapshotDone>)>,
 }
 
 impl Snapshotter {
     fn new(policy: SnapshotPolicy) -> Snapshotter {
-        Snapshotter { policy, bytes_since: 0, in_flight: None }
+        Snapshotter { policy, logged_at_start: 0, in_flight: None }
     }
 
-    fn start(&mut self, state: &ShardState, lsn: u64, journal: &mut dyn Journal, mut waiting: Vec<SnapshotDone>) {
+    fn writing(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    fn start(
+        &mut self,
+        state: &ShardState,
+        lsn: u64,
+        logged_bytes: u64,
+        log: &mut LogStage,
+        mut waiting: Vec<SnapshotDone>,
+    ) {
         if let Some((_, _, requests)) = self.in_flight.as_mut() {
             // One is being written; these requests are answered when the next one is durable.
             requests.append(&mut waiting);
             return;
         }
-        if let Err(error) = journal.sync_all() {
+        if let Err(error) = log.sync_all() {
             for done in waiting {
                 done(Err(format!("sync before snapshot failed: {error}")));
             }
             return;
         }
-        self.bytes_since = 0;
+        self.logged_at_start = logged_bytes;
         let sections = crate::snapshot::state::encode(state);
         let meta = crate::snapshot::SnapshotMeta { lsns: vec![lsn], timestamp: state.last_timestamp() };
         let (dir, storage) = (self.policy.dir.clone(), self.policy.storage.0.clone());
@@ -658,14 +784,14 @@ impl Snapshotter {
     }
 
     /// Completes a finished snapshot (non-blocking).
-    fn poll(&mut self, journal: &mut dyn Journal, shard: u16) {
+    fn poll(&mut self, log: &mut LogStage, shard: u16) {
         if self.in_flight.as_ref().is_some_and(|(_, h, _)| h.is_finished()) {
-            self.finish(journal, shard);
+            self.finish(log, shard);
         }
     }
 
     /// Waits for the snapshot being written, then retires the log it covers.
-    fn finish(&mut self, journal: &mut dyn Journal, shard: u16) {
+    fn finish(&mut self, log: &mut LogStage, shard: u16) {
         let Some((lsn, handle, waiting)) = self.in_flight.take() else { return };
         let result = handle.join().unwrap_or_else(|_| Err("snapshot writer panicked".into()));
         match &result {
@@ -676,7 +802,7 @@ impl Snapshotter {
                 }
                 let oldest = self.policy.kept[0];
                 if self.policy.retire_log && self.policy.kept.len() == crate::snapshot::SNAPSHOTS_KEPT && oldest > 0 {
-                    if let Err(error) = journal.retire_before(oldest + 1) {
+                    if let Err(error) = log.retire_before(oldest + 1) {
                         eprintln!("shard {shard}: retiring log segments failed: {error}");
                     }
                 }
