@@ -684,8 +684,10 @@ pub fn run(
                 spare_batches.push(batch);
             }
         } else {
-            // Every command of these parts (if any) was refused before the log (`id_expired`).
-            w.complete(&mut batch, None);
+            if !batch.parts.is_empty() {
+                // Every command of these parts was refused before the log (`id_expired`).
+                w.complete(&mut batch, None);
+            }
             spare_batches.push(batch);
         }
 
