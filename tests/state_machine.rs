@@ -337,6 +337,30 @@ fn idempotency_window_is_bounded() {
 }
 
 #[test]
+fn the_horizon_bound_holds_for_every_window_fill_and_batch_length() {
+    // The worker relies on it to check a batch while the one before is applied (worker.rs,
+    // "Pipelining"): after n more commands the horizon is at most `id_horizon_within(n)`, and
+    // exactly the current one while nothing can be forgotten.
+    let mut l = funded();
+    let mut id = 50_000;
+    for step in 0..150usize {
+        let n = step % 9;
+        let (now, bound) = (l.state.id_horizon(), l.state.id_horizon_within(n));
+        let fills = l.state.id_horizon() == 0 && l.state.id_horizon_within(n) == 0;
+        for _ in 0..n {
+            id += 1;
+            l.run(tip(id, 10, 20, 1));
+        }
+        assert!(l.state.id_horizon() <= bound, "step {step}: {} > {bound}", l.state.id_horizon());
+        assert!(now <= bound);
+        if fills {
+            assert_eq!(l.state.id_horizon(), 0, "step {step}: nothing could be forgotten");
+        }
+    }
+    assert!(l.state.id_horizon() > 0, "the window filled and forgot");
+}
+
+#[test]
 fn shape_checks_on_records() {
     use stormledger::ledger::command::RESERVED_ID_MIN;
     let bad = [

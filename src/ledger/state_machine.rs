@@ -349,11 +349,15 @@ impl ShardState {
     }
 
     /// An upper bound of `id_horizon` once `n` more commands are applied: each records at
-    /// most one id and so forgets at most the oldest one, and the ring is in timestamp order.
-    /// (`u64::MAX` when the ring holds no more than `n` ids.) The worker checks a batch against
-    /// it while the batch before is still being applied.
+    /// most one id, and forgets the oldest one only when the window is full; the ring is in
+    /// timestamp order. (`u64::MAX` when they could forget every id the ring holds now.) The
+    /// worker checks a batch against it while the batch before is still being applied.
     pub fn id_horizon_within(&self, n: usize) -> u64 {
-        self.id_ring.get(n).map_or(u64::MAX, |(_, record)| record.timestamp)
+        let forgotten = (self.id_ring.len() + n).saturating_sub(self.limits.ids_max as usize);
+        if forgotten == 0 {
+            return self.id_horizon();
+        }
+        self.id_ring.get(forgotten).map_or(u64::MAX, |(_, record)| record.timestamp)
     }
 
     /// Ids evicted from the idempotency window since the last call.
