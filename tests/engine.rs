@@ -5,7 +5,7 @@ use std::sync::{Arc, Barrier};
 
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::engine::{query_kind, Engine, EngineConfig};
-use stormledger::layout::{text_field, CommandRecord, QueryRecord};
+use stormledger::layout::{text_field, CommandRecord, QueryRecord, ReplyRecord};
 use stormledger::ledger::command::{flags, kind, Command, SYSTEM_PAYOUT};
 use stormledger::ledger::{AccountKind, Channel, ShardState, Status};
 use stormledger::shard::router::home_shard;
@@ -389,6 +389,7 @@ fn a_history_page_a_shard_cannot_serve_is_busy_not_silently_short() {
 /// It tells the test the number of every append it starts, holds the append numbered `hold_at`
 /// until the test releases it, and fails the one numbered `fail_at`.
 struct HeldJournal {
+    pipelined: bool,
     appends: u32,
     hold_at: Arc<AtomicU32>,
     fail_at: Arc<AtomicU32>,
@@ -407,10 +408,16 @@ struct Held {
 
 impl Held {
     fn new() -> (Held, Box<dyn Journal>) {
+        Held::with(true)
+    }
+
+    /// `pipelined: false`: appended inline on the shard thread, as a buffered log is.
+    fn with(pipelined: bool) -> (Held, Box<dyn Journal>) {
         let (hold_at, fail_at) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
         let (started_tx, started) = crossbeam_channel::unbounded();
         let (release, release_rx) = crossbeam_channel::unbounded();
         let journal = HeldJournal {
+            pipelined,
             appends: 0,
             hold_at: hold_at.clone(),
             fail_at: fail_at.clone(),
@@ -451,16 +458,24 @@ impl Journal for HeldJournal {
     }
 
     fn pipelined(&self) -> bool {
-        true
+        self.pipelined
     }
 }
 
 /// Submits one command and returns where its reply will arrive.
-fn send(engine: &Engine, cmd: Command, sent_at: u64) -> crossbeam_channel::Receiver<Status> {
+fn send_record(engine: &Engine, cmd: Command, sent_at: u64) -> crossbeam_channel::Receiver<ReplyRecord> {
     let mut record = cmd.to_record();
     record.timestamp.set(sent_at);
     let (tx, rx) = crossbeam_channel::bounded(1);
-    engine.submit(vec![record], Box::new(move |r| tx.send(Status::from_code(r[0].status.get()).unwrap()).unwrap()));
+    engine.submit(vec![record], Box::new(move |r| tx.send(r[0]).unwrap()));
+    rx
+}
+
+/// Submits one command and returns where its status will arrive.
+fn send(engine: &Engine, cmd: Command, sent_at: u64) -> crossbeam_channel::Receiver<Status> {
+    let replies = send_record(engine, cmd, sent_at);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || tx.send(Status::from_code(replies.recv().unwrap().status.get()).unwrap()));
     rx
 }
 
@@ -564,4 +579,52 @@ fn a_pipelined_retry_of_an_id_the_batch_ahead_forgets_is_refused_not_reapplied()
     assert_eq!(ra.recv().unwrap(), Status::Ok);
     assert_eq!(rb.recv().unwrap(), Status::IdExpired);
     assert_eq!(engine.balance(2), Some(1_000 - 16), "501 tipped once");
+}
+
+#[test]
+fn a_retried_settlement_counts_the_sweep_another_shard_has_queued_but_not_applied() {
+    // The streamer's home shard (A) sweeps its stripe and sends the other shard (B) the
+    // replica; a retry of the settlement is answered by A plus a lookup on B. B is held in an
+    // append while both reach it: its answer must wait for the replica it received first.
+    for pipelined in [true, false] {
+        settlement_retry_while_the_replica_is_queued(pipelined);
+    }
+}
+
+fn settlement_retry_while_the_replica_is_queued(pipelined: bool) {
+    let home = home_shard(1_000_000, 2);
+    let (_held_a, journal_a) = Held::with(pipelined);
+    let (mut held_b, journal_b) = Held::with(pipelined);
+    let journals = if home == 0 { vec![journal_a, journal_b] } else { vec![journal_b, journal_a] };
+    let engine = start(&config(2), journals);
+    setup(&engine, 8, 100);
+    let tips: Vec<Command> = (1..=8).map(|u| Command::Tip { id: u, from: u, to: 1_000_000, coins: 10 }).collect();
+    assert!(engine.execute(&tips).iter().all(|r| r.status.get() == 0));
+    let on_b = (1..=8).find(|&u| home_shard(u, 2) != home).expect("a user on each shard");
+    let g_at = held_b.next();
+    held_b.hold_at.store(g_at, Ordering::SeqCst);
+    let g = send(&engine, Command::Tip { id: 100, from: on_b, to: 1_000_000, coins: 10 }, 0);
+    held_b.wait_started(g_at);
+    let settle = Command::Settle { id: 200, account: 1_000_000 };
+    let first = send_record(&engine, settle, 0);
+    // A applies the settlement, then its retry (a duplicate): both have reached B once A
+    // counted them.
+    while engine.stats().commands(kind::SETTLE, Status::Ok) < 1 {
+        std::thread::yield_now();
+    }
+    let retry = send_record(&engine, settle, 0);
+    while engine.stats().commands(kind::SETTLE, Status::Ok) < 2 {
+        std::thread::yield_now();
+    }
+    held_b.release.send(()).unwrap();
+    assert_eq!(g.recv().unwrap(), Status::Ok);
+    let (first, retry) = (first.recv().unwrap(), retry.recv().unwrap());
+    // 9 tips of 10 coins, 5 of each to the streamer.
+    assert_eq!((first.status.get(), first.value.get()), (0, 45));
+    assert_eq!(
+        (retry.status.get(), retry.value.get(), retry.flags),
+        (0, 45, 1),
+        "the retry's answer is the original's"
+    );
+    assert_eq!(engine.balance(1_000_000), Some(0));
 }

@@ -514,6 +514,9 @@ impl Applier {
 ///   own length of ids (`ShardState::id_horizon_within`). A command whose first-send time is
 ///   at or after that bound passes the check before and after k alike; if any command of k+1 is
 ///   earlier, batch k is applied first and k+1 is checked exactly.
+///
+/// Reads through the query queue are answered with no batch ahead (so, after every write and
+/// replica message drained before them), and after the replica messages queued before them.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     state: ShardState,
@@ -548,10 +551,11 @@ pub fn run(
     // The batch in the log, applied once its result is in (pipelined journals only).
     let mut ahead: Option<Batch> = None;
     let mut spare_batches: Vec<Batch> = Vec::new();
+    let mut pending_queries: Vec<QueryMsg> = Vec::new();
+    let mut queries_deferred = false;
 
     loop {
         let mut batch = spare_batches.pop().unwrap_or_default();
-        let mut pending_queries: Vec<QueryMsg> = Vec::new();
         // Wait for work (or for the next top-up deadline); with a batch in the log, only take
         // what is already queued.
         if carry.is_none() {
@@ -710,13 +714,30 @@ pub fn run(
             done(if w.poisoned { Err("the shard's log failed".into()) } else { Ok(0) });
         }
 
-        // Reads after the batch: a client sees its own acknowledged writes.
+        // Reads after the batch: a client sees its own acknowledged writes, and a settlement's
+        // gather (a lookup another shard sends) sees the replica messages that shard sent before
+        // it. Those may still be queued: then the reads wait one round, whose drain takes them
+        // all. Answering completes the batch ahead first (it may hold them too).
         while let Ok(q) = queries.try_recv() {
             pending_queries.push(q);
         }
-        for QueryMsg { query, done } in pending_queries {
-            done(w.answer(query));
+        if !pending_queries.is_empty() {
+            if !queries_deferred && !internal.is_empty() {
+                queries_deferred = true;
+            } else {
+                if let Some(mut prev) = ahead.take() {
+                    w.complete(&mut prev, Some(log.finish()));
+                    spare_batches.push(prev);
+                }
+                for QueryMsg { query, done } in pending_queries.drain(..) {
+                    done(w.answer(query));
+                }
+                queries_deferred = false;
+            }
         }
+    }
+    for QueryMsg { query, done } in pending_queries.drain(..) {
+        done(w.answer(query));
     }
     if let Some(mut s) = snapshots {
         s.finish(&mut log, shard);
