@@ -1,18 +1,24 @@
-//! A shard's journal, run either inline on the worker or on a log thread of its own.
+//! A shard's journal, run either inline on the worker or, for a batch that has work queued
+//! behind it, on a log thread of its own.
 //!
-//! On its own thread (journals that wait for the disk, `Journal::pipelined`), the worker hands
-//! batch k+1 to the log and applies batch k while k+1 is written and synced: the disk's wait and
-//! the shard's CPU overlap. Results come back in the order the batches went in. The worker still
-//! applies a batch only after its own result says it is durable (`worker.rs`, "Pipelining").
+//! With a journal that waits for the disk (`Journal::pipelined`), the worker hands batch k+1 to
+//! the log thread and applies batch k while k+1 is written and synced: the disk's wait and the
+//! shard's CPU overlap. When nothing is queued behind a batch there is nothing to overlap, and
+//! the thread hand-off would only add its two wake-ups to the batch's latency, so the worker
+//! appends it inline (`submit(.., inline: true)`). Results come back in the order the batches
+//! went in. The worker still applies a batch only after its own result says it is durable
+//! (`worker.rs`, "Pipelining").
 //!
-//! Owns: the journal (one thread uses it at a time: the log thread, or the worker inline).
-//! Must never: reorder appends; answer a blocking request (`sync_all`) while an append is
-//! outstanding, since its answer would be taken for the append's.
+//! Owns: the journal, behind a mutex that the log thread holds during an append and the worker
+//! takes for an inline append, `sync_all` and nothing else.
+//! Must never: reorder appends (an inline append or `sync_all` only with nothing outstanding).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::Mutex;
 
 use crate::layout::CommandRecord;
 use crate::shard::worker::{Journal, JournalError};
@@ -30,79 +36,73 @@ enum Request {
         timestamp: u64,
         records: Vec<CommandRecord>,
     },
-    SyncAll,
     /// Answered by nobody: a failed retirement only leaves redundant files (the log thread
     /// reports it).
     RetireBefore(u64),
-}
-
-enum Response {
-    Appended(Appended),
-    Synced(Result<(), JournalError>),
 }
 
 /// Appends beyond this many outstanding are a worker bug (it keeps at most two: the batch being
 /// applied and the one behind it).
 const OUTSTANDING_MAX: usize = 2;
 
-enum Mode {
-    Inline {
-        journal: Box<dyn Journal>,
-        done: VecDeque<Appended>,
-    },
-    Thread {
-        requests: Option<Sender<Request>>,
-        responses: Receiver<Response>,
-        thread: Option<std::thread::JoinHandle<()>>,
-    },
+struct LogThread {
+    requests: Option<Sender<Request>>,
+    results: Receiver<Appended>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// One shard's journal behind a submit / finish interface.
 pub struct LogStage {
-    mode: Mode,
+    journal: Arc<Mutex<Box<dyn Journal>>>,
+    thread: Option<LogThread>,
+    /// Results of inline appends, not yet finished.
+    done: VecDeque<Appended>,
     outstanding: usize,
     shard: u16,
 }
 
 impl LogStage {
-    /// Runs `journal` on a thread named `log-<shard>` if it asks for one, inline otherwise.
+    /// Starts a thread named `log-<shard>` if `journal` asks for one.
     pub fn new(journal: Box<dyn Journal>, shard: u16) -> LogStage {
-        let mode = if journal.pipelined() {
+        let pipelined = journal.pipelined();
+        let journal = Arc::new(Mutex::new(journal));
+        let thread = pipelined.then(|| {
             let (requests, inbox) = bounded::<Request>(OUTSTANDING_MAX + 2);
-            let (outbox, responses) = bounded::<Response>(OUTSTANDING_MAX + 2);
+            let (outbox, results) = bounded::<Appended>(OUTSTANDING_MAX);
+            let journal = journal.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("log-{shard}"))
-                .spawn(move || serve(journal, inbox, outbox, shard))
+                .spawn(move || serve(&journal, inbox, outbox, shard))
                 .expect("spawn log thread");
-            Mode::Thread { requests: Some(requests), responses, thread: Some(thread) }
-        } else {
-            Mode::Inline { journal, done: VecDeque::new() }
-        };
-        LogStage { mode, outstanding: 0, shard }
+            LogThread { requests: Some(requests), results, thread: Some(thread) }
+        });
+        LogStage { journal, thread, done: VecDeque::new(), outstanding: 0, shard }
     }
 
-    /// Whether `submit` returns before the batch is durable (so the worker can apply the batch
+    /// Whether a batch can be handed to the log thread (so the worker can apply the batch
     /// before it meanwhile).
     pub fn is_pipelined(&self) -> bool {
-        matches!(self.mode, Mode::Thread { .. })
+        self.thread.is_some()
     }
 
-    /// Starts appending one batch. Its result is the next `finish` but one per batch submitted
-    /// before it and not yet finished.
-    pub fn submit(&mut self, timestamp: u64, records: Vec<CommandRecord>) {
+    /// Appends one batch: on the worker's thread if `inline` or there is no log thread (only
+    /// with nothing outstanding), else on the log thread. Its result is the next `finish` but
+    /// one per batch submitted before it and not yet finished.
+    pub fn submit(&mut self, timestamp: u64, records: Vec<CommandRecord>, inline: bool) {
         assert!(self.outstanding < OUTSTANDING_MAX, "shard {}: too many batches in the log", self.shard);
         self.outstanding += 1;
-        match &mut self.mode {
-            Mode::Inline { journal, done } => {
-                let started = Instant::now();
-                let result = journal.append_batch(timestamp, &records);
-                done.push_back(Appended { result, elapsed: started.elapsed(), records });
-            }
-            Mode::Thread { requests, .. } => {
+        match self.thread.as_ref().filter(|_| !inline) {
+            Some(thread) => {
                 // If the log thread is gone (it panicked), `finish` reports it.
-                if let Some(r) = requests.as_ref() {
-                    let _ = r.send(Request::Append { timestamp, records });
+                if let Some(requests) = thread.requests.as_ref() {
+                    let _ = requests.send(Request::Append { timestamp, records });
                 }
+            }
+            None => {
+                assert_eq!(self.outstanding, 1, "shard {}: an inline append behind another", self.shard);
+                let started = Instant::now();
+                let result = self.journal.lock().append_batch(timestamp, &records);
+                self.done.push_back(Appended { result, elapsed: started.elapsed(), records });
             }
         }
     }
@@ -111,84 +111,65 @@ impl LogStage {
     pub fn finish(&mut self) -> Appended {
         assert!(self.outstanding > 0, "shard {}: nothing submitted to the log", self.shard);
         self.outstanding -= 1;
-        match &mut self.mode {
-            Mode::Inline { done, .. } => done.pop_front().expect("an inline append is done when submitted"),
-            Mode::Thread { responses, .. } => match responses.recv() {
-                Ok(Response::Appended(appended)) => appended,
-                Ok(Response::Synced(_)) => unreachable!("a sync answered while an append was outstanding"),
-                Err(_) => Appended { result: Err(thread_gone()), elapsed: Duration::ZERO, records: Vec::new() },
-            },
+        // An inline append is only made with nothing outstanding, so it is the oldest.
+        if let Some(appended) = self.done.pop_front() {
+            return appended;
         }
+        let thread = self.thread.as_ref().expect("a threaded append has a log thread");
+        thread.results.recv().unwrap_or_else(|_| Appended {
+            result: Err("the shard's log thread stopped".into()),
+            elapsed: Duration::ZERO,
+            records: Vec::new(),
+        })
     }
 
     /// Makes everything appended durable regardless of mode. Only with nothing outstanding.
     pub fn sync_all(&mut self) -> Result<(), JournalError> {
         assert_eq!(self.outstanding, 0, "shard {}: sync_all with a batch in the log", self.shard);
-        match &mut self.mode {
-            Mode::Inline { journal, .. } => journal.sync_all(),
-            Mode::Thread { requests, responses, .. } => {
-                if requests.as_ref().is_none_or(|r| r.send(Request::SyncAll).is_err()) {
-                    return Err(thread_gone());
-                }
-                match responses.recv() {
-                    Ok(Response::Synced(result)) => result,
-                    Ok(Response::Appended(_)) => unreachable!("an append answered with none outstanding"),
-                    Err(_) => Err(thread_gone()),
-                }
-            }
-        }
+        self.journal.lock().sync_all()
     }
 
-    /// Drops log segments wholly below `lsn` (see `Journal::retire_before`). On the log thread
+    /// Drops log segments wholly below `lsn` (see `Journal::retire_before`). With a log thread
     /// this is queued behind the outstanding appends and its failure is reported there.
     pub fn retire_before(&mut self, lsn: u64) -> Result<(), JournalError> {
-        match &mut self.mode {
-            Mode::Inline { journal, .. } => journal.retire_before(lsn),
-            Mode::Thread { requests, .. } => {
-                if let Some(r) = requests.as_ref() {
-                    let _ = r.send(Request::RetireBefore(lsn));
-                }
+        match self.thread.as_ref().and_then(|t| t.requests.as_ref()) {
+            Some(requests) => {
+                let _ = requests.send(Request::RetireBefore(lsn));
                 Ok(())
             }
+            None => self.journal.lock().retire_before(lsn),
         }
     }
 }
 
 impl Drop for LogStage {
     fn drop(&mut self) {
-        if let Mode::Thread { requests, thread, .. } = &mut self.mode {
+        if let Some(t) = self.thread.as_mut() {
             // Closing the request channel ends the thread once it has served what was queued.
-            drop(requests.take());
-            if let Some(thread) = thread.take() {
+            drop(t.requests.take());
+            if let Some(thread) = t.thread.take() {
                 let _ = thread.join();
             }
         }
     }
 }
 
-fn thread_gone() -> JournalError {
-    "the shard's log thread stopped".into()
-}
-
 /// The log thread: serves requests in order until the worker drops its sender.
-fn serve(mut journal: Box<dyn Journal>, inbox: Receiver<Request>, outbox: Sender<Response>, shard: u16) {
+fn serve(journal: &Mutex<Box<dyn Journal>>, inbox: Receiver<Request>, outbox: Sender<Appended>, shard: u16) {
     for request in inbox {
-        let response = match request {
+        match request {
             Request::Append { timestamp, records } => {
                 let started = Instant::now();
-                let result = journal.append_batch(timestamp, &records);
-                Response::Appended(Appended { result, elapsed: started.elapsed(), records })
+                let result = journal.lock().append_batch(timestamp, &records);
+                if outbox.send(Appended { result, elapsed: started.elapsed(), records }).is_err() {
+                    return;
+                }
             }
-            Request::SyncAll => Response::Synced(journal.sync_all()),
             Request::RetireBefore(lsn) => {
-                if let Err(error) = journal.retire_before(lsn) {
+                if let Err(error) = journal.lock().retire_before(lsn) {
                     eprintln!("shard {shard}: retiring log segments failed: {error}");
                 }
-                continue;
             }
-        };
-        if outbox.send(response).is_err() {
-            return;
         }
     }
 }

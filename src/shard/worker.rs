@@ -504,7 +504,8 @@ impl Applier {
 ///
 /// Pipelining: with a journal that waits for the disk (`Journal::pipelined`), batch k+1 is
 /// drained, checked, timestamped and handed to the log thread before batch k is applied, so
-/// k+1's write and sync run while k is applied. Every batch is still applied only after its own
+/// k+1's write and sync run while k is applied (a batch with nothing queued behind it is
+/// appended inline: there is nothing to overlap). Every batch is still applied only after its own
 /// log result, in log order, and nothing of it (replies, balances, feed events, replica
 /// messages) leaves the shard before. Drain-time decisions that read the state are the only
 /// ones taken before the previous batch is applied; each is safe or falls back:
@@ -660,6 +661,9 @@ pub fn run(
             batch.base = now.max(last_assigned + 1);
             last_assigned = batch.base + batch.entries.len() as u64 - 1;
             batch.logged = !w.poisoned;
+            // With nothing queued behind this batch there is nothing to overlap its sync with:
+            // append it inline (no hand-off to the log thread and back).
+            let inline = ahead.is_none() && carry.is_none() && writes.is_empty() && internal.is_empty();
             if batch.logged {
                 let mut records = w.spare_records.pop().unwrap_or_default();
                 records.clear();
@@ -673,14 +677,14 @@ pub fn run(
                     record.timestamp.set(batch.base + i as u64);
                     records.push(record);
                 }
-                log.submit(batch.base, records);
+                log.submit(batch.base, records, inline);
             }
             // Apply the batch before this one while this one is written and synced.
             if let Some(mut prev) = ahead.take() {
                 w.complete(&mut prev, Some(log.finish()));
                 spare_batches.push(prev);
             }
-            if batch.logged && log.is_pipelined() {
+            if batch.logged && log.is_pipelined() && !inline {
                 ahead = Some(batch);
             } else {
                 let appended = batch.logged.then(|| log.finish());
