@@ -56,6 +56,10 @@ pub struct EngineConfig {
     pub tick_interval: Duration,
     /// Events each shard's feed ring keeps (`crate::feed`).
     pub feed_events_max: usize,
+    /// With a journal that waits for the disk, batches of at least this many commands with work
+    /// queued behind them are appended on the shard's log thread while the shard applies the
+    /// batch before (`shard::log_stage`); smaller ones inline.
+    pub pipeline_min_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -69,6 +73,7 @@ impl Default for EngineConfig {
             batch_commands_max: 8192,
             tick_interval: Duration::from_millis(100),
             feed_events_max: crate::feed::FEED_EVENTS_MAX_DEFAULT,
+            pipeline_min_batch: worker::PIPELINE_MIN_BATCH,
         }
     }
 }
@@ -218,6 +223,7 @@ impl Engine {
         let worker_config = WorkerConfig {
             batch_commands_max: config.batch_commands_max,
             tick_interval: config.tick_interval,
+            pipeline_min_batch: config.pipeline_min_batch,
             snapshot: None,
             feed: None,
         };

@@ -281,6 +281,8 @@ pub struct Peers {
 pub struct WorkerConfig {
     pub batch_commands_max: usize,
     pub tick_interval: Duration,
+    /// See `EngineConfig::pipeline_min_batch`.
+    pub pipeline_min_batch: usize,
     pub snapshot: Option<SnapshotPolicy>,
     /// Where committed events are published (`crate::feed`).
     pub feed: Option<Arc<crate::feed::ShardFeed>>,
@@ -299,6 +301,13 @@ pub fn reply_record(command: &Command, reply: Reply) -> ReplyRecord {
 /// How far ahead the worker (and replay) prefetches index entries, and accounts.
 pub const PREFETCH_FAR: usize = 12;
 pub const PREFETCH_NEAR: usize = 6;
+
+/// The default of `EngineConfig::pipeline_min_batch`: batches smaller than this are appended
+/// inline even with work queued behind them. Handing a batch to the log thread and back costs
+/// two thread wake-ups (tens of microseconds each on this VM) and saves at most the time to
+/// apply the batch before it, which for a few hundred commands at 200-300 ns each is about the
+/// same (an estimate, not a measured crossover; docs/benchmarks.md, session 8).
+pub const PIPELINE_MIN_BATCH: usize = 256;
 
 enum Entry {
     Replica(Command, Option<Arc<Join>>),
@@ -661,9 +670,10 @@ pub fn run(
             batch.base = now.max(last_assigned + 1);
             last_assigned = batch.base + batch.entries.len() as u64 - 1;
             batch.logged = !w.poisoned;
-            // With nothing queued behind this batch there is nothing to overlap its sync with:
-            // append it inline (no hand-off to the log thread and back).
-            let inline = ahead.is_none() && carry.is_none() && writes.is_empty() && internal.is_empty();
+            // With nothing queued behind this batch there is nothing to overlap its sync with,
+            // and a small one gains less than the hand-off costs: append those inline.
+            let queued = carry.is_some() || !writes.is_empty() || !internal.is_empty();
+            let inline = ahead.is_none() && (!queued || batch.entries.len() < config.pipeline_min_batch);
             if batch.logged {
                 let mut records = w.spare_records.pop().unwrap_or_default();
                 records.clear();
