@@ -58,7 +58,8 @@ pub struct EngineConfig {
     pub feed_events_max: usize,
     /// With a journal that waits for the disk, batches of at least this many commands with work
     /// queued behind them are appended on the shard's log thread while the shard applies the
-    /// batch before (`shard::log_stage`); smaller ones inline.
+    /// batch before (`shard::log_stage`); smaller ones inline. 0: every batch goes through the
+    /// log thread, queued work or not (tests use it to run that path on every batch).
     pub pipeline_min_batch: usize,
 }
 

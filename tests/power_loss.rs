@@ -7,7 +7,8 @@
 //!
 //! Each cycle drives tips, settlements (a settlement sweeps a striped streamer on every shard:
 //! cross-shard work), top-up begins and the channel's confirmations of acknowledged begins
-//! (some sent twice) with up to 8 batches in flight; in every fourth cycle a sync fails first
+//! (some sent twice) with up to 8 batches in flight (the node's runs take turns at how eagerly
+//! a shard hands batches to its log thread, `EngineConfig::pipeline_min_batch`); in every fourth cycle a sync fails first
 //! (`storage::FaultyStorage`), so a shard stops taking writes. It takes a crash image after a
 //! seeded number of commands and restarts a node on it. Then: every command acknowledged before the image is
 //! there with its original reply; every in-doubt one, sent again, gets one answer that stays
@@ -28,6 +29,7 @@ use stormledger::layout::{text_field, ReplyRecord};
 use stormledger::ledger::command::flags;
 use stormledger::ledger::{AccountKind, Channel, Command, Status};
 use stormledger::node::{Node, NodeConfig};
+use stormledger::shard::worker::PIPELINE_MIN_BATCH;
 use stormledger::storage::{Crash, FaultyStorage, MemStorage, SharedStorage};
 use stormledger::workload::SplitMix64;
 
@@ -42,12 +44,16 @@ const FUNDED: i64 = TOPUPS as i64 * 6_480;
 /// Commands sent per cycle at most: every id stays in its shard's idempotency window.
 const PER_CYCLE: u64 = 4_000;
 
-fn config(dir: &Path, storage: &FaultyStorage, cycles: u64) -> NodeConfig {
+/// `run`: which run of the node this is (0 before the first crash). The runs take turns at how
+/// eagerly the shards hand batches to their log threads (`EngineConfig::pipeline_min_batch`):
+/// every batch, the larger ones with work queued behind them, or the default's.
+fn config(dir: &Path, storage: &FaultyStorage, cycles: u64, run: u64) -> NodeConfig {
     let mut c = NodeConfig::new(dir);
     let ids_max = (cycles * PER_CYCLE + 4096) as u32;
     c.engine = EngineConfig {
         shards: 2,
         limits: ShardLimits { accounts_max: 1024, history_max: 4096, ids_max },
+        pipeline_min_batch: [0, 32, PIPELINE_MIN_BATCH][(run % 3) as usize],
         ..EngineConfig::default()
     };
     // Small segments and frequent snapshots: crashes land in rollovers, snapshot writes and
@@ -232,7 +238,7 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
     let mut rng = SplitMix64(seed);
     let mut storage = MemStorage::new();
     let mut faults = FaultyStorage::new(Arc::new(storage.clone()));
-    let mut node = Node::open(config(dir.path(), &faults, cycles)).unwrap();
+    let mut node = Node::open(config(dir.path(), &faults, cycles, 0)).unwrap();
 
     let mut setup = vec![Command::CreateAccount { account: UNION, kind: AccountKind::Union, flags: 0, union: 0 }];
     for s in STREAMERS {
@@ -272,7 +278,7 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
         node.shutdown();
         storage = image;
         faults = FaultyStorage::new(Arc::new(storage.clone()));
-        node = Node::open(config(dir.path(), &faults, cycles))
+        node = Node::open(config(dir.path(), &faults, cycles, cycle / 3 + 1))
             .unwrap_or_else(|e| panic!("cycle {cycle} ({crash:?}): {e}"));
         survived_total += resolve(&node, &book, first);
         node.engine().audit();

@@ -673,7 +673,8 @@ pub fn run(
             // With nothing queued behind this batch there is nothing to overlap its sync with,
             // and a small one gains less than the hand-off costs: append those inline.
             let queued = carry.is_some() || !writes.is_empty() || !internal.is_empty();
-            let inline = ahead.is_none() && (!queued || batch.entries.len() < config.pipeline_min_batch);
+            let eager = config.pipeline_min_batch == 0;
+            let inline = ahead.is_none() && !eager && (!queued || batch.entries.len() < config.pipeline_min_batch);
             if batch.logged {
                 let mut records = w.spare_records.pop().unwrap_or_default();
                 records.clear();
