@@ -479,12 +479,19 @@ fn send(engine: &Engine, cmd: Command, sent_at: u64) -> crossbeam_channel::Recei
     rx
 }
 
-/// Waits (without a time limit that could fail a slow machine) until the shard took every
-/// queued part, i.e. handed them to its log.
-fn wait_drained(engine: &Engine) {
-    while engine.queue_depths().iter().any(|&d| d > 0) {
+/// Waits until `done` holds. The minute is a guard against hanging CI if it never does, not a
+/// timing the test asserts.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < give_up, "never: {what}");
         std::thread::yield_now();
     }
+}
+
+/// Waits until the shard took every queued part, i.e. handed them to its log.
+fn wait_drained(engine: &Engine) {
+    wait_until("the shard takes its queued batches", || engine.queue_depths().iter().all(|&d| d == 0));
 }
 
 /// Three one-command batches G, A and B, with G held in the log while A and B are queued: the
@@ -609,13 +616,9 @@ fn settlement_retry_while_the_replica_is_queued(pipelined: bool) {
     let first = send_record(&engine, settle, 0);
     // A applies the settlement, then its retry (a duplicate): both have reached B once A
     // counted them.
-    while engine.stats().commands(kind::SETTLE, Status::Ok) < 1 {
-        std::thread::yield_now();
-    }
+    wait_until("A applies the settlement", || engine.stats().commands(kind::SETTLE, Status::Ok) >= 1);
     let retry = send_record(&engine, settle, 0);
-    while engine.stats().commands(kind::SETTLE, Status::Ok) < 2 {
-        std::thread::yield_now();
-    }
+    wait_until("A applies the retry", || engine.stats().commands(kind::SETTLE, Status::Ok) >= 2);
     held_b.release.send(()).unwrap();
     assert_eq!(g.recv().unwrap(), Status::Ok);
     let (first, retry) = (first.recv().unwrap(), retry.recv().unwrap());
