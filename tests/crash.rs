@@ -4,7 +4,8 @@
 //! one consistent answer when retried with its id, balances must equal the model built from the
 //! answers, and `stormledger-recover verify` must pass at the end. The server runs with 1 MiB
 //! segments, and every other cycle asks for a snapshot mid-storm, so kills also land in
-//! snapshot writes and restarts load snapshots and replay the log after them.
+//! snapshot writes and restarts load snapshots and replay the log after them. The restarts
+//! take turns at the log write method and at how eagerly batches go through the log thread.
 //!
 //! Cycles: 20 by default; STORMLEDGER_CRASH_CYCLES=N for more, STORMLEDGER_CRASH_SEED=S to
 //! reproduce a run (the seed is printed).
@@ -42,12 +43,14 @@ impl Drop for Server {
     }
 }
 
-/// `log_write`: how the log writes its segments. The crash test alternates it between restarts
-/// on the same data directory: the files are the same either way.
-fn start(dir: &Path, log_write: &str) -> Server {
+/// `log_write`: how the log writes its segments, and `pipeline`: from how many commands a batch
+/// is written on the shard's log thread while the batch before is applied (0: every batch).
+/// The crash test alternates both between restarts on the same data directory: the files are
+/// the same either way.
+fn start(dir: &Path, (log_write, pipeline): (&str, &str)) -> Server {
     let mut child = Process::new(env!("CARGO_BIN_EXE_stormledger"))
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "2", "--durability", "sync"])
-        .args(["--log-write", log_write])
+        .args(["--log-write", log_write, "--pipeline-min-batch", pipeline])
         // Small segments and frequent snapshots: kills also land in snapshot writes, log
         // rollovers and retirement, and restarts load snapshots.
         .args(["--segment-mib", "1", "--snapshot-every-mib", "1"])
@@ -280,9 +283,13 @@ fn kill_dash_nine_mid_storm_loses_nothing_acknowledged() {
     let mut rng = SplitMix64(seed);
 
     // The storm of cycle c runs on a server writing its log with this method: two cycles each
-    // way, so the kills of both land with and without a snapshot being written.
-    let log_write = |cycle: u64| if (cycle / 2).is_multiple_of(2) { "mmap" } else { "pwrite" };
-    let mut server = start(dir.path(), log_write(0));
+    // way, so the kills of both land with and without a snapshot being written; and every
+    // batch through the log thread on every other pair of cycles, the default's on the rest.
+    let server_flags = |cycle: u64| {
+        let method = if (cycle / 2).is_multiple_of(2) { "mmap" } else { "pwrite" };
+        (method, if (cycle / 4).is_multiple_of(2) { "0" } else { "256" })
+    };
+    let mut server = start(dir.path(), server_flags(0));
     runtime.block_on(setup(&server.addr));
     for cycle in 0..cycles {
         let drive = runtime.spawn(drive(server.addr.clone(), book.clone(), seed.wrapping_add(cycle), next_id.clone()));
@@ -299,7 +306,7 @@ fn kill_dash_nine_mid_storm_loses_nothing_acknowledged() {
             .block_on(async { tokio::time::timeout(Duration::from_secs(30), drive).await })
             .expect("clients stop")
             .ok();
-        server = start(dir.path(), log_write(cycle + 1));
+        server = start(dir.path(), server_flags(cycle + 1));
         runtime.block_on(resolve(&server.addr, &book));
     }
     let credited = runtime.block_on(confirm_all(&server.addr, &book));

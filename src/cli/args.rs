@@ -157,6 +157,13 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_LOG_WRITE", value_name = "METHOD", value_parser = parse_log_write)]
     pub log_write: Option<LogWrite>,
 
+    /// With --durability sync, a batch of at least N commands with more queued behind it is
+    /// written and synced on the shard's log thread while the shard applies the batch before;
+    /// smaller ones inline. 0: every batch through the log thread; above 8192: never
+    /// [default: 256].
+    #[arg(long, env = "STORMLEDGER_PIPELINE_MIN_BATCH", value_name = "N")]
+    pub pipeline_min_batch: Option<usize>,
+
     /// TOML config file (keys as the long flags, with `_` for `-`; see docs/operations.md).
     #[arg(long, env = "STORMLEDGER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

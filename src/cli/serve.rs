@@ -43,6 +43,7 @@ pub struct FileConfig {
     pub snapshot_every_mib: Option<u64>,
     pub segment_mib: Option<u64>,
     pub log_write: Option<String>,
+    pub pipeline_min_batch: Option<usize>,
     pub ledger: Option<LedgerConfig>,
 }
 
@@ -114,6 +115,7 @@ pub struct ServeConfig {
     pub snapshot_every_bytes: u64,
     pub segment_size: u64,
     pub log_write: LogWrite,
+    pub pipeline_min_batch: usize,
 }
 
 impl ServeConfig {
@@ -181,6 +183,11 @@ impl ServeConfig {
             (None, Some(text)) => parse_log_write(&text).map_err(|e| format!("config file: log_write: {e}"))?,
             (None, None) => node_defaults.log_write,
         };
+        let pipeline_min_batch =
+            args.pipeline_min_batch.or(file.pipeline_min_batch).unwrap_or(EngineConfig::default().pipeline_min_batch);
+        if pipeline_min_batch > 65_536 {
+            return Err(format!("--pipeline-min-batch must be in 0..=65536, got {pipeline_min_batch}"));
+        }
         Ok(ServeConfig {
             data_dir,
             listen,
@@ -197,6 +204,7 @@ impl ServeConfig {
             snapshot_every_bytes,
             segment_size: segment_mib << 20,
             log_write,
+            pipeline_min_batch,
         })
     }
 }
@@ -300,6 +308,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         ledger: config.ledger.clone(),
         limits: config.limits.clone(),
         feed_events_max: config.feed_events_max,
+        pipeline_min_batch: config.pipeline_min_batch,
         ..EngineConfig::default()
     };
     let node_config = NodeConfig {
@@ -457,7 +466,7 @@ mod tests {
         std::fs::write(
             &file,
             "data_dir = \"/srv/ledger\"\nlisten = \"127.0.0.1:9000\"\nshards = 3\ndurability = \"buffered\"\n\
-             metrics = \"127.0.0.1:9100\"\nlog_write = \"mmap\"\n[ledger]\ncoins_per_yuan = 20\n",
+             metrics = \"127.0.0.1:9100\"\nlog_write = \"mmap\"\npipeline_min_batch = 64\n[ledger]\ncoins_per_yuan = 20\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
@@ -468,6 +477,7 @@ mod tests {
         assert_eq!(c.shards, 2);
         assert_eq!(c.durability, Durability::Buffered);
         assert_eq!(c.log_write, LogWrite::Mmap);
+        assert_eq!(c.pipeline_min_batch, 64);
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(c.ledger.coins_per_yuan, 20);
         assert_eq!(c.token, TokenSource::File(PathBuf::from("/srv/ledger/auth.token")));
@@ -475,6 +485,10 @@ mod tests {
 
         let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--log-write", "pwrite"]);
         assert_eq!(ServeConfig::resolve(&cli, &args).unwrap().log_write, LogWrite::Pwrite);
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--pipeline-min-batch", "0"]);
+        assert_eq!(ServeConfig::resolve(&cli, &args).unwrap().pipeline_min_batch, 0);
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--pipeline-min-batch", "70000"]);
+        assert!(ServeConfig::resolve(&cli, &args).unwrap_err().contains("--pipeline-min-batch"));
         std::fs::write(&file, "log_write = \"direct\"\n").unwrap();
         let (cli, args) = parse(&["stormledger", "serve", "--config", f]);
         let err = ServeConfig::resolve(&cli, &args).unwrap_err();
@@ -496,6 +510,7 @@ mod tests {
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(c.durability, Durability::Sync);
         assert_eq!(c.log_write, LogWrite::Pwrite);
+        assert_eq!(c.pipeline_min_batch, 256);
         assert!(c.metrics.is_none());
     }
 }
