@@ -513,10 +513,10 @@ impl Applier {
 ///
 /// Pipelining: with a journal that waits for the disk (`Journal::pipelined`), batch k+1 is
 /// drained, checked, timestamped and handed to the log thread before batch k is applied, so
-/// k+1's write and sync run while k is applied (a batch with nothing queued behind it is
-/// appended inline: there is nothing to overlap). Every batch is still applied only after its own
-/// log result, in log order, and nothing of it (replies, balances, feed events, replica
-/// messages) leaves the shard before. Drain-time decisions that read the state are the only
+/// k+1's write and sync run while k is applied (a batch with nothing queued behind it, or smaller
+/// than `pipeline_min_batch`, is appended inline: there is little or nothing to overlap). Every
+/// batch is still applied only after its own log result, in log order, and nothing of it
+/// (replies, balances, feed events, replica messages) leaves the shard before. Drain-time decisions that read the state are the only
 /// ones taken before the previous batch is applied; each is safe or falls back:
 /// - timestamps continue from the last one assigned, not the last one applied;
 /// - a `Tick` is only added to an empty batch, and an empty drain completes batch k first;
