@@ -517,6 +517,8 @@ fn pipeline_three(
 fn pipelined_engine(ids_max: u32) -> (Engine, Held) {
     let mut cfg = config(1);
     cfg.batch_commands_max = 1;
+    // Every batch with work queued behind it goes through the log thread.
+    cfg.pipeline_min_batch = 1;
     cfg.limits.ids_max = ids_max;
     let (held, journal) = Held::new();
     let engine = start(&cfg, vec![journal]);
@@ -529,6 +531,7 @@ fn a_pipelined_log_takes_the_next_batch_but_applies_nothing_before_its_own_sync(
     let (engine, mut held) = pipelined_engine(1 << 10);
     let a = Command::Tip { id: 7_001, from: 1, to: 1_000_000, coins: 10 };
     let b = Command::Tip { id: 7_002, from: 2, to: 1_000_000, coins: 20 };
+    let pipelined = engine.stats().pipelined_batches(0);
     let (a_at, [g, ra, rb]) = pipeline_three(&engine, &mut held, a, (b, 0));
     assert_eq!(g.recv().unwrap(), Status::Ok);
     // A is held in the log; the shard still takes B off its queue (to log it behind A) ...
@@ -542,6 +545,8 @@ fn a_pipelined_log_takes_the_next_batch_but_applies_nothing_before_its_own_sync(
     assert_eq!(rb.recv().unwrap(), Status::Ok);
     held.wait_started(a_at + 1);
     assert_eq!(held.seen, a_at + 1, "one append each, in order");
+    // A and B went through the log thread (G, with nothing queued behind it, inline).
+    assert_eq!(engine.stats().pipelined_batches(0), pipelined + 2);
     assert_eq!(engine.balance(1), Some(1_000 - 11));
     assert_eq!(engine.balance(2), Some(1_000 - 20));
 }
@@ -603,7 +608,7 @@ fn settlement_retry_while_the_replica_is_queued(pipelined: bool) {
     let (_held_a, journal_a) = Held::with(pipelined);
     let (mut held_b, journal_b) = Held::with(pipelined);
     let journals = if home == 0 { vec![journal_a, journal_b] } else { vec![journal_b, journal_a] };
-    let engine = start(&config(2), journals);
+    let engine = start(&EngineConfig { pipeline_min_batch: 0, ..config(2) }, journals);
     setup(&engine, 8, 100);
     let tips: Vec<Command> = (1..=8).map(|u| Command::Tip { id: u, from: u, to: 1_000_000, coins: 10 }).collect();
     assert!(engine.execute(&tips).iter().all(|r| r.status.get() == 0));

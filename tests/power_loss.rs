@@ -260,7 +260,7 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
 
     let book = Arc::new(Mutex::new(Book::default()));
     let mut next_id = 0;
-    let (mut in_doubt_total, mut survived_total) = (0, 0);
+    let (mut in_doubt_total, mut survived_total, mut pipelined_total) = (0, 0, 0);
     for cycle in 0..cycles {
         let first = next_id + 1;
         let crash = match cycle % 3 {
@@ -275,6 +275,7 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
         }
         let image = drive(&node, &storage, crash, &book, &mut rng, &mut next_id, crash_after);
         in_doubt_total += book.lock().unwrap().commands.range(first..).filter(|(_, (_, r))| r.is_none()).count();
+        pipelined_total += (0..2).map(|s| node.engine().stats().pipelined_batches(s)).sum::<u64>();
         node.shutdown();
         storage = image;
         faults = FaultyStorage::new(Arc::new(storage.clone()));
@@ -286,10 +287,12 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
 
     let b = book.lock().unwrap();
     assert!(b.commands.len() > 1_000, "the storm ran ({} commands)", b.commands.len());
+    assert!(pipelined_total > 0, "batches went through the log threads");
     let confirms = b.commands.values().filter(|(c, _)| matches!(c, Command::TopUpConfirm { .. })).count();
     eprintln!(
         "{} commands ({confirms} payment confirmations for {} top-ups); {in_doubt_total} in doubt at a crash, \
-         of which {survived_total} were answered as already applied ({} of them had been answered `unavailable`)",
+         of which {survived_total} were answered as already applied ({} of them had been answered `unavailable`); \
+         {pipelined_total} batches appended on a log thread",
         b.commands.len(),
         b.begun.len(),
         b.retryable_applied

@@ -28,6 +28,8 @@ pub struct Appended {
     pub result: Result<u64, JournalError>,
     /// How long the append (write + sync) took.
     pub elapsed: Duration,
+    /// Appended on the log thread (not inline).
+    pub threaded: bool,
     pub records: Vec<CommandRecord>,
 }
 
@@ -102,7 +104,7 @@ impl LogStage {
                 assert_eq!(self.outstanding, 1, "shard {}: an inline append behind another", self.shard);
                 let started = Instant::now();
                 let result = self.journal.lock().append_batch(timestamp, &records);
-                self.done.push_back(Appended { result, elapsed: started.elapsed(), records });
+                self.done.push_back(Appended { result, elapsed: started.elapsed(), threaded: false, records });
             }
         }
     }
@@ -119,6 +121,7 @@ impl LogStage {
         thread.results.recv().unwrap_or_else(|_| Appended {
             result: Err("the shard's log thread stopped".into()),
             elapsed: Duration::ZERO,
+            threaded: true,
             records: Vec::new(),
         })
     }
@@ -161,7 +164,7 @@ fn serve(journal: &Mutex<Box<dyn Journal>>, inbox: Receiver<Request>, outbox: Se
             Request::Append { timestamp, records } => {
                 let started = Instant::now();
                 let result = journal.lock().append_batch(timestamp, &records);
-                if outbox.send(Appended { result, elapsed: started.elapsed(), records }).is_err() {
+                if outbox.send(Appended { result, elapsed: started.elapsed(), threaded: true, records }).is_err() {
                     return;
                 }
             }

@@ -177,6 +177,8 @@ impl<const N: usize> Histogram<N> {
 struct ShardCounters {
     replies: AtomicU64,
     busy: AtomicU64,
+    /// Batches appended on the shard's log thread (`shard::log_stage`), not inline.
+    pipelined: AtomicU64,
     poisoned: AtomicBool,
 }
 
@@ -244,6 +246,11 @@ impl EngineStats {
         self.shards[shard].busy.load(Ordering::Relaxed)
     }
 
+    /// Batches of `shard` appended on its log thread while it applied the batch before.
+    pub fn pipelined_batches(&self, shard: usize) -> u64 {
+        self.shards[shard].pipelined.load(Ordering::Relaxed)
+    }
+
     /// Shards whose journal failed (they refuse all writes until restart).
     pub fn poisoned_shards(&self) -> usize {
         self.shards.iter().filter(|s| s.poisoned.load(Ordering::Relaxed)).count()
@@ -283,7 +290,7 @@ impl EngineStats {
                 }
             }
         }
-        let per_shard: [(&str, &str, &str, ShardGetter); 2] = [
+        let per_shard: [(&str, &str, &str, ShardGetter); 3] = [
             (
                 "stormledger_engine_replies_total",
                 "counter",
@@ -295,6 +302,12 @@ impl EngineStats {
                 "counter",
                 "Commands refused busy at ingest (write queue full or no replication permit), by target shard.",
                 |c| c.busy.load(Ordering::Relaxed),
+            ),
+            (
+                "stormledger_engine_pipelined_batches_total",
+                "counter",
+                "Journal batches appended on the shard's log thread while it applied the batch before (--pipeline-min-batch); the rest of stormledger_engine_batch_size's count were appended inline.",
+                |c| c.pipelined.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, get) in per_shard {
@@ -391,10 +404,14 @@ impl ShardMetrics {
         self.replies += 1;
     }
 
-    /// One journal append of `commands` records that took `elapsed`.
-    pub fn batch(&mut self, commands: usize, elapsed: Duration) {
+    /// One journal append of `commands` records that took `elapsed`, on the shard's log thread
+    /// if `pipelined`.
+    pub fn batch(&mut self, commands: usize, elapsed: Duration, pipelined: bool) {
         self.stats.batch_size.record(commands as u64);
         self.stats.journal_us.record(elapsed.as_micros() as u64);
+        if pipelined {
+            self.stats.shards[self.shard].pipelined.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Publishes the batch's tally (call before its replies are delivered, so a client that got
@@ -478,7 +495,8 @@ mod tests {
             m.command(kind::TIP, Status::Ok);
         }
         m.command(kind::TIP, Status::InsufficientFunds);
-        m.batch(4, Duration::from_micros(30));
+        m.batch(4, Duration::from_micros(30), false);
+        m.batch(2, Duration::from_micros(100), true);
         assert_eq!(stats.commands(kind::TIP, Status::Ok), 0, "nothing is published before the flush");
         m.flush(false);
         m.command(kind::GIFT, Status::Ok);
@@ -488,7 +506,8 @@ mod tests {
         assert_eq!(stats.commands(kind::GIFT, Status::Ok), 1);
         assert_eq!((stats.replies(0), stats.replies(1)), (0, 5));
         assert_eq!(stats.poisoned_shards(), 1);
-        assert_eq!((stats.batch_size().count(), stats.batch_size().sum()), (1, 4));
+        assert_eq!((stats.batch_size().count(), stats.batch_size().sum()), (2, 6));
+        assert_eq!((stats.pipelined_batches(0), stats.pipelined_batches(1)), (0, 1));
         assert_eq!(stats.journal_latency().bucket(Histogram::<JOURNAL_BUCKETS>::bucket_index(30)), 1);
     }
 
@@ -507,6 +526,7 @@ mod tests {
             "stormledger_engine_busy_refusals_total{shard=\"0\"} 0\n",
             "stormledger_engine_busy_refusals_total{shard=\"1\"} 2\n",
             "stormledger_engine_replies_total{shard=\"1\"} 0\n",
+            "stormledger_engine_pipelined_batches_total{shard=\"0\"} 0\n",
             "stormledger_engine_queue_depth{shard=\"0\"} 3\n",
             "stormledger_engine_poisoned_shards 0\n",
             "# TYPE stormledger_engine_batch_size histogram\n",

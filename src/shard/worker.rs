@@ -364,7 +364,7 @@ impl Applier {
                     self.poisoned = true;
                 }
             }
-            self.metrics.batch(appended.records.len(), appended.elapsed);
+            self.metrics.batch(appended.records.len(), appended.elapsed, appended.threaded);
             self.spare_records.push(appended.records);
         }
         let poisoned = self.poisoned;
