@@ -284,7 +284,7 @@ fn kill_dash_nine_mid_storm_loses_nothing_acknowledged() {
 
     // The storm of cycle c runs on a server writing its log with this method: two cycles each
     // way, so the kills of both land with and without a snapshot being written; and every
-    // batch through the log thread on every other pair of cycles, the default's on the rest.
+    // batch through the log thread in cycles 0-3, 8-11, ..., the default's in the others.
     let server_flags = |cycle: u64| {
         let method = if (cycle / 2).is_multiple_of(2) { "mmap" } else { "pwrite" };
         (method, if (cycle / 4).is_multiple_of(2) { "0" } else { "256" })

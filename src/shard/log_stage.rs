@@ -10,10 +10,9 @@
 //! (`worker.rs`, "Pipelining").
 //!
 //! Owns: the journal, behind a mutex that the log thread holds during an append and the worker
-//! takes for an inline append, `sync_all` and nothing else.
+//! takes for an inline append and `sync_all` (and for retirement when there is no log thread).
 //! Must never: reorder appends (an inline append or `sync_all` only with nothing outstanding).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,8 +56,8 @@ struct LogThread {
 pub struct LogStage {
     journal: Arc<Mutex<Box<dyn Journal>>>,
     thread: Option<LogThread>,
-    /// Results of inline appends, not yet finished.
-    done: VecDeque<Appended>,
+    /// The result of an inline append, not yet finished.
+    done: Option<Appended>,
     outstanding: usize,
     shard: u16,
 }
@@ -78,19 +77,14 @@ impl LogStage {
                 .expect("spawn log thread");
             LogThread { requests: Some(requests), results, thread: Some(thread) }
         });
-        LogStage { journal, thread, done: VecDeque::new(), outstanding: 0, shard }
-    }
-
-    /// Whether a batch can be handed to the log thread (so the worker can apply the batch
-    /// before it meanwhile).
-    pub fn is_pipelined(&self) -> bool {
-        self.thread.is_some()
+        LogStage { journal, thread, done: None, outstanding: 0, shard }
     }
 
     /// Appends one batch: on the worker's thread if `inline` or there is no log thread (only
     /// with nothing outstanding), else on the log thread. Its result is the next `finish` but
-    /// one per batch submitted before it and not yet finished.
-    pub fn submit(&mut self, timestamp: u64, records: Vec<CommandRecord>, inline: bool) {
+    /// one per batch submitted before it and not yet finished. Returns whether it went to the
+    /// log thread (so the worker can apply the batch before it meanwhile).
+    pub fn submit(&mut self, timestamp: u64, records: Vec<CommandRecord>, inline: bool) -> bool {
         assert!(self.outstanding < OUTSTANDING_MAX, "shard {}: too many batches in the log", self.shard);
         self.outstanding += 1;
         match self.thread.as_ref().filter(|_| !inline) {
@@ -99,12 +93,14 @@ impl LogStage {
                 if let Some(requests) = thread.requests.as_ref() {
                     let _ = requests.send(Request::Append { timestamp, records });
                 }
+                true
             }
             None => {
                 assert_eq!(self.outstanding, 1, "shard {}: an inline append behind another", self.shard);
                 let started = Instant::now();
                 let result = self.journal.lock().append_batch(timestamp, &records);
-                self.done.push_back(Appended { result, elapsed: started.elapsed(), threaded: false, records });
+                self.done = Some(Appended { result, elapsed: started.elapsed(), threaded: false, records });
+                false
             }
         }
     }
@@ -114,7 +110,7 @@ impl LogStage {
         assert!(self.outstanding > 0, "shard {}: nothing submitted to the log", self.shard);
         self.outstanding -= 1;
         // An inline append is only made with nothing outstanding, so it is the oldest.
-        if let Some(appended) = self.done.pop_front() {
+        if let Some(appended) = self.done.take() {
             return appended;
         }
         let thread = self.thread.as_ref().expect("a threaded append has a log thread");

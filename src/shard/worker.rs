@@ -340,15 +340,17 @@ struct Applier {
     last_lsn: u64,
     /// Log bytes of every applied batch (snapshots are taken by log volume).
     logged_bytes: u64,
-    /// Records buffers back from the log, for the next batches.
+    /// Records buffers back from the log, and completed batches, for the next batches.
     spare_records: Vec<Vec<CommandRecord>>,
+    spare_batches: Vec<Batch>,
 }
 
 impl Applier {
     /// Completes `batch` with the log's result (`None`: it was not logged). Durable: applies
     /// every entry in order, then publishes its feed events, releases evicted ids and replies.
     /// Failed: poisons the shard and answers every command `unavailable`, applying nothing.
-    fn complete(&mut self, batch: &mut Batch, appended: Option<Appended>) {
+    /// The batch's buffers are kept for a later one.
+    fn complete(&mut self, mut batch: Batch, appended: Option<Appended>) {
         let shard = self.shard;
         if let Some(appended) = appended {
             match appended.result {
@@ -486,6 +488,14 @@ impl Applier {
         for (part, replies) in batch.parts.drain(..).zip(replies) {
             part.collector.fill(&replies);
         }
+        self.spare_batches.push(batch);
+    }
+
+    /// Completes the batch in the log, if there is one, once its result is in.
+    fn complete_ahead(&mut self, ahead: &mut Option<Batch>, log: &mut LogStage) {
+        if let Some(batch) = ahead.take() {
+            self.complete(batch, Some(log.finish()));
+        }
     }
 
     /// Answers the reads that need the shard's state (after the batch: a client sees its own
@@ -553,6 +563,7 @@ pub fn run(
         last_lsn: 0,
         logged_bytes: 0,
         spare_records: Vec::new(),
+        spare_batches: Vec::new(),
     };
     let mut carry: Option<Part> = None;
     let mut shutting_down = false;
@@ -560,12 +571,11 @@ pub fn run(
     let mut snapshots = config.snapshot.clone().map(Snapshotter::new);
     // The batch in the log, applied once its result is in (pipelined journals only).
     let mut ahead: Option<Batch> = None;
-    let mut spare_batches: Vec<Batch> = Vec::new();
     let mut pending_queries: Vec<QueryMsg> = Vec::new();
     let mut queries_deferred = false;
 
     loop {
-        let mut batch = spare_batches.pop().unwrap_or_default();
+        let mut batch = w.spare_batches.pop().unwrap_or_default();
         // Wait for work (or for the next top-up deadline); with a batch in the log, only take
         // what is already queued.
         if carry.is_none() {
@@ -627,15 +637,12 @@ pub fn run(
 
         // The batch in the log is applied now if there is nothing to overlap it with, or this
         // batch's checks depend on its outcome (see "Pipelining" above).
-        if let Some(mut prev) = ahead.take() {
+        if let Some(prev) = &ahead {
             let bound = w.state.id_horizon_within(prev.entries.len());
             let depends =
                 batch.parts.iter().flat_map(|p| &p.items).any(|item| item.sent_at != 0 && item.sent_at < bound);
             if depends || w.poisoned || (batch.entries.is_empty() && batch.parts.is_empty()) {
-                w.complete(&mut prev, Some(log.finish()));
-                spare_batches.push(prev);
-            } else {
-                ahead = Some(prev);
+                w.complete_ahead(&mut ahead, &mut log);
             }
         }
 
@@ -675,6 +682,7 @@ pub fn run(
             let queued = carry.is_some() || !writes.is_empty() || !internal.is_empty();
             let eager = config.pipeline_min_batch == 0;
             let inline = ahead.is_none() && !eager && (!queued || batch.entries.len() < config.pipeline_min_batch);
+            let mut threaded = false;
             if batch.logged {
                 let mut records = w.spare_records.pop().unwrap_or_default();
                 records.clear();
@@ -688,26 +696,21 @@ pub fn run(
                     record.timestamp.set(batch.base + i as u64);
                     records.push(record);
                 }
-                log.submit(batch.base, records, inline);
+                threaded = log.submit(batch.base, records, inline);
             }
             // Apply the batch before this one while this one is written and synced.
-            if let Some(mut prev) = ahead.take() {
-                w.complete(&mut prev, Some(log.finish()));
-                spare_batches.push(prev);
-            }
-            if batch.logged && log.is_pipelined() && !inline {
+            w.complete_ahead(&mut ahead, &mut log);
+            if threaded {
                 ahead = Some(batch);
             } else {
                 let appended = batch.logged.then(|| log.finish());
-                w.complete(&mut batch, appended);
-                spare_batches.push(batch);
+                w.complete(batch, appended);
             }
+        } else if !batch.parts.is_empty() {
+            // Every command of these parts was refused before the log (`id_expired`).
+            w.complete(batch, None);
         } else {
-            if !batch.parts.is_empty() {
-                // Every command of these parts was refused before the log (`id_expired`).
-                w.complete(&mut batch, None);
-            }
-            spare_batches.push(batch);
+            w.spare_batches.push(batch);
         }
 
         // Snapshots: on request or by log volume, encoded here (the state is ours), written by a
@@ -717,9 +720,8 @@ pub fn run(
             let due = s.policy.every_bytes > 0 && w.logged_bytes - s.logged_at_start >= s.policy.every_bytes;
             if (due || !snapshot_requests.is_empty()) && !w.poisoned {
                 // A snapshot that starts now covers every batch handed to the log.
-                if let Some(mut prev) = ahead.take_if(|_| !s.writing()) {
-                    w.complete(&mut prev, Some(log.finish()));
-                    spare_batches.push(prev);
+                if !s.writing() {
+                    w.complete_ahead(&mut ahead, &mut log);
                 }
                 s.start(&w.state, w.last_lsn, w.logged_bytes, &mut log, std::mem::take(&mut snapshot_requests));
             }
@@ -740,10 +742,7 @@ pub fn run(
             if !queries_deferred && !internal.is_empty() {
                 queries_deferred = true;
             } else {
-                if let Some(mut prev) = ahead.take() {
-                    w.complete(&mut prev, Some(log.finish()));
-                    spare_batches.push(prev);
-                }
+                w.complete_ahead(&mut ahead, &mut log);
                 for QueryMsg { query, done } in pending_queries.drain(..) {
                     done(w.answer(query));
                 }
