@@ -3,7 +3,8 @@
 //! snapshot of a large shard. Prints a table; `cargo bench --bench recovery`.
 //!
 //! Environment: BENCH_REPLAY_TIPS [2000000] (per shard), BENCH_REPLAY_SHARDS [2] (the parallel
-//! replay; 1: skip it), BENCH_SNAPSHOT_ACCOUNTS [10000000],
+//! replay; 1: skip it), BENCH_REPLAY_ROUNDS [1] (times the parallel replay runs, each into a
+//! fresh state: for a profiler), BENCH_SNAPSHOT_ACCOUNTS [10000000],
 //! BENCH_SNAPSHOT_LOADS [3] (loads from the page cache per shape), BENCH_SNAPSHOT_ACTIVE [1] (0: only
 //! the fresh shape), BENCH_DIR. Smaller defaults in a smoke run (`cargo test --benches`).
 
@@ -56,24 +57,9 @@ fn main() {
     if shards > 1 {
         let dir = base.join(format!("replay-{shards}"));
         write_log(&dir, shards, tips * shards as u64, &ledger, &limits);
-        let (start, cpu) = (Instant::now(), cpu_secs());
-        let loaded: Vec<_> = std::thread::scope(|s| {
-            let threads: Vec<_> = (0..shards)
-                .map(|shard| {
-                    let (dir, ledger, limits) = (&dir, &ledger, &limits);
-                    s.spawn(move || load_shard(dir, shard, shards, ledger, limits, &mut |_| {}).unwrap())
-                })
-                .collect();
-            threads.into_iter().map(|t| t.join().unwrap()).collect()
-        });
-        let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
-        let commands: u64 = loaded.iter().map(|l| l.commands_replayed).sum();
-        println!(
-            "replay, {shards} shards at once: {commands} commands in {:.2} s = {:.0} commands/s (cpu {:.2} s)",
-            secs,
-            commands as f64 / secs,
-            cpu,
-        );
+        for _ in 0..size("BENCH_REPLAY_ROUNDS", 1, 1) {
+            replay_all(&dir, shards, &ledger, &limits);
+        }
     }
 
     // Snapshot: a shard holding N accounts, written and loaded, in two shapes: "fresh" (users
@@ -172,6 +158,26 @@ fn snapshot_round(
 /// Writes a log of `shards` shards: the storm's setup (100 000 users, 1 000 streamers, funded
 /// through real top-ups; 2 000 and 10 in a smoke run) and then `tips` tips, in batches of 8 192
 /// with 8 in flight.
+/// Loads every shard of the log in `dir` at once, a thread each (as `Node::open` does), and
+/// prints the rate.
+fn replay_all(dir: &Path, shards: u16, ledger: &LedgerConfig, limits: &ShardLimits) {
+    let (start, cpu) = (Instant::now(), cpu_secs());
+    let loaded: Vec<_> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..shards)
+            .map(|shard| s.spawn(move || load_shard(dir, shard, shards, ledger, limits, &mut |_| {}).unwrap()))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
+    let commands: u64 = loaded.iter().map(|l| l.commands_replayed).sum();
+    println!(
+        "replay, {shards} shards at once: {commands} commands in {:.2} s = {:.0} commands/s (cpu {:.2} s)",
+        secs,
+        commands as f64 / secs,
+        cpu,
+    );
+}
+
 fn write_log(dir: &Path, shards: u16, tips: u64, ledger: &LedgerConfig, limits: &ShardLimits) {
     let (users, streamers) = if common::smoke() { (2_000, 10) } else { (100_000, 1_000) };
     let spec = StormSpec { users, streamers, topup_yuan: 100_000, ..StormSpec::default() };

@@ -25,7 +25,15 @@ pub struct IdTable {
     entries: Vec<(u64, u64)>,
     mask: usize,
     len: usize,
+    /// One bit per 4 KiB memory page of `entries`, set once an insert has written to the page
+    /// (unset: every bucket of the page is still empty). See `find`.
+    written: Vec<u64>,
+    /// Where bucket 0 starts within its memory page.
+    page_offset: usize,
 }
+
+/// The memory page size `IdTable::written` counts in.
+const PAGE: usize = 4096;
 
 #[inline]
 fn home(id: u64, mask: usize) -> usize {
@@ -44,7 +52,30 @@ impl IdTable {
     /// untouched pages should stay out of memory (a huge page makes 2 MiB resident per touch).
     pub fn new_unadvised(capacity: usize) -> IdTable {
         let buckets = (capacity.max(8) * 2).next_power_of_two();
-        IdTable { entries: vec![(0, 0); buckets], mask: buckets - 1, len: 0 }
+        let entries = vec![(0, 0); buckets];
+        let pages = (core::mem::size_of_val(&entries[..]) / PAGE + 2).div_ceil(64);
+        let page_offset = entries.as_ptr() as usize % PAGE;
+        IdTable { entries, mask: buckets - 1, len: 0, written: vec![0; pages], page_offset }
+    }
+
+    /// The index of the memory page holding bucket `i`, counted from the page of bucket 0.
+    #[inline]
+    fn page_of(&self, i: usize) -> usize {
+        (self.page_offset + i * core::mem::size_of::<(u64, u64)>()) / PAGE
+    }
+
+    /// Whether an insert ever wrote to the memory page of bucket `i` (if not, the bucket is empty).
+    #[inline]
+    fn written(&self, i: usize) -> bool {
+        let page = self.page_of(i);
+        self.written[page / 64] & (1 << (page % 64)) != 0
+    }
+
+    /// Records that bucket `i` now holds an entry (keeps `written` true of its page).
+    #[inline]
+    fn mark_written(&mut self, i: usize) {
+        let page = self.page_of(i);
+        self.written[page / 64] |= 1 << (page % 64);
     }
 
     /// Bytes of the bucket array.
@@ -88,9 +119,23 @@ impl IdTable {
         (layout.0 as *const (u64, u64)).wrapping_add(home(id, layout.1)) as *const u8
     }
 
+    /// The bucket holding `id`, or else the empty bucket where it would go.
+    ///
+    /// A home bucket on a memory page no insert has written to is empty, and is answered without
+    /// reading it. The bucket array is untouched zeroed memory until used, and a page read before
+    /// it is written costs a flush of every CPU's TLB when the write comes (`AccountIndex::load`
+    /// tells why). Replaying a log into a fresh shard, which looks up and inserts top-ups in
+    /// tables of 4 KiB pages, spent a quarter of its CPU time in those flushes (docs/benchmarks.md,
+    /// session 9). Unread, such a page is first touched by the insert's write, and is simply
+    /// allocated. This is lazy, page by page, where the index load makes the whole table
+    /// writable at once, so that a table seldom filled (the top-ups') keeps its untouched pages
+    /// out of memory.
     #[inline]
     fn find(&self, id: u64) -> Result<usize, usize> {
         let mut i = home(id, self.mask);
+        if !self.written(i) {
+            return Err(i);
+        }
         loop {
             let (key, value) = self.entries[i];
             if value == 0 {
@@ -116,6 +161,7 @@ impl IdTable {
             Err(i) => {
                 assert!(self.len < self.entries.len() / 2, "id table over capacity");
                 self.entries[i] = (id, seq + 1);
+                self.mark_written(i);
                 self.len += 1;
             }
         }
@@ -130,6 +176,7 @@ impl IdTable {
             Err(_) if self.is_full() => Lookup::Full,
             Err(i) => {
                 self.entries[i] = (id, value + 1);
+                self.mark_written(i);
                 self.len += 1;
                 Lookup::Inserted
             }
@@ -202,7 +249,40 @@ mod tests {
 
     #[test]
     fn matches_a_map_under_churn() {
-        let mut table = IdTable::new(64);
+        churn(IdTable::new(64));
+        // The table tracks which pages it wrote (`find`), which must not change the
+        // results. 64 ids in 128 buckets are one page, so also a table over many pages.
+        churn_wide(IdTable::new_unadvised(1 << 14));
+    }
+
+    /// Inserts and removes ids spread over a table of many pages, against a map.
+    fn churn_wide(mut table: IdTable) {
+        let mut model = BTreeMap::new();
+        let mut x = 11u64;
+        for step in 0..100_000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let id = 1 + (x >> 30);
+            if model.contains_key(&id) {
+                continue;
+            }
+            if model.len() >= 1 << 13 || (x >> 20).is_multiple_of(4) {
+                if let Some((&old, _)) = model.iter().next() {
+                    table.remove(old);
+                    model.remove(&old);
+                }
+            } else {
+                assert_eq!(table.get_or_insert(id, step), Lookup::Inserted);
+                model.insert(id, step);
+            }
+            assert_eq!(table.len(), model.len());
+        }
+        for (id, seq) in &model {
+            assert_eq!(table.get(*id), Some(*seq));
+        }
+        assert!(table.written.iter().any(|w| *w != 0), "the pages written were tracked");
+    }
+
+    fn churn(mut table: IdTable) {
         let mut model = BTreeMap::new();
         let mut x = 7u64;
         for step in 0..200_000u64 {
