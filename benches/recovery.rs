@@ -6,7 +6,8 @@
 //! replay; 1: skip it), BENCH_REPLAY_ROUNDS [1] (times the parallel replay runs, each into a
 //! fresh state: for a profiler), BENCH_SNAPSHOT_ACCOUNTS [10000000],
 //! BENCH_SNAPSHOT_LOADS [3] (loads from the page cache per shape), BENCH_SNAPSHOT_ACTIVE [1] (0: only
-//! the fresh shape), BENCH_DIR. Smaller defaults in a smoke run (`cargo test --benches`).
+//! the fresh shape), BENCH_STALL_USERS [500000] and BENCH_STALL_TIPS [2000000] (the snapshot
+//! stall after a storm; 0 users: skip it), BENCH_DIR. Smaller defaults in a smoke run (`cargo test --benches`).
 
 use std::path::Path;
 use std::time::Instant;
@@ -17,6 +18,7 @@ use stormledger::layout::CommandRecord;
 use stormledger::ledger::{AccountKind, Command, ShardState};
 use stormledger::node::{load_shard, Durability, Node, NodeConfig};
 use stormledger::snapshot;
+use stormledger::snapshot::state::SectionBuffers;
 use stormledger::workload::StormSpec;
 
 mod common;
@@ -62,6 +64,11 @@ fn main() {
         }
     }
 
+    let users = size("BENCH_STALL_USERS", 500_000, 2_000);
+    if users > 0 {
+        snapshot_stall(users, size("BENCH_STALL_TIPS", 2_000_000, 20_000), &ledger);
+    }
+
     // Snapshot: a shard holding N accounts, written and loaded, in two shapes: "fresh" (users
     // just created: every field but id, kind and flags zero) and "active" (each user then bound
     // a payment method, topped up a varying amount and tipped once today: balance, spending,
@@ -102,6 +109,38 @@ fn main() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// How long a snapshot stalls a shard's worker (the encode; the write runs on a thread of its
+/// own): one shard of `users` users and 1 000 streamers, funded, after `tips` storm tips, at the
+/// default limits (idempotency and history windows of 2^20, full after a million commands).
+/// Encodes four times, each after the first into the buffers of the one before, as the worker does.
+fn snapshot_stall(users: u64, tips: u64, ledger: &LedgerConfig) {
+    let spec = StormSpec { users, streamers: 1_000, topup_yuan: 100_000, ..StormSpec::default() };
+    let limits = ShardLimits { accounts_max: (users + 2_000) as u32, ..ShardLimits::default() };
+    let mut state = ShardState::new(0, 1, ledger.clone(), limits);
+    let mut ts = 1_795_752_000_000_000_000u64;
+    let mut gen = spec.tips();
+    let commands = spec.setup_phases().into_iter().flatten().chain((0..tips).map(|_| gen.next_tip()));
+    for command in commands {
+        ts += 1;
+        state.apply(ts, &command);
+        state.clear_evicted();
+    }
+    let (mut buffers, mut took, mut bytes) = (SectionBuffers::default(), Vec::new(), 0);
+    for _ in 0..4 {
+        let start = Instant::now();
+        let sections = snapshot::state::encode_reusing(&state, buffers);
+        took.push(format!("{:.3}", start.elapsed().as_secs_f64()));
+        bytes = sections.iter().map(|(_, b)| b.len()).sum::<usize>();
+        buffers = SectionBuffers::new(sections);
+    }
+    println!(
+        "snapshot stall, one shard after a storm ({users} users, {tips} tips, default limits, {:.1} MiB): encode {} s the first, then {} s into the buffers of the one before",
+        bytes as f64 / (1 << 20) as f64,
+        took[0],
+        took[1..].join(" / "),
+    );
+}
+
 /// Encodes and writes a snapshot of `state`, then loads it `rounds` times from the page cache
 /// and once after dropping the file's pages from the cache (`POSIX_FADV_DONTNEED`). Prints wall
 /// and CPU (user + system, all threads) seconds of each load.
@@ -121,7 +160,11 @@ fn snapshot_round(
     let sizes: Vec<String> = refs.iter().map(|(t, b)| format!("{t}:{}", b.len())).collect();
     let written = snapshot::write_snapshot(dir, &meta, &refs).unwrap();
     let write_secs = start.elapsed().as_secs_f64();
-    drop(sections);
+    // As a shard's worker encodes every snapshot after its first: into the last one's buffers.
+    let start = Instant::now();
+    let again = snapshot::state::encode_reusing(state, SectionBuffers::new(sections));
+    let reencoded = start.elapsed().as_secs_f64();
+    drop(again);
     let load = || {
         let (start, cpu) = (Instant::now(), cpu_secs());
         let snap = snapshot::load_latest(dir).unwrap().unwrap();
@@ -146,7 +189,7 @@ fn snapshot_round(
         assert_eq!(restored.index().balance(id), state.index().balance(id));
     }
     println!(
-        "snapshot {shape}: {} accounts, {:.1} MiB ({:.1} B/account): encode {encoded:.2} s, encode+write+fsync {write_secs:.2} s; load+verify+decode {} s (page cache), {cold} s (file dropped from the page cache)",
+        "snapshot {shape}: {} accounts, {:.1} MiB ({:.1} B/account): encode {encoded:.2} s, encode+write+fsync {write_secs:.2} s, encode again into the same buffers {reencoded:.2} s; load+verify+decode {} s (page cache), {cold} s (file dropped from the page cache)",
         state.accounts().len(),
         written.len as f64 / (1 << 20) as f64,
         written.len as f64 / state.accounts().len() as f64,

@@ -766,7 +766,8 @@ pub fn run(
 }
 
 type SnapshotDone = Box<dyn FnOnce(Result<u64, String>) + Send>;
-type SnapshotWriter = std::thread::JoinHandle<Result<(), String>>;
+/// The writer thread: the write's result, and the sections' buffers for the next snapshot.
+type SnapshotWriter = std::thread::JoinHandle<(Result<(), String>, Vec<(u32, Vec<u8>)>)>;
 
 /// One shard's snapshot bookkeeping: at most one snapshot is being written at a time.
 struct Snapshotter {
@@ -774,11 +775,13 @@ struct Snapshotter {
     /// `Applier::logged_bytes` when the last snapshot started.
     logged_at_start: u64,
     in_flight: Option<(u64, SnapshotWriter, Vec<SnapshotDone>)>,
+    /// The last snapshot's section buffers, encoded into again by the next one.
+    buffers: crate::snapshot::state::SectionBuffers,
 }
 
 impl Snapshotter {
     fn new(policy: SnapshotPolicy) -> Snapshotter {
-        Snapshotter { policy, logged_at_start: 0, in_flight: None }
+        Snapshotter { policy, logged_at_start: 0, in_flight: None, buffers: Default::default() }
     }
 
     fn writing(&self) -> bool {
@@ -805,16 +808,17 @@ impl Snapshotter {
             return;
         }
         self.logged_at_start = logged_bytes;
-        let sections = crate::snapshot::state::encode(state);
+        let sections = crate::snapshot::state::encode_reusing(state, std::mem::take(&mut self.buffers));
         let meta = crate::snapshot::SnapshotMeta { lsns: vec![lsn], timestamp: state.last_timestamp() };
         let (dir, storage) = (self.policy.dir.clone(), self.policy.storage.0.clone());
         let handle = std::thread::Builder::new()
             .name(format!("snapshot-{}", state.shard()))
             .spawn(move || {
                 let refs: Vec<(u32, &[u8])> = sections.iter().map(|(t, b)| (*t, b.as_slice())).collect();
-                crate::snapshot::write_snapshot_in(storage.as_ref(), &dir, &meta, &refs)
+                let written = crate::snapshot::write_snapshot_in(storage.as_ref(), &dir, &meta, &refs)
                     .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                (written, sections)
             })
             .expect("spawn snapshot writer");
         self.in_flight = Some((lsn, handle, waiting));
@@ -830,7 +834,13 @@ impl Snapshotter {
     /// Waits for the snapshot being written, then retires the log it covers.
     fn finish(&mut self, log: &mut LogStage, shard: u16) {
         let Some((lsn, handle, waiting)) = self.in_flight.take() else { return };
-        let result = handle.join().unwrap_or_else(|_| Err("snapshot writer panicked".into()));
+        let result = match handle.join() {
+            Ok((result, sections)) => {
+                self.buffers = crate::snapshot::state::SectionBuffers::new(sections);
+                result
+            }
+            Err(_) => Err("snapshot writer panicked".into()),
+        };
         match &result {
             Ok(()) => {
                 self.policy.kept.push(lsn);
