@@ -103,6 +103,23 @@ impl Methods {
         assert!(previous.is_none(), "binding {key:?} added twice");
     }
 
+    /// Whether `compacted` is worth its copy: the bindings made since the load (or the last
+    /// compaction) are at least a quarter of those in the arrays.
+    pub fn worth_compacting(&self) -> bool {
+        !self.added.is_empty() && self.added.len() * 4 >= self.keys.len()
+    }
+
+    /// The same bindings, all in the sorted arrays, as a snapshot load would leave them: one
+    /// merge of `sorted`. Lookups then prefetch well, the next `sorted` has only the bindings
+    /// made after to sort, and the arrays take 17 bytes a binding where the map takes 42.
+    pub fn compacted(&self) -> Methods {
+        let mut loader = MethodsLoader::with_capacity(self.len());
+        for ((user, method), channel) in self.sorted() {
+            loader.push(user, method, channel).expect("sorted yields ascending, distinct bindings");
+        }
+        loader.finish()
+    }
+
     /// Bindings held.
     pub fn len(&self) -> usize {
         self.keys.len() + self.added.len()
@@ -376,6 +393,33 @@ mod tests {
         let mut other_channel = all.clone();
         other_channel[7].1 = if all[7].1 == Channel::Alipay { Channel::Wechat } else { Channel::Alipay };
         assert_ne!(methods, loaded(&other_channel));
+    }
+
+    #[test]
+    fn compacting_keeps_every_binding_and_lookups_see_the_same() {
+        let all = bindings(50_000, 7);
+        let (first, later): (Vec<_>, Vec<_>) = all.iter().enumerate().partition(|(i, _)| i % 5 == 0);
+        let mut methods = loaded(&first.iter().map(|(_, b)| **b).collect::<Vec<_>>());
+        assert!(!methods.worth_compacting(), "nothing added yet");
+        for (i, &(_, &((user, method), channel))) in later.iter().enumerate() {
+            methods.insert(user, method, channel);
+            if i + 2 == first.len() / 4 {
+                assert!(!methods.worth_compacting(), "fewer added than a quarter of those loaded");
+            }
+        }
+        assert!(methods.worth_compacting());
+        let mut compacted = methods.compacted();
+        assert!(!compacted.worth_compacting());
+        assert_eq!(compacted, methods);
+        assert_eq!(compacted.sorted().collect::<Vec<_>>(), all);
+        for &((user, method), channel) in &all {
+            assert_eq!(compacted.get(user, method), Some(channel));
+            assert_eq!(compacted.get(user, method + 1_000_000), None);
+        }
+        // Bindings made after a compaction are added, and merge in as after a load.
+        compacted.insert(all[0].0 .0, 1 << 40, Channel::BankCard);
+        assert_eq!(compacted.get(all[0].0 .0, 1 << 40), Some(Channel::BankCard));
+        assert_eq!(compacted.len(), all.len() + 1);
     }
 
     #[test]

@@ -723,7 +723,7 @@ pub fn run(
                 if !s.writing() {
                     w.complete_ahead(&mut ahead, &mut log);
                 }
-                s.start(&w.state, w.last_lsn, w.logged_bytes, &mut log, std::mem::take(&mut snapshot_requests));
+                s.start(&mut w.state, w.last_lsn, w.logged_bytes, &mut log, std::mem::take(&mut snapshot_requests));
             }
         }
         for done in snapshot_requests.drain(..) {
@@ -790,7 +790,7 @@ impl Snapshotter {
 
     fn start(
         &mut self,
-        state: &ShardState,
+        state: &mut ShardState,
         lsn: u64,
         logged_bytes: u64,
         log: &mut LogStage,
@@ -808,7 +808,8 @@ impl Snapshotter {
             return;
         }
         self.logged_at_start = logged_bytes;
-        let sections = crate::snapshot::state::encode_reusing(state, std::mem::take(&mut self.buffers));
+        let buffers = std::mem::take(&mut self.buffers);
+        let (sections, replaced_methods) = crate::snapshot::state::encode_compacting(state, buffers);
         let meta = crate::snapshot::SnapshotMeta { lsns: vec![lsn], timestamp: state.last_timestamp() };
         let (dir, storage) = (self.policy.dir.clone(), self.policy.storage.0.clone());
         let handle = std::thread::Builder::new()
@@ -818,6 +819,9 @@ impl Snapshotter {
                 let written = crate::snapshot::write_snapshot_in(storage.as_ref(), &dir, &meta, &refs)
                     .map(|_| ())
                     .map_err(|e| e.to_string());
+                // Freeing the payment methods the compaction replaced (a hash map of up to
+                // hundreds of MiB) is work the shard need not wait for.
+                drop(replaced_methods);
                 (written, sections)
             })
             .expect("spawn snapshot writer");

@@ -224,20 +224,42 @@ fn read_reply(r: &mut R) -> Result<Reply, String> {
 /// bindings with the sorted later ones) and then the idempotency records are encoded on a second
 /// thread while this one encodes the rest: a shard's worker is stalled meanwhile.
 pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
-    encode_reusing(state, SectionBuffers::default())
+    encode_with(state, SectionBuffers::default(), false).0
 }
 
-/// `encode` into the buffers of an earlier snapshot's sections (see `SectionBuffers`).
-pub fn encode_reusing(state: &ShardState, mut buffers: SectionBuffers) -> Vec<(u32, Vec<u8>)> {
+/// `encode` as a shard's worker runs it: into the buffers of the snapshot it wrote before (see
+/// `SectionBuffers`), and compacting the payment methods on the way when that is worth it
+/// (`Methods::worth_compacting`; the bytes are the same either way). The state then holds the
+/// compacted methods, and the ones they replace are returned, for the caller to drop off the
+/// worker's thread.
+///
+/// Why: the methods section lists every binding in order, and bindings made since the last load
+/// sit in a hash map that each snapshot had to collect and sort. With 10 M of them that was
+/// 0.75-0.86 s of the encode, its longest part (docs/benchmarks.md, session 9). Compacted, the
+/// next snapshot reads them in order from the arrays, and only the bindings made since are sorted.
+pub fn encode_compacting(state: &mut ShardState, buffers: SectionBuffers) -> (Vec<(u32, Vec<u8>)>, Option<Methods>) {
+    let (sections, compacted) = encode_with(state, buffers, true);
+    (sections, compacted.map(|methods| std::mem::replace(&mut state.methods, methods)))
+}
+
+fn encode_with(
+    state: &ShardState,
+    mut buffers: SectionBuffers,
+    compact: bool,
+) -> (Vec<(u32, Vec<u8>)>, Option<Methods>) {
     let methods_buffer = buffers.take(SECTION_METHODS, 8 + state.methods.len() * 3);
     let ids_buffer = buffers.take(SECTION_IDS, state.id_ring.len() * ID_SIZE);
     std::thread::scope(|s| {
-        let second = s.spawn(|| (encode_methods(&state.methods, methods_buffer), encode_ids(state, ids_buffer)));
+        let second = s.spawn(|| {
+            let compacted = (compact && state.methods.worth_compacting()).then(|| state.methods.compacted());
+            let methods = encode_methods(compacted.as_ref().unwrap_or(&state.methods), methods_buffer);
+            (methods, compacted, encode_ids(state, ids_buffer))
+        });
         let mut sections = encode_rest(state, &mut buffers);
-        let (methods, ids) = joined(second);
+        let (methods, compacted, ids) = joined(second);
         sections.insert(3, (SECTION_METHODS, methods));
         sections.insert(4, (SECTION_IDS, ids));
-        sections
+        (sections, compacted)
     })
 }
 
@@ -896,18 +918,24 @@ mod tests {
     }
 
     #[test]
-    fn encoding_into_an_earlier_snapshots_buffers_gives_the_same_bytes() {
+    fn encoding_as_the_worker_does_gives_the_same_bytes_and_bindings() {
         // Buffers larger and smaller than the sections, and none for some.
-        let states = [random_state(3000, 7), random_state(50, 8), random_state(20_000, 9), random_state(0, 10)];
+        let mut states = [random_state(3000, 7), random_state(50, 8), random_state(20_000, 9), random_state(0, 10)];
         let mut buffers = SectionBuffers::default();
-        for state in &states {
-            let sections = encode_reusing(state, buffers);
-            assert_eq!(sections, encode(state));
+        for state in &mut states {
+            let (plain, before) = (encode(state), state.methods.clone());
+            let (sections, replaced) = encode_compacting(state, buffers);
+            assert_eq!(sections, plain);
+            // The bindings (random_state makes them all after the load) are now compacted.
+            assert_eq!(replaced.is_some(), !before.is_empty());
+            assert!(!state.methods.worth_compacting());
+            assert_eq!(state.methods, before);
+            assert_eq!(encode(state), plain);
             buffers = SectionBuffers::new(sections);
         }
         let mut partial = encode(&states[2]);
         partial.retain(|(tag, _)| *tag != SECTION_ACCOUNTS && *tag != SECTION_METHODS);
-        assert_eq!(encode_reusing(&states[0], SectionBuffers::new(partial)), encode(&states[0]));
+        assert_eq!(encode_compacting(&mut states[0], SectionBuffers::new(partial)).0, encode(&states[0]));
     }
 
     #[test]
