@@ -125,20 +125,30 @@ fn snapshot_stall(users: u64, tips: u64, ledger: &LedgerConfig) {
         state.apply(ts, &command);
         state.clear_evicted();
     }
-    let (mut buffers, mut took, mut bytes) = (SectionBuffers::default(), Vec::new(), 0);
-    for _ in 0..4 {
-        let start = Instant::now();
-        let (sections, _) = snapshot::state::encode_compacting(&mut state, buffers);
-        took.push(format!("{:.3}", start.elapsed().as_secs_f64()));
-        bytes = sections.iter().map(|(_, b)| b.len()).sum::<usize>();
-        buffers = SectionBuffers::new(sections);
-    }
+    let (took, bytes) = encode_as_the_worker(&mut state, SectionBuffers::default(), 4);
+    let took: Vec<_> = took.iter().map(|secs| format!("{secs:.3}")).collect();
     println!(
         "snapshot stall, one shard after a storm ({users} users, {tips} tips, default limits, {:.1} MiB): encode {} s the first, then {} s into the buffers of the one before",
         bytes as f64 / (1 << 20) as f64,
         took[0],
         took[1..].join(" / "),
     );
+}
+
+/// Encodes `state` `times` times as a shard's worker does (`encode_compacting`), the first into
+/// `buffers`, each later one into the sections of the one before. Returns the seconds each took
+/// and the bytes of the last.
+fn encode_as_the_worker(state: &mut ShardState, mut buffers: SectionBuffers, times: usize) -> (Vec<f64>, usize) {
+    let (mut took, mut bytes) = (Vec::new(), 0);
+    for _ in 0..times {
+        let start = Instant::now();
+        let (sections, replaced) = snapshot::state::encode_compacting(state, buffers);
+        took.push(start.elapsed().as_secs_f64());
+        drop(replaced);
+        bytes = sections.iter().map(|(_, b)| b.len()).sum();
+        buffers = SectionBuffers::new(sections);
+    }
+    (took, bytes)
 }
 
 /// Encodes and writes a snapshot of `state`, then loads it `rounds` times from the page cache
@@ -163,16 +173,7 @@ fn snapshot_round(
     // As a shard's worker encodes every snapshot after its first: into the last one's buffers.
     // The first also compacts the payment methods (they were all made after the load), the
     // second finds them compacted.
-    let mut again = Vec::new();
-    let mut buffers = SectionBuffers::new(sections);
-    for _ in 0..2 {
-        let start = Instant::now();
-        let (sections, replaced) = snapshot::state::encode_compacting(state, buffers);
-        again.push(format!("{:.2}", start.elapsed().as_secs_f64()));
-        drop(replaced);
-        buffers = SectionBuffers::new(sections);
-    }
-    drop(buffers);
+    let (again, _) = encode_as_the_worker(state, SectionBuffers::new(sections), 2);
     let load = || {
         let (start, cpu) = (Instant::now(), cpu_secs());
         let snap = snapshot::load_latest(dir).unwrap().unwrap();
@@ -197,7 +198,7 @@ fn snapshot_round(
         assert_eq!(restored.index().balance(id), state.index().balance(id));
     }
     println!(
-        "snapshot {shape}: {} accounts, {:.1} MiB ({:.1} B/account): encode {encoded:.2} s, encode+write+fsync {write_secs:.2} s, encode again into the same buffers, compacting the payment methods, {} s, then {} s; load+verify+decode {} s (page cache), {cold} s (file dropped from the page cache)",
+        "snapshot {shape}: {} accounts, {:.1} MiB ({:.1} B/account): encode {encoded:.2} s, encode+write+fsync {write_secs:.2} s, encode again into the same buffers, compacting the payment methods, {:.2} s, then {:.2} s; load+verify+decode {} s (page cache), {cold} s (file dropped from the page cache)",
         state.accounts().len(),
         written.len as f64 / (1 << 20) as f64,
         written.len as f64 / state.accounts().len() as f64,
@@ -208,9 +209,6 @@ fn snapshot_round(
     println!("  section sizes (tag:bytes): {}", sizes.join(" "));
 }
 
-/// Writes a log of `shards` shards: the storm's setup (100 000 users, 1 000 streamers, funded
-/// through real top-ups; 2 000 and 10 in a smoke run) and then `tips` tips, in batches of 8 192
-/// with 8 in flight.
 /// Loads every shard of the log in `dir` at once, a thread each (as `Node::open` does), and
 /// prints the rate.
 fn replay_all(dir: &Path, shards: u16, ledger: &LedgerConfig, limits: &ShardLimits) {
@@ -231,6 +229,9 @@ fn replay_all(dir: &Path, shards: u16, ledger: &LedgerConfig, limits: &ShardLimi
     );
 }
 
+/// Writes a log of `shards` shards: the storm's setup (100 000 users, 1 000 streamers, funded
+/// through real top-ups; 2 000 and 10 in a smoke run) and then `tips` tips, in batches of 8 192
+/// with 8 in flight.
 fn write_log(dir: &Path, shards: u16, tips: u64, ledger: &LedgerConfig, limits: &ShardLimits) {
     let (users, streamers) = if common::smoke() { (2_000, 10) } else { (100_000, 1_000) };
     let spec = StormSpec { users, streamers, topup_yuan: 100_000, ..StormSpec::default() };
