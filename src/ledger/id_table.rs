@@ -28,8 +28,6 @@ pub struct IdTable {
     /// One bit per 4 KiB memory page of `entries`, set once an insert has written to the page
     /// (unset: every bucket of the page is still empty). See `find`.
     written: Vec<u64>,
-    /// Where bucket 0 starts within its memory page.
-    page_offset: usize,
 }
 
 /// The memory page size `IdTable::written` counts in.
@@ -54,19 +52,18 @@ impl IdTable {
         let buckets = (capacity.max(8) * 2).next_power_of_two();
         let entries = vec![(0, 0); buckets];
         let pages = (core::mem::size_of_val(&entries[..]) / PAGE + 2).div_ceil(64);
-        let page_offset = entries.as_ptr() as usize % PAGE;
-        IdTable { entries, mask: buckets - 1, len: 0, written: vec![0; pages], page_offset }
+        IdTable { entries, mask: buckets - 1, len: 0, written: vec![0; pages] }
     }
 
     /// The index of the memory page holding bucket `i`, counted from the page of bucket 0.
     #[inline]
     fn page_of(&self, i: usize) -> usize {
-        (self.page_offset + i * core::mem::size_of::<(u64, u64)>()) / PAGE
+        (self.entries.as_ptr() as usize % PAGE + i * core::mem::size_of::<(u64, u64)>()) / PAGE
     }
 
     /// Whether an insert ever wrote to the memory page of bucket `i` (if not, the bucket is empty).
     #[inline]
-    fn written(&self, i: usize) -> bool {
+    fn page_written(&self, i: usize) -> bool {
         let page = self.page_of(i);
         self.written[page / 64] & (1 << (page % 64)) != 0
     }
@@ -133,7 +130,7 @@ impl IdTable {
     #[inline]
     fn find(&self, id: u64) -> Result<usize, usize> {
         let mut i = home(id, self.mask);
-        if !self.written(i) {
+        if !self.page_written(i) {
             return Err(i);
         }
         loop {
