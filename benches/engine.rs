@@ -3,9 +3,12 @@
 //! resident memory per account. Prints a table; `cargo bench --bench engine`.
 //!
 //! Environment (defaults in brackets): BENCH_USERS [1000000], BENCH_STREAMERS [1000],
-//! BENCH_TIPS [4000000], BENCH_SHARDS [cores], BENCH_BATCH [8192], BENCH_WINDOW [8],
+//! BENCH_TIPS [4000000], BENCH_WARMUP [0: tips applied, untimed, between the setup and the
+//! timed tips: with 2 x users the setup's ids have left the idempotency window and the rings
+//! are resident, as in a server that has run for a while], BENCH_SHARDS [cores], BENCH_BATCH [8192], BENCH_WINDOW [8],
 //! BENCH_MODES [memory,sync/mmap,sync/pwrite: a durability, then optionally `/` and how the log
-//! writes its segments, `wal::LogWrite`], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir]. Smaller
+//! writes its segments, `wal::LogWrite`], BENCH_LOG_PREFILL [1; 0: the log's spare segments
+//! are not zero-filled ahead, `NodeConfig::log_prefill`], BENCH_MEM_ACCOUNTS [2000000], BENCH_DIR [a temp dir]. Smaller
 //! defaults in a smoke run (`cargo test --benches`, see `common`).
 //!
 //! Then acknowledgement latency at fixed offered rates (open loop: batches are sent on a
@@ -121,6 +124,7 @@ fn open_set_up(
     config.engine = engine_config(spec, shards);
     config.durability = mode;
     config.log_write = log_write.unwrap_or_default();
+    config.log_prefill = std::env::var("BENCH_LOG_PREFILL").map_or(true, |v| v != "0");
     config.snapshot_every_bytes = 0;
     let node = Node::open(config).expect("open node");
     let engine = node.engine().clone();
@@ -141,6 +145,7 @@ fn run(
     log_write: Option<LogWrite>,
     shards: u16,
     tips: u64,
+    warmup: u64,
     batch: usize,
     window: usize,
     base: &std::path::Path,
@@ -152,6 +157,12 @@ fn run(
     let dir = base.join(format!("{}-{}", mode_name.replace('/', "-"), spec.hot_percent));
     let (node, engine) = open_set_up(spec, mode, log_write, shards, &dir, batch, window);
     let mut gen = spec.tips();
+    if warmup > 0 {
+        let batches: Vec<Vec<CommandRecord>> = (0..warmup.div_ceil(batch as u64))
+            .map(|_| (0..batch).map(|_| gen.next_tip().to_record()).collect())
+            .collect();
+        drive(&engine, batches, window, &mut Histogram::new(3).unwrap());
+    }
     let batches: Vec<Vec<CommandRecord>> =
         (0..tips.div_ceil(batch as u64)).map(|_| (0..batch).map(|_| gen.next_tip().to_record()).collect()).collect();
 
@@ -224,11 +235,14 @@ fn main() {
     let shards = size("BENCH_SHARDS", cores, cores) as u16;
     let batch = size("BENCH_BATCH", 8192, 1024) as usize;
     let window = size("BENCH_WINDOW", 8, 8) as usize;
+    let warmup = size("BENCH_WARMUP", 0, 0);
     let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "memory,sync/mmap,sync/pwrite".into());
     let base = std::env::var("BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("stormledger-bench"));
-    println!("engine bench: {users} users, {streamers} streamers, {tips} tips, {shards} shards, batch {batch}, window {window}, {cores} cores");
+    println!(
+        "engine bench: {users} users, {streamers} streamers, {tips} tips after {warmup} untimed, {shards} shards, batch {batch}, window {window}, {cores} cores"
+    );
     // Memory first: the storm runs leave freed memory in the allocator, which would hide what
     // the accounts cost.
     let accounts = size("BENCH_MEM_ACCOUNTS", 2_000_000, 10_000);
@@ -250,7 +264,7 @@ fn main() {
         let mode: Durability = mode.parse().expect("mode");
         for hot in [50, 0] {
             let spec = StormSpec { users, streamers, hot_percent: hot, topup_yuan: 100_000, ..StormSpec::default() };
-            let row = run(&spec, mode, log_write, shards, tips, batch, window, &base);
+            let row = run(&spec, mode, log_write, shards, tips, warmup, batch, window, &base);
             rows.push(row);
         }
     }

@@ -32,9 +32,10 @@ pub fn advise_huge(ptr: *const u8, bytes: usize) {
     }
 }
 
-/// `advise_huge` whatever the size. For many mid-sized allocations made one after another
-/// (the id directory's stripes): the advised ranges are adjacent, the kernel merges them into
-/// one mapping, and that mapping gets huge pages although no single range would.
+/// `advise_huge` whatever the size. Only memory from `mmap` gets huge pages on this project's
+/// kernel: heap memory (the `brk` heap and glibc's thread arenas) got none in a test, advised
+/// or not (docs/benchmarks.md, session 10), so tables in many mid-sized parts take one mapping
+/// (`IdTable::new_parts`).
 pub fn advise_huge_any(ptr: *const u8, bytes: usize) {
     #[cfg(target_os = "linux")]
     {

@@ -81,6 +81,9 @@ pub struct NodeConfig {
     /// How batches reach the log's pages: `pwrite` (default) or a copy into the mapping
     /// (`wal::LogWrite`; the same bytes and durability, the sync costs differ).
     pub log_write: LogWrite,
+    /// With `Durability::Sync`, zero-fill each spare log segment on a helper thread before
+    /// the log reaches it (`WalConfig::prefill`): cheaper syncs, twice the bytes written.
+    pub log_prefill: bool,
     /// A shard snapshots after this many bytes of log (0 = only on `admin snapshot`).
     pub snapshot_every_bytes: u64,
     /// Delete log segments covered by the older of the two kept snapshots.
@@ -99,6 +102,7 @@ impl NodeConfig {
             durability: Durability::Sync,
             segment_size: 64 << 20,
             log_write: LogWrite::default(),
+            log_prefill: true,
             snapshot_every_bytes: 512 << 20,
             retire_log: true,
             storage: SharedStorage::default(),
@@ -462,7 +466,14 @@ impl Node {
             let shard_dir = wal::shard_dir(&dir, shard as u32);
             // Opening the writer first repairs a torn tail (and refuses a corrupt log); replay
             // then reads exactly what the writer will continue after.
-            let wal_config = WalConfig { segment_size: config.segment_size, persist_mode, write: config.log_write };
+            let wal_config = WalConfig {
+                segment_size: config.segment_size,
+                persist_mode,
+                write: config.log_write,
+                // Without a sync per batch the extent changes are written back with the data,
+                // off the acknowledgement's path: nothing to win.
+                prefill: config.log_prefill && persist_mode == PersistMode::Sync,
+            };
             let (wal, report) = Wal::open(&shard_dir, shard as u32, wal_config, storage.clone())
                 .map_err(|e| NodeError::Corrupt(e.to_string()))?;
             if let RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } = &report.outcome {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use stormledger::error::{StorageError, WalCorruption, WalError};
-use stormledger::storage::{Crash, FaultyStorage, MemStorage, MmapStorage, Storage};
+use stormledger::storage::{Crash, FaultyStorage, MemStorage, MmapStorage, Prefill, Storage};
 use stormledger::wal::record::{self, RECORD_HEADER_SIZE};
 use stormledger::wal::{recover, LogWrite, PersistMode, RecoveryOutcome, RecoveryPolicy, Wal, WalConfig, WalReader};
 
@@ -101,6 +101,35 @@ fn roundtrip_on_real_files(first: LogWrite, then: LogWrite) {
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".wal.tmp"))
         .count();
     assert_eq!(spares, 1);
+}
+
+#[test]
+fn spare_segments_zero_filled_in_the_background_never_overwrite_records() {
+    // Segments of two prefill chunks, filled at full speed: a rollover finds its spare's
+    // zero-fill done, half done or not started, and must stop it before writing there.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shard-00");
+    let storage: Arc<dyn Storage> = Arc::new(MmapStorage);
+    let config = WalConfig { segment_size: 2 * Prefill::CHUNK, prefill: true, ..cfg(PersistMode::Sync) };
+    let (mut wal, _) = Wal::open(&dir, SHARD, config, storage.clone()).unwrap();
+    let mut last = 0;
+    while wal.segment_indexes().len() < 6 {
+        let lsn = wal.next_lsn();
+        wal.append(1, lsn * 10, &payload(lsn, len_for(lsn))).unwrap();
+        if lsn % 500 == 0 {
+            wal.sync().unwrap();
+        }
+        if lsn % 5_000 == 0 {
+            // Time for the helper to finish a spare now and then.
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+        last = lsn;
+    }
+    wal.sync().unwrap();
+    drop(wal);
+    let (lsns, report) = read_all(&dir, storage.as_ref());
+    assert_eq!(lsns, (1..=last).collect::<Vec<_>>());
+    assert_eq!(report.outcome, RecoveryOutcome::Clean);
 }
 
 #[test]

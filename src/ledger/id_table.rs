@@ -22,7 +22,7 @@ pub enum Lookup {
 /// See the module docs.
 pub struct IdTable {
     /// `(id, seq + 1)`; `(_, 0)` is an empty bucket.
-    entries: Vec<(u64, u64)>,
+    entries: Buckets,
     mask: usize,
     len: usize,
     /// One bit per 4 KiB memory page of `entries`, set once an insert has written to the page
@@ -32,6 +32,49 @@ pub struct IdTable {
 
 /// The memory page size `IdTable::written` counts in.
 const PAGE: usize = 4096;
+
+/// A table's bucket array: its own allocation, or its part of one mapping shared by many
+/// tables (`IdTable::new_parts`).
+enum Buckets {
+    Owned(Vec<(u64, u64)>),
+    /// `len` buckets at `ptr`, inside `region`, disjoint from every other table's part.
+    Part {
+        ptr: core::ptr::NonNull<(u64, u64)>,
+        len: usize,
+        _region: std::sync::Arc<memmap2::MmapMut>,
+    },
+}
+
+// SAFETY: a `Part` is the only handle to its buckets (`new_parts` hands out disjoint ranges,
+// each to one table, and never touches the region's bytes itself), so it is as sendable and
+// shareable as the `Vec` of an owned table; the `Arc` keeps the mapping alive while it exists.
+unsafe impl Send for Buckets {}
+// SAFETY: as above; shared access only reads, through `&self`.
+unsafe impl Sync for Buckets {}
+
+impl core::ops::Deref for Buckets {
+    type Target = [(u64, u64)];
+    #[inline]
+    fn deref(&self) -> &[(u64, u64)] {
+        match self {
+            Buckets::Owned(v) => v,
+            // SAFETY: `ptr..ptr + len` lies in the live mapping, holds initialized `(u64, u64)`s
+            // (zeroed pages or values written through this table) and is this table's alone.
+            Buckets::Part { ptr, len, .. } => unsafe { core::slice::from_raw_parts(ptr.as_ptr(), *len) },
+        }
+    }
+}
+
+impl core::ops::DerefMut for Buckets {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [(u64, u64)] {
+        match self {
+            Buckets::Owned(v) => v,
+            // SAFETY: as in `deref`; `&mut self` makes this the only access.
+            Buckets::Part { ptr, len, .. } => unsafe { core::slice::from_raw_parts_mut(ptr.as_ptr(), *len) },
+        }
+    }
+}
 
 #[inline]
 fn home(id: u64, mask: usize) -> usize {
@@ -49,8 +92,39 @@ impl IdTable {
     /// `new` without the huge-page hint: for a table sized for a bound it seldom reaches, whose
     /// untouched pages should stay out of memory (a huge page makes 2 MiB resident per touch).
     pub fn new_unadvised(capacity: usize) -> IdTable {
-        let buckets = (capacity.max(8) * 2).next_power_of_two();
-        let entries = vec![(0, 0); buckets];
+        let buckets = Self::buckets_for(capacity);
+        IdTable::over(Buckets::Owned(vec![(0, 0); buckets]))
+    }
+
+    /// `tables` tables for at most `capacity` ids each, whose bucket arrays lie one after
+    /// another in a single anonymous mapping advised for huge pages (the id directory's
+    /// stripes). Each array on its own would be too small for a huge page, and allocated from
+    /// the heap it gets none at all: this kernel backs no heap memory with transparent huge
+    /// pages, advised or not (docs/benchmarks.md, session 10). Memory is resident as touched.
+    pub fn new_parts(tables: usize, capacity: usize) -> std::io::Result<Vec<IdTable>> {
+        let buckets = Self::buckets_for(capacity);
+        let bytes = (tables * buckets * core::mem::size_of::<(u64, u64)>()).max(1);
+        let mut map = memmap2::MmapMut::map_anon(bytes)?;
+        let base = map.as_mut_ptr() as *mut (u64, u64);
+        crate::mem::advise_huge(base as *const u8, bytes);
+        let region = std::sync::Arc::new(map);
+        Ok((0..tables)
+            .map(|t| {
+                // SAFETY: part `t` is `buckets` buckets at offset `t * buckets`, within the
+                // `tables * buckets` of the mapping; the parts are disjoint. An anonymous
+                // mapping is page-aligned and reads as zeros: every bucket starts empty.
+                let ptr = unsafe { core::ptr::NonNull::new_unchecked(base.add(t * buckets)) };
+                IdTable::over(Buckets::Part { ptr, len: buckets, _region: region.clone() })
+            })
+            .collect())
+    }
+
+    fn buckets_for(capacity: usize) -> usize {
+        (capacity.max(8) * 2).next_power_of_two()
+    }
+
+    fn over(entries: Buckets) -> IdTable {
+        let buckets = entries.len();
         let pages = (core::mem::size_of_val(&entries[..]) / PAGE + 2).div_ceil(64);
         IdTable { entries, mask: buckets - 1, len: 0, written: vec![0; pages] }
     }
@@ -78,11 +152,6 @@ impl IdTable {
     /// Bytes of the bucket array.
     pub fn bytes(&self) -> usize {
         core::mem::size_of_val(&self.entries[..])
-    }
-
-    /// Asks for huge pages for the bucket array whatever its size (see `mem::advise_huge_any`).
-    pub fn advise_huge_pages(&self) {
-        crate::mem::advise_huge_any(self.entries.as_ptr() as *const u8, self.bytes());
     }
 
     pub fn len(&self) -> usize {
@@ -250,6 +319,30 @@ mod tests {
         // The table tracks which pages it wrote (`find`), which must not change the
         // results. 64 ids in 128 buckets are one page, so also a table over many pages.
         churn_wide(IdTable::new_unadvised(1 << 14));
+    }
+
+    #[test]
+    fn parts_of_one_mapping_behave_as_tables_of_their_own() {
+        // Small parts share memory pages (a part of 64 ids is 2 KiB), wide ones span many.
+        let mut parts = IdTable::new_parts(3, 64).unwrap();
+        churn(parts.pop().unwrap());
+        let mut wide = IdTable::new_parts(2, 1 << 14).unwrap();
+        churn_wide(wide.pop().unwrap());
+        churn_wide(wide.pop().unwrap());
+        // Neighbours stay apart: fill the two parts left, then find each id in its own part only.
+        for (t, table) in parts.iter_mut().enumerate() {
+            for id in 1..=64u64 {
+                table.insert(id * 10 + t as u64, id);
+            }
+            assert!(table.is_full());
+        }
+        for (t, table) in parts.iter().enumerate() {
+            assert_eq!(table.len(), 64);
+            for id in 1..=64u64 {
+                assert_eq!(table.get(id * 10 + t as u64), Some(id));
+                assert_eq!(table.get(id * 10 + (1 - t as u64)), None, "part {t} holds only its own ids");
+            }
+        }
     }
 
     /// Inserts and removes ids spread over a table of many pages, against a map.

@@ -51,11 +51,13 @@ impl IdDirectory {
     /// the hash spread; a stripe that fills up answers `Full`).
     pub fn with_capacity(ids: usize) -> IdDirectory {
         let per_stripe = ids.div_ceil(STRIPES) * 5 / 4 + 64;
-        let stripes: Box<[Mutex<IdTable>]> = (0..STRIPES).map(|_| Mutex::new(IdTable::new(per_stripe))).collect();
-        // No stripe is large enough for a huge-page hint of its own, but together they are.
-        if stripes.iter().map(|s| s.lock().bytes()).sum::<usize>() >= crate::mem::HUGE_MIN_BYTES {
-            stripes.iter().for_each(|s| s.lock().advise_huge_pages());
-        }
+        // No stripe is large enough for a huge page of its own, but together they are: one
+        // mapping for all (at the default limits 128 MiB, touched at random by every command).
+        let tables = IdTable::new_parts(STRIPES, per_stripe).unwrap_or_else(|error| {
+            eprintln!("id directory: no mapping for its {STRIPES} stripes ({error}); allocating them one by one");
+            (0..STRIPES).map(|_| IdTable::new(per_stripe)).collect()
+        });
+        let stripes: Box<[Mutex<IdTable>]> = tables.into_iter().map(Mutex::new).collect();
         let layouts = stripes.iter().map(|s| s.lock().layout()).collect();
         IdDirectory { stripes, layouts }
     }
@@ -68,6 +70,15 @@ impl IdDirectory {
     #[inline]
     fn prefetch(&self, id: u64) {
         prefetch(IdTable::bucket_address_in(self.layouts[stripe_of(id)], id));
+    }
+
+    /// `prefetch` plus the next cache line: a release shifts the rest of the id's probe run
+    /// back, and at load 0.5 that run often crosses a line (as `IdTable::prefetch_run`).
+    #[inline]
+    fn prefetch_run(&self, id: u64) {
+        let bucket = IdTable::bucket_address_in(self.layouts[stripe_of(id)], id);
+        prefetch(bucket);
+        prefetch(bucket.wrapping_add(64));
     }
 
     /// Claims many ids at once, locking each stripe once: `requests[i] = (id, shard)`, and
@@ -97,13 +108,13 @@ impl IdDirectory {
     pub fn release_many(&self, ids: &[u64], shard: u16) {
         let (order, bounds) = by_stripe(ids.len(), |i| ids[i]);
         for &i in order.iter().take(PREFETCH_AHEAD) {
-            self.prefetch(ids[i as usize]);
+            self.prefetch_run(ids[i as usize]);
         }
         for (stripe, range) in stripe_ranges(&bounds) {
             let mut table = self.stripes[stripe].lock();
             for k in range {
                 if let Some(&ahead) = order.get(k + PREFETCH_AHEAD) {
-                    self.prefetch(ids[ahead as usize]);
+                    self.prefetch_run(ids[ahead as usize]);
                 }
                 table.remove_if(ids[order[k] as usize], shard as u64);
             }

@@ -10,7 +10,9 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use zerocopy::IntoBytes;
 
@@ -45,7 +47,21 @@ pub struct Wal {
     next_lsn: u64,
     /// The next segment, allocated ahead of need as `NNNNNNNN.wal.tmp`.
     spare: Option<Box<dyn StorageFile>>,
+    /// The helper thread writing the spare's zeros out (`WalConfig::prefill`), if running.
+    prefill: Option<PrefillJob>,
     poisoned: bool,
+}
+
+/// A spare segment being zero-filled on its own thread (`storage::Prefill`).
+struct PrefillJob {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.stop_prefill();
+    }
 }
 
 impl std::fmt::Debug for Wal {
@@ -108,9 +124,11 @@ impl Wal {
             synced_offset: write_offset,
             next_lsn: report.next_lsn,
             spare: None,
+            prefill: None,
             poisoned: false,
         };
         wal.spare = Some(wal.allocate_spare()?);
+        wal.start_prefill();
         Ok((wal, report))
     }
 
@@ -195,6 +213,8 @@ impl Wal {
         // Seal first, in every persist mode: recovery treats a bad record in a segment that is
         // not the last as corruption, which is only sound if sealed segments are durable.
         self.sync_active()?;
+        // The helper must be done with the spare before the log writes it.
+        self.stop_prefill();
         let index = self.active_index() + 1;
         let file = install_segment(
             self.storage.as_ref(),
@@ -212,7 +232,42 @@ impl Wal {
         // Reserve the next one now, so a full disk shows up here, a segment ahead, and the
         // append that needs it later only writes a header and renames.
         self.spare = Some(self.allocate_spare()?);
+        self.start_prefill();
         Ok(())
+    }
+
+    /// Starts zero-filling the spare on a helper thread, if configured and the storage offers
+    /// it. Best effort: the spare is a valid segment-to-be without it (see `storage::Prefill`),
+    /// so a failure is reported and the log carries on.
+    fn start_prefill(&mut self) {
+        if !self.config.prefill {
+            return;
+        }
+        let Some(job) = self.spare.as_ref().and_then(|spare| spare.prefill()) else { return };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let shard = self.shard_id;
+        let spawned = std::thread::Builder::new().name(format!("log-prefill-{shard}")).spawn(move || {
+            if let Err(error) = job.run(&flag) {
+                eprintln!(
+                    "shard {shard}: zero-filling {} stopped: {error} (the log carries on; its syncs in that segment are slower)",
+                    job.path().display()
+                );
+            }
+        });
+        match spawned {
+            Ok(thread) => self.prefill = Some(PrefillJob { stop, thread }),
+            Err(error) => eprintln!("shard {shard}: no thread to zero-fill the spare segment: {error}"),
+        }
+    }
+
+    /// Stops the spare's zero-fill between two chunks (if still running) and waits for it.
+    fn stop_prefill(&mut self) {
+        if let Some(job) = self.prefill.take() {
+            job.stop.store(true, Ordering::Release);
+            // A panic there changes nothing on disk that matters; the log's own writes follow.
+            let _ = job.thread.join();
+        }
     }
 
     fn allocate_spare(&self) -> Result<Box<dyn StorageFile>, WalError> {
