@@ -157,6 +157,13 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_LOG_WRITE", value_name = "METHOD", value_parser = parse_log_write)]
     pub log_write: Option<LogWrite>,
 
+    /// With --durability sync, zero-fill each spare log segment on a helper thread before the
+    /// log reaches it, so that syncs overwrite written blocks instead of reserved ones (shorter
+    /// syncs; the disk writes each segment twice; see docs/operations.md) [default: on].
+    #[arg(long, env = "STORMLEDGER_LOG_PREFILL", value_name = "on|off", hide_possible_values = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub log_prefill: Option<bool>,
+
     /// With --durability sync, a batch of at least N commands with more queued behind it is
     /// written and synced on the shard's log thread while the shard applies the batch before;
     /// smaller ones inline. 0: every batch through the log thread; above 8192: never

@@ -43,6 +43,7 @@ pub struct FileConfig {
     pub snapshot_every_mib: Option<u64>,
     pub segment_mib: Option<u64>,
     pub log_write: Option<String>,
+    pub log_prefill: Option<bool>,
     pub pipeline_min_batch: Option<usize>,
     pub ledger: Option<LedgerConfig>,
 }
@@ -115,6 +116,7 @@ pub struct ServeConfig {
     pub snapshot_every_bytes: u64,
     pub segment_size: u64,
     pub log_write: LogWrite,
+    pub log_prefill: bool,
     pub pipeline_min_batch: usize,
 }
 
@@ -183,6 +185,7 @@ impl ServeConfig {
             (None, Some(text)) => parse_log_write(&text).map_err(|e| format!("config file: log_write: {e}"))?,
             (None, None) => node_defaults.log_write,
         };
+        let log_prefill = args.log_prefill.or(file.log_prefill).unwrap_or(node_defaults.log_prefill);
         let pipeline_min_batch =
             args.pipeline_min_batch.or(file.pipeline_min_batch).unwrap_or(EngineConfig::default().pipeline_min_batch);
         if pipeline_min_batch > 65_536 {
@@ -204,6 +207,7 @@ impl ServeConfig {
             snapshot_every_bytes,
             segment_size: segment_mib << 20,
             log_write,
+            log_prefill,
             pipeline_min_batch,
         })
     }
@@ -316,6 +320,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         durability: config.durability,
         segment_size: config.segment_size,
         log_write: config.log_write,
+        log_prefill: config.log_prefill,
         snapshot_every_bytes: config.snapshot_every_bytes,
         ..NodeConfig::new(dir.clone())
     };
@@ -327,13 +332,14 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let limits = node.limits();
     eprintln!(
         "stormledger: data directory {}, {} shards (accounts_max {}, ids_max {} a shard), durability {:?}, log write {}, \
-         client token {}, admin token {}",
+         log prefill {}, client token {}, admin token {}",
         dir.display(),
         node.engine().shards(),
         limits.accounts_max,
         limits.ids_max,
         config.durability,
         config.log_write,
+        if config.log_prefill { "on" } else { "off" },
         describe(&config.token),
         describe(&config.admin_token)
     );
@@ -466,7 +472,8 @@ mod tests {
         std::fs::write(
             &file,
             "data_dir = \"/srv/ledger\"\nlisten = \"127.0.0.1:9000\"\nshards = 3\ndurability = \"buffered\"\n\
-             metrics = \"127.0.0.1:9100\"\nlog_write = \"mmap\"\npipeline_min_batch = 64\n[ledger]\ncoins_per_yuan = 20\n",
+             metrics = \"127.0.0.1:9100\"\nlog_write = \"mmap\"\nlog_prefill = false\npipeline_min_batch = 64\n\
+             [ledger]\ncoins_per_yuan = 20\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
@@ -477,6 +484,7 @@ mod tests {
         assert_eq!(c.shards, 2);
         assert_eq!(c.durability, Durability::Buffered);
         assert_eq!(c.log_write, LogWrite::Mmap);
+        assert!(!c.log_prefill);
         assert_eq!(c.pipeline_min_batch, 64);
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(c.ledger.coins_per_yuan, 20);
@@ -485,6 +493,8 @@ mod tests {
 
         let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--log-write", "pwrite"]);
         assert_eq!(ServeConfig::resolve(&cli, &args).unwrap().log_write, LogWrite::Pwrite);
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--log-prefill", "on"]);
+        assert!(ServeConfig::resolve(&cli, &args).unwrap().log_prefill);
         let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--pipeline-min-batch", "0"]);
         assert_eq!(ServeConfig::resolve(&cli, &args).unwrap().pipeline_min_batch, 0);
         let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--pipeline-min-batch", "70000"]);
@@ -510,6 +520,7 @@ mod tests {
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(c.durability, Durability::Sync);
         assert_eq!(c.log_write, LogWrite::Pwrite);
+        assert!(c.log_prefill);
         assert_eq!(c.pipeline_min_batch, 256);
         assert!(c.metrics.is_none());
     }
