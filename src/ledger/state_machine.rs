@@ -508,10 +508,8 @@ impl ShardState {
 
     #[inline]
     fn prefetch_slot(&self, slot: u32) {
-        // An account is 56 bytes, so it usually spans two cache lines: load both ends.
         let account = self.accounts.as_ptr().wrapping_add(slot as usize) as *const u8;
         crate::ledger::index::prefetch(account);
-        crate::ledger::index::prefetch(account.wrapping_add(core::mem::size_of::<Account>() - 1));
         self.index.prefetch_balance(slot);
     }
 
