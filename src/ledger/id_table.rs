@@ -289,7 +289,12 @@ impl IdTable {
     /// The ids held, in table order (only to move them into another table: the order must
     /// not reach an output).
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.entries.iter().filter(|e| e.1 != 0).map(|e| e.0)
+        self.entries().map(|(id, _)| id)
+    }
+
+    /// The `(id, value)` pairs held, in table order (which must not reach an output).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.entries.iter().filter(|e| e.1 != 0).map(|e| (e.0, e.1 - 1))
     }
 
     /// Hints the CPU to load the bucket where `id` would be (no effect on results).

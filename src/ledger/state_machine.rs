@@ -172,6 +172,10 @@ pub struct ShardState {
     /// Payment methods bound by users (sorted arrays loaded from a snapshot, plus a map of the
     /// bindings made since: `ledger::methods`).
     pub(crate) methods: Methods,
+    /// Transfer id -> the sequence number of its record in `id_ring`, or `HELD` for the id of a
+    /// top-up kept after its record left the window (pending or kept, derived from `topups`).
+    /// Every transfer command probes it, so one probe (one cache line, prefetched) answers both
+    /// "is it in the window" and "is it a held top-up's".
     pub(crate) ids: IdTable,
     pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
     pub(crate) id_seq: u64,
@@ -183,11 +187,8 @@ pub struct ShardState {
     pub(crate) topups_kept: std::collections::BTreeSet<(u64, u64)>,
     /// Top-ups in state pending (derived from `topups`).
     pub(crate) topups_pending: usize,
-    /// The ids of the top-ups held after their id record left the window (pending or kept),
-    /// derived from `topups`. Every transfer command probes it (its id may not reuse one), and a
-    /// probe of `topups` itself would be a cache miss per tip at a million top-ups: this table
-    /// is prefetched with the command's other lines.
-    pub(crate) topup_ids: IdTable,
+    /// How many ids `ids` maps to `HELD` (at most twice `topups_max`).
+    pub(crate) held_topup_ids: usize,
     pub(crate) history: HistoryRing,
     pub(crate) last_timestamp: u64,
     /// Replication sequence numbers: the last emitted by this shard, and the last applied from
@@ -244,14 +245,14 @@ impl ShardState {
                 Vec::with_capacity(limits.accounts_max as usize)
             },
             methods: Methods::default(),
-            ids: IdTable::new(limits.ids_max as usize),
+            ids: IdTable::new(ids_capacity(&limits)),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
             id_seq: 0,
             topups: TopUps::with_bound(topups_bound(&limits)),
             pending: VecDeque::new(),
             topups_kept: std::collections::BTreeSet::new(),
             topups_pending: 0,
-            topup_ids: IdTable::new(TOPUPS_MIN),
+            held_topup_ids: 0,
             history: HistoryRing::new(limits.history_max),
             last_timestamp: 0,
             replica_out: 0,
@@ -307,7 +308,11 @@ impl ShardState {
 
     /// The idempotency record of a transfer id, if retained.
     pub fn id_record(&self, id: u64) -> Option<&IdRecord> {
-        let seq = self.ids.get(id)?;
+        self.record_at(self.ids.get(id).filter(|&seq| seq != HELD)?)
+    }
+
+    /// The record with sequence number `seq` in the id ring.
+    fn record_at(&self, seq: u64) -> Option<&IdRecord> {
         let front = self.id_ring.front()?.0;
         self.id_ring.get(seq.checked_sub(front)? as usize).map(|(_, r)| r)
     }
@@ -320,7 +325,7 @@ impl ShardState {
         if let Some(record) = self.id_record(id) {
             return Some(*record);
         }
-        // Kept after its id record left the window (its id is then held in `topup_ids`).
+        // Kept after its id record left the window (its id is then `HELD` in `ids`).
         let topup = self.topups.get(&id).filter(|t| t.id_evicted)?;
         let command = Command::TopUpBegin { id, user: topup.user, method: topup.method?, fen: topup.fen };
         // The deadline is the begin's ingest time plus the top-up time to live (`topup_begin`).
@@ -331,7 +336,11 @@ impl ShardState {
     /// Whether a command under transfer id `id` would be answered from what the shard keeps:
     /// its idempotency record, or a top-up held after that record left the window.
     pub fn knows_id(&self, id: u64) -> bool {
-        self.id_record(id).is_some() || self.topup_ids.get(id).is_some()
+        match self.ids.get(id) {
+            Some(HELD) => true,
+            Some(seq) => self.record_at(seq).is_some(),
+            None => false,
+        }
     }
 
     pub fn topup(&self, id: u64) -> Option<&TopUp> {
@@ -451,7 +460,7 @@ impl ShardState {
             broken.push(format!("shard {}: the kept top-ups are not the ended ones outside the window", self.shard));
         }
         let held = self.topups.iter().filter(|(_, t)| t.id_evicted).map(|(&id, _)| id);
-        if held.clone().count() != self.topup_ids.len() || held.clone().any(|id| self.topup_ids.get(id).is_none()) {
+        if held.clone().count() != self.held_topup_ids || held.clone().any(|id| self.ids.get(id) != Some(HELD)) {
             broken.push(format!("shard {}: the held top-up ids are not those outside the window", self.shard));
         }
         broken
@@ -479,9 +488,6 @@ impl ShardState {
         }
         if let Some(id) = command.transfer_id() {
             self.ids.prefetch(id);
-            if !self.topup_ids.is_empty() {
-                self.topup_ids.prefetch(id);
-            }
             // The record this command will push out of a full window is a few places from the
             // front (about as many as commands ahead of it): load its bucket too.
             if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
@@ -520,7 +526,18 @@ impl ShardState {
         self.expire_due(timestamp);
 
         if let Some(id) = command.transfer_id() {
-            if let Some(record) = self.id_record(id) {
+            let known = self.ids.get(id);
+            // A top-up outlives its id record, and its id stays taken: a retried begin is answered
+            // by the top-up, any other command under the id is refused. Neither is remembered
+            // (the id's record is the top-up).
+            if known == Some(HELD) {
+                let reply = match *command {
+                    Command::TopUpBegin { user, method, fen, .. } => self.retried_begin(id, user, method, fen),
+                    _ => Reply::status(Status::ExistsWithDifferentFields),
+                };
+                return (reply, Fanout::None);
+            }
+            if let Some(record) = known.and_then(|seq| self.record_at(seq)) {
                 if record.command == *command {
                     let mut reply = record.reply;
                     reply.duplicate = true;
@@ -533,16 +550,6 @@ impl ShardState {
                     return (reply, fanout);
                 }
                 return (Reply::status(Status::ExistsWithDifferentFields), Fanout::None);
-            }
-            // A top-up outlives its id record, and its id stays taken: a retried begin is answered
-            // by the top-up, any other command under the id is refused. Neither is remembered
-            // (the id's record is the top-up).
-            if self.topup_ids.get(id).is_some() {
-                let reply = match *command {
-                    Command::TopUpBegin { user, method, fen, .. } => self.retried_begin(id, user, method, fen),
-                    _ => Reply::status(Status::ExistsWithDifferentFields),
-                };
-                return (reply, Fanout::None);
             }
         }
 
@@ -830,22 +837,17 @@ impl ShardState {
         while self.topups_kept.len() > self.topups_max() {
             let (_, oldest) = self.topups_kept.pop_first().expect("non-empty");
             self.topups.remove(&oldest);
-            self.topup_ids.remove(oldest);
+            self.ids.remove_if(oldest, HELD);
+            self.held_topup_ids -= 1;
             self.evicted.push(oldest);
         }
     }
 
-    /// Adds the id of a top-up whose id record left the window to `topup_ids`. The table
-    /// starts small and doubles when full (a rehash of what it holds: at most twice
-    /// `topups_max`, pending and kept ones; 16 B buckets, two to four per id), so its memory
-    /// follows use.
+    /// Holds the id of a top-up whose id record left the window: `ids` maps it to `HELD`
+    /// (its table is sized for the window plus every top-up that can be held, `ids_capacity`).
     pub(crate) fn hold_topup_id(&mut self, id: u64) {
-        if self.topup_ids.is_full() {
-            let mut bigger = IdTable::new(self.topup_ids.len() * 2);
-            self.topup_ids.ids().for_each(|held| bigger.insert(held, 0));
-            self.topup_ids = bigger;
-        }
-        self.topup_ids.insert(id, 0);
+        self.ids.insert(id, HELD);
+        self.held_topup_ids += 1;
     }
 
     /// The bound, per shard, both of pending top-ups (a begin beyond it answers `busy`) and of
@@ -857,7 +859,7 @@ impl ShardState {
 
     /// Ids of top-ups kept after their id record left the window (they stay in the directory).
     pub fn topup_ids_outside_window(&self) -> impl Iterator<Item = u64> + '_ {
-        self.topup_ids.ids()
+        self.ids.entries().filter(|&(_, seq)| seq == HELD).map(|(id, _)| id)
     }
 
     /// A begin under the id of a top-up held after its id record left the window: the original
@@ -1260,6 +1262,21 @@ fn topups_max(limits: &ShardLimits) -> usize {
 fn topups_bound(limits: &ShardLimits) -> usize {
     limits.ids_max as usize + 2 * topups_max(limits)
 }
+
+/// What `ShardState::ids` is sized for: the ids in the window and the held top-up ids outside
+/// it (as many as `topups_bound`).
+fn ids_capacity(limits: &ShardLimits) -> usize {
+    topups_bound(limits)
+}
+
+/// The most top-up ids a shard holds outside its window (pending plus kept).
+pub(crate) fn held_topup_ids_max(limits: &ShardLimits) -> usize {
+    2 * topups_max(limits)
+}
+
+/// What `ShardState::ids` maps a held top-up id to: no record has it (sequence numbers count
+/// from 0, one per remembered command).
+const HELD: u64 = u64::MAX - 1;
 
 /// Unit of an account kind, re-exported for callers that check invariants across shards.
 pub fn unit_of(kind: AccountKind) -> Unit {

@@ -737,6 +737,12 @@ pub fn decode<'a>(
             id_evicted,
         };
         if topup.id_evicted {
+            if state.held_topup_ids >= crate::ledger::state_machine::held_topup_ids_max(&limits) {
+                return Err("snapshot holds more top-ups outside the idempotency window than ids_max allows".into());
+            }
+            if state.knows_id(id) {
+                return Err(format!("snapshot holds top-up {id} both in and outside the idempotency window"));
+            }
             state.hold_topup_id(id);
         }
         if topup.id_evicted && topup.state != TopUpState::Pending {
@@ -1093,5 +1099,13 @@ mod tests {
         for damaged in [methods[..methods.len() - 1].to_vec(), [&methods[..], &[0]].concat(), bad_flag] {
             assert!(decode_with(&sections, SECTION_TOPUP_METHODS, damaged, 64).is_err());
         }
+
+        // A top-up marked as held outside the window whose begin is still in the window (the
+        // id of the 20th begin above) is a damaged snapshot, refused rather than loaded with
+        // one of the two forgotten.
+        assert!(state.id_record(1019).is_some());
+        state.topups.get_mut(&1019).unwrap().id_evicted = true;
+        let err = decode(find(&encode(&state)), LedgerConfig::default(), limits(64)).err().unwrap();
+        assert!(err.contains("both in and outside the idempotency window"), "{err}");
     }
 }
