@@ -129,20 +129,36 @@ pub struct Prefill {
 }
 
 impl Prefill {
-    /// Bytes written and written back before the next chunk: the device sees a steady trickle,
-    /// not a whole segment's write-back behind one of the log's syncs.
-    pub const CHUNK: u64 = 1 << 20;
+    /// Bytes written and written back at a time.
+    pub const CHUNK: u64 = 256 << 10;
+    /// The most bytes a second it writes. Every sync of the log flushes the device's cache,
+    /// zeros included: written as fast as the disk takes them (1 MiB chunks, unpaced), the
+    /// zeros made the log's syncs wait behind them, and the engine's acknowledgement p99 at a
+    /// steady load went from 3-5 ms to 9-12 ms (docs/benchmarks.md, session 10). At this rate a
+    /// 64 MiB segment takes a second; a log filling it faster gets it partly zero-filled.
+    pub const BYTES_PER_SEC: u64 = 64 << 20;
 
-    /// Zeros the file chunk by chunk, then syncs it (making the extent changes durable off the
-    /// log's path). Returns `Ok(false)`, having stopped between chunks, once `stop` is set: the
-    /// caller is about to write the file itself.
+    /// Zeros the file chunk by chunk at `BYTES_PER_SEC`, each chunk written back before the
+    /// next, then syncs it (making the extent changes durable off the log's path). Returns
+    /// `Ok(false)`, having stopped between chunks, once `stop` is set: the caller is about to
+    /// write the file itself (and unparks this thread, so a pause ends at once).
     pub fn run(&self, stop: &AtomicBool) -> Result<bool, StorageError> {
         use std::os::unix::fs::FileExt;
         let zeros = vec![0u8; Self::CHUNK as usize];
+        let start = std::time::Instant::now();
         let mut offset = 0;
         while offset < self.len {
-            if stop.load(Ordering::Acquire) {
-                return Ok(false);
+            // Pace: chunk k starts no earlier than k chunks' worth of time after the first.
+            let due = start + std::time::Duration::from_secs_f64(offset as f64 / Self::BYTES_PER_SEC as f64);
+            loop {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(false);
+                }
+                let now = std::time::Instant::now();
+                if now >= due {
+                    break;
+                }
+                std::thread::park_timeout(due - now);
             }
             let n = Self::CHUNK.min(self.len - offset);
             self.file

@@ -265,6 +265,7 @@ impl Wal {
     fn stop_prefill(&mut self) {
         if let Some(job) = self.prefill.take() {
             job.stop.store(true, Ordering::Release);
+            job.thread.thread().unpark();
             // A panic there changes nothing on disk that matters; the log's own writes follow.
             let _ = job.thread.join();
         }
