@@ -134,7 +134,7 @@ impl Prefill {
     /// The most bytes a second it writes. Every sync of the log flushes the device's cache,
     /// zeros included: written as fast as the disk takes them (1 MiB chunks, unpaced), the
     /// zeros made the log's syncs wait behind them, and the engine's acknowledgement p99 at a
-    /// steady load went from 3-5 ms to 9-12 ms (docs/benchmarks.md, session 10). At this rate a
+    /// steady 250 000 tips/s went from 2.8-4.9 ms to 8.7-12.1 ms (docs/benchmarks.md, session 10). At this rate a
     /// 64 MiB segment takes a second; a log filling it faster gets it partly zero-filled.
     pub const BYTES_PER_SEC: u64 = 64 << 20;
 
