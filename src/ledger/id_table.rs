@@ -149,11 +149,6 @@ impl IdTable {
         self.written[page / 64] |= 1 << (page % 64);
     }
 
-    /// Bytes of the bucket array.
-    pub fn bytes(&self) -> usize {
-        core::mem::size_of_val(&self.entries[..])
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -284,12 +279,6 @@ impl IdTable {
         }
         self.entries[hole] = (0, 0);
         self.len -= 1;
-    }
-
-    /// The ids held, in table order (only to move them into another table: the order must
-    /// not reach an output).
-    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.entries().map(|(id, _)| id)
     }
 
     /// The `(id, value)` pairs held, in table order (which must not reach an output).

@@ -1,6 +1,7 @@
 //! Appending batches to a shard's log and making them durable.
 //!
-//! Owns: the active segment, the pre-allocated spare, the next lsn, and the poisoned state.
+//! Owns: the active segment, the pre-allocated spare (and the helper thread zero-filling it,
+//! `WalConfig::prefill`), the next lsn, and the poisoned state.
 //!
 //! Must never: write after a failed write, sync or allocation (the on-disk state is unknown,
 //! and after a failed fsync the kernel may already have dropped the dirty pages, so "retry and
