@@ -251,6 +251,37 @@ fn a_flipped_bit_mid_log_refuses_to_start_and_names_the_file() {
 }
 
 #[test]
+fn an_undecodable_command_in_a_checksummed_batch_refuses_to_start_and_names_the_batch() {
+    // A record whose checksum holds but one of whose commands is no command (a bug of the
+    // writer, or bytes written by something else): corruption, not a command skipped.
+    use stormledger::storage::MmapStorage;
+    use stormledger::wal::{shard_dir, Wal, WalConfig};
+    use zerocopy::IntoBytes;
+    let dir = tempfile::tempdir().unwrap();
+    Node::open(node_config(dir.path(), 1)).unwrap().shutdown();
+    let (mut wal, _) = Wal::open(&shard_dir(dir.path(), 0), 0, WalConfig::default(), Arc::new(MmapStorage)).unwrap();
+    let ts = 1_795_752_000_000_000_000u64;
+    let mut records: Vec<CommandRecord> = (0..40u64)
+        .map(|k| {
+            let mut r =
+                Command::CreateAccount { account: k + 1, kind: AccountKind::User, flags: 1, union: 0 }.to_record();
+            r.timestamp = (ts + k).into();
+            r
+        })
+        .collect();
+    records[30].kind = 250;
+    let lsn = wal.append(stormledger::node::RECORD_KIND_COMMANDS, ts, records.as_bytes()).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    match Node::open(node_config(dir.path(), 1)) {
+        Err(NodeError::Corrupt(msg)) => {
+            assert!(msg.contains(&format!("undecodable command at lsn {lsn}")), "{msg}")
+        }
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+}
+
+#[test]
 fn a_missing_segment_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec();
