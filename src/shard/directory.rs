@@ -52,7 +52,8 @@ impl IdDirectory {
     pub fn with_capacity(ids: usize) -> IdDirectory {
         let per_stripe = ids.div_ceil(STRIPES) * 5 / 4 + 64;
         // No stripe is large enough for a huge page of its own, but together they are: one
-        // mapping for all (at the default limits 128 MiB, touched at random by every command).
+        // mapping for all (256 MiB at the default limits of two shards, touched at random by
+        // every command).
         let tables = IdTable::new_parts(STRIPES, per_stripe).unwrap_or_else(|error| {
             eprintln!("id directory: no mapping for its {STRIPES} stripes ({error}); allocating them one by one");
             (0..STRIPES).map(|_| IdTable::new(per_stripe)).collect()
