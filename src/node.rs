@@ -470,9 +470,7 @@ impl Node {
                 segment_size: config.segment_size,
                 persist_mode,
                 write: config.log_write,
-                // Without a sync per batch the extent changes are written back with the data,
-                // off the acknowledgement's path: nothing to win.
-                prefill: config.log_prefill && persist_mode == PersistMode::Sync,
+                prefill: config.log_prefill,
             };
             let (wal, report) = Wal::open(&shard_dir, shard as u32, wal_config, storage.clone())
                 .map_err(|e| NodeError::Corrupt(e.to_string()))?;

@@ -134,15 +134,16 @@ impl Prefill {
     /// The most bytes a second it writes. Every sync of the log flushes the device's cache,
     /// zeros included: written as fast as the disk takes them (1 MiB chunks, unpaced), the
     /// zeros made the log's syncs wait behind them, and the engine's acknowledgement p99 at a
-    /// steady 250 000 tips/s went from 2.8-4.9 ms to 8.7-12.1 ms (docs/benchmarks.md, session 10). At this rate a
-    /// 64 MiB segment takes a second; a log filling it faster gets it partly zero-filled.
+    /// steady 250 000 tips/s went from 2.8-4.9 ms to 8.7-12.1 ms (docs/benchmarks.md, session
+    /// 10). At this rate a 64 MiB segment takes a second; a log filling it faster gets it partly
+    /// zero-filled.
     pub const BYTES_PER_SEC: u64 = 64 << 20;
 
     /// Zeros the file chunk by chunk at `BYTES_PER_SEC`, each chunk written back before the
-    /// next, then syncs it (making the extent changes durable off the log's path). Returns
-    /// `Ok(false)`, having stopped between chunks, once `stop` is set: the caller is about to
-    /// write the file itself (and unparks this thread, so a pause ends at once).
-    pub fn run(&self, stop: &AtomicBool) -> Result<bool, StorageError> {
+    /// next, then syncs it (making the extent changes durable off the log's path). Stops
+    /// between chunks once `stop` is set: the caller is about to write the file itself (and
+    /// unparks this thread, so a pause ends at once).
+    pub fn run(&self, stop: &AtomicBool) -> Result<(), StorageError> {
         use std::os::unix::fs::FileExt;
         let zeros = vec![0u8; Self::CHUNK as usize];
         let start = std::time::Instant::now();
@@ -152,7 +153,7 @@ impl Prefill {
             let due = start + std::time::Duration::from_secs_f64(offset as f64 / Self::BYTES_PER_SEC as f64);
             loop {
                 if stop.load(Ordering::Acquire) {
-                    return Ok(false);
+                    return Ok(());
                 }
                 let now = std::time::Instant::now();
                 if now >= due {
@@ -177,10 +178,9 @@ impl Prefill {
             offset += n;
         }
         if stop.load(Ordering::Acquire) {
-            return Ok(false);
+            return Ok(());
         }
-        self.file.sync_data().map_err(|e| io_err("fdatasync (prefill)", &self.path, e))?;
-        Ok(true)
+        self.file.sync_data().map_err(|e| io_err("fdatasync (prefill)", &self.path, e))
     }
 
     /// The file being zeroed (for messages).

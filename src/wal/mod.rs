@@ -149,9 +149,9 @@ pub struct WalConfig {
     pub segment_size: u64,
     pub persist_mode: PersistMode,
     pub write: LogWrite,
-    /// Zero-fill each spare segment on a helper thread before the log needs it
-    /// (`storage::Prefill`): syncs then overwrite written blocks instead of converting reserved
-    /// ones, which costs a journal commit each. Doubles the bytes the log writes to the disk.
+    /// With `PersistMode::Sync`, zero-fill each spare segment on a helper thread before the log
+    /// needs it (`storage::Prefill`): syncs then overwrite written blocks instead of converting
+    /// reserved ones, which costs a journal commit each. Doubles the bytes the log writes.
     pub prefill: bool,
 }
 

@@ -241,7 +241,9 @@ impl Wal {
     /// it. Best effort: the spare is a valid segment-to-be without it (see `storage::Prefill`),
     /// so a failure is reported and the log carries on.
     fn start_prefill(&mut self) {
-        if !self.config.prefill {
+        // Without a sync per batch the extent changes are written back with the data, off any
+        // acknowledgement's path: nothing to win.
+        if !self.config.prefill || self.config.persist_mode != PersistMode::Sync {
             return;
         }
         let Some(job) = self.spare.as_ref().and_then(|spare| spare.prefill()) else { return };
