@@ -2,9 +2,9 @@
 //! every shard of a multi-shard log at once as `Node::open` does), and writing / loading a
 //! snapshot of a large shard. Prints a table; `cargo bench --bench recovery`.
 //!
-//! Environment: BENCH_REPLAY_TIPS [2000000] (per shard), BENCH_REPLAY_SHARDS [2] (the parallel
-//! replay; 1: skip it), BENCH_REPLAY_ROUNDS [1] (times the parallel replay runs, each into a
-//! fresh state: for a profiler), BENCH_SNAPSHOT_ACCOUNTS [10000000],
+//! Environment: BENCH_REPLAY_TIPS [2000000] (per shard), BENCH_REPLAY_USERS [100000] (in all),
+//! BENCH_REPLAY_SHARDS [2] (the parallel replay; 1: skip it), BENCH_REPLAY_ROUNDS [1] (times
+//! the parallel replay runs, each into a fresh state: for a profiler), BENCH_SNAPSHOT_ACCOUNTS [10000000],
 //! BENCH_SNAPSHOT_LOADS [3] (loads from the page cache per shape), BENCH_SNAPSHOT_ACTIVE [1] (0: only
 //! the fresh shape), BENCH_STALL_USERS [500000] and BENCH_STALL_TIPS [2000000] (the snapshot
 //! stall after a storm; 0 users: skip it), BENCH_DIR. Smaller defaults in a smoke run (`cargo test --benches`).
@@ -40,9 +40,10 @@ fn main() {
     // Replay: one shard's log of setup + tips, loaded the way the server starts; then a log of
     // several shards, all loaded at once (one thread each, as `Node::open` does).
     let tips = size("BENCH_REPLAY_TIPS", 2_000_000, 20_000);
-    let limits = ShardLimits { accounts_max: 200_000, history_max: 1 << 20, ids_max: 1 << 20 };
+    let users = size("BENCH_REPLAY_USERS", 100_000, 2_000);
+    let limits = ShardLimits { accounts_max: (2 * users).max(200_000) as u32, history_max: 1 << 20, ids_max: 1 << 20 };
     let dir = base.join("replay");
-    write_log(&dir, 1, tips, &ledger, &limits);
+    write_log(&dir, 1, users, tips, &ledger, &limits);
     let (start, cpu) = (Instant::now(), cpu_secs());
     let loaded = load_shard(&dir, 0, 1, &ledger, &limits, &mut |_| {}).unwrap();
     let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
@@ -58,7 +59,7 @@ fn main() {
     let shards = size("BENCH_REPLAY_SHARDS", 2, 2) as u16;
     if shards > 1 {
         let dir = base.join(format!("replay-{shards}"));
-        write_log(&dir, shards, tips * shards as u64, &ledger, &limits);
+        write_log(&dir, shards, users, tips * shards as u64, &ledger, &limits);
         for _ in 0..size("BENCH_REPLAY_ROUNDS", 1, 1) {
             replay_all(&dir, shards, &ledger, &limits);
         }
@@ -229,11 +230,11 @@ fn replay_all(dir: &Path, shards: u16, ledger: &LedgerConfig, limits: &ShardLimi
     );
 }
 
-/// Writes a log of `shards` shards: the storm's setup (100 000 users, 1 000 streamers, funded
-/// through real top-ups; 2 000 and 10 in a smoke run) and then `tips` tips, in batches of 8 192
+/// Writes a log of `shards` shards: the storm's setup (`users` users, 1 000 streamers, funded
+/// through real top-ups; 10 streamers in a smoke run) and then `tips` tips, in batches of 8 192
 /// with 8 in flight.
-fn write_log(dir: &Path, shards: u16, tips: u64, ledger: &LedgerConfig, limits: &ShardLimits) {
-    let (users, streamers) = if common::smoke() { (2_000, 10) } else { (100_000, 1_000) };
+fn write_log(dir: &Path, shards: u16, users: u64, tips: u64, ledger: &LedgerConfig, limits: &ShardLimits) {
+    let streamers = if common::smoke() { 10 } else { 1_000 };
     let spec = StormSpec { users, streamers, topup_yuan: 100_000, ..StormSpec::default() };
     let mut config = NodeConfig::new(dir);
     config.engine = EngineConfig { shards, ledger: ledger.clone(), limits: limits.clone(), ..EngineConfig::default() };

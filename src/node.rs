@@ -293,6 +293,8 @@ pub fn load_shard_with_feed(
     let (mut batches, mut commands) = (0u64, 0u64);
     let mut decoded: Vec<Command> = Vec::new();
     let mut events = crate::feed::BatchEvents::new(0);
+    // No reader sees this state yet: balances are published once, after the replay.
+    state.defer_publishing();
     if report.next_lsn > snapshot_lsn + 1 {
         let records = reader.iter_from(snapshot_lsn + 1).map_err(|e| NodeError::Corrupt(e.to_string()))?;
         for record in records {
@@ -344,6 +346,7 @@ pub fn load_shard_with_feed(
         }
     }
     progress(batches);
+    state.publish_all();
     Ok(LoadedShard {
         state,
         snapshot_lsn,

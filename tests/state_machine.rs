@@ -506,3 +506,23 @@ fn pending_top_ups_are_bounded_per_shard() {
     assert_eq!(l.run(confirm(100_000, 600, "T100000")).status, Ok);
     assert_eq!(l.run(begin(9999, 10, 600)).status, Ok);
 }
+
+/// A replay defers publishing balances to readers and publishes them all at its end: the
+/// ledger's own balances are the same either way, and after `publish_all` so are the readers'.
+#[test]
+fn deferred_publishing_publishes_every_balance_at_the_end() {
+    let mut l = funded();
+    l.state.defer_publishing();
+    l.now += SEC;
+    l.state.apply(l.now, &tip(2000, 10, 21, 100));
+    l.now += SEC;
+    l.state.apply(l.now, &user(11));
+    assert_eq!(l.balance(10), 900);
+    assert_eq!(l.state.index().balance(10), Some(1000), "readers still see the balance before the deferral");
+    assert!(l.balance(21) > 0 && l.state.index().balance(21) == Some(0));
+    l.state.publish_all();
+    l.state.check_invariants();
+    for id in [10, 11, 20, 21, 30, SYSTEM_PLATFORM] {
+        assert_eq!(l.state.index().balance(id), Some(l.balance(id)), "account {id}");
+    }
+}
