@@ -549,6 +549,7 @@ pub fn run(
     config: WorkerConfig,
 ) -> ShardState {
     let shard = state.shard();
+    assert!(!state.publish_deferred, "shard {shard} starts with its balances unpublished (a replay did not end)");
     let mut log = LogStage::new(journal, shard);
     let mut last_assigned = state.last_timestamp();
     let metrics = ShardMetrics::new(peers.stats.clone(), shard);
