@@ -1108,4 +1108,30 @@ mod tests {
         let err = decode(find(&encode(&state)), LedgerConfig::default(), limits(64)).err().unwrap();
         assert!(err.contains("both in and outside the idempotency window"), "{err}");
     }
+
+    #[test]
+    fn more_top_ups_held_outside_the_window_than_the_limits_allow_are_refused() {
+        // A shard with one real top-up, then `n` ended copies of it marked as held outside the
+        // window, encoded.
+        let held = |n: usize| {
+            let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits(64));
+            let ts = 1_795_752_000_000_000_000u64;
+            state.apply(ts, &Command::CreateAccount { account: 5, kind: AccountKind::User, flags: 1, union: 0 });
+            state.apply(ts + 1, &Command::BindMethod { user: 5, method: 1, channel: Channel::Alipay });
+            let begin = Command::TopUpBegin { id: 1, user: 5, method: 1, fen: 600 };
+            assert_eq!(state.apply(ts + 2, &begin).0.status, Status::Ok);
+            let template = *state.topup(1).unwrap();
+            for id in 0..n as u64 {
+                let topup = TopUp { state: TopUpState::Failed, id_evicted: true, ..template };
+                state.topups.insert(1_000_000 + id, topup);
+            }
+            encode(&state)
+        };
+        // As many as the limits allow (pending plus kept, twice `topups_max`) load; one more is
+        // more than a shard ever holds, so the file is damaged.
+        let allowed = crate::ledger::state_machine::held_topup_ids_max(&limits(64));
+        assert!(decode(find(&held(allowed)), LedgerConfig::default(), limits(64)).is_ok());
+        let err = decode(find(&held(allowed + 1)), LedgerConfig::default(), limits(64)).err().unwrap();
+        assert!(err.contains("more top-ups outside the idempotency window than ids_max allows"), "{err}");
+    }
 }
