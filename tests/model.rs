@@ -348,8 +348,13 @@ fn check(shards: u16, commands: &[Command]) {
     }
 }
 
+/// 128 cases in CI; `PROPTEST_CASES=N` runs more (a config with its own count ignores it).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(128)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn one_shard_matches_the_model(commands in prop::collection::vec(arb_command(), 1..200)) {
