@@ -31,7 +31,9 @@ enum MState {
     Pending,
     Succeeded,
     Failed(FailReason),
-    Refunded,
+    /// A confirmation after the failure: the money goes back to the channel. The failure's
+    /// reason stays, so that a repeated failure callback still gets its original answer.
+    Refunded(FailReason),
 }
 
 #[derive(Clone, Debug)]
@@ -152,7 +154,7 @@ impl Model {
             Command::TopUpConfirm { id, fen, channel_txn } => {
                 let Some(t) = self.topups.get(&id).cloned() else { return NotFound };
                 match t.state {
-                    MState::Succeeded | MState::Refunded => {
+                    MState::Succeeded | MState::Refunded(_) => {
                         let (txn, f, s) = t.confirm.unwrap();
                         if txn == channel_txn && f == fen {
                             s
@@ -170,9 +172,9 @@ impl Model {
                         t.confirm = Some((channel_txn, fen, Ok));
                         Ok
                     }
-                    MState::Failed(_) => {
+                    MState::Failed(reason) => {
                         let t = self.topups.get_mut(&id).unwrap();
-                        t.state = MState::Refunded;
+                        t.state = MState::Refunded(reason);
                         t.confirm = Some((channel_txn, fen, TopUpRefunded));
                         TopUpRefunded
                     }
@@ -185,10 +187,10 @@ impl Model {
                         t.state = MState::Failed(reason);
                         Ok
                     }
-                    MState::Failed(r) if r == reason => Ok,
+                    MState::Failed(r) | MState::Refunded(r) if r == reason => Ok,
                     MState::Failed(_) => ExistsWithDifferentFields,
                     MState::Succeeded => TopUpAlreadySucceeded,
-                    MState::Refunded => TopUpNotPending,
+                    MState::Refunded(_) => TopUpNotPending,
                 }
             }
             Command::Tip { from, to, coins, .. } | Command::PayEvent { from, to, coins, .. } => {

@@ -184,6 +184,7 @@ fn topup_callbacks_are_idempotent_and_out_of_order_safe() {
         (confirm(2, 600, "T3"), TopUpRefunded, Some(600)),
         (confirm(2, 600, "T3"), TopUpRefunded, Some(600)),
         (Command::TopUpFail { id: 2, reason: FailReason::Declined }, Ok, None), // a repeat: the original answer
+        (Command::TopUpFail { id: 2, reason: FailReason::NetworkError }, TopUpNotPending, None),
     ]);
     assert_eq!(l.balance(10), 300);
     assert_eq!(l.state.topup(2).unwrap().state, TopUpState::Refunded);
