@@ -3,6 +3,10 @@
 //! `cargo bench --bench state_machine` (`BENCH_USERS=N` for another number of users than 100 000;
 //! `BENCH_IDS_MAX`, `BENCH_HISTORY_MAX` for other limits than 2^20 each).
 //! Besides criterion's estimate it prints the deciles of the time a tip took in each batch.
+//!
+//! Then `bind_stall`: how long one command can stall a shard while its bindings grow. A fresh
+//! shard binds a method for each of BENCH_BIND_USERS [4000000] users, and the slowest single
+//! bind and the mean are printed. It runs unless a filter is given that does not match "bind".
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +14,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::ledger::{Command, ShardState};
 use stormledger::workload::StormSpec;
+
+mod common;
 
 fn funded_shard(spec: &StormSpec) -> (ShardState, u64) {
     let config =
@@ -97,5 +103,46 @@ fn apply_tips(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, apply_tips);
+/// See the module docs. Timed with `Instant` around each bind, not by criterion: the point is
+/// the worst single command, which a mean hides.
+fn bind_stall(_: &mut Criterion) {
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    if !filters.is_empty() && !filters.iter().any(|f| "bind_stall".contains(f.as_str())) {
+        return;
+    }
+    let users = common::size("BENCH_BIND_USERS", 4_000_000, 20_000);
+    let limits = ShardLimits { accounts_max: users as u32 + 64, history_max: 1 << 16, ids_max: 1 << 16 };
+    let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits);
+    let mut ts = 1_795_752_000_000_000_000u64;
+    for user in 1..=users {
+        ts += 1;
+        let account = Command::CreateAccount {
+            account: user,
+            kind: stormledger::ledger::AccountKind::User,
+            flags: stormledger::ledger::command::flags::REAL_NAME,
+            union: 0,
+        };
+        state.apply(ts, &account);
+    }
+    let (mut slowest, mut at, mut total) = (Duration::ZERO, 0, Duration::ZERO);
+    for user in 1..=users {
+        ts += 1;
+        let bind = Command::BindMethod { user, method: 1, channel: stormledger::ledger::Channel::Alipay };
+        let start = Instant::now();
+        let (reply, _) = state.apply(ts, &bind);
+        let took = start.elapsed();
+        assert_eq!(reply.status, stormledger::ledger::Status::Ok);
+        total += took;
+        if took > slowest {
+            (slowest, at) = (took, user);
+        }
+    }
+    println!(
+        "bind_stall: {users} users each binding a method on a fresh shard: slowest bind {:.2} ms (binding {at}), mean {:.0} ns",
+        slowest.as_secs_f64() * 1e3,
+        total.as_nanos() as f64 / users as f64,
+    );
+}
+
+criterion_group!(benches, apply_tips, bind_stall);
 criterion_main!(benches);
