@@ -225,8 +225,13 @@ fn header_size_is_what_the_docs_say() {
     assert_eq!(header.request_id, U64::new(0x0102_0304_0506_0708));
 }
 
+/// 3000 cases in CI; `PROPTEST_CASES=N` runs more (a config with its own count ignores it).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(3000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn proptest_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {

@@ -495,8 +495,13 @@ fn crash_at_every_operation_keeps_acknowledged_records() {
     }
 }
 
+/// 48 cases in CI; `PROPTEST_CASES=N` runs more (a config with its own count ignores it).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(48)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn random_batches_roundtrip(
