@@ -57,9 +57,10 @@ const _: () = assert!(ADDED_PARTS.is_power_of_two());
 
 /// The bindings made since the load, spread by a hash of the key over `ADDED_PARTS` hash maps
 /// that each grow on their own. A hash map grows by copying every entry into a table twice
-/// the size, on the shard's thread, between two commands: one map of 3.7 M bindings stalled
-/// its shard 154 ms when it grew (a shard started from genesis holds every binding here until
-/// its first snapshot). A part holds 1/256 of them, so its copy is that much shorter.
+/// the size, on the shard's thread, between two commands: one map of 3.67 M bindings stalled
+/// its shard 183-194 ms when it grew (`cargo bench --bench state_machine -- bind`; a shard
+/// started from genesis holds every binding here until its first snapshot). A part holds 1/256
+/// of them, so its copy is that much shorter.
 #[derive(Clone)]
 struct Added {
     parts: Box<[IdMap<MethodKey, Channel>]>,
