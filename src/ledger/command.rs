@@ -349,6 +349,7 @@ impl Command {
 
     /// Decodes a record. Shape errors (unknown kind or code, zero or reserved ids, zero amounts)
     /// are answered with a status; business rules are the state machine's.
+    #[inline]
     pub fn from_record(r: &CommandRecord) -> Result<Command, Status> {
         let id = r.id.get();
         let (a, b, c, d) = (r.a.get(), r.b.get(), r.c.get(), r.d.get());
