@@ -355,6 +355,38 @@ fn a_retry_older_than_the_idempotency_window_is_refused_not_reapplied() {
     assert_eq!(engine.balance(2), Some(990));
 }
 
+/// A top-up begin refused `busy` (the pending top-ups at their bound) is not remembered, so
+/// nothing would ever release its id's claim: the directory would fill with abandoned ids
+/// until every new id were refused. And a copy of it routed by that claim, which then runs
+/// after the claim was released, claims the id again: its callbacks still find the top-up.
+#[test]
+fn a_begin_refused_busy_leaves_no_claim_and_a_copy_after_it_claims_again() {
+    let mut cfg = config(1);
+    cfg.limits.ids_max = 16;
+    let max = ShardState::new(0, 1, cfg.ledger.clone(), cfg.limits.clone()).topups_max();
+    let engine = start(&cfg, null_journals(1));
+    setup(&engine, 1, 60);
+    let begin = |id: u64| Command::TopUpBegin { id, user: 1, method: 1, fen: 600 };
+    let pending: Vec<Command> = (0..max as u64).map(|i| begin(100 + i)).collect();
+    assert!(engine.execute(&pending).iter().all(|r| r.status.get() == 0));
+    let ids = engine.directory_len();
+    for id in 900_000..900_100 {
+        assert_eq!(status(&engine, begin(id)), Status::Busy);
+    }
+    assert_eq!(engine.directory_len(), ids, "no claim outlives a busy begin");
+
+    // One frame: the first begin claims the id and is refused, a failure frees a place, the
+    // second begin (routed by the first one's claim, released meanwhile) is applied.
+    let fail = Command::TopUpFail { id: 100, reason: stormledger::ledger::command::FailReason::Declined };
+    let replies = engine.execute(&[begin(7), fail, begin(7)]);
+    let statuses: Vec<Status> = replies.iter().map(|r| Status::from_code(r.status.get()).unwrap()).collect();
+    assert_eq!(statuses, [Status::Busy, Status::Ok, Status::Ok]);
+    assert_eq!(engine.directory_len(), ids + 1);
+    let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: text_field("W7").unwrap() };
+    assert_eq!(status(&engine, confirm), Status::Ok, "the callback finds its top-up");
+    assert_eq!(engine.balance(1), Some(120));
+}
+
 #[test]
 fn a_history_page_a_shard_cannot_serve_is_busy_not_silently_short() {
     let mut cfg = config(1);

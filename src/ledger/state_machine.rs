@@ -337,6 +337,13 @@ impl ShardState {
         Some(IdRecord { timestamp, command, reply: Reply::ok(topup.coins as i64, topup.fen as i64) })
     }
 
+    /// How many commands this shard has remembered in its idempotency window, ever (the
+    /// next record's sequence number): it moves exactly when `apply` remembers a command.
+    #[inline]
+    pub fn remembered(&self) -> u64 {
+        self.id_seq
+    }
+
     /// Whether a command under transfer id `id` would be answered from what the shard keeps:
     /// its idempotency record, or a top-up held after that record left the window.
     pub fn knows_id(&self, id: u64) -> bool {

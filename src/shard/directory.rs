@@ -5,7 +5,9 @@
 //! command is queued: a new id is claimed for the payer's shard; a retried id is routed to the
 //! shard that owns it, whose idempotency table then answers with the original result or
 //! `exists_with_different_fields`. It is derived state: rebuilt from the shards' idempotency
-//! tables at recovery, and ids leave it when they leave their shard's idempotency window.
+//! tables at recovery, and ids leave it when they leave their shard's idempotency window, or
+//! when their command was refused with a retryable status and so never remembered
+//! (`worker::keep_directory_true`).
 
 use parking_lot::Mutex;
 

@@ -288,6 +288,36 @@ pub struct WorkerConfig {
     pub feed: Option<Arc<crate::feed::ShardFeed>>,
 }
 
+/// Keeps the directory in step with what a shard remembers, after `item` was applied
+/// (`remembered`: `ShardState::remembered` before it). Two cases, both rare:
+/// - its id was claimed for it, but the outcome was retryable (`busy`: the pending top-ups are
+///   at their bound) and so not remembered: release the claim, or nothing would ever release
+///   it (the client may never retry) and the directory would fill with such ids;
+/// - it was routed to this shard by an existing claim, which was released (by the case above,
+///   or an eviction) before it ran, and it was remembered: claim the id again, so that its
+///   top-up callbacks and other shards find its owner.
+#[inline]
+fn keep_directory_true(
+    peers: &Peers,
+    state: &ShardState,
+    item: &WriteItem,
+    status: Status,
+    remembered: u64,
+    shard: u16,
+) {
+    if item.claimed {
+        if status.is_retryable() {
+            peers.directory.release(item.command.transfer_id().expect("claimed"), shard);
+        }
+    } else if state.remembered() != remembered {
+        if let Some(id) = item.command.transfer_id() {
+            // `Existing(other)`: another shard took the id meanwhile (a client reused an id the
+            // window had forgotten); nothing to undo, the directory keeps the first owner.
+            let _ = peers.directory.claim(id, shard);
+        }
+    }
+}
+
 /// Builds the wire reply of `command`.
 pub fn reply_record(command: &Command, reply: Reply) -> ReplyRecord {
     let mut r = ReplyRecord { kind: command.kind(), flags: reply.duplicate as u8, ..ReplyRecord::default() };
@@ -430,8 +460,10 @@ impl Applier {
                         }
                         continue;
                     }
+                    let remembered = state.remembered();
                     let (reply, fanout) = events.apply(state, i, ts, &item.command);
                     metrics.command(item.command.kind(), reply.status);
+                    keep_directory_true(peers, state, item, reply.status, remembered, shard);
                     match fanout {
                         Fanout::None => {
                             replies[p].push((item.tag, reply_record(&item.command, reply)));
