@@ -1,8 +1,10 @@
 //! Property test: random command sequences against a plain map-based reference ledger. The
 //! engine (1 shard and 3 shards) must give the same status for every command and the same
-//! balances; every shard must balance (debits = credits) at the end.
+//! balances; every shard must balance (debits = credits) at the end. Each runs twice: with an
+//! idempotency window larger than any case, and with the smallest one allowed (16 ids a shard),
+//! where the model forgets ids as the shards do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -11,6 +13,7 @@ use stormledger::engine::{Engine, EngineConfig};
 use stormledger::layout::text_field;
 use stormledger::ledger::command::{flags, Command, FailReason, SYSTEM_PAYOUT, SYSTEM_PLATFORM};
 use stormledger::ledger::{AccountKind, Channel, ShardState, Status};
+use stormledger::shard::router::home_shard;
 use stormledger::shard::worker::{Journal, ManualClock, NullJournal};
 
 const T0: u64 = 1_795_752_000_000_000_000; // mid-day in Beijing
@@ -39,25 +42,85 @@ enum MState {
 #[derive(Clone, Debug)]
 struct MTopUp {
     user: u64,
+    method: u64,
+    /// The shard that began it (where its id is held after its record leaves the window).
+    shard: u16,
     fen: u64,
     coins: u64,
     state: MState,
     confirm: Option<([u8; 24], u64, Status)>,
 }
 
-/// The reference: obvious code, one balance per account, no shards, no rings.
+/// One shard's idempotency window: the last `ids_max` remembered commands, oldest first.
+/// A record is `None` for a settlement's replica, which the other shards remember under the
+/// settlement's id (no command equals it).
+#[derive(Default)]
+struct Window {
+    ring: VecDeque<(u64, u64, Option<Command>)>,
+    /// id -> (sequence number, record, status) of its newest record.
+    remembered: BTreeMap<u64, (u64, Option<Command>, Status)>,
+    /// Ids of top-ups whose begin left the window: still taken.
+    held: BTreeSet<u64>,
+}
+
+/// The reference: obvious code, one balance per account. The only sharded part is what the
+/// shards remember: one window per shard, and which shard owns each id.
 #[derive(Default)]
 struct Model {
     config: LedgerConfig,
+    shards: u16,
+    ids_max: usize,
     accounts: BTreeMap<u64, MAccount>,
     methods: BTreeMap<(u64, u64), Channel>,
-    ids: BTreeMap<u64, (Command, Status)>,
+    windows: Vec<Window>,
+    /// Which shard an id's commands go to: claimed by the first command under it (its
+    /// payer's shard), freed when that shard forgets the id.
+    owner: BTreeMap<u64, u16>,
+    seq: u64,
     topups: BTreeMap<u64, MTopUp>,
     platform: i64,
     payout: i64,
 }
 
+/// The account whose shard runs a command with a transfer id, unless the id is owned.
+fn payer(cmd: &Command) -> u64 {
+    match *cmd {
+        Command::TopUpBegin { user, .. } => user,
+        Command::Tip { from, .. } | Command::Gift { from, .. } | Command::PayEvent { from, .. } => from,
+        Command::Settle { account, .. } => account,
+        _ => unreachable!("no transfer id: {cmd:?}"),
+    }
+}
+
 impl Model {
+    fn new(shards: u16, ids_max: usize, config: LedgerConfig) -> Model {
+        let windows = (0..shards).map(|_| Window::default()).collect();
+        Model { config, shards, ids_max, windows, ..Model::default() }
+    }
+
+    /// Remembers `record` under `id` on `shard`, forgetting the oldest record of a full window:
+    /// its id is freed, unless it began a top-up, whose id stays held by the shard.
+    fn remember(&mut self, shard: u16, id: u64, record: Option<Command>, status: Status) {
+        let (seq, ids_max) = (self.seq, self.ids_max);
+        self.seq += 1;
+        let w = &mut self.windows[shard as usize];
+        if w.ring.len() >= ids_max {
+            let (old, old_seq, old_record) = w.ring.pop_front().unwrap();
+            if w.remembered.get(&old).is_some_and(|r| r.0 == old_seq) {
+                w.remembered.remove(&old);
+            }
+            let began = matches!(old_record, Some(Command::TopUpBegin { .. }))
+                && self.topups.get(&old).is_some_and(|t| t.shard == shard);
+            if began {
+                w.held.insert(old);
+            } else if self.owner.get(&old) == Some(&shard) {
+                self.owner.remove(&old);
+            }
+        }
+        w.ring.push_back((id, seq, record));
+        w.remembered.insert(id, (seq, record, status));
+    }
+
     fn user_ok(&self, id: u64) -> Result<(), Status> {
         let a = &self.accounts[&id];
         if a.kind != AccountKind::User {
@@ -76,18 +139,33 @@ impl Model {
     }
 
     fn apply(&mut self, cmd: &Command) -> Status {
-        if let Some(id) = cmd.transfer_id() {
-            if let Some((c, s)) = self.ids.get(&id) {
-                return if c == cmd { *s } else { Status::ExistsWithDifferentFields };
-            }
-            let s = self.fresh(cmd);
-            self.ids.insert(id, (*cmd, s));
-            return s;
+        let Some(id) = cmd.transfer_id() else { return self.fresh(cmd, 0) };
+        let shard = *self.owner.entry(id).or_insert(home_shard(payer(cmd), self.shards));
+        let w = &self.windows[shard as usize];
+        if w.held.contains(&id) {
+            let t = &self.topups[&id];
+            return match *cmd {
+                Command::TopUpBegin { user, method, fen, .. } if (user, method, fen) == (t.user, t.method, t.fen) => {
+                    Status::Ok
+                }
+                _ => Status::ExistsWithDifferentFields,
+            };
         }
-        self.fresh(cmd)
+        if let Some((_, record, s)) = w.remembered.get(&id) {
+            return if *record == Some(*cmd) { *s } else { Status::ExistsWithDifferentFields };
+        }
+        let s = self.fresh(cmd, shard);
+        self.remember(shard, id, Some(*cmd), s);
+        if matches!(cmd, Command::Settle { .. }) && s == Status::Ok {
+            for other in (0..self.shards).filter(|&o| o != shard) {
+                self.remember(other, id, None, Status::Ok);
+            }
+        }
+        s
     }
 
-    fn fresh(&mut self, cmd: &Command) -> Status {
+    /// A command nothing remembers, on `shard` (its id's).
+    fn fresh(&mut self, cmd: &Command, shard: u16) -> Status {
         use Status::*;
         match *cmd {
             Command::CreateAccount { account, kind, flags: f, union } => {
@@ -148,10 +226,12 @@ impl Model {
                     return AmountNotCoinMultiple;
                 }
                 let coins = fen * c.coins_per_yuan / 100;
-                self.topups.insert(id, MTopUp { user, fen, coins, state: MState::Pending, confirm: None });
+                let t = MTopUp { user, method, shard, fen, coins, state: MState::Pending, confirm: None };
+                self.topups.insert(id, t);
                 Ok
             }
             Command::TopUpConfirm { id, fen, channel_txn } => {
+                // Routed to the owner of the id: a top-up's id stays owned while it is kept.
                 let Some(t) = self.topups.get(&id).cloned() else { return NotFound };
                 match t.state {
                     MState::Succeeded | MState::Refunded(_) => {
@@ -313,11 +393,15 @@ fn arb_command() -> impl Strategy<Value = Command> {
     ]
 }
 
-fn engine(shards: u16) -> Engine {
+/// A window larger than any case's command count (nothing is forgotten), and the smallest.
+const WIDE: u32 = 4096;
+const NARROW: u32 = 16;
+
+fn engine(shards: u16, ids_max: u32) -> Engine {
     let config = EngineConfig {
         shards,
         ledger: LedgerConfig { spend_max_coins: 1_000, daily_cap_coins: 3_000, ..LedgerConfig::default() },
-        limits: ShardLimits { accounts_max: 256, history_max: 1024, ids_max: 4096 },
+        limits: ShardLimits { accounts_max: 256, history_max: 1024, ids_max },
         ..EngineConfig::default()
     };
     let states =
@@ -326,17 +410,20 @@ fn engine(shards: u16) -> Engine {
     Engine::start(&config, states, journals, Arc::new(ManualClock::new(T0, 1_000)))
 }
 
-fn check(shards: u16, commands: &[Command]) {
-    let engine = engine(shards);
-    let mut model = Model {
-        config: LedgerConfig { spend_max_coins: 1_000, daily_cap_coins: 3_000, ..LedgerConfig::default() },
-        ..Model::default()
-    };
+fn check(shards: u16, ids_max: u32, commands: &[Command]) {
+    let engine = engine(shards, ids_max);
+    let config = LedgerConfig { spend_max_coins: 1_000, daily_cap_coins: 3_000, ..LedgerConfig::default() };
+    let mut model = Model::new(shards, ids_max as usize, config);
     for (i, cmd) in commands.iter().enumerate() {
         let expected = model.apply(cmd);
         let got = engine.execute(&[*cmd])[0];
-        assert_eq!(Status::from_code(got.status.get()), Some(expected), "command {i}: {cmd:?} ({shards} shards)");
+        assert_eq!(
+            Status::from_code(got.status.get()),
+            Some(expected),
+            "command {i}: {cmd:?} ({shards} shards, window {ids_max})"
+        );
     }
+    assert_eq!(engine.directory_len(), model.owner.len(), "ids in the directory ({shards} shards, window {ids_max})");
     for (id, a) in &model.accounts {
         assert_eq!(engine.balance(*id), Some(a.balance), "balance of {id} ({shards} shards)");
     }
@@ -360,11 +447,21 @@ proptest! {
 
     #[test]
     fn one_shard_matches_the_model(commands in prop::collection::vec(arb_command(), 1..200)) {
-        check(1, &commands);
+        check(1, WIDE, &commands);
     }
 
     #[test]
     fn three_shards_match_the_model(commands in prop::collection::vec(arb_command(), 1..200)) {
-        check(3, &commands);
+        check(3, WIDE, &commands);
+    }
+
+    #[test]
+    fn one_shard_with_the_smallest_window_matches_the_model(commands in prop::collection::vec(arb_command(), 1..200)) {
+        check(1, NARROW, &commands);
+    }
+
+    #[test]
+    fn three_shards_with_the_smallest_window_match_the_model(commands in prop::collection::vec(arb_command(), 1..200)) {
+        check(3, NARROW, &commands);
     }
 }
