@@ -6,7 +6,9 @@
 //! its events into the shard's bounded ring under one short write lock and bumps one watch
 //! counter: O(1) per event, no per-subscriber work and no waiting on the shard thread. Recovery
 //! (`node::load_shard_with_feed`) replays the log after the snapshot through the same function,
-//! so events after the snapshot survive a restart with the same positions.
+//! so events after the snapshot survive a restart with the same positions; the snapshot itself
+//! keeps the shard's newest `FEED_EVENTS_IN_SNAPSHOT` events before it (`encode_tail`), which
+//! recovery puts back first (`restore`).
 //!
 //! Position: `(lsn, index)` = the log position of the batch that committed the command and the
 //! command's index in it. It only grows on a shard, also across restarts (lsns persist). In the
@@ -15,8 +17,9 @@
 //! total order across shards: the feed interleaves shards, each in its own commit order.
 //!
 //! Consuming: `ShardFeed::read_after` copies the events after a position out of the ring under a
-//! read lock. A position older than the ring (evicted, or before the snapshot a restart began
-//! from) is refused (`TooOld`): the subscriber must resync from balances.
+//! read lock. A position older than the ring (evicted, or more than `FEED_EVENTS_IN_SNAPSHOT`
+//! events before the snapshot a restart began from) is refused (`TooOld`): the subscriber must
+//! resync from balances.
 //!
 //! What must never happen here: blocking the shard thread on a subscriber, publishing anything
 //! before its batch is durable, or an event for a rejected or duplicate (retried) command.
@@ -26,6 +29,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use tokio::sync::watch;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::layout::{EventRecord, WatchRecord};
 use crate::ledger::state_machine::{Fanout, Reply, TopUp};
@@ -33,6 +37,14 @@ use crate::ledger::{Command, ShardState, Status};
 
 /// Default number of events each shard's ring keeps (96 B each: 96 MiB per shard when full).
 pub const FEED_EVENTS_MAX_DEFAULT: usize = 1 << 20;
+
+/// How many of a shard's newest events its snapshots keep (96 B each: 6 MiB), so that after a
+/// restart from a snapshot a subscriber that was at most this many events behind when the
+/// snapshot was taken resumes where it was (`ShardFeed::encode_tail`, `restore`).
+pub const FEED_EVENTS_IN_SNAPSHOT: usize = 1 << 16;
+
+/// Bytes before the events in a feed tail section.
+const TAIL_HEADER: usize = 24;
 
 /// Event kind codes (`EventRecord::kind`). Stable.
 pub mod event_kind {
@@ -373,6 +385,73 @@ impl ShardFeed {
         ring.last = ring.floor;
     }
 
+    /// The newest `max` retained events as a snapshot section, into `out` (its contents are
+    /// dropped; its memory is reused). The layout (`docs/wal-format.md`, tag 11): floor lsn u64,
+    /// floor index u32, zero u32, count u64, then `count` 96-byte `EventRecord`s, oldest first.
+    /// The floor is the position of the newest event left out, or the ring's floor if none is:
+    /// every event after it is in the section.
+    pub fn encode_tail(&self, max: usize, mut out: Vec<u8>) -> Vec<u8> {
+        let ring = self.ring.read();
+        let skip = ring.events.len().saturating_sub(max);
+        let floor = if skip > 0 { Position::of(&ring.events[skip - 1]) } else { ring.floor };
+        let count = ring.events.len() - skip;
+        out.clear();
+        out.reserve(TAIL_HEADER + count * core::mem::size_of::<EventRecord>());
+        out.extend_from_slice(&floor.lsn.to_le_bytes());
+        out.extend_from_slice(&floor.index.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(count as u64).to_le_bytes());
+        let (front, back) = ring.events.as_slices();
+        let (front, back) = if skip <= front.len() {
+            (&front[skip..], back)
+        } else {
+            (&front[front.len()..], &back[skip - front.len()..])
+        };
+        out.extend_from_slice(front.as_bytes());
+        out.extend_from_slice(back.as_bytes());
+        out
+    }
+
+    /// Recovery from a snapshot at batch `lsn` that has a feed tail section (`encode_tail`):
+    /// `start_after(lsn)`, but the events of the section stay retained (the newest `capacity`
+    /// of them), so a subscriber that was behind when the snapshot was taken resumes after the
+    /// restart without `position_too_old`. Nothing changes if the section is malformed.
+    pub fn restore(&self, lsn: u64, section: &[u8]) -> Result<(), String> {
+        let bad = |what: &str| Err(format!("snapshot section feed tail: {what}"));
+        let Some((header, body)) = section.split_at_checked(TAIL_HEADER) else { return bad("truncated header") };
+        let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let mut floor = Position::new(word(0), (word(8) & 0xFFFF_FFFF) as u32);
+        if word(8) >> 32 != 0 {
+            return bad("non-zero reserved field");
+        }
+        let Ok(events) = <[EventRecord]>::ref_from_bytes(body) else { return bad("length is not whole events") };
+        if events.len() as u64 != word(16) {
+            return bad("event count does not match the length");
+        }
+        let covered = Position::new(lsn, u32::MAX);
+        if floor > covered {
+            return bad("floor after the snapshot's position");
+        }
+        let mut previous = floor;
+        for event in events {
+            let position = Position::of(event);
+            if event.shard.get() != self.shard || position <= previous || position > covered {
+                return bad(&format!("event at {position} out of order or of another shard"));
+            }
+            previous = position;
+        }
+        let skip = events.len().saturating_sub(self.capacity);
+        if skip > 0 {
+            floor = Position::of(&events[skip - 1]);
+        }
+        let mut ring = self.ring.write();
+        ring.events.clear();
+        ring.events.extend(events[skip..].iter().copied());
+        ring.floor = floor;
+        ring.last = ring.events.back().map_or(floor, Position::of);
+        Ok(())
+    }
+
     pub fn shard(&self) -> u16 {
         self.shard
     }
@@ -550,6 +629,90 @@ mod tests {
                 assert_eq!(out, Vec::from(model.0.clone()), "capacity {capacity}, step {step}");
                 assert_eq!((shard.floor(), shard.last()), (model.1, model.2), "capacity {capacity}, step {step}");
             }
+        }
+    }
+
+    /// A shard feed (shard 1 of 2, ring of `capacity`) holding `batches` batches of 3 events,
+    /// lsns 10, 20, ... (a ring of 4 has evicted some).
+    fn fed(capacity: usize, batches: u64) -> Feed {
+        let feed = Feed::new(2, capacity);
+        let mut batch = BatchEvents::new(0);
+        for b in 1..=batches {
+            batch.restart(10 * b);
+            for index in 0..3 {
+                let mut event = EventRecord::default();
+                event.index.set(index);
+                event.shard.set(1);
+                event.amount.set(100 * b + index as u64);
+                batch.events.push(event);
+            }
+            feed.shard(1).publish(&mut batch);
+        }
+        feed
+    }
+
+    fn retained(shard: &ShardFeed) -> Vec<EventRecord> {
+        let mut out = Vec::new();
+        shard.read_after(shard.floor(), usize::MAX, &mut out).expect("from the floor");
+        out
+    }
+
+    #[test]
+    fn a_snapshot_tail_restores_the_newest_events_and_the_floor_before_them() {
+        let source = fed(8, 4); // 12 events published, the newest 8 retained (floor 20.0)
+        let all = retained(source.shard(1));
+        assert_eq!((all.len(), source.shard(1).floor()), (8, Position::new(20, 0)));
+        for (max, capacity) in [(100, 16), (8, 16), (5, 16), (0, 16), (8, 3)] {
+            let tail = source.shard(1).encode_tail(max, vec![1, 2, 3]);
+            let restored = Feed::new(2, capacity);
+            let shard = restored.shard(1);
+            shard.restore(40, &tail).expect("a valid tail");
+            let kept = all.len().min(max).min(capacity);
+            assert_eq!(retained(shard), all[all.len() - kept..], "max {max}, capacity {capacity}");
+            let floor = if kept == all.len() { Position::new(20, 0) } else { Position::of(&all[all.len() - kept - 1]) };
+            assert_eq!(shard.floor(), floor, "max {max}, capacity {capacity}");
+            assert_eq!(shard.last(), if kept > 0 { Position::new(40, 2) } else { floor });
+            // A subscriber at any retained position reads on without a gap.
+            let mut out = Vec::new();
+            assert_eq!(shard.read_after(floor, usize::MAX, &mut out), Ok(kept));
+        }
+        // A tail of a ring that never evicted: its floor is genesis, all of it retained.
+        let young = fed(64, 2);
+        let restored = Feed::new(2, 64);
+        restored.shard(1).restore(20, &young.shard(1).encode_tail(1 << 16, Vec::new())).unwrap();
+        assert_eq!(restored.shard(1).floor(), Position::default());
+        assert_eq!(retained(restored.shard(1)), retained(young.shard(1)));
+    }
+
+    #[test]
+    fn a_malformed_snapshot_tail_is_refused_and_changes_nothing() {
+        let source = fed(8, 4);
+        let tail = source.shard(1).encode_tail(100, Vec::new());
+        let target = Feed::new(2, 16);
+        target.shard(1).start_after(40);
+        let untouched = (target.shard(1).floor(), target.shard(1).len());
+        let mut cases: Vec<(&str, Vec<u8>, u64, u16)> = vec![
+            ("truncated header", tail[..20].to_vec(), 40, 1),
+            ("a partial event", tail[..tail.len() - 1].to_vec(), 40, 1),
+            ("events after the snapshot", tail.clone(), 39, 1),
+            ("another shard's events", tail.clone(), 40, 0),
+        ];
+        let mut count = tail.clone();
+        count[16] += 1;
+        cases.push(("count off by one", count, 40, 1));
+        let mut reserved = tail.clone();
+        reserved[12] = 1;
+        cases.push(("reserved field", reserved, 40, 1));
+        let mut order = tail.clone();
+        order[24..24 + 96].copy_from_slice(&tail[24 + 96..24 + 192]);
+        cases.push(("events out of order", order, 40, 1));
+        let mut floor = tail.clone();
+        floor[0..8].copy_from_slice(&50u64.to_le_bytes());
+        cases.push(("floor after the snapshot", floor, 40, 1));
+        for (what, bytes, lsn, shard) in cases {
+            let feed = if shard == 1 { target.shard(1) } else { target.shard(0) };
+            assert!(feed.restore(lsn, &bytes).is_err(), "{what}");
+            assert_eq!((target.shard(1).floor(), target.shard(1).len()), untouched, "{what}");
         }
     }
 }

@@ -267,10 +267,25 @@ pub fn load_shard_with_feed(
             if state.shard() != shard || state.shards() != shards {
                 return Err(NodeError::Corrupt(format!("{} belongs to another shard", snap.path.display())));
             }
+            // The feed's events before the snapshot that it kept; a snapshot without them (or a
+            // shard that never had a feed) retains only the events replayed after it.
+            if let Some(feed) = feed {
+                match snap.section(crate::snapshot::state::SECTION_FEED_TAIL) {
+                    Some(tail) => feed
+                        .restore(lsn, tail)
+                        .map_err(|e| NodeError::Corrupt(format!("{}: {e}", snap.path.display())))?,
+                    None => feed.start_after(lsn),
+                }
+            }
             let skipped = snap.skipped.iter().map(|e| e.to_string()).collect();
             (state, lsn, Some(snap.path.clone()), skipped)
         }
-        None => (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0, None, Vec::new()),
+        None => {
+            if let Some(feed) = feed {
+                feed.start_after(0);
+            }
+            (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0, None, Vec::new())
+        }
     };
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let (reader, report) =
@@ -286,9 +301,6 @@ pub fn load_shard_with_feed(
             "shard {shard}: the log starts at lsn {} but the snapshot covers only up to {snapshot_lsn}",
             report.first_lsn
         )));
-    }
-    if let Some(feed) = feed {
-        feed.start_after(snapshot_lsn);
     }
     let (mut batches, mut commands) = (0u64, 0u64);
     let mut decoded: Vec<Command> = Vec::new();

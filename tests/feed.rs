@@ -338,3 +338,68 @@ async fn events_after_the_snapshot_survive_a_restart() {
     drop(engine);
     node.shutdown();
 }
+
+/// A restart from a snapshot: the snapshot kept the shard's newest events (up to
+/// `FEED_EVENTS_IN_SNAPSHOT`), so a subscriber that was behind it resumes where it was, with no
+/// gap and no duplicate, instead of `position_too_old`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_behind_the_snapshot_resumes_after_a_restart_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node_config = NodeConfig::new(dir.path());
+    node_config.engine = EngineConfig { shards: 2, ..EngineConfig::default() };
+    node_config.durability = Durability::Buffered;
+    node_config.segment_size = 1 << 20;
+    node_config.snapshot_every_bytes = 0;
+
+    let node = Node::open(node_config.clone()).unwrap();
+    let engine = node.engine().clone();
+    let users = setup(&engine, 10);
+    ok(&engine, &tips(1..101, users));
+    let server = serve(engine.clone()).await;
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    let mut before = read_n(&mut watcher, users as usize + 100).await;
+    let mut partial: Cursor = "0:0.0,1:0.0".parse().unwrap();
+    for e in &before[..40] {
+        partial.advance(e);
+    }
+    let snapshot =
+        stormledger::layout::CommandRecord { kind: stormledger::ledger::command::kind::SNAPSHOT, ..Default::default() };
+    let (tx, rx) = std::sync::mpsc::channel();
+    engine.submit(vec![snapshot], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
+    assert_eq!(rx.recv().unwrap(), 0, "snapshot taken");
+    ok(&engine, &tips(101..121, users));
+    before.extend(read_n(&mut watcher, 20).await);
+    drop(watcher);
+    server.stop().await;
+    drop(engine);
+    node.shutdown();
+    for shard in ["shard-00", "shard-01"] {
+        let snapshots = std::fs::read_dir(dir.path().join(shard).join("snapshots")).unwrap().count();
+        assert_eq!(snapshots, 1, "{shard} restarts from its snapshot");
+    }
+
+    let node = Node::open(node_config).unwrap();
+    let engine = node.engine().clone();
+    let server = serve(engine.clone()).await;
+    let by_position = |events: &[EventRecord]| -> BTreeMap<(u16, Position), EventRecord> {
+        events.iter().map(|e| ((e.shard.get(), Position::of(e)), *e)).collect()
+    };
+    let mut earliest = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    let after = read_n(&mut earliest, before.len()).await;
+    assert_eq!(by_position(&after), by_position(&before), "every event, before and after the snapshot");
+    drop(earliest);
+
+    let mut resumed = Watcher::connect(server.addr, &config(), WatchFrom::After(partial.clone())).await.unwrap();
+    let expected: Vec<EventRecord> =
+        before.iter().filter(|e| partial.get(e.shard.get()).is_none_or(|p| Position::of(e) > p)).copied().collect();
+    let rest = read_n(&mut resumed, expected.len()).await;
+    assert_eq!(rest.len(), expected.len(), "no duplicates");
+    assert_eq!(by_position(&rest), by_position(&expected), "no gap");
+    let mut all = before[..40].to_vec();
+    all.extend(rest);
+    check_stream(&all);
+    drop(resumed);
+    server.stop().await;
+    drop(engine);
+    node.shutdown();
+}

@@ -756,7 +756,8 @@ pub fn run(
                 if !s.writing() {
                     w.complete_ahead(&mut ahead, &mut log);
                 }
-                s.start(&mut w.state, w.last_lsn, w.logged_bytes, &mut log, std::mem::take(&mut snapshot_requests));
+                let requests = std::mem::take(&mut snapshot_requests);
+                s.start(&mut w.state, w.feed.as_deref(), w.last_lsn, w.logged_bytes, &mut log, requests);
             }
         }
         for done in snapshot_requests.drain(..) {
@@ -824,6 +825,7 @@ impl Snapshotter {
     fn start(
         &mut self,
         state: &mut ShardState,
+        feed: Option<&crate::feed::ShardFeed>,
         lsn: u64,
         logged_bytes: u64,
         log: &mut LogStage,
@@ -841,8 +843,13 @@ impl Snapshotter {
             return;
         }
         self.logged_at_start = logged_bytes;
-        let buffers = std::mem::take(&mut self.buffers);
-        let (sections, replaced_methods) = crate::snapshot::state::encode_compacting(state, buffers);
+        let mut buffers = std::mem::take(&mut self.buffers);
+        // The feed's newest events up to `lsn` (the batches before are applied and published).
+        use crate::snapshot::state::SECTION_FEED_TAIL;
+        let feed_tail =
+            feed.map(|f| f.encode_tail(crate::feed::FEED_EVENTS_IN_SNAPSHOT, buffers.take_raw(SECTION_FEED_TAIL)));
+        let (mut sections, replaced_methods) = crate::snapshot::state::encode_compacting(state, buffers);
+        sections.extend(feed_tail.map(|tail| (SECTION_FEED_TAIL, tail)));
         let meta = crate::snapshot::SnapshotMeta { lsns: vec![lsn], timestamp: state.last_timestamp() };
         let (dir, storage) = (self.policy.dir.clone(), self.policy.storage.0.clone());
         let handle = std::thread::Builder::new()

@@ -33,6 +33,9 @@ pub const SECTION_ACCOUNT_IDS: u32 = 9;
 /// The payment method of each top-up, in the top-ups section's order. Optional when loading:
 /// a snapshot written before top-ups kept their method has none (the methods are then unknown).
 pub const SECTION_TOPUP_METHODS: u32 = 10;
+/// The shard's newest feed events (`feed::ShardFeed::encode_tail`, which owns its layout). Not
+/// part of the state: `decode` ignores it; recovery hands it to the feed. Optional.
+pub const SECTION_FEED_TAIL: u32 = 11;
 
 /// Shape byte of an account record: which fields follow (the others are zero).
 const HAS_BALANCE: u8 = 1 << 0;
@@ -278,6 +281,12 @@ impl SectionBuffers {
     /// The buffers of `sections` (their contents are dropped when reused).
     pub fn new(sections: Vec<(u32, Vec<u8>)>) -> SectionBuffers {
         SectionBuffers(sections)
+    }
+
+    /// The earlier snapshot's buffer of section `tag` (or a new one), for a section encoded
+    /// outside this module.
+    pub fn take_raw(&mut self, tag: u32) -> Vec<u8> {
+        self.take(tag, 0).0
     }
 
     /// An empty writer for section `tag` with room for `capacity` bytes: the buffer the earlier
