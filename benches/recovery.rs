@@ -17,6 +17,7 @@ use stormledger::engine::EngineConfig;
 use stormledger::layout::CommandRecord;
 use stormledger::ledger::{AccountKind, Command, ShardState};
 use stormledger::node::{load_shard, Durability, Node, NodeConfig};
+use stormledger::shard::worker::SNAPSHOT_RING_RECORDS_PER_STEP;
 use stormledger::snapshot;
 use stormledger::snapshot::state::SectionBuffers;
 use stormledger::workload::StormSpec;
@@ -127,24 +128,44 @@ fn snapshot_stall(users: u64, tips: u64, ledger: &LedgerConfig) {
         state.clear_evicted();
     }
     let (took, bytes) = encode_as_the_worker(&mut state, SectionBuffers::default(), 4);
-    let took: Vec<_> = took.iter().map(|secs| format!("{secs:.3}")).collect();
+    let show = |(begin, steps, longest, total): &(f64, usize, f64, f64)| {
+        format!("{begin:.3} s, then {steps} steps of at most {:.1} ms ({total:.3} s in all)", longest * 1e3)
+    };
     println!(
-        "snapshot stall, one shard after a storm ({users} users, {tips} tips, default limits, {:.1} MiB): encode {} s the first, then {} s into the buffers of the one before",
+        "snapshot stall, one shard after a storm ({users} users, {tips} tips, default limits, {:.1} MiB): the encode's start {} the first; into the buffers of the one before: {}",
         bytes as f64 / (1 << 20) as f64,
-        took[0],
-        took[1..].join(" / "),
+        show(&took[0]),
+        took[1..].iter().map(show).collect::<Vec<_>>().join(" / "),
     );
 }
 
-/// Encodes `state` `times` times as a shard's worker does (`encode_compacting`), the first into
-/// `buffers`, each later one into the sections of the one before. Returns the seconds each took
-/// and the bytes of the last.
-fn encode_as_the_worker(state: &mut ShardState, mut buffers: SectionBuffers, times: usize) -> (Vec<f64>, usize) {
+/// Encodes `state` `times` times as a shard's worker does (`begin_encoding`, then steps of
+/// `SNAPSHOT_RING_RECORDS_PER_STEP` records, each a pause between two batches), the first into
+/// `buffers`, each later one into the sections of the one before. Returns for each the seconds
+/// of its start, its number of steps, the seconds of its longest step and of all of it; and the
+/// bytes of the last.
+fn encode_as_the_worker(
+    state: &mut ShardState,
+    mut buffers: SectionBuffers,
+    times: usize,
+) -> (Vec<(f64, usize, f64, f64)>, usize) {
     let (mut took, mut bytes) = (Vec::new(), 0);
     for _ in 0..times {
         let start = Instant::now();
-        let (sections, replaced) = snapshot::state::encode_compacting(state, buffers);
-        took.push(start.elapsed().as_secs_f64());
+        let (mut encoding, replaced) = snapshot::state::begin_encoding(state, buffers);
+        let begin = start.elapsed().as_secs_f64();
+        let (mut steps, mut longest) = (0, 0f64);
+        loop {
+            let step = Instant::now();
+            let done = encoding.step(state, SNAPSHOT_RING_RECORDS_PER_STEP);
+            longest = longest.max(step.elapsed().as_secs_f64());
+            steps += 1;
+            if done {
+                break;
+            }
+        }
+        let sections = encoding.finish(state);
+        took.push((begin, steps, longest, start.elapsed().as_secs_f64()));
         drop(replaced);
         bytes = sections.iter().map(|(_, b)| b.len()).sum();
         buffers = SectionBuffers::new(sections);
@@ -199,12 +220,16 @@ fn snapshot_round(
         assert_eq!(restored.index().balance(id), state.index().balance(id));
     }
     println!(
-        "snapshot {shape}: {} accounts, {:.1} MiB ({:.1} B/account): encode {encoded:.2} s, encode+write+fsync {write_secs:.2} s, encode again into the same buffers, compacting the payment methods, {:.2} s, then {:.2} s; load+verify+decode {} s (page cache), {cold} s (file dropped from the page cache)",
+        "snapshot {shape}: {} accounts, {:.1} MiB ({:.1} B/account): encode {encoded:.2} s, encode+write+fsync {write_secs:.2} s, encode again as the worker does, into the same buffers, compacting the payment methods, {:.2} s (a pause of {:.3} s, then steps of at most {:.1} ms), then {:.2} s ({:.3} s, steps of at most {:.1} ms); load+verify+decode {} s (page cache), {cold} s (file dropped from the page cache)",
         state.accounts().len(),
         written.len as f64 / (1 << 20) as f64,
         written.len as f64 / state.accounts().len() as f64,
-        again[0],
-        again[1],
+        again[0].3,
+        again[0].0,
+        again[0].2 * 1e3,
+        again[1].3,
+        again[1].0,
+        again[1].2 * 1e3,
         hot.join(" / "),
     );
     println!("  section sizes (tag:bytes): {}", sizes.join(" "));

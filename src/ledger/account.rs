@@ -72,8 +72,85 @@ pub struct HistoryEntry {
     pub kind: u8,
 }
 
+/// The records of a ring (`HistoryRing`, `ShardState::id_ring`) as they were when a snapshot
+/// began, kept while the shard goes on: the ring's sequence numbers `next..end` are still to be
+/// encoded, and those the ring evicted meanwhile wait in `saved` (oldest first, from `next`).
+/// The snapshot's encoder takes them in order (`HistoryRing::next_pinned`,
+/// `ShardState::next_pinned_id`), a budget at a time between batches.
+#[derive(Debug)]
+pub struct RingPin<T> {
+    pub next: u64,
+    pub end: u64,
+    pub saved: std::collections::VecDeque<T>,
+}
+
+impl<T: Copy> RingPin<T> {
+    pub fn new(next: u64, end: u64) -> RingPin<T> {
+        RingPin { next, end, saved: std::collections::VecDeque::new() }
+    }
+
+    /// Keeps `record`, which the ring is about to evict, if the encoder has not taken it yet.
+    /// Out of line: only a pinned ring calls it, and the ring's push stays small.
+    #[inline(never)]
+    pub fn evicting(&mut self, seq: u64, record: &T) {
+        if seq >= self.next && seq < self.end {
+            debug_assert_eq!(seq, self.next + self.saved.len() as u64, "rings evict in order");
+            self.saved.push_back(*record);
+        }
+    }
+}
+
+/// The accounts as they were when a snapshot began (see `RingPin`): slots `next..end` are still
+/// to be encoded, and an account changed meanwhile, before the encoder reached it, is kept as it
+/// was (`keep`, before every change while pinned) until the encoder takes it (`take`).
+#[derive(Debug)]
+pub struct AccountsPin {
+    pub next: u32,
+    pub end: u32,
+    /// One bit per pinned slot: kept in `saved`.
+    kept: Vec<u64>,
+    /// Looked up by slot, never iterated.
+    saved: crate::ledger::state_machine::IdMap<u64, Account>,
+}
+
+impl AccountsPin {
+    pub fn new(end: u32) -> AccountsPin {
+        AccountsPin { next: 0, end, kept: vec![0; (end as usize).div_ceil(64)], saved: Default::default() }
+    }
+
+    /// Keeps `account` (at `slot`, about to change) if the encoder has yet to take it and it is
+    /// not kept already.
+    #[inline(never)]
+    pub fn keep(&mut self, slot: u32, account: &Account) {
+        if slot >= self.next && slot < self.end {
+            let (word, bit) = ((slot / 64) as usize, 1u64 << (slot % 64));
+            if self.kept[word] & bit == 0 {
+                self.kept[word] |= bit;
+                self.saved.insert(slot as u64, *account);
+            }
+        }
+    }
+
+    /// The account at `slot` (the encoder's next) as it was when pinned: kept, or `current`.
+    pub fn take(&mut self, slot: u32, current: &Account) -> Account {
+        let (word, bit) = ((slot / 64) as usize, 1u64 << (slot % 64));
+        if self.kept[word] & bit != 0 {
+            self.saved.remove(&(slot as u64)).expect("a kept account is saved")
+        } else {
+            *current
+        }
+    }
+
+    /// Accounts kept and not taken yet.
+    pub fn saved(&self) -> usize {
+        self.saved.len()
+    }
+}
+
 /// A fixed-capacity ring of history entries with per-account back links.
 pub struct HistoryRing {
+    /// Set while a snapshot encodes the ring (`pin`).
+    pin: Option<Box<RingPin<HistoryEntry>>>,
     entries: Vec<HistoryEntry>,
     capacity: u64,
     /// Where the next entry goes: `next % capacity`, kept so that a push divides nothing.
@@ -87,7 +164,39 @@ pub struct HistoryRing {
 impl HistoryRing {
     pub fn new(capacity: u32) -> HistoryRing {
         let entries = crate::mem::huge_vec(capacity as usize);
-        HistoryRing { entries, capacity: capacity as u64, slot: 0, next: 0, oldest: 0 }
+        HistoryRing { pin: None, entries, capacity: capacity as u64, slot: 0, next: 0, oldest: 0 }
+    }
+
+    /// Keeps the retained entries as they are now for a snapshot's encoder (`next_pinned`),
+    /// whatever is pushed meanwhile.
+    pub fn pin(&mut self) {
+        self.pin = Some(Box::new(RingPin::new(self.first_retained(), self.next)));
+    }
+
+    /// The next entry of the pinned ones, oldest first (`None` when all were taken).
+    pub fn next_pinned(&mut self) -> Option<HistoryEntry> {
+        let pin = self.pin.as_mut().expect("the history ring is pinned");
+        if pin.next == pin.end {
+            return None;
+        }
+        let entry = match pin.saved.pop_front() {
+            Some(saved) => saved,
+            // Not evicted, so still in its slot.
+            None => self.entries[(pin.next % self.capacity) as usize],
+        };
+        pin.next += 1;
+        Some(entry)
+    }
+
+    /// Ends `pin` (every pinned entry was taken).
+    pub fn unpin(&mut self) {
+        let pin = self.pin.take().expect("the history ring is pinned");
+        assert!(pin.next == pin.end && pin.saved.is_empty(), "a pinned entry was not taken");
+    }
+
+    /// The sequence number of the oldest retained entry.
+    fn first_retained(&self) -> u64 {
+        self.next.saturating_sub(self.capacity.min(self.entries.len() as u64)).max(self.oldest)
     }
 
     /// Appends `entry` for `account`, linking it to the account's previous entry.
@@ -100,6 +209,11 @@ impl HistoryRing {
         entry.prev = account.history_head;
         let seq = self.next;
         if self.slot < self.entries.len() {
+            if let Some(pin) = &mut self.pin {
+                // The entry overwritten here has sequence number `seq - capacity` (or is an empty
+                // slot of a restored ring, older than anything pinned).
+                pin.evicting(seq.wrapping_sub(self.capacity), &self.entries[self.slot]);
+            }
             self.entries[self.slot] = entry;
         } else {
             self.entries.push(entry);
@@ -135,8 +249,7 @@ impl HistoryRing {
 
     /// Retained entries in sequence order, oldest first (for snapshots).
     pub fn retained(&self) -> impl Iterator<Item = (u64, &HistoryEntry)> {
-        let start = self.next.saturating_sub(self.capacity.min(self.entries.len() as u64)).max(self.oldest);
-        (start..self.next).map(move |seq| (seq, &self.entries[(seq % self.capacity) as usize]))
+        (self.first_retained()..self.next).map(move |seq| (seq, &self.entries[(seq % self.capacity) as usize]))
     }
 
     /// Rebuilds a ring from retained entries (oldest first, the last one has sequence number
@@ -149,13 +262,13 @@ impl HistoryRing {
         let start = next - retained.len() as u64;
         if start == 0 {
             let slot = (next % capacity) as usize;
-            return HistoryRing { entries: retained, capacity, slot, next, oldest: 0 };
+            return HistoryRing { pin: None, entries: retained, capacity, slot, next, oldest: 0 };
         }
         let mut slots = vec![HistoryEntry::default(); capacity as usize];
         for (i, e) in retained.into_iter().enumerate() {
             slots[((start + i as u64) % capacity) as usize] = e;
         }
-        HistoryRing { entries: slots, capacity, slot: (next % capacity) as usize, next, oldest: start }
+        HistoryRing { pin: None, entries: slots, capacity, slot: (next % capacity) as usize, next, oldest: start }
     }
 }
 

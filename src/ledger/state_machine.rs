@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::config::{LedgerConfig, ShardLimits};
 use crate::layout::TEXT_LEN;
-use crate::ledger::account::{Account, HistoryEntry, HistoryRing};
+use crate::ledger::account::{Account, AccountsPin, HistoryEntry, HistoryRing, RingPin};
 use crate::ledger::amount::fen_to_coins;
 use crate::ledger::command::{
     flags, AccountKind, Channel, Command, FailReason, Origin, Unit, SYSTEM_ACCOUNTS, SYSTEM_COIN_SALES,
@@ -169,6 +169,9 @@ pub struct ShardState {
     pub(crate) limits: ShardLimits,
     pub(crate) index: Arc<AccountIndex>,
     pub(crate) accounts: Vec<Account>,
+    /// Set while a snapshot encodes `accounts` (`pin_accounts`); every change to an account
+    /// goes through `account_mut`, which keeps the account as it was for the encoder.
+    pub(crate) accounts_pin: Option<Box<AccountsPin>>,
     /// Payment methods bound by users (sorted arrays loaded from a snapshot, plus a map of the
     /// bindings made since: `ledger::methods`).
     pub(crate) methods: Methods,
@@ -178,6 +181,8 @@ pub struct ShardState {
     /// "is it in the window" and "is it a held top-up's".
     pub(crate) ids: IdTable,
     pub(crate) id_ring: VecDeque<(u64, IdRecord)>,
+    /// Set while a snapshot encodes `id_ring` (`pin_rings`).
+    pub(crate) ids_pin: Option<Box<RingPin<(u64, IdRecord)>>>,
     pub(crate) id_seq: u64,
     pub(crate) topups: TopUps,
     pub(crate) pending: VecDeque<(u64, u64)>,
@@ -247,9 +252,11 @@ impl ShardState {
             } else {
                 Vec::with_capacity(limits.accounts_max as usize)
             },
+            accounts_pin: None,
             methods: Methods::default(),
             ids: IdTable::new(ids_capacity(&limits)),
             id_ring: VecDeque::from(crate::mem::huge_vec(limits.ids_max as usize)),
+            ids_pin: None,
             id_seq: 0,
             topups: TopUps::with_bound(topups_bound(&limits)),
             pending: VecDeque::new(),
@@ -532,6 +539,100 @@ impl ShardState {
         }
     }
 
+    /// Keeps the idempotency and history rings' records as they are now for a snapshot's
+    /// encoder, which takes them a few at a time (`next_pinned_id`, `HistoryRing::next_pinned`)
+    /// while the shard goes on applying commands: the records the rings evict meanwhile are
+    /// kept aside until it does. Results do not change.
+    pub fn pin_rings(&mut self) {
+        assert!(self.ids_pin.is_none(), "the rings are pinned already");
+        let first = self.id_ring.front().map_or(self.id_seq, |(seq, _)| *seq);
+        self.ids_pin = Some(Box::new(RingPin::new(first, self.id_seq)));
+        self.history.pin();
+    }
+
+    /// The next pinned idempotency record, oldest first (`None` when all were taken).
+    pub fn next_pinned_id(&mut self) -> Option<(u64, IdRecord)> {
+        let pin = self.ids_pin.as_mut().expect("the rings are pinned");
+        if pin.next == pin.end {
+            return None;
+        }
+        let record = match pin.saved.pop_front() {
+            Some(saved) => saved,
+            // Not evicted, so still in the ring (whose front is at or before it).
+            None => {
+                let front = self.id_ring.front().expect("a pinned record is in the ring").0;
+                self.id_ring[(pin.next - front) as usize]
+            }
+        };
+        debug_assert_eq!(record.0, pin.next);
+        pin.next += 1;
+        Some(record)
+    }
+
+    /// The account at `slot`, to change it: every change goes through here (or `keep_account`),
+    /// so that a snapshot being encoded gets the account as it was (`pin_accounts`).
+    #[inline(always)]
+    fn account_mut(&mut self, slot: u32) -> &mut Account {
+        self.keep_account(slot);
+        &mut self.accounts[slot as usize]
+    }
+
+    /// See `account_mut`.
+    #[inline(always)]
+    fn keep_account(&mut self, slot: u32) {
+        if let Some(pin) = &mut self.accounts_pin {
+            pin.keep(slot, &self.accounts[slot as usize]);
+        }
+    }
+
+    /// `keep_account` of each of `slots`, behind one branch.
+    #[inline(always)]
+    fn keep_accounts(&mut self, slots: [u32; 4]) {
+        if let Some(pin) = &mut self.accounts_pin {
+            for slot in slots {
+                pin.keep(slot, &self.accounts[slot as usize]);
+            }
+        }
+    }
+
+    /// Keeps the accounts as they are now for a snapshot's encoder, which takes them a few at a
+    /// time (`next_pinned_account`) while the shard goes on: an account about to change before
+    /// the encoder reached it is kept aside as it was. Accounts created meanwhile are not part
+    /// of it. Results do not change.
+    pub fn pin_accounts(&mut self) {
+        assert!(self.accounts_pin.is_none(), "the accounts are pinned already");
+        self.accounts_pin = Some(Box::new(AccountsPin::new(self.accounts.len() as u32)));
+    }
+
+    /// The next pinned account, in slot (creation) order (`None` when all were taken).
+    pub fn next_pinned_account(&mut self) -> Option<Account> {
+        let pin = self.accounts_pin.as_mut().expect("the accounts are pinned");
+        if pin.next == pin.end {
+            return None;
+        }
+        let account = pin.take(pin.next, &self.accounts[pin.next as usize]);
+        pin.next += 1;
+        Some(account)
+    }
+
+    /// Ends `pin_accounts` (every pinned account was taken).
+    pub fn unpin_accounts(&mut self) {
+        let pin = self.accounts_pin.take().expect("the accounts are pinned");
+        assert!(pin.next == pin.end && pin.saved() == 0, "a pinned account was not taken");
+    }
+
+    /// Whether the rings are pinned (a snapshot is being encoded).
+    pub fn rings_pinned(&self) -> bool {
+        self.ids_pin.is_some()
+    }
+
+    /// Ends `pin_rings` (every pinned record was taken).
+    pub fn unpin_rings(&mut self) {
+        let pin = self.ids_pin.take().expect("the rings are pinned");
+        assert!(pin.next == pin.end && pin.saved.is_empty(), "a pinned record was not taken");
+        self.history.unpin();
+    }
+
     /// Publishes a committed balance for readers, unless publishing is deferred.
     #[inline]
     fn publish(&self, slot: u32, balance: i64) {
@@ -628,7 +729,7 @@ impl ShardState {
             Command::ReplicaFreeze { account, frozen, origin } => {
                 self.accept_replica(origin);
                 if let Some(slot) = self.index.lookup(account) {
-                    set_frozen(&mut self.accounts[slot as usize], frozen);
+                    set_frozen(self.account_mut(slot), frozen);
                 }
                 (Reply::ok(0, 0), Fanout::None)
             }
@@ -683,6 +784,9 @@ impl ShardState {
 
     fn remember(&mut self, id: u64, timestamp: u64, command: Command, reply: Reply) {
         if self.id_ring.len() as u64 >= self.limits.ids_max as u64 {
+            if let (Some(pin), Some(front)) = (&mut self.ids_pin, self.id_ring.front()) {
+                pin.evicting(front.0, front);
+            }
             let (old_seq, old) = self.id_ring.pop_front().expect("non-empty");
             let old_id = old.command.transfer_id().unwrap_or_else(|| old.command.reply_id());
             self.ids.remove_if(old_id, old_seq);
@@ -725,8 +829,10 @@ impl ShardState {
             let (d, c) = (leg.debit as usize, leg.credit as usize);
             assert_eq!(self.accounts[d].kind.unit(), self.accounts[c].kind.unit(), "legs within one unit");
             assert_ne!(d, c);
-            self.accounts[d].balance = self.accounts[d].balance.checked_sub(amount).expect("debit in range");
-            self.accounts[c].balance = self.accounts[c].balance.checked_add(amount).expect("credit in range");
+            let debited = self.account_mut(leg.debit);
+            debited.balance = debited.balance.checked_sub(amount).expect("debit in range");
+            let credited = self.account_mut(leg.credit);
+            credited.balance = credited.balance.checked_add(amount).expect("credit in range");
             self.publish(leg.debit, self.accounts[d].balance);
             self.publish(leg.credit, self.accounts[c].balance);
         }
@@ -740,6 +846,9 @@ impl ShardState {
     #[inline]
     fn split_spend(&mut self, payer: u32, coins: u64, to: [(u32, u64); 2]) {
         let platform = PLATFORM_SLOT;
+        // Every account this spend changes, kept for a snapshot being encoded at once (one
+        // branch for the spend, where `account_mut` would take one per change).
+        self.keep_accounts([payer, to[0].0, to[1].0, platform]);
         let coins_i = i64::try_from(coins).expect("amount fits i64");
         let payer_balance = &mut self.accounts[payer as usize].balance;
         *payer_balance = payer_balance.checked_sub(coins_i).expect("debit in range");
@@ -771,6 +880,24 @@ impl ShardState {
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn record(
+        &mut self,
+        slot: u32,
+        timestamp: u64,
+        id: u64,
+        kind: u8,
+        counterparty: u64,
+        amount: i64,
+        detail: u64,
+        status: Status,
+    ) {
+        self.keep_account(slot);
+        self.record_kept(slot, timestamp, id, kind, counterparty, amount, detail, status);
+    }
+
+    /// `record` for an account already kept for a snapshot being encoded (`keep_accounts`).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn record_kept(
         &mut self,
         slot: u32,
         timestamp: u64,
@@ -847,7 +974,7 @@ impl ShardState {
             return Reply::status(Status::TooManyMethods);
         }
         self.methods.insert(user, method, channel);
-        self.accounts[slot as usize].methods += 1;
+        self.account_mut(slot).methods += 1;
         Reply::ok(0, 0)
     }
 
@@ -1109,16 +1236,17 @@ impl ShardState {
             Ok((streamer, union, platform, shares)) => {
                 self.split_spend(payer, coins, [(streamer, shares[0]), (union.unwrap_or(platform), shares[1])]);
                 let day = self.day_of(timestamp);
+                // Kept by `split_spend`, as are the accounts of the records below.
                 let account = &mut self.accounts[payer as usize];
                 if account.spent_day != day {
                     account.spent_day = day;
                     account.spent_today = 0;
                 }
                 account.spent_today += coins;
-                self.record(payer, timestamp, id, kind, to, -(coins as i64), detail, Status::Ok);
-                self.record(streamer, timestamp, id, kind, from, shares[0] as i64, detail, Status::Ok);
+                self.record_kept(payer, timestamp, id, kind, to, -(coins as i64), detail, Status::Ok);
+                self.record_kept(streamer, timestamp, id, kind, from, shares[0] as i64, detail, Status::Ok);
                 if let Some(u) = union {
-                    self.record(u, timestamp, id, kind, from, shares[1] as i64, detail, Status::Ok);
+                    self.record_kept(u, timestamp, id, kind, from, shares[1] as i64, detail, Status::Ok);
                 }
                 Reply::ok(self.accounts[payer as usize].balance, coins as i64)
             }
@@ -1241,7 +1369,7 @@ impl ShardState {
         if coins > self.config.daily_cap_coins {
             return Reply::with(Status::InvalidAmount, self.config.daily_cap_coins as i64);
         }
-        self.accounts[slot as usize].daily_cap = coins;
+        self.account_mut(slot).daily_cap = coins;
         Reply::ok(coins as i64, 0)
     }
 
@@ -1249,7 +1377,7 @@ impl ShardState {
         let Some(slot) = self.index.lookup(account) else {
             return (Reply::status(Status::AccountNotFound), Fanout::None);
         };
-        let target = &mut self.accounts[slot as usize];
+        let target = self.account_mut(slot);
         if !matches!(target.kind, AccountKind::User | AccountKind::Streamer | AccountKind::Union) {
             return (Reply::status(Status::WrongAccountKind), Fanout::None);
         }

@@ -223,47 +223,155 @@ fn read_reply(r: &mut R) -> Result<Reply, String> {
     Ok(Reply { status, duplicate, value: r.i64()?, value2: r.i64()? })
 }
 
-/// The sections of a shard's snapshot. The payment methods (a merge of the loaded, sorted
-/// bindings with the sorted later ones) and then the idempotency records are encoded on a second
-/// thread while this one encodes the rest: a shard's worker is stalled meanwhile.
+/// The sections of a shard's snapshot, in one go. The payment methods (a merge of the loaded,
+/// sorted bindings with the sorted later ones) and then the idempotency records are encoded on
+/// a second thread while this one encodes the rest. (A shard's worker encodes in steps instead:
+/// `begin_encoding`.)
 pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
-    encode_with(state, SectionBuffers::default(), false).0
+    let mut buffers = SectionBuffers::default();
+    let methods_buffer = buffers.take(SECTION_METHODS, 8 + state.methods.len() * 3);
+    let ids_buffer = buffers.take(SECTION_IDS, state.id_ring.len() * ID_SIZE);
+    let history_buffer = history_buffer(state, &mut buffers);
+    std::thread::scope(|s| {
+        let second = s.spawn(|| (encode_methods(&state.methods, methods_buffer), encode_ids(state, ids_buffer)));
+        let mut accounts = AccountsEncoder::new(state.accounts.len(), &mut buffers);
+        for account in &state.accounts {
+            accounts.push(account);
+        }
+        let mut sections = encode_rest(state, &mut buffers);
+        sections.extend(accounts.finish());
+        sections.push((SECTION_HISTORY, encode_history(state, history_buffer)));
+        let (methods, ids) = joined(second);
+        sections.extend([(SECTION_METHODS, methods), (SECTION_IDS, ids)]);
+        in_order(sections)
+    })
 }
 
-/// `encode` as a shard's worker runs it: into the buffers of the snapshot it wrote before (see
-/// `SectionBuffers`), and compacting the payment methods on the way when that is worth it
-/// (`Methods::worth_compacting`; the bytes are the same either way). The state then holds the
-/// compacted methods, and the ones they replace are returned, for the caller to drop off the
-/// worker's thread.
+/// `encode` as a shard's worker does it (`begin_encoding`, then every step at once): into the
+/// buffers of the snapshot it wrote before (see `SectionBuffers`), and compacting the payment
+/// methods on the way when that is worth it (`Methods::worth_compacting`; the bytes are the
+/// same either way). The state then holds the compacted methods, and the ones they replace are
+/// returned, for the caller to drop off the worker's thread.
 ///
 /// Why: the methods section lists every binding in order, and bindings made since the last load
 /// sit in a hash map that each snapshot had to collect and sort. With 10 M of them that was
 /// 0.75-0.86 s of the encode, its longest part (docs/benchmarks.md, session 9). Compacted, the
 /// next snapshot reads them in order from the arrays, and only the bindings made since are sorted.
 pub fn encode_compacting(state: &mut ShardState, buffers: SectionBuffers) -> (Vec<(u32, Vec<u8>)>, Option<Methods>) {
-    let (sections, compacted) = encode_with(state, buffers, true);
-    (sections, compacted.map(|methods| std::mem::replace(&mut state.methods, methods)))
+    let (mut encoding, replaced) = begin_encoding(state, buffers);
+    while !encoding.step(state, usize::MAX) {}
+    (encoding.finish(state), replaced)
 }
 
-fn encode_with(
-    state: &ShardState,
-    mut buffers: SectionBuffers,
-    compact: bool,
-) -> (Vec<(u32, Vec<u8>)>, Option<Methods>) {
+/// The order of a snapshot's sections (docs/wal-format.md).
+const SECTION_ORDER: [u32; 10] = [
+    SECTION_META,
+    SECTION_ACCOUNT_IDS,
+    SECTION_ACCOUNTS,
+    SECTION_METHODS,
+    SECTION_IDS,
+    SECTION_TOPUPS,
+    SECTION_TOPUP_METHODS,
+    SECTION_PENDING,
+    SECTION_HISTORY,
+    SECTION_OUTBOX,
+];
+
+/// `sections` (each of `SECTION_ORDER` once) in that order.
+fn in_order(mut sections: Vec<(u32, Vec<u8>)>) -> Vec<(u32, Vec<u8>)> {
+    sections.sort_by_key(|(tag, _)| SECTION_ORDER.iter().position(|t| t == tag).expect("a known section"));
+    assert_eq!(sections.len(), SECTION_ORDER.len(), "every section once");
+    sections
+}
+
+/// A snapshot being encoded while its shard goes on (`begin_encoding`): every section is done
+/// but the accounts, the idempotency records and the history, which are pinned
+/// (`ShardState::pin_accounts`, `pin_rings`) and encoded a budget of records at a time (`step`),
+/// then `finish`.
+///
+/// Why: those three are most of a snapshot (at the default windows, 2^20 idempotency records of
+/// 115 bytes and 2^20 history entries of 59: 174 of the 216 MiB of a shard of 500 000 funded
+/// users; the accounts grow with the users), and encoding them in one go stalled the shard for
+/// as long (docs/benchmarks.md, session 12). A step is a pause of about a millisecond between
+/// batches.
+pub struct Encoding {
+    rest: Vec<(u32, Vec<u8>)>,
+    accounts: AccountsEncoder,
+    ids: W,
+    history: W,
+}
+
+/// Starts a snapshot of `state` as a shard's worker does (see `encode_compacting`, whose
+/// sections `Encoding::finish` then returns, byte for byte): the rings are pinned and left for
+/// `Encoding::step`. Returns the payment methods the compaction replaced, if any.
+pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> (Encoding, Option<Methods>) {
     let methods_buffer = buffers.take(SECTION_METHODS, 8 + state.methods.len() * 3);
-    let ids_buffer = buffers.take(SECTION_IDS, state.id_ring.len() * ID_SIZE);
-    std::thread::scope(|s| {
+    let ids = buffers.take(SECTION_IDS, state.id_ring.len() * ID_SIZE);
+    let history = history_buffer(state, &mut buffers);
+    let shared: &ShardState = state;
+    let accounts = AccountsEncoder::new(state.accounts.len(), &mut buffers);
+    let (mut rest, compacted) = std::thread::scope(|s| {
         let second = s.spawn(|| {
-            let compacted = (compact && state.methods.worth_compacting()).then(|| state.methods.compacted());
-            let methods = encode_methods(compacted.as_ref().unwrap_or(&state.methods), methods_buffer);
-            (methods, compacted, encode_ids(state, ids_buffer))
+            let compacted = shared.methods.worth_compacting().then(|| shared.methods.compacted());
+            (encode_methods(compacted.as_ref().unwrap_or(&shared.methods), methods_buffer), compacted)
         });
-        let mut sections = encode_rest(state, &mut buffers);
-        let (methods, compacted, ids) = joined(second);
-        sections.insert(3, (SECTION_METHODS, methods));
-        sections.insert(4, (SECTION_IDS, ids));
-        (sections, compacted)
-    })
+        let rest = encode_rest(shared, &mut buffers);
+        let (methods, compacted) = joined(second);
+        (rest, (methods, compacted))
+    });
+    let (methods, compacted) = compacted;
+    rest.push((SECTION_METHODS, methods));
+    state.pin_accounts();
+    state.pin_rings();
+    let replaced = compacted.map(|methods| std::mem::replace(&mut state.methods, methods));
+    (Encoding { rest, accounts, ids, history }, replaced)
+}
+
+impl Encoding {
+    /// Encodes up to `budget` more records of each pinned ring; true when both are done.
+    pub fn step(&mut self, state: &mut ShardState, budget: usize) -> bool {
+        let mut accounts_done = false;
+        for _ in 0..budget {
+            match state.next_pinned_account() {
+                Some(account) => self.accounts.push(&account),
+                None => {
+                    accounts_done = true;
+                    break;
+                }
+            }
+        }
+        let mut ids_done = false;
+        for _ in 0..budget {
+            match state.next_pinned_id() {
+                Some((seq, record)) => encode_id_record(&mut self.ids, seq, &record),
+                None => {
+                    ids_done = true;
+                    break;
+                }
+            }
+        }
+        let mut history_done = false;
+        for _ in 0..budget {
+            match state.history.next_pinned() {
+                Some(entry) => encode_history_entry(&mut self.history, &entry),
+                None => {
+                    history_done = true;
+                    break;
+                }
+            }
+        }
+        accounts_done && ids_done && history_done
+    }
+
+    /// The snapshot's sections, once `step` said it is done; unpins the rings.
+    pub fn finish(self, state: &mut ShardState) -> Vec<(u32, Vec<u8>)> {
+        state.unpin_accounts();
+        state.unpin_rings();
+        let mut sections = self.rest;
+        sections.extend(self.accounts.finish());
+        sections.extend([(SECTION_IDS, self.ids.0), (SECTION_HISTORY, self.history.0)]);
+        in_order(sections)
+    }
 }
 
 /// The section buffers of a snapshot already written, handed back to encode the next one into.
@@ -305,15 +413,45 @@ impl SectionBuffers {
 /// The idempotency records section, oldest first.
 fn encode_ids(state: &ShardState, mut ids: W) -> Vec<u8> {
     for (seq, record) in &state.id_ring {
-        ids.u64(*seq);
-        ids.u64(record.timestamp);
-        ids.command(&record.command);
-        reply_fields(&mut ids, &record.reply);
+        encode_id_record(&mut ids, *seq, record);
     }
     ids.0
 }
 
-/// Every section but the payment methods and the idempotency records, in section order.
+#[inline]
+fn encode_id_record(w: &mut W, seq: u64, record: &IdRecord) {
+    w.u64(seq);
+    w.u64(record.timestamp);
+    w.command(&record.command);
+    reply_fields(w, &record.reply);
+}
+
+fn history_buffer(state: &ShardState, buffers: &mut SectionBuffers) -> W {
+    buffers.take(SECTION_HISTORY, state.history.capacity().min(state.history.appended()) as usize * HISTORY_SIZE)
+}
+
+/// The history section: the retained entries, oldest first.
+fn encode_history(state: &ShardState, mut history: W) -> Vec<u8> {
+    for (_, e) in state.history.retained() {
+        encode_history_entry(&mut history, e);
+    }
+    history.0
+}
+
+#[inline]
+fn encode_history_entry(w: &mut W, e: &HistoryEntry) {
+    w.u64(e.prev);
+    w.u64(e.timestamp);
+    w.u64(e.id);
+    w.u64(e.counterparty);
+    w.i64(e.amount);
+    w.i64(e.balance_after);
+    w.u64(e.detail);
+    w.u16(e.status);
+    w.u8(e.kind);
+}
+
+/// Every section but the accounts, the payment methods, the idempotency records and the history.
 fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Vec<u8>)> {
     assert!(state.evicted.is_empty(), "evicted ids are drained after every batch");
     let mut meta = buffers.take(SECTION_META, 64);
@@ -327,19 +465,17 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
         meta.u64(r);
     }
 
-    let (account_ids, accounts) = encode_accounts(
-        &state.accounts,
-        // Sequential ids take one byte each; a user with a balance, a day's spending and history
-        // about a dozen record bytes. Reserve for that; the vectors grow if it is more.
-        buffers.take(SECTION_ACCOUNT_IDS, 8 + state.accounts.len() * 2),
-        buffers.take(SECTION_ACCOUNTS, state.accounts.len() * 12),
-    );
-
-    let mut topups_sorted: Vec<_> = state.topups.iter().map(|(&k, v)| (k, *v)).collect();
+    // Sorted as (id, reference) pairs, not as copies of the top-ups: moving 16 bytes instead of
+    // 128 in the sort made it 4x faster (262 144 top-ups: docs/benchmarks.md, session 12). The
+    // references then point all over the map: prefetched a few ahead.
+    let mut topups_sorted: Vec<(u64, &TopUp)> = state.topups.iter().map(|(&k, v)| (k, v)).collect();
     topups_sorted.sort_unstable_by_key(|e| e.0);
     let mut topups = buffers.take(SECTION_TOPUPS, topups_sorted.len() * TOPUP_SIZE);
     let mut topup_methods = buffers.take(SECTION_TOPUP_METHODS, topups_sorted.len() * 9);
-    for (id, t) in topups_sorted {
+    for (i, &(id, t)) in topups_sorted.iter().enumerate() {
+        if let Some((_, ahead)) = topups_sorted.get(i + 8) {
+            crate::ledger::index::prefetch((*ahead as *const TopUp).cast());
+        }
         topup_methods.u8(t.method.is_some() as u8);
         topup_methods.u64(t.method.unwrap_or(0));
         topups.u64(id);
@@ -371,20 +507,6 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
         pending.u64(id);
     }
 
-    let mut history =
-        buffers.take(SECTION_HISTORY, state.history.capacity().min(state.history.appended()) as usize * HISTORY_SIZE);
-    for (_, e) in state.history.retained() {
-        history.u64(e.prev);
-        history.u64(e.timestamp);
-        history.u64(e.id);
-        history.u64(e.counterparty);
-        history.i64(e.amount);
-        history.i64(e.balance_after);
-        history.u64(e.detail);
-        history.u16(e.status);
-        history.u8(e.kind);
-    }
-
     let mut outbox = buffers.take(SECTION_OUTBOX, state.outbox.len() * OUTBOX_SIZE);
     for (seq, c) in &state.outbox {
         outbox.u64(*seq);
@@ -393,12 +515,9 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
 
     vec![
         (SECTION_META, meta.0),
-        (SECTION_ACCOUNT_IDS, account_ids),
-        (SECTION_ACCOUNTS, accounts),
         (SECTION_TOPUPS, topups.0),
         (SECTION_TOPUP_METHODS, topup_methods.0),
         (SECTION_PENDING, pending.0),
-        (SECTION_HISTORY, history.0),
         (SECTION_OUTBOX, outbox.0),
     ]
 }
@@ -406,13 +525,37 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
 /// The account ids section (a u64 count, then the ids as zigzag varint deltas, each from the
 /// previous id, the first from 0) and the account records section (per account a shape byte,
 /// kind and flags if they changed, then the non-zero fields as varints), both in creation order.
-fn encode_accounts(accounts: &[Account], mut ids: W, mut records: W) -> (Vec<u8>, Vec<u8>) {
-    ids.u64(accounts.len() as u64);
-    let (mut previous_id, mut previous_kind_flags) = (0u64, (0u8, 0u8));
-    for a in accounts {
-        ids.varint(zigzag(a.id.wrapping_sub(previous_id) as i64));
-        previous_id = a.id;
+/// Encoded one account at a time (`push`), so that a snapshot can take them a step at a time.
+struct AccountsEncoder {
+    ids: W,
+    records: W,
+    previous_id: u64,
+    previous_kind_flags: (u8, u8),
+}
+
+impl AccountsEncoder {
+    /// For `count` accounts; sizes its buffers for them.
+    fn new(count: usize, buffers: &mut SectionBuffers) -> AccountsEncoder {
+        // Sequential ids take one byte each; a user with a balance, a day's spending and history
+        // about a dozen record bytes. Reserve for that; the vectors grow if it is more.
+        let mut ids = buffers.take(SECTION_ACCOUNT_IDS, 8 + count * 2);
+        let records = buffers.take(SECTION_ACCOUNTS, count * 12);
+        ids.u64(count as u64);
+        AccountsEncoder { ids, records, previous_id: 0, previous_kind_flags: (0, 0) }
+    }
+
+    /// The two sections.
+    fn finish(self) -> [(u32, Vec<u8>); 2] {
+        [(SECTION_ACCOUNT_IDS, self.ids.0), (SECTION_ACCOUNTS, self.records.0)]
+    }
+
+    #[inline]
+    fn push(&mut self, a: &Account) {
+        let (ids, records) = (&mut self.ids, &mut self.records);
+        ids.varint(zigzag(a.id.wrapping_sub(self.previous_id) as i64));
+        self.previous_id = a.id;
         let kind_flags = (a.kind as u8, a.flags);
+        let previous_kind_flags = &mut self.previous_kind_flags;
         let shape = if a.balance != 0 { HAS_BALANCE } else { 0 }
             | if a.union != 0 { HAS_UNION } else { 0 }
             | if a.spent_today != 0 { HAS_SPENT_TODAY } else { 0 }
@@ -420,12 +563,12 @@ fn encode_accounts(accounts: &[Account], mut ids: W, mut records: W) -> (Vec<u8>
             | if a.history_head != 0 { HAS_HISTORY } else { 0 }
             | if a.spent_day != 0 { HAS_SPENT_DAY } else { 0 }
             | if a.methods != 0 { HAS_METHODS } else { 0 }
-            | if kind_flags != previous_kind_flags { HAS_KIND_FLAGS } else { 0 };
+            | if kind_flags != *previous_kind_flags { HAS_KIND_FLAGS } else { 0 };
         records.u8(shape);
         if shape & HAS_KIND_FLAGS != 0 {
             records.u8(kind_flags.0);
             records.u8(kind_flags.1);
-            previous_kind_flags = kind_flags;
+            *previous_kind_flags = kind_flags;
         }
         if a.balance != 0 {
             records.varint(zigzag(a.balance));
@@ -445,7 +588,6 @@ fn encode_accounts(accounts: &[Account], mut ids: W, mut records: W) -> (Vec<u8>
             records.u8(a.methods);
         }
     }
-    (ids.0, records.0)
 }
 
 /// The payment methods section: a u64 count, then per binding, sorted by (user, method): the
@@ -853,7 +995,10 @@ mod tests {
             methods: 1,
             ..Account::new(1001, AccountKind::User, 1, 0)
         };
-        let (ids, records) = encode_accounts(&[fresh, funded], W(Vec::new()), W(Vec::new()));
+        let mut encoder = AccountsEncoder::new(2, &mut SectionBuffers::default());
+        encoder.push(&fresh);
+        encoder.push(&funded);
+        let [(_, ids), (_, records)] = encoder.finish();
         assert_eq!(ids, [2, 0, 0, 0, 0, 0, 0, 0, 0xd0, 0x0f, 0x02]);
         assert_eq!(records, [0x80, 1, 1, 0x75, 0x80, 0x0a, 0x0a, 0xac, 0x02, 0xc3, 0x9f, 0x01, 0x01]);
     }
