@@ -17,7 +17,7 @@ use stormledger::engine::EngineConfig;
 use stormledger::layout::CommandRecord;
 use stormledger::ledger::{AccountKind, Command, ShardState};
 use stormledger::node::{load_shard, Durability, Node, NodeConfig};
-use stormledger::shard::worker::SNAPSHOT_RING_RECORDS_PER_STEP;
+use stormledger::shard::worker::SNAPSHOT_RECORDS_PER_STEP;
 use stormledger::snapshot;
 use stormledger::snapshot::state::SectionBuffers;
 use stormledger::workload::StormSpec;
@@ -140,7 +140,7 @@ fn snapshot_stall(users: u64, tips: u64, ledger: &LedgerConfig) {
 }
 
 /// Encodes `state` `times` times as a shard's worker does (`begin_encoding`, then steps of
-/// `SNAPSHOT_RING_RECORDS_PER_STEP` records, each a pause between two batches), the first into
+/// `SNAPSHOT_RECORDS_PER_STEP` records, each a pause between two batches), the first into
 /// `buffers`, each later one into the sections of the one before. Returns for each the seconds
 /// of its start, its number of steps, the seconds of its longest step and of all of it; and the
 /// bytes of the last.
@@ -157,7 +157,7 @@ fn encode_as_the_worker(
         let (mut steps, mut longest) = (0, 0f64);
         loop {
             let step = Instant::now();
-            let done = encoding.step(state, SNAPSHOT_RING_RECORDS_PER_STEP);
+            let done = encoding.step(state, SNAPSHOT_RECORDS_PER_STEP);
             longest = longest.max(step.elapsed().as_secs_f64());
             steps += 1;
             if done {

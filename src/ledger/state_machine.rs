@@ -621,9 +621,9 @@ impl ShardState {
         assert!(pin.next == pin.end && pin.saved() == 0, "a pinned account was not taken");
     }
 
-    /// Whether the rings are pinned (a snapshot is being encoded).
-    pub fn rings_pinned(&self) -> bool {
-        self.ids_pin.is_some()
+    /// Whether the accounts or the rings are pinned (a snapshot is being encoded).
+    pub fn pinned(&self) -> bool {
+        self.accounts_pin.is_some() || self.ids_pin.is_some()
     }
 
     /// Ends `pin_rings` (every pinned record was taken).

@@ -792,7 +792,7 @@ pub fn run(
     if let Some(mut s) = snapshots {
         s.complete(&mut w.state, &mut log);
     }
-    assert!(!w.state.rings_pinned(), "shard {shard}: a snapshot's encoding was left unfinished");
+    assert!(!w.state.pinned(), "shard {shard}: a snapshot's encoding was left unfinished");
     if !w.poisoned {
         if let Err(error) = log.sync_all() {
             eprintln!("shard {shard}: final sync failed: {error}");
@@ -806,12 +806,12 @@ type SnapshotDone = Box<dyn FnOnce(Result<u64, String>) + Send>;
 /// The writer thread: the write's result, and the sections' buffers for the next snapshot.
 type SnapshotWriter = std::thread::JoinHandle<(Result<(), String>, Vec<(u32, Vec<u8>)>)>;
 
-/// How many records of each ring a snapshot encodes between two batches (`Encoding::step`):
-/// about a millisecond of the shard's time (16 384 idempotency records of 115 bytes and as many
-/// history entries of 59), and 64 steps for rings of the default 2^20.
-pub const SNAPSHOT_RING_RECORDS_PER_STEP: usize = 16_384;
+/// How many records of each of its pinned parts (accounts, idempotency records, history) a
+/// snapshot encodes between two batches (`Encoding::step`): 1-2 ms of the shard's time, and
+/// 64 steps for rings of the default 2^20 (docs/benchmarks.md, session 12).
+pub const SNAPSHOT_RECORDS_PER_STEP: usize = 16_384;
 
-/// A snapshot whose rings are being encoded between batches.
+/// A snapshot whose accounts and rings are being encoded between batches.
 struct Encoding {
     lsn: u64,
     /// The state's last timestamp when it began.
@@ -825,9 +825,10 @@ struct Encoding {
 }
 
 /// One shard's snapshot bookkeeping: at most one snapshot is being encoded or written at a
-/// time. A snapshot is encoded on the shard's thread: everything but the two rings at once
-/// when it starts, then the rings a step at a time between batches (`step`), while the shard
-/// goes on (`ShardState::pin_rings`); then written by a thread of its own.
+/// time. A snapshot is encoded on the shard's thread: the small sections at once when it
+/// starts, then the accounts and the two rings a step at a time between batches (`step`),
+/// while the shard goes on (`ShardState::pin_accounts`, `pin_rings`); then written by a thread
+/// of its own.
 struct Snapshotter {
     policy: SnapshotPolicy,
     /// `Applier::logged_bytes` when the last snapshot started.
@@ -848,7 +849,8 @@ impl Snapshotter {
         self.encoding.is_some() || self.in_flight.is_some()
     }
 
-    /// A snapshot's rings are being encoded (the worker must not wait idle for commands).
+    /// A snapshot's accounts and rings are being encoded (the worker must not wait idle for
+    /// commands).
     fn encoding(&self) -> bool {
         self.encoding.is_some()
     }
@@ -892,11 +894,11 @@ impl Snapshotter {
         });
     }
 
-    /// Encodes the next records of the rings of the snapshot being encoded, if there is one;
-    /// once they are done, hands the snapshot to a thread that writes it.
+    /// Encodes the next records of the snapshot being encoded, if there is one; once they are
+    /// done, hands the snapshot to a thread that writes it.
     fn step(&mut self, state: &mut ShardState) {
         let Some(e) = self.encoding.as_mut() else { return };
-        if !e.encoding.step(state, SNAPSHOT_RING_RECORDS_PER_STEP) {
+        if !e.encoding.step(state, SNAPSHOT_RECORDS_PER_STEP) {
             return;
         }
         let Encoding { lsn, timestamp, encoding, extra, replaced_methods, waiting } =
