@@ -11,6 +11,9 @@
 //! - `added`: the bindings made since, in 256 hash maps (`Added`: one map's growth would stall
 //!   the shard); a shard started from genesis holds all its bindings here until its first
 //!   snapshot compacts them or it restarts.
+//! - While a snapshot encodes them, a third part, `frozen`: the bindings `added` held when the
+//!   snapshot began (`freeze`), shared with the thread that sorts, encodes and maybe compacts
+//!   them (`FrozenMethods`), while the shard binds new ones into a fresh `added`; `thaw` ends it.
 //!
 //! Why this and not the alternatives measured or considered for the 10 M-account snapshot
 //! (numbers from the development VM, 10 M bindings):
@@ -34,6 +37,8 @@
 //! the bindings in the map. Only binding a method and beginning a top-up look a binding up; tips
 //! never do.
 
+use std::sync::Arc;
+
 use crate::ledger::command::Channel;
 use crate::ledger::state_machine::IdMap;
 
@@ -43,12 +48,99 @@ pub type MethodKey = (u64, u64);
 /// See the module docs.
 #[derive(Clone, Default)]
 pub struct Methods {
+    /// The sorted arrays (shared with a snapshot's thread while it encodes them).
+    loaded: Arc<Loaded>,
+    /// While a snapshot encodes the bindings: those made before it began and after the load.
+    frozen: Option<Arc<Added>>,
+    /// Bindings made after the load (and after `freeze`); none of them is in `loaded` or `frozen`.
+    added: Added,
+}
+
+/// Bindings in sorted arrays, found through `directory`.
+#[derive(Default)]
+struct Loaded {
     /// Sorted ascending, no duplicates; `channels[i]` is the channel of `keys[i]`.
     keys: Vec<MethodKey>,
     channels: Vec<Channel>,
     directory: Directory,
-    /// Bindings made after the load; none of them is in `keys`.
-    added: Added,
+}
+
+impl Loaded {
+    /// Where `key` is in `keys`.
+    #[inline]
+    fn position(&self, key: MethodKey) -> Option<usize> {
+        let range = self.directory.range(key.0)?;
+        let keys = self.keys.get(range.clone())?;
+        keys.binary_search(&key).ok().map(|i| range.start + i)
+    }
+
+    /// These bindings merged with `added` (sorted here: a radix sort, as a shard started from
+    /// genesis may have millions), in ascending order.
+    fn merged(
+        &self,
+        added: impl Iterator<Item = (MethodKey, Channel)>,
+    ) -> impl Iterator<Item = (MethodKey, Channel)> + '_ {
+        let mut added: Vec<(MethodKey, Channel)> = added.collect();
+        radix_sort(&mut added, |&((user, method), _)| u128::from(user) << 64 | u128::from(method));
+        let mut loaded = self.keys.iter().copied().zip(self.channels.iter().copied()).peekable();
+        let mut added = added.into_iter().peekable();
+        std::iter::from_fn(move || match (loaded.peek(), added.peek()) {
+            (Some(l), Some(a)) if a.0 < l.0 => added.next(),
+            (Some(_), _) => loaded.next(),
+            (None, _) => added.next(),
+        })
+    }
+}
+
+/// The bindings as they were when a snapshot began (`Methods::freeze`), for the thread that
+/// encodes them: the sorted arrays and the bindings made since, both shared read-only.
+pub struct FrozenMethods {
+    loaded: Arc<Loaded>,
+    added: Arc<Added>,
+}
+
+impl FrozenMethods {
+    pub fn len(&self) -> usize {
+        self.loaded.keys.len() + self.added.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// See `Methods::worth_compacting`.
+    pub fn worth_compacting(&self) -> bool {
+        worth_compacting(self.added.len, self.loaded.keys.len())
+    }
+
+    /// Every binding, ascending.
+    pub fn sorted(&self) -> impl Iterator<Item = (MethodKey, Channel)> + '_ {
+        self.loaded.merged(self.added.iter().map(|(&k, &c)| (k, c)))
+    }
+
+    /// See `Methods::compacted`.
+    pub fn compacted(&self) -> Methods {
+        compact(self.len(), self.sorted())
+    }
+}
+
+/// What `Methods::thaw` replaced, to be dropped off the shard's thread (freeing hundreds of
+/// MiB is not free).
+pub struct Replaced {
+    _loaded: Arc<Loaded>,
+    _frozen: Arc<Added>,
+}
+
+fn worth_compacting(added: usize, loaded: usize) -> bool {
+    added != 0 && added * 4 >= loaded
+}
+
+fn compact(len: usize, sorted: impl Iterator<Item = (MethodKey, Channel)>) -> Methods {
+    let mut loader = MethodsLoader::with_capacity(len);
+    for ((user, method), channel) in sorted {
+        loader.push(user, method, channel).expect("sorted yields ascending, distinct bindings");
+    }
+    loader.finish()
 }
 
 /// How many hash maps `Added` spreads its bindings over (a power of two).
@@ -62,7 +154,7 @@ const _: () = assert!(ADDED_PARTS.is_power_of_two());
 /// started from genesis holds every binding here until its first snapshot). A part holds 1/256
 /// of them, so its copy is that much shorter.
 #[derive(Clone)]
-struct Added {
+pub(crate) struct Added {
     parts: Box<[IdMap<MethodKey, Channel>]>,
     len: usize,
 }
@@ -116,23 +208,53 @@ impl Methods {
         if let Some(channel) = self.added.get(&key) {
             return Some(channel);
         }
-        self.position(key).and_then(|i| self.channels.get(i).copied())
+        if let Some(channel) = self.frozen.as_ref().and_then(|frozen| frozen.get(&key)) {
+            return Some(channel);
+        }
+        self.loaded.position(key).and_then(|i| self.loaded.channels.get(i).copied())
     }
 
-    /// Where `key` is in `keys`.
-    #[inline]
-    fn position(&self, key: MethodKey) -> Option<usize> {
-        let range = self.directory.range(key.0)?;
-        let keys = self.keys.get(range.clone())?;
-        keys.binary_search(&key).ok().map(|i| range.start + i)
+    /// Shares the bindings as they are now with a snapshot's thread (`FrozenMethods`); the
+    /// shard goes on binding (into a fresh `added`) and finding every binding. Until `thaw`.
+    pub fn freeze(&mut self) -> FrozenMethods {
+        assert!(self.frozen.is_none(), "the methods are frozen already");
+        let frozen = Arc::new(std::mem::take(&mut self.added));
+        self.frozen = Some(frozen.clone());
+        FrozenMethods { loaded: self.loaded.clone(), added: frozen }
+    }
+
+    /// Ends `freeze`, once its `FrozenMethods` is dropped. With `compacted` (the frozen
+    /// bindings compacted into sorted arrays by the snapshot's thread: `FrozenMethods::compacted`)
+    /// those arrays replace the old ones and the frozen maps, which are returned for the caller
+    /// to drop; without, the frozen maps become `added` again, with the bindings made since.
+    pub fn thaw(&mut self, compacted: Option<Methods>) -> Option<Replaced> {
+        let frozen = self.frozen.take().expect("the methods are frozen");
+        match compacted {
+            Some(compacted) => {
+                assert!(compacted.frozen.is_none() && compacted.added.len == 0, "compacted into the arrays");
+                let loaded = std::mem::replace(&mut self.loaded, compacted.loaded);
+                Some(Replaced { _loaded: loaded, _frozen: frozen })
+            }
+            None => {
+                // The snapshot's thread is done with them, so this is the only reference (but
+                // for a clone of these `Methods` made meanwhile: then the maps are copied).
+                let frozen = Arc::try_unwrap(frozen).unwrap_or_else(|shared| (*shared).clone());
+                let since = std::mem::replace(&mut self.added, frozen);
+                for (&key, &channel) in since.iter() {
+                    assert!(self.added.insert(key, channel).is_none(), "binding {key:?} added twice");
+                }
+                None
+            }
+        }
     }
 
     /// Stage one of prefetching a lookup of `user`'s bindings: its directory entry. Hints only,
     /// like `ShardState::prefetch_index`, which calls it a few commands ahead.
     #[inline]
     pub fn prefetch_directory(&self, user: u64) {
-        if let Some(range) = self.directory.range_number(user) {
-            crate::ledger::index::prefetch(self.directory.starts.as_ptr().wrapping_add(range) as *const u8);
+        let directory = &self.loaded.directory;
+        if let Some(range) = directory.range_number(user) {
+            crate::ledger::index::prefetch(directory.starts.as_ptr().wrapping_add(range) as *const u8);
         }
     }
 
@@ -140,21 +262,23 @@ impl Methods {
     /// directory entry is cached by now).
     #[inline]
     pub fn prefetch_keys(&self, user: u64) {
-        if let Some(range) = self.directory.range(user) {
+        let loaded = &*self.loaded;
+        if let Some(range) = loaded.directory.range(user) {
             // The search reads the middle key, then halves the range: load the (at most 8) cache
             // lines of keys around the middle, 4 keys a line.
             let middle = range.start + range.len() / 2;
             for i in (middle.saturating_sub(16).max(range.start)..(middle + 16).min(range.end)).step_by(4) {
-                crate::ledger::index::prefetch(self.keys.as_ptr().wrapping_add(i) as *const u8);
+                crate::ledger::index::prefetch(loaded.keys.as_ptr().wrapping_add(i) as *const u8);
             }
-            crate::ledger::index::prefetch(self.channels.as_ptr().wrapping_add(middle) as *const u8);
+            crate::ledger::index::prefetch(loaded.channels.as_ptr().wrapping_add(middle) as *const u8);
         }
     }
 
     /// Binds `method` of `user` to `channel`. The binding must be new (the caller looked it up).
     pub fn insert(&mut self, user: u64, method: u64, channel: Channel) {
         let key = (user, method);
-        debug_assert!(self.position(key).is_none(), "binding {key:?} is loaded already");
+        debug_assert!(self.loaded.position(key).is_none(), "binding {key:?} is loaded already");
+        debug_assert!(self.frozen.as_ref().is_none_or(|f| f.get(&key).is_none()), "binding {key:?} is frozen");
         let previous = self.added.insert(key, channel);
         assert!(previous.is_none(), "binding {key:?} added twice");
     }
@@ -162,23 +286,23 @@ impl Methods {
     /// Whether `compacted` is worth its copy: the bindings made since the load (or the last
     /// compaction) are at least a quarter of those in the arrays.
     pub fn worth_compacting(&self) -> bool {
-        self.added.len != 0 && self.added.len * 4 >= self.keys.len()
+        worth_compacting(self.frozen_len() + self.added.len, self.loaded.keys.len())
+    }
+
+    fn frozen_len(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |f| f.len)
     }
 
     /// The same bindings, all in the sorted arrays, as a snapshot load would leave them: one
     /// merge of `sorted`. Lookups then prefetch well, the next `sorted` has only the bindings
     /// made after to sort, and the arrays take 17 bytes a binding where the map takes 42.
     pub fn compacted(&self) -> Methods {
-        let mut loader = MethodsLoader::with_capacity(self.len());
-        for ((user, method), channel) in self.sorted() {
-            loader.push(user, method, channel).expect("sorted yields ascending, distinct bindings");
-        }
-        loader.finish()
+        compact(self.len(), self.sorted())
     }
 
     /// Bindings held.
     pub fn len(&self) -> usize {
-        self.keys.len() + self.added.len
+        self.loaded.keys.len() + self.frozen_len() + self.added.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -188,15 +312,8 @@ impl Methods {
     /// Every binding in ascending (user, method) order: the loaded ones merged with the added
     /// ones (sorted here: a radix sort, as a shard started from genesis may have millions).
     pub fn sorted(&self) -> impl Iterator<Item = (MethodKey, Channel)> + '_ {
-        let mut added: Vec<(MethodKey, Channel)> = self.added.iter().map(|(&k, &c)| (k, c)).collect();
-        radix_sort(&mut added, |&((user, method), _)| u128::from(user) << 64 | u128::from(method));
-        let mut loaded = self.keys.iter().copied().zip(self.channels.iter().copied()).peekable();
-        let mut added = added.into_iter().peekable();
-        std::iter::from_fn(move || match (loaded.peek(), added.peek()) {
-            (Some(l), Some(a)) if a.0 < l.0 => added.next(),
-            (Some(_), _) => loaded.next(),
-            (None, _) => added.next(),
-        })
+        let frozen = self.frozen.iter().flat_map(|f| f.iter());
+        self.loaded.merged(self.added.iter().chain(frozen).map(|(&k, &c)| (k, c)))
     }
 }
 
@@ -256,7 +373,8 @@ impl MethodsLoader {
 
     pub fn finish(self) -> Methods {
         let directory = Directory::new(&self.keys);
-        Methods { keys: self.keys, channels: self.channels, directory, added: Added::default() }
+        let loaded = Arc::new(Loaded { keys: self.keys, channels: self.channels, directory });
+        Methods { loaded, frozen: None, added: Added::default() }
     }
 }
 
@@ -503,6 +621,53 @@ mod tests {
         assert_eq!(compacted.len(), all.len() + 1);
     }
 
+    /// A snapshot freezes the bindings, the shard goes on binding, and the snapshot's thread
+    /// reads the frozen ones; after `thaw`, with or without a compaction, every binding is
+    /// found and held once.
+    #[test]
+    fn frozen_bindings_stay_found_and_thaw_with_or_without_a_compaction() {
+        let all = bindings(3_000, 5);
+        let (before, during) = all.split_at(2_000);
+        let (loaded_part, added_part) = before.split_at(1_200);
+        for compact in [false, true] {
+            let mut methods = loaded(loaded_part);
+            for &((user, method), channel) in added_part {
+                methods.insert(user, method, channel);
+            }
+            let frozen = methods.freeze();
+            assert_eq!(frozen.len(), before.len());
+            assert_eq!(frozen.worth_compacting(), methods.worth_compacting());
+            let mut expected = before.to_vec();
+            expected.sort_unstable_by_key(|b| b.0);
+            assert_eq!(frozen.sorted().collect::<Vec<_>>(), expected);
+            // The shard binds more meanwhile, and finds old and new.
+            for &((user, method), channel) in during {
+                assert_eq!(methods.get(user, method), None);
+                methods.insert(user, method, channel);
+            }
+            for &((user, method), channel) in &all {
+                assert_eq!(methods.get(user, method), Some(channel), "compact {compact}");
+            }
+            assert_eq!(methods.len(), all.len());
+            let compacted = compact.then(|| frozen.compacted());
+            drop(frozen);
+            let replaced = methods.thaw(compacted);
+            assert_eq!(replaced.is_some(), compact);
+            assert_eq!(methods.len(), all.len());
+            let mut sorted = all.clone();
+            sorted.sort_unstable_by_key(|b| b.0);
+            assert_eq!(methods.sorted().collect::<Vec<_>>(), sorted, "compact {compact}");
+            for &((user, method), channel) in &all {
+                assert_eq!(methods.get(user, method), Some(channel), "compact {compact}");
+            }
+            // Compacted: the frozen bindings are in the arrays, the later ones still added.
+            let in_arrays = if compact { before.len() } else { loaded_part.len() };
+            assert_eq!(methods.loaded.keys.len(), in_arrays);
+            assert_eq!(methods.added.len, all.len() - in_arrays);
+            methods.freeze();
+        }
+    }
+
     #[test]
     fn lookups_find_exactly_the_loaded_bindings_however_the_users_spread() {
         type Spread = (&'static str, fn(u64) -> u64);
@@ -524,7 +689,7 @@ mod tests {
                 if !name.starts_with("bunched") && name != "one user" {
                     // Evenly spread ids: every range holds a few keys (at most 4x the average
                     // aimed at, as the ranges are a power of two of ids).
-                    let longest = methods.directory.starts.windows(2).map(|w| w[1] - w[0]).max();
+                    let longest = methods.loaded.directory.starts.windows(2).map(|w| w[1] - w[0]).max();
                     assert!(longest <= Some(4 * KEYS_PER_RANGE), "{name}, {n}: {longest:?}");
                 }
                 for (i, &((user, method), channel)) in sorted.iter().enumerate() {

@@ -19,6 +19,7 @@ use crate::ledger::{Command, Status};
 use crate::shard::directory::IdDirectory;
 use crate::shard::log_stage::{Appended, LogStage};
 use crate::shard::stats::{EngineStats, ShardMetrics};
+use crate::snapshot::state::Progress;
 
 /// Makes a batch durable. Implemented by the write-ahead log; `NullJournal` keeps nothing
 /// (in-memory engine for tests and the apply-only benchmark).
@@ -616,9 +617,12 @@ pub fn run(
             let i_internal = select.recv(&internal);
             let i_writes = select.recv(&writes);
             let i_queries = select.recv(&queries);
-            let encoding = snapshots.as_ref().is_some_and(Snapshotter::encoding);
+            let encoding = snapshots.as_ref().is_some_and(Snapshotter::has_steps);
+            let waiting = snapshots.as_ref().is_some_and(Snapshotter::waiting);
             let ready = if shutting_down || ahead.is_some() || encoding {
                 select.try_ready().ok()
+            } else if waiting {
+                select.ready_timeout(SNAPSHOT_METHODS_POLL.min(config.tick_interval)).ok()
             } else {
                 select.ready_timeout(config.tick_interval).ok()
             };
@@ -811,16 +815,20 @@ type SnapshotWriter = std::thread::JoinHandle<(Result<(), String>, Vec<(u32, Vec
 /// 64 steps for rings of the default 2^20 (docs/benchmarks.md, session 12).
 pub const SNAPSHOT_RECORDS_PER_STEP: usize = 16_384;
 
+/// How long an idle worker waits for commands while a snapshot waits for its payment methods'
+/// thread, before it looks again.
+const SNAPSHOT_METHODS_POLL: Duration = Duration::from_millis(1);
+
 /// A snapshot whose accounts and rings are being encoded between batches.
 struct Encoding {
     lsn: u64,
     /// The state's last timestamp when it began.
     timestamp: u64,
     encoding: crate::snapshot::state::Encoding,
+    /// What its last step left to do.
+    progress: Progress,
     /// Sections encoded outside the state's codec (the feed's tail).
     extra: Vec<(u32, Vec<u8>)>,
-    /// The payment methods the encoding's compaction replaced, dropped by the writer thread.
-    replaced_methods: Option<crate::ledger::methods::Methods>,
     waiting: Vec<SnapshotDone>,
 }
 
@@ -849,10 +857,15 @@ impl Snapshotter {
         self.encoding.is_some() || self.in_flight.is_some()
     }
 
-    /// A snapshot's accounts and rings are being encoded (the worker must not wait idle for
-    /// commands).
-    fn encoding(&self) -> bool {
-        self.encoding.is_some()
+    /// A snapshot has records left to encode (the worker must not wait idle for commands).
+    fn has_steps(&self) -> bool {
+        self.encoding.as_ref().is_some_and(|e| e.progress == Progress::Steps)
+    }
+
+    /// A snapshot waits only for its payment methods' thread (the worker may wait for commands,
+    /// but not for long).
+    fn waiting(&self) -> bool {
+        self.encoding.as_ref().is_some_and(|e| e.progress == Progress::Waiting)
     }
 
     fn start(
@@ -883,27 +896,27 @@ impl Snapshotter {
         use crate::snapshot::state::SECTION_FEED_TAIL;
         let feed_tail =
             feed.map(|f| f.encode_tail(crate::feed::FEED_EVENTS_IN_SNAPSHOT, buffers.take_raw(SECTION_FEED_TAIL)));
-        let (encoding, replaced_methods) = crate::snapshot::state::begin_encoding(state, buffers);
+        let encoding = crate::snapshot::state::begin_encoding(state, buffers);
         self.encoding = Some(Encoding {
             lsn,
             timestamp: state.last_timestamp(),
             encoding,
+            progress: Progress::Steps,
             extra: feed_tail.map(|tail| (SECTION_FEED_TAIL, tail)).into_iter().collect(),
-            replaced_methods,
             waiting,
         });
     }
 
-    /// Encodes the next records of the snapshot being encoded, if there is one; once they are
+    /// Encodes the next records of the snapshot being encoded, if there is one; once it is
     /// done, hands the snapshot to a thread that writes it.
     fn step(&mut self, state: &mut ShardState) {
         let Some(e) = self.encoding.as_mut() else { return };
-        if !e.encoding.step(state, SNAPSHOT_RECORDS_PER_STEP) {
+        e.progress = e.encoding.step(state, SNAPSHOT_RECORDS_PER_STEP);
+        if e.progress != Progress::Done {
             return;
         }
-        let Encoding { lsn, timestamp, encoding, extra, replaced_methods, waiting } =
-            self.encoding.take().expect("encoding");
-        let mut sections = encoding.finish(state);
+        let Encoding { lsn, timestamp, encoding, extra, waiting, .. } = self.encoding.take().expect("encoding");
+        let (mut sections, replaced_methods) = encoding.finish(state);
         sections.extend(extra);
         let meta = crate::snapshot::SnapshotMeta { lsns: vec![lsn], timestamp };
         let (dir, storage) = (self.policy.dir.clone(), self.policy.storage.0.clone());
@@ -914,8 +927,8 @@ impl Snapshotter {
                 let written = crate::snapshot::write_snapshot_in(storage.as_ref(), &dir, &meta, &refs)
                     .map(|_| ())
                     .map_err(|e| e.to_string());
-                // Freeing the payment methods the compaction replaced (a hash map of up to
-                // hundreds of MiB) is work the shard need not wait for.
+                // Freeing the payment methods the compaction replaced (hash maps and arrays of
+                // up to hundreds of MiB) is work the shard need not wait for.
                 drop(replaced_methods);
                 (written, sections)
             })
@@ -934,6 +947,9 @@ impl Snapshotter {
     fn complete(&mut self, state: &mut ShardState, log: &mut LogStage) {
         while self.encoding.is_some() {
             self.step(state);
+            if self.waiting() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         self.finish(log, state.shard());
     }

@@ -16,7 +16,7 @@ use crate::layout::{CommandRecord, TEXT_LEN};
 use crate::ledger::account::{Account, HistoryEntry, HistoryRing};
 use crate::ledger::command::SYSTEM_ACCOUNTS;
 use crate::ledger::index::{AccountIndex, LoadError};
-use crate::ledger::methods::{Methods, MethodsLoader};
+use crate::ledger::methods::{MethodKey, Methods, MethodsLoader, Replaced};
 use crate::ledger::state_machine::{IdRecord, Reply, ShardState, TopUp, TopUpState};
 use crate::ledger::{AccountKind, Channel, Command, FailReason, Status};
 use zerocopy::{FromBytes, IntoBytes};
@@ -233,7 +233,10 @@ pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
     let ids_buffer = buffers.take(SECTION_IDS, state.id_ring.len() * ID_SIZE);
     let history_buffer = history_buffer(state, &mut buffers);
     std::thread::scope(|s| {
-        let second = s.spawn(|| (encode_methods(&state.methods, methods_buffer), encode_ids(state, ids_buffer)));
+        let second = s.spawn(|| {
+            let methods = encode_methods(state.methods.len(), state.methods.sorted(), methods_buffer);
+            (methods, encode_ids(state, ids_buffer))
+        });
         let mut accounts = AccountsEncoder::new(state.accounts.len(), &mut buffers);
         for account in &state.accounts {
             accounts.push(account);
@@ -257,10 +260,8 @@ pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
 /// sit in a hash map that each snapshot had to collect and sort. With 10 M of them that was
 /// 0.75-0.86 s of the encode, its longest part (docs/benchmarks.md, session 9). Compacted, the
 /// next snapshot reads them in order from the arrays, and only the bindings made since are sorted.
-pub fn encode_compacting(state: &mut ShardState, buffers: SectionBuffers) -> (Vec<(u32, Vec<u8>)>, Option<Methods>) {
-    let (mut encoding, replaced) = begin_encoding(state, buffers);
-    while !encoding.step(state, usize::MAX) {}
-    (encoding.finish(state), replaced)
+pub fn encode_compacting(state: &mut ShardState, buffers: SectionBuffers) -> (Vec<(u32, Vec<u8>)>, Option<Replaced>) {
+    begin_encoding(state, buffers).complete(state)
 }
 
 /// The order of a snapshot's sections (docs/wal-format.md).
@@ -287,49 +288,72 @@ fn in_order(mut sections: Vec<(u32, Vec<u8>)>) -> Vec<(u32, Vec<u8>)> {
 /// A snapshot being encoded while its shard goes on (`begin_encoding`): every section is done
 /// but the accounts, the idempotency records and the history, which are pinned
 /// (`ShardState::pin_accounts`, `pin_rings`) and encoded a budget of records at a time (`step`),
-/// then `finish`.
+/// and the payment methods, which are frozen (`Methods::freeze`) and sorted, encoded and, when
+/// worth it, compacted on a thread of their own; then `finish`.
 ///
-/// Why: those three are most of a snapshot (at the default windows, 2^20 idempotency records of
+/// Why: those four are most of a snapshot (at the default windows, 2^20 idempotency records of
 /// 115 bytes and 2^20 history entries of 59: 174 of the 216 MiB of a shard of 500 000 funded
-/// users; the accounts grow with the users), and encoding them in one go stalled the shard for
-/// as long (docs/benchmarks.md, session 12). A step is a pause of about a millisecond between
-/// batches.
+/// users; the accounts and the methods grow with the users), and encoding them in one go
+/// stalled the shard for as long (docs/benchmarks.md, session 12). A step is a pause of a
+/// millisecond or two between batches.
 pub struct Encoding {
     rest: Vec<(u32, Vec<u8>)>,
     accounts: AccountsEncoder,
     ids: W,
     history: W,
+    methods: MethodsJob,
+}
+
+/// The payment methods' part of an `Encoding`.
+enum MethodsJob {
+    /// Their section, and the bindings compacted into sorted arrays if that was worth it.
+    Running(std::thread::JoinHandle<(Vec<u8>, Option<Methods>)>),
+    /// The section, and what the compaction replaced in the shard (`Methods::thaw`).
+    Done(Vec<u8>, Option<Replaced>),
+}
+
+/// What `Encoding::step` left to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Records to encode: step again soon.
+    Steps,
+    /// Only the payment methods' thread: step again when it is done.
+    Waiting,
+    /// Everything: `finish`.
+    Done,
 }
 
 /// Starts a snapshot of `state` as a shard's worker does (see `encode_compacting`, whose
-/// sections `Encoding::finish` then returns, byte for byte): the rings are pinned and left for
-/// `Encoding::step`. Returns the payment methods the compaction replaced, if any.
-pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> (Encoding, Option<Methods>) {
+/// sections `Encoding::finish` then returns, byte for byte): the small sections now, the rest
+/// left to `Encoding::step` and the payment methods' thread.
+pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> Encoding {
     let methods_buffer = buffers.take(SECTION_METHODS, 8 + state.methods.len() * 3);
     let ids = buffers.take(SECTION_IDS, state.id_ring.len() * ID_SIZE);
     let history = history_buffer(state, &mut buffers);
-    let shared: &ShardState = state;
     let accounts = AccountsEncoder::new(state.accounts.len(), &mut buffers);
-    let (mut rest, compacted) = std::thread::scope(|s| {
-        let second = s.spawn(|| {
-            let compacted = shared.methods.worth_compacting().then(|| shared.methods.compacted());
-            (encode_methods(compacted.as_ref().unwrap_or(&shared.methods), methods_buffer), compacted)
-        });
-        let rest = encode_rest(shared, &mut buffers);
-        let (methods, compacted) = joined(second);
-        (rest, (methods, compacted))
-    });
-    let (methods, compacted) = compacted;
-    rest.push((SECTION_METHODS, methods));
+    let rest = encode_rest(state, &mut buffers);
+    let frozen = state.methods.freeze();
+    let job = std::thread::Builder::new()
+        .name(format!("snapshot-methods-{}", state.shard))
+        .spawn(move || {
+            let compacted = frozen.worth_compacting().then(|| frozen.compacted());
+            let section = match &compacted {
+                // The same bindings in the same order; the arrays need no sort.
+                Some(methods) => encode_methods(methods.len(), methods.sorted(), methods_buffer),
+                None => encode_methods(frozen.len(), frozen.sorted(), methods_buffer),
+            };
+            (section, compacted)
+        })
+        .expect("spawn the snapshot's methods thread");
     state.pin_accounts();
     state.pin_rings();
-    let replaced = compacted.map(|methods| std::mem::replace(&mut state.methods, methods));
-    (Encoding { rest, accounts, ids, history }, replaced)
+    Encoding { rest, accounts, ids, history, methods: MethodsJob::Running(job) }
 }
 
 impl Encoding {
-    /// Encodes up to `budget` more records of each pinned ring; true when both are done.
-    pub fn step(&mut self, state: &mut ShardState, budget: usize) -> bool {
+    /// Encodes up to `budget` more records of each pinned part, and takes the payment methods'
+    /// result if their thread is done (non-blocking).
+    pub fn step(&mut self, state: &mut ShardState, budget: usize) -> Progress {
         let mut accounts_done = false;
         for _ in 0..budget {
             match state.next_pinned_account() {
@@ -360,17 +384,49 @@ impl Encoding {
                 }
             }
         }
-        accounts_done && ids_done && history_done
+        if !(accounts_done && ids_done && history_done) {
+            return Progress::Steps;
+        }
+        match &self.methods {
+            MethodsJob::Running(job) if !job.is_finished() => Progress::Waiting,
+            MethodsJob::Running(_) => {
+                self.join_methods(state);
+                Progress::Done
+            }
+            MethodsJob::Done(..) => Progress::Done,
+        }
     }
 
-    /// The snapshot's sections, once `step` said it is done; unpins the rings.
-    pub fn finish(self, state: &mut ShardState) -> Vec<(u32, Vec<u8>)> {
+    /// Waits for the payment methods' thread, and thaws the shard's methods.
+    fn join_methods(&mut self, state: &mut ShardState) {
+        if let MethodsJob::Done(..) = self.methods {
+            return;
+        }
+        let placeholder = MethodsJob::Done(Vec::new(), None);
+        if let MethodsJob::Running(job) = std::mem::replace(&mut self.methods, placeholder) {
+            let (section, compacted) = job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let replaced = state.methods.thaw(compacted);
+            self.methods = MethodsJob::Done(section, replaced);
+        }
+    }
+
+    /// `step` with no budget, waiting for the payment methods' thread, then `finish`.
+    pub fn complete(mut self, state: &mut ShardState) -> (Vec<(u32, Vec<u8>)>, Option<Replaced>) {
+        while self.step(state, usize::MAX) == Progress::Steps {}
+        self.join_methods(state);
+        self.finish(state)
+    }
+
+    /// The snapshot's sections, once `step` said `Done`; unpins the accounts and rings. Also
+    /// what the methods' compaction replaced, for the caller to drop off the shard's thread.
+    pub fn finish(self, state: &mut ShardState) -> (Vec<(u32, Vec<u8>)>, Option<Replaced>) {
+        let MethodsJob::Done(methods, replaced) = self.methods else { panic!("the methods' thread is not done") };
         state.unpin_accounts();
         state.unpin_rings();
         let mut sections = self.rest;
         sections.extend(self.accounts.finish());
-        sections.extend([(SECTION_IDS, self.ids.0), (SECTION_HISTORY, self.history.0)]);
-        in_order(sections)
+        sections.extend([(SECTION_METHODS, methods), (SECTION_IDS, self.ids.0), (SECTION_HISTORY, self.history.0)]);
+        (in_order(sections), replaced)
     }
 }
 
@@ -593,10 +649,10 @@ impl AccountsEncoder {
 /// The payment methods section: a u64 count, then per binding, sorted by (user, method): the
 /// user as a varint delta from the previous binding's (the first from 0), the method as a
 /// varint, the channel code as one byte.
-fn encode_methods(methods: &Methods, mut w: W) -> Vec<u8> {
-    w.u64(methods.len() as u64);
+fn encode_methods(len: usize, sorted: impl Iterator<Item = (MethodKey, Channel)>, mut w: W) -> Vec<u8> {
+    w.u64(len as u64);
     let mut previous_user = 0;
-    for ((user, method), channel) in methods.sorted() {
+    for ((user, method), channel) in sorted {
         w.varint(user - previous_user);
         w.varint(method);
         w.u8(channel as u8);
@@ -948,6 +1004,10 @@ pub fn decode<'a>(
 mod tests {
     use super::*;
 
+    fn encoded_methods(methods: &Methods) -> Vec<u8> {
+        encode_methods(methods.len(), methods.sorted(), W(Vec::new()))
+    }
+
     #[test]
     fn varints_roundtrip_and_only_the_minimal_form_is_accepted() {
         let mut values = vec![0, 1, 0x7f, 0x80, 0x3fff, 0x4000, u64::MAX, u64::MAX - 1, 1 << 63];
@@ -1118,7 +1178,7 @@ mod tests {
         for &((user, method), channel) in all.iter().step_by(3) {
             first.insert(user, method, channel);
         }
-        let mut restored = decode_methods(&encode_methods(&first, W(Vec::new()))).unwrap();
+        let mut restored = decode_methods(&encoded_methods(&first)).unwrap();
         assert_eq!(restored, first);
         for (i, &((user, method), channel)) in all.iter().enumerate() {
             if i % 3 != 0 {
@@ -1127,9 +1187,9 @@ mod tests {
             }
         }
         assert_eq!(restored, state.methods);
-        let bytes = encode_methods(&state.methods, W(Vec::new()));
-        assert_eq!(encode_methods(&restored, W(Vec::new())), bytes);
-        assert_eq!(encode_methods(&decode_methods(&bytes).unwrap(), W(Vec::new())), bytes);
+        let bytes = encoded_methods(&state.methods);
+        assert_eq!(encoded_methods(&restored), bytes);
+        assert_eq!(encoded_methods(&decode_methods(&bytes).unwrap()), bytes);
     }
 
     #[test]
