@@ -283,13 +283,19 @@ async fn a_slow_subscriber_is_dropped_while_the_ledger_keeps_acknowledging() {
     server.stop().await;
 }
 
+/// A node of 2 shards in `dir`, buffered, with small log segments.
+fn node_config(dir: &std::path::Path) -> NodeConfig {
+    let mut config = NodeConfig::new(dir);
+    config.engine = EngineConfig { shards: 2, ..EngineConfig::default() };
+    config.durability = Durability::Buffered;
+    config.segment_size = 1 << 20;
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_after_the_snapshot_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node_config = NodeConfig::new(dir.path());
-    node_config.engine = EngineConfig { shards: 2, ..EngineConfig::default() };
-    node_config.durability = Durability::Buffered;
-    node_config.segment_size = 1 << 20;
+    let node_config = node_config(dir.path());
 
     let node = Node::open(node_config.clone()).unwrap();
     let engine = node.engine().clone();
@@ -345,11 +351,7 @@ async fn events_after_the_snapshot_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_behind_the_snapshot_resumes_after_a_restart_from_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node_config = NodeConfig::new(dir.path());
-    node_config.engine = EngineConfig { shards: 2, ..EngineConfig::default() };
-    node_config.durability = Durability::Buffered;
-    node_config.segment_size = 1 << 20;
-    node_config.snapshot_every_bytes = 0;
+    let node_config = NodeConfig { snapshot_every_bytes: 0, ..node_config(dir.path()) };
 
     let node = Node::open(node_config.clone()).unwrap();
     let engine = node.engine().clone();
