@@ -188,6 +188,11 @@ impl HistoryRing {
         Some(entry)
     }
 
+    /// Entries kept aside for the encoder (evicted before it took them).
+    pub fn pinned_saved(&self) -> usize {
+        self.pin.as_ref().map_or(0, |pin| pin.saved.len())
+    }
+
     /// Ends `pin` (every pinned entry was taken).
     pub fn unpin(&mut self) {
         let pin = self.pin.take().expect("the history ring is pinned");

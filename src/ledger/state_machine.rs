@@ -621,6 +621,16 @@ impl ShardState {
         assert!(pin.next == pin.end && pin.saved() == 0, "a pinned account was not taken");
     }
 
+    /// What a snapshot being encoded holds aside now: accounts changed, idempotency records and
+    /// history entries evicted, before the encoder took them (each at most what was pinned).
+    pub fn pinned_kept(&self) -> [usize; 3] {
+        [
+            self.accounts_pin.as_ref().map_or(0, |pin| pin.saved()),
+            self.ids_pin.as_ref().map_or(0, |pin| pin.saved.len()),
+            self.history.pinned_saved(),
+        ]
+    }
+
     /// Whether the accounts or the rings are pinned (a snapshot is being encoded).
     pub fn pinned(&self) -> bool {
         self.accounts_pin.is_some() || self.ids_pin.is_some()

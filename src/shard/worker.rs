@@ -810,9 +810,10 @@ type SnapshotDone = Box<dyn FnOnce(Result<u64, String>) + Send>;
 /// The writer thread: the write's result, and the sections' buffers for the next snapshot.
 type SnapshotWriter = std::thread::JoinHandle<(Result<(), String>, Vec<(u32, Vec<u8>)>)>;
 
-/// How many records of each of its pinned parts (accounts, idempotency records, history) a
-/// snapshot encodes between two batches (`Encoding::step`): 1-2 ms of the shard's time, and
-/// 64 steps for rings of the default 2^20 (docs/benchmarks.md, session 12).
+/// How many records of each of its pinned parts (accounts, idempotency records; three times as
+/// many history entries) a snapshot encodes between two batches (`Encoding::step`): a few
+/// milliseconds of the shard's time, and 64 steps for an idempotency ring of the default 2^20
+/// (docs/benchmarks.md, session 12).
 pub const SNAPSHOT_RECORDS_PER_STEP: usize = 16_384;
 
 /// How long an idle worker waits for commands while a snapshot waits for its payment methods'

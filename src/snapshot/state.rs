@@ -351,8 +351,8 @@ pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> En
 }
 
 impl Encoding {
-    /// Encodes up to `budget` more records of each pinned part, and takes the payment methods'
-    /// result if their thread is done (non-blocking).
+    /// Encodes up to `budget` more records of each pinned part (three times that of the
+    /// history), and takes the payment methods' result if their thread is done (non-blocking).
     pub fn step(&mut self, state: &mut ShardState, budget: usize) -> Progress {
         let mut accounts_done = false;
         for _ in 0..budget {
@@ -374,8 +374,10 @@ impl Encoding {
                 }
             }
         }
+        // A spend pushes up to three history entries (payer, streamer, union) and evicts as
+        // many: three times the budget keeps the encoder ahead of the evictions.
         let mut history_done = false;
-        for _ in 0..budget {
+        for _ in 0..budget.saturating_mul(3) {
             match state.history.next_pinned() {
                 Some(entry) => encode_history_entry(&mut self.history, &entry),
                 None => {
