@@ -186,6 +186,10 @@ pub struct ShardState {
     pub(crate) id_seq: u64,
     pub(crate) topups: TopUps,
     pub(crate) pending: VecDeque<(u64, u64)>,
+    /// Entries ever popped off `pending` (the sequence number of its front, for `pending_pin`).
+    pending_popped: u64,
+    /// Set while a snapshot encodes `pending` (`pin_rings`).
+    pending_pin: Option<Box<RingPin<(u64, u64)>>>,
     /// Ended top-ups whose id record has left the idempotency window, by (deadline, id): the
     /// first is forgotten first once there are more than `topups_max`. Derived from
     /// `topups` (not stored in snapshots).
@@ -260,6 +264,8 @@ impl ShardState {
             id_seq: 0,
             topups: TopUps::with_bound(topups_bound(&limits)),
             pending: VecDeque::new(),
+            pending_popped: 0,
+            pending_pin: None,
             topups_kept: std::collections::BTreeSet::new(),
             topups_pending: 0,
             held_topup_ids: 0,
@@ -539,15 +545,34 @@ impl ShardState {
         }
     }
 
-    /// Keeps the idempotency and history rings' records as they are now for a snapshot's
-    /// encoder, which takes them a few at a time (`next_pinned_id`, `HistoryRing::next_pinned`)
-    /// while the shard goes on applying commands: the records the rings evict meanwhile are
-    /// kept aside until it does. Results do not change.
+    /// Keeps the idempotency and history rings' records, and the pending top-ups' deadlines (a
+    /// queue too), as they are now for a snapshot's encoder, which takes them a few at a time
+    /// (`next_pinned_id`, `HistoryRing::next_pinned`, `next_pinned_pending`) while the shard goes
+    /// on applying commands: the records the rings evict meanwhile are kept aside until it does.
+    /// Results do not change.
     pub fn pin_rings(&mut self) {
         assert!(self.ids_pin.is_none(), "the rings are pinned already");
         let first = self.id_ring.front().map_or(self.id_seq, |(seq, _)| *seq);
         self.ids_pin = Some(Box::new(RingPin::new(first, self.id_seq)));
         self.history.pin();
+        let popped = self.pending_popped;
+        self.pending_pin = Some(Box::new(RingPin::new(popped, popped + self.pending.len() as u64)));
+    }
+
+    /// The next pinned pending top-up (deadline, id), in deadline order (`None` when all were
+    /// taken).
+    pub fn next_pinned_pending(&mut self) -> Option<(u64, u64)> {
+        let pin = self.pending_pin.as_mut().expect("the rings are pinned");
+        if pin.next == pin.end {
+            return None;
+        }
+        let entry = match pin.saved.pop_front() {
+            Some(saved) => saved,
+            // Not popped yet, so still in the queue (whose front is at or before it).
+            None => self.pending[(pin.next - self.pending_popped) as usize],
+        };
+        pin.next += 1;
+        Some(entry)
     }
 
     /// The next pinned idempotency record, oldest first (`None` when all were taken).
@@ -621,13 +646,15 @@ impl ShardState {
         assert!(pin.next == pin.end && pin.saved() == 0, "a pinned account was not taken");
     }
 
-    /// What a snapshot being encoded holds aside now: accounts changed, idempotency records and
-    /// history entries evicted, before the encoder took them (each at most what was pinned).
-    pub fn pinned_kept(&self) -> [usize; 3] {
+    /// What a snapshot being encoded holds aside now: accounts changed, idempotency records,
+    /// history entries and pending deadlines evicted, before the encoder took them (each at most
+    /// what was pinned).
+    pub fn pinned_kept(&self) -> [usize; 4] {
         [
             self.accounts_pin.as_ref().map_or(0, |pin| pin.saved()),
             self.ids_pin.as_ref().map_or(0, |pin| pin.saved.len()),
             self.history.pinned_saved(),
+            self.pending_pin.as_ref().map_or(0, |pin| pin.saved.len()),
         ]
     }
 
@@ -640,6 +667,8 @@ impl ShardState {
     pub fn unpin_rings(&mut self) {
         let pin = self.ids_pin.take().expect("the rings are pinned");
         assert!(pin.next == pin.end && pin.saved.is_empty(), "a pinned record was not taken");
+        let pin = self.pending_pin.take().expect("the rings are pinned");
+        assert!(pin.next == pin.end && pin.saved.is_empty(), "a pinned deadline was not taken");
         self.history.unpin();
     }
 
@@ -1112,7 +1141,11 @@ impl ShardState {
             if deadline > timestamp {
                 break;
             }
+            if let Some(pin) = &mut self.pending_pin {
+                pin.evicting(self.pending_popped, &(deadline, id));
+            }
             self.pending.pop_front();
+            self.pending_popped += 1;
             if let Some(topup) = self.topups.get_mut(&id) {
                 if topup.state == TopUpState::Pending {
                     topup.state = TopUpState::Expired;

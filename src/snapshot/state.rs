@@ -241,9 +241,14 @@ pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
         for account in &state.accounts {
             accounts.push(account);
         }
+        let mut pending = pending_buffer(state, &mut buffers);
+        for entry in &state.pending {
+            encode_pending(&mut pending, entry);
+        }
         let mut sections = encode_rest(state, &mut buffers);
         sections.extend(accounts.finish());
         sections.push((SECTION_HISTORY, encode_history(state, history_buffer)));
+        sections.push((SECTION_PENDING, pending.0));
         let (methods, ids) = joined(second);
         sections.extend([(SECTION_METHODS, methods), (SECTION_IDS, ids)]);
         in_order(sections)
@@ -301,6 +306,7 @@ pub struct Encoding {
     accounts: AccountsEncoder,
     ids: W,
     history: W,
+    pending: W,
     methods: MethodsJob,
 }
 
@@ -331,6 +337,7 @@ pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> En
     let ids = buffers.take(SECTION_IDS, state.id_ring.len() * ID_SIZE);
     let history = history_buffer(state, &mut buffers);
     let accounts = AccountsEncoder::new(state.accounts.len(), &mut buffers);
+    let pending = pending_buffer(state, &mut buffers);
     let rest = encode_rest(state, &mut buffers);
     let frozen = state.methods.freeze();
     let job = std::thread::Builder::new()
@@ -347,7 +354,7 @@ pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> En
         .expect("spawn the snapshot's methods thread");
     state.pin_accounts();
     state.pin_rings();
-    Encoding { rest, accounts, ids, history, methods: MethodsJob::Running(job) }
+    Encoding { rest, accounts, ids, history, pending, methods: MethodsJob::Running(job) }
 }
 
 impl Encoding {
@@ -386,7 +393,17 @@ impl Encoding {
                 }
             }
         }
-        if !(accounts_done && ids_done && history_done) {
+        let mut pending_done = false;
+        for _ in 0..budget {
+            match state.next_pinned_pending() {
+                Some(entry) => encode_pending(&mut self.pending, &entry),
+                None => {
+                    pending_done = true;
+                    break;
+                }
+            }
+        }
+        if !(accounts_done && ids_done && history_done && pending_done) {
             return Progress::Steps;
         }
         match &self.methods {
@@ -427,7 +444,12 @@ impl Encoding {
         state.unpin_rings();
         let mut sections = self.rest;
         sections.extend(self.accounts.finish());
-        sections.extend([(SECTION_METHODS, methods), (SECTION_IDS, self.ids.0), (SECTION_HISTORY, self.history.0)]);
+        sections.extend([
+            (SECTION_METHODS, methods),
+            (SECTION_IDS, self.ids.0),
+            (SECTION_HISTORY, self.history.0),
+            (SECTION_PENDING, self.pending.0),
+        ]);
         (in_order(sections), replaced)
     }
 }
@@ -484,6 +506,16 @@ fn encode_id_record(w: &mut W, seq: u64, record: &IdRecord) {
     reply_fields(w, &record.reply);
 }
 
+fn pending_buffer(state: &ShardState, buffers: &mut SectionBuffers) -> W {
+    buffers.take(SECTION_PENDING, state.pending.len() * 16)
+}
+
+#[inline]
+fn encode_pending(w: &mut W, &(deadline, id): &(u64, u64)) {
+    w.u64(deadline);
+    w.u64(id);
+}
+
 fn history_buffer(state: &ShardState, buffers: &mut SectionBuffers) -> W {
     buffers.take(SECTION_HISTORY, state.history.capacity().min(state.history.appended()) as usize * HISTORY_SIZE)
 }
@@ -509,7 +541,8 @@ fn encode_history_entry(w: &mut W, e: &HistoryEntry) {
     w.u8(e.kind);
 }
 
-/// Every section but the accounts, the payment methods, the idempotency records and the history.
+/// The small sections: all but the accounts, the payment methods, the idempotency records, the
+/// history and the pending top-ups.
 fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Vec<u8>)> {
     assert!(state.evicted.is_empty(), "evicted ids are drained after every batch");
     let mut meta = buffers.take(SECTION_META, 64);
@@ -559,12 +592,6 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
         topups.u8(t.id_evicted as u8);
     }
 
-    let mut pending = buffers.take(SECTION_PENDING, state.pending.len() * 16);
-    for &(deadline, id) in &state.pending {
-        pending.u64(deadline);
-        pending.u64(id);
-    }
-
     let mut outbox = buffers.take(SECTION_OUTBOX, state.outbox.len() * OUTBOX_SIZE);
     for (seq, c) in &state.outbox {
         outbox.u64(*seq);
@@ -575,7 +602,6 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
         (SECTION_META, meta.0),
         (SECTION_TOPUPS, topups.0),
         (SECTION_TOPUP_METHODS, topup_methods.0),
-        (SECTION_PENDING, pending.0),
         (SECTION_OUTBOX, outbox.0),
     ]
 }
