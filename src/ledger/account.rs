@@ -98,6 +98,23 @@ impl<T: Copy> RingPin<T> {
             self.saved.push_back(*record);
         }
     }
+
+    /// The next pinned record, oldest first: kept aside if evicted, else `at(sequence number)`
+    /// from the ring, where it still is. `None` when all were taken.
+    #[inline]
+    pub fn take(&mut self, at: impl FnOnce(u64) -> T) -> Option<T> {
+        if self.next == self.end {
+            return None;
+        }
+        let record = self.saved.pop_front().unwrap_or_else(|| at(self.next));
+        self.next += 1;
+        Some(record)
+    }
+
+    /// Checks that every pinned record was taken (the pin is then dropped).
+    pub fn finish(&self, what: &str) {
+        assert!(self.next == self.end && self.saved.is_empty(), "a pinned {what} was not taken");
+    }
 }
 
 /// The accounts as they were when a snapshot began (see `RingPin`): slots `next..end` are still
@@ -175,17 +192,8 @@ impl HistoryRing {
 
     /// The next entry of the pinned ones, oldest first (`None` when all were taken).
     pub fn next_pinned(&mut self) -> Option<HistoryEntry> {
-        let pin = self.pin.as_mut().expect("the history ring is pinned");
-        if pin.next == pin.end {
-            return None;
-        }
-        let entry = match pin.saved.pop_front() {
-            Some(saved) => saved,
-            // Not evicted, so still in its slot.
-            None => self.entries[(pin.next % self.capacity) as usize],
-        };
-        pin.next += 1;
-        Some(entry)
+        let (entries, capacity) = (&self.entries, self.capacity);
+        self.pin.as_mut().expect("the history ring is pinned").take(|seq| entries[(seq % capacity) as usize])
     }
 
     /// Entries kept aside for the encoder (evicted before it took them).
@@ -195,8 +203,7 @@ impl HistoryRing {
 
     /// Ends `pin` (every pinned entry was taken).
     pub fn unpin(&mut self) {
-        let pin = self.pin.take().expect("the history ring is pinned");
-        assert!(pin.next == pin.end && pin.saved.is_empty(), "a pinned entry was not taken");
+        self.pin.take().expect("the history ring is pinned").finish("history entry");
     }
 
     /// The sequence number of the oldest retained entry.

@@ -562,36 +562,21 @@ impl ShardState {
     /// The next pinned pending top-up (deadline, id), in deadline order (`None` when all were
     /// taken).
     pub fn next_pinned_pending(&mut self) -> Option<(u64, u64)> {
-        let pin = self.pending_pin.as_mut().expect("the rings are pinned");
-        if pin.next == pin.end {
-            return None;
-        }
-        let entry = match pin.saved.pop_front() {
-            Some(saved) => saved,
-            // Not popped yet, so still in the queue (whose front is at or before it).
-            None => self.pending[(pin.next - self.pending_popped) as usize],
-        };
-        pin.next += 1;
-        Some(entry)
+        let (pending, popped) = (&self.pending, self.pending_popped);
+        self.pending_pin.as_mut().expect("the rings are pinned").take(|seq| pending[(seq - popped) as usize])
     }
 
     /// The next pinned idempotency record, oldest first (`None` when all were taken).
     pub fn next_pinned_id(&mut self) -> Option<(u64, IdRecord)> {
-        let pin = self.ids_pin.as_mut().expect("the rings are pinned");
-        if pin.next == pin.end {
-            return None;
-        }
-        let record = match pin.saved.pop_front() {
-            Some(saved) => saved,
+        let (ring, pin) = (&self.id_ring, self.ids_pin.as_mut().expect("the rings are pinned"));
+        let expected = pin.next;
+        let record = pin.take(|seq| {
             // Not evicted, so still in the ring (whose front is at or before it).
-            None => {
-                let front = self.id_ring.front().expect("a pinned record is in the ring").0;
-                self.id_ring[(pin.next - front) as usize]
-            }
-        };
-        debug_assert_eq!(record.0, pin.next);
-        pin.next += 1;
-        Some(record)
+            let front = ring.front().expect("a pinned record is in the ring").0;
+            ring[(seq - front) as usize]
+        });
+        debug_assert!(record.is_none_or(|(seq, _)| seq == expected));
+        record
     }
 
     /// The account at `slot`, to change it: every change goes through here (or `keep_account`),
@@ -665,10 +650,8 @@ impl ShardState {
 
     /// Ends `pin_rings` (every pinned record was taken).
     pub fn unpin_rings(&mut self) {
-        let pin = self.ids_pin.take().expect("the rings are pinned");
-        assert!(pin.next == pin.end && pin.saved.is_empty(), "a pinned record was not taken");
-        let pin = self.pending_pin.take().expect("the rings are pinned");
-        assert!(pin.next == pin.end && pin.saved.is_empty(), "a pinned deadline was not taken");
+        self.ids_pin.take().expect("the rings are pinned").finish("idempotency record");
+        self.pending_pin.take().expect("the rings are pinned").finish("pending deadline");
         self.history.unpin();
     }
 

@@ -357,52 +357,34 @@ pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> En
     Encoding { rest, accounts, ids, history, pending, methods: MethodsJob::Running(job) }
 }
 
+/// Encodes up to `budget` records taken from `next`; true when `next` has none left.
+#[inline]
+fn encode_some<T>(budget: usize, mut next: impl FnMut() -> Option<T>, mut encode: impl FnMut(T)) -> bool {
+    for _ in 0..budget {
+        match next() {
+            Some(record) => encode(record),
+            None => return true,
+        }
+    }
+    false
+}
+
 impl Encoding {
     /// Encodes up to `budget` more records of each pinned part (three times that of the
     /// history), and takes the payment methods' result if their thread is done (non-blocking).
     pub fn step(&mut self, state: &mut ShardState, budget: usize) -> Progress {
-        let mut accounts_done = false;
-        for _ in 0..budget {
-            match state.next_pinned_account() {
-                Some(account) => self.accounts.push(&account),
-                None => {
-                    accounts_done = true;
-                    break;
-                }
-            }
-        }
-        let mut ids_done = false;
-        for _ in 0..budget {
-            match state.next_pinned_id() {
-                Some((seq, record)) => encode_id_record(&mut self.ids, seq, &record),
-                None => {
-                    ids_done = true;
-                    break;
-                }
-            }
-        }
+        let accounts_done = encode_some(budget, || state.next_pinned_account(), |a| self.accounts.push(&a));
+        let ids_done =
+            encode_some(budget, || state.next_pinned_id(), |(seq, r)| encode_id_record(&mut self.ids, seq, &r));
         // A spend pushes up to three history entries (payer, streamer, union) and evicts as
         // many: three times the budget keeps the encoder ahead of the evictions.
-        let mut history_done = false;
-        for _ in 0..budget.saturating_mul(3) {
-            match state.history.next_pinned() {
-                Some(entry) => encode_history_entry(&mut self.history, &entry),
-                None => {
-                    history_done = true;
-                    break;
-                }
-            }
-        }
-        let mut pending_done = false;
-        for _ in 0..budget {
-            match state.next_pinned_pending() {
-                Some(entry) => encode_pending(&mut self.pending, &entry),
-                None => {
-                    pending_done = true;
-                    break;
-                }
-            }
-        }
+        let history_done = encode_some(
+            budget.saturating_mul(3),
+            || state.history.next_pinned(),
+            |e| encode_history_entry(&mut self.history, &e),
+        );
+        let pending_done =
+            encode_some(budget, || state.next_pinned_pending(), |e| encode_pending(&mut self.pending, &e));
         if !(accounts_done && ids_done && history_done && pending_done) {
             return Progress::Steps;
         }
