@@ -538,9 +538,10 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
         meta.u64(r);
     }
 
-    // Sorted as (id, reference) pairs, not as copies of the top-ups: moving 16 bytes instead of
-    // 128 in the sort made it 4x faster (262 144 top-ups: docs/benchmarks.md, session 12). The
-    // references then point all over the map: prefetched a few ahead.
+    // Sorted as (id, reference) pairs, not as copies of the top-ups (16 bytes moved instead of
+    // 128): with 262 144 top-ups the collect and sort of copies took 26-32 ms, the whole section
+    // with pairs 12 ms (docs/benchmarks.md, session 12). The references then point all over
+    // the store: prefetched a few ahead.
     let mut topups_sorted: Vec<(u64, &TopUp)> = state.topups.iter().map(|(&k, v)| (k, v)).collect();
     topups_sorted.sort_unstable_by_key(|e| e.0);
     let mut topups = buffers.take(SECTION_TOPUPS, topups_sorted.len() * TOPUP_SIZE);
