@@ -244,6 +244,22 @@ impl IdTable {
         }
     }
 
+    /// `get_or_insert` that may fill the table past the half it was sized for, up to three
+    /// quarters of its buckets (probe runs grow, lookups stay correct): for an insert that must
+    /// not be refused (`IdDirectory::reclaim`). `Full` only beyond that.
+    pub fn get_or_insert_over(&mut self, id: u64, value: u64) -> Lookup {
+        match self.find(id) {
+            Ok(i) => Lookup::Present(self.entries[i].1 - 1),
+            Err(_) if self.len >= self.entries.len() / 4 * 3 => Lookup::Full,
+            Err(i) => {
+                self.entries[i] = (id, value + 1);
+                self.mark_written(i);
+                self.len += 1;
+                Lookup::Inserted
+            }
+        }
+    }
+
     /// Forgets `id`, shifting later entries of its probe run back into the hole.
     pub fn remove(&mut self, id: u64) {
         if let Ok(hole) = self.find(id) {

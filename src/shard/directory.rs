@@ -129,6 +129,20 @@ impl IdDirectory {
         claim_in(&mut self.stripe(id).lock(), id, shard)
     }
 
+    /// Claims `id` for `shard` after its command was applied and remembered without a claim
+    /// (the release race of `worker::keep_directory_true`). Unlike `claim`, it may fill a stripe
+    /// past the bound where new claims stop (to three quarters of its buckets instead of half):
+    /// the id is taken already, in the shard's window, and left unowned its top-up callbacks
+    /// would answer `not_found` and another shard could accept it again. `Full` only past that,
+    /// which takes a stripe's whole margin of re-claims at once.
+    pub fn reclaim(&self, id: u64, shard: u16) -> Claim {
+        match self.stripe(id).lock().get_or_insert_over(id, shard as u64) {
+            Lookup::Present(owner) => Claim::Existing(owner as u16),
+            Lookup::Inserted => Claim::New,
+            Lookup::Full => Claim::Full,
+        }
+    }
+
     /// The shard owning `id`.
     pub fn owner(&self, id: u64) -> Option<u16> {
         self.stripe(id).lock().get(id).map(|s| s as u16)
@@ -212,6 +226,22 @@ mod tests {
         let claims: Vec<Claim> = same_stripe.iter().map(|&id| directory.claim(id, 0)).collect();
         assert!(claims.contains(&Claim::Full));
         assert!(claims.iter().take_while(|c| **c != Claim::Full).all(|c| matches!(c, Claim::New | Claim::Existing(_))));
+        // A re-claim (an id applied and remembered after its claim was released) still gets
+        // the id, past the bound where new claims stop; and it never takes another's id.
+        let refused = same_stripe[claims.iter().position(|c| *c == Claim::Full).unwrap()];
+        assert_eq!(directory.claim(refused, 1), Claim::Full);
+        assert_eq!(directory.reclaim(refused, 1), Claim::New);
+        assert_eq!(directory.owner(refused), Some(1));
+        let taken = same_stripe[claims.iter().position(|c| *c == Claim::New).unwrap()];
+        assert_eq!(directory.reclaim(taken, 1), Claim::Existing(0));
+        assert_eq!(directory.owner(taken), Some(0));
+        // Its margin is bounded too: a quarter more of the stripe's buckets, then Full.
+        let extra: Vec<Claim> = same_stripe.iter().map(|&id| directory.reclaim(id, 1)).collect();
+        let held = directory.len();
+        assert!(extra.contains(&Claim::Full), "{held}");
+        directory.release_many(&same_stripe, 1);
+        directory.release_many(&same_stripe, 0);
+        assert_eq!(directory.len(), 0);
     }
 
     #[test]

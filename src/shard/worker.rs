@@ -16,7 +16,7 @@ use crate::layout::{CommandRecord, ReplyRecord};
 use crate::ledger::account::HistoryEntry;
 use crate::ledger::state_machine::{Fanout, IdRecord, Reply, ShardState, TopUp};
 use crate::ledger::{Command, Status};
-use crate::shard::directory::IdDirectory;
+use crate::shard::directory::{Claim, IdDirectory};
 use crate::shard::log_stage::{Appended, LogStage};
 use crate::shard::stats::{EngineStats, ShardMetrics};
 use crate::snapshot::state::Progress;
@@ -314,7 +314,9 @@ fn keep_directory_true(
         if let Some(id) = item.command.transfer_id() {
             // `Existing(other)`: another shard took the id meanwhile (a client reused an id the
             // window had forgotten); nothing to undo, the directory keeps the first owner.
-            let _ = peers.directory.claim(id, shard);
+            // A re-claim is not refused at the bound where new claims are (`reclaim`).
+            let claim = peers.directory.reclaim(id, shard);
+            assert!(claim != Claim::Full, "id directory stripe full past its margin: id {id} left unowned");
         }
     }
 }
