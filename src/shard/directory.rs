@@ -153,14 +153,19 @@ impl IdDirectory {
         self.stripe(id).lock().remove_if(id, shard as u64);
     }
 
-    /// Records that `shard` owns `id` (recovery). False if the directory is full.
+    /// Records that `shard` owns `id` (recovery). Like `reclaim`, it may fill a stripe past the
+    /// bound of new claims: the shards may have held that many ids through re-claims. False if
+    /// the stripe is full even past that.
     pub fn insert(&self, id: u64, shard: u16) -> bool {
         let mut table = self.stripe(id).lock();
-        if table.get(id).is_none() && table.is_full() {
-            return false;
+        match table.get_or_insert_over(id, shard as u64) {
+            Lookup::Full => false,
+            Lookup::Inserted => true,
+            Lookup::Present(_) => {
+                table.insert(id, shard as u64);
+                true
+            }
         }
-        table.insert(id, shard as u64);
-        true
     }
 
     /// Ids currently known.
@@ -232,6 +237,10 @@ mod tests {
         assert_eq!(directory.claim(refused, 1), Claim::Full);
         assert_eq!(directory.reclaim(refused, 1), Claim::New);
         assert_eq!(directory.owner(refused), Some(1));
+        // As may recovery's rebuild, which must hold whatever the shards held.
+        let rebuilt = *same_stripe.last().unwrap();
+        assert!(directory.insert(rebuilt, 0));
+        assert_eq!(directory.owner(rebuilt), Some(0));
         let taken = same_stripe[claims.iter().position(|c| *c == Claim::New).unwrap()];
         assert_eq!(directory.reclaim(taken, 1), Claim::Existing(0));
         assert_eq!(directory.owner(taken), Some(0));
