@@ -15,7 +15,8 @@
 //! schedule, whatever came back, and a batch's latency counts from when it was due, so a stall
 //! shows in every batch it delays): BENCH_PACED [sync/pwrite: modes as above; empty: skip],
 //! BENCH_PACED_RATES [250000,500000,1000000 tips/s], BENCH_PACED_BATCH [1024],
-//! BENCH_PACED_SECS [3 a rate]. One node per mode, set up once; before the first rate it takes
+//! BENCH_PACED_SECS [3 a rate]. Each rate also prints the shards' journal-append latency (append +
+//! sync of one batch, the metrics' power-of-two buckets: an upper bound). One node per mode, set up once; before the first rate it takes
 //! BENCH_PACED_WARMUP [2 x users] tips as fast as it can, so that the idempotency window has
 //! turned over (the setup's ids are evicted) and the rates see a server in steady state.
 
@@ -29,6 +30,7 @@ use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::engine::{Engine, EngineConfig};
 use stormledger::layout::CommandRecord;
 use stormledger::node::{Durability, Node, NodeConfig};
+use stormledger::shard::stats::{Histogram as Buckets, JOURNAL_BUCKETS};
 use stormledger::wal::LogWrite;
 use stormledger::workload::{SplitMix64, StormSpec, STREAMER_BASE};
 
@@ -337,8 +339,18 @@ fn paced(
     drive(&engine, warm, 8, &mut hist);
     println!("paced runs, {mode_name}, batch {batch}, {secs} s a rate, after {warmup} warm-up tips:");
     println!(
-        "{:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "offered", "acked/s", "ack p50us", "ack p90us", "ack p99us", "ack p999", "ack max", "inflight"
+        "{:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
+        "offered",
+        "acked/s",
+        "ack p50us",
+        "ack p90us",
+        "ack p99us",
+        "ack p999",
+        "ack max",
+        "inflight",
+        "log p50<=",
+        "log p99<=",
+        "log max<="
     );
     for &rate in rates {
         let count = (rate * secs).div_ceil(batch as u64) as usize;
@@ -350,6 +362,7 @@ fn paced(
         let (mut ok, mut in_flight, mut in_flight_max, mut received) = (0u64, 0usize, 0usize, 0usize);
         // Beyond this many batches in flight the engine has fallen behind the rate for good.
         const IN_FLIGHT_MAX: usize = 512;
+        let journal_before = journal_buckets(&engine);
         let start = Instant::now();
         let mut overloaded = false;
         for (k, records) in batches.into_iter().enumerate() {
@@ -387,9 +400,11 @@ fn paced(
             received += 1;
         }
         let elapsed = start.elapsed().as_secs_f64();
+        let journal: Vec<u64> =
+            journal_buckets(&engine).iter().zip(&journal_before).map(|(after, before)| after - before).collect();
         assert!(ok * 10 >= (received * batch) as u64 * 9, "most tips must be accepted ({ok} of {})", received * batch);
         println!(
-            "{:>12} {:>12.0} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}",
+            "{:>12} {:>12.0} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}{}",
             rate,
             ok as f64 / elapsed,
             hist.value_at_quantile(0.5),
@@ -398,10 +413,38 @@ fn paced(
             hist.value_at_quantile(0.999),
             hist.max(),
             in_flight_max,
+            bucket_quantile(&journal, 0.5),
+            bucket_quantile(&journal, 0.99),
+            bucket_quantile(&journal, 1.0),
             if overloaded { "  (fell behind: stopped at the in-flight bound)" } else { "" }
         );
     }
     drop(engine);
     node.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The engine's journal-append latency histogram (`stormledger_engine_journal_append_microseconds`:
+/// each shard's append + sync of one batch), bucket by bucket.
+fn journal_buckets(engine: &Engine) -> Vec<u64> {
+    let h = engine.stats().journal_latency();
+    (0..JOURNAL_BUCKETS).map(|i| h.bucket(i)).collect()
+}
+
+/// The upper bound (us, a power of two) of the bucket holding quantile `q` of `buckets`
+/// (`-` if empty, `inf` past the last bound).
+fn bucket_quantile(buckets: &[u64], q: f64) -> String {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return "-".into();
+    }
+    let rank = ((total as f64 * q).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Buckets::<JOURNAL_BUCKETS>::bound(i).map_or("inf".into(), |b| b.to_string());
+        }
+    }
+    "inf".into()
 }
