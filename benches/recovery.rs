@@ -142,7 +142,7 @@ fn snapshot_stall(users: u64, tips: u64, ledger: &LedgerConfig) {
     // applies them. What the pins hold aside meanwhile is the memory a snapshot costs on top.
     let start = Instant::now();
     let mut encoding = snapshot::state::begin_encoding(&mut state, SectionBuffers::default());
-    let (mut batches, mut peak) = (0u64, [0usize; 4]);
+    let (mut batches, mut peak) = (0u64, [0usize; 5]);
     loop {
         for _ in 0..8_192 {
             ts += 1;
@@ -161,13 +161,14 @@ fn snapshot_stall(users: u64, tips: u64, ledger: &LedgerConfig) {
     let (sections, _) = encoding.finish(&mut state);
     drop(sections);
     println!(
-        "snapshot during a storm, the same shard: {batches} batches of 8 192 tips between the steps, {:.2} s; held aside at most: {} accounts ({:.1} MiB at 72 bytes each, before the map's overhead), {} idempotency records, {} history entries, {} pending top-up deadlines",
+        "snapshot during a storm, the same shard: {batches} batches of 8 192 tips between the steps, {:.2} s; held aside at most: {} accounts ({:.1} MiB at 72 bytes each, before the map's overhead), {} idempotency records, {} history entries, {} pending top-up deadlines, {} top-ups",
         start.elapsed().as_secs_f64(),
         peak[0],
         (peak[0] * (std::mem::size_of::<stormledger::ledger::account::Account>() + 8)) as f64 / (1 << 20) as f64,
         peak[1],
         peak[2],
         peak[3],
+        peak[4],
     );
 }
 

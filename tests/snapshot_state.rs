@@ -204,6 +204,9 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
     use stormledger::snapshot::state::{begin_encoding, encode, Progress, SectionBuffers};
     let seeds: u64 = std::env::var("STORMLEDGER_SNAPSHOT_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(200);
     let mut pinned_evictions = 0u64;
+    // Top-ups changed while pinned, before the encoder took them (the most at once, summed
+    // over the snapshots).
+    let mut topups_kept = 0usize;
     // Snapshots whose payment methods thawed as they were, and compacted.
     let mut thawed = [0u32; 2];
     for seed in 0..seeds {
@@ -229,6 +232,7 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
             let budget = [1, 2, 5, 64][(seed as usize + round) % 4];
             let mut encoding = begin_encoding(&mut state, SectionBuffers::default());
             let remembered_before = state.remembered();
+            let mut kept = 0;
             // Some commands before the first step, so that the first accounts (the system
             // ones, which every spend touches) change before the encoder takes them.
             for _ in 0..rng.rng.below(30) {
@@ -238,6 +242,7 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
                 for _ in 0..rng.rng.below(4) {
                     run(&mut state, &mut twin, &mut ts, &mut rng);
                 }
+                kept = state.pinned_kept()[4].max(kept);
                 match encoding.step(&mut state, budget) {
                     Progress::Done => break,
                     Progress::Waiting => std::thread::yield_now(),
@@ -245,6 +250,7 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
                 }
             }
             pinned_evictions += state.remembered() - remembered_before;
+            topups_kept += kept;
             let (sections, replaced) = encoding.finish(&mut state);
             thawed[usize::from(replaced.is_some())] += 1;
             assert_eq!(sections, expected, "seed {seed}, round {round}, budget {budget}");
@@ -260,5 +266,6 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
         assert_eq!(encode(&state), encode(&twin), "seed {seed}");
     }
     assert!(pinned_evictions > 1_000, "{pinned_evictions} commands remembered while pinned");
+    assert!(topups_kept > 50, "{topups_kept} top-ups changed while pinned");
     assert!(thawed[0] > 10 && thawed[1] > 10, "snapshots not compacting / compacting the methods: {thawed:?}");
 }

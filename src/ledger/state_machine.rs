@@ -632,14 +632,15 @@ impl ShardState {
     }
 
     /// What a snapshot being encoded holds aside now: accounts changed, idempotency records,
-    /// history entries and pending deadlines evicted, before the encoder took them (each at most
-    /// what was pinned).
-    pub fn pinned_kept(&self) -> [usize; 4] {
+    /// history entries and pending deadlines evicted, and top-ups changed, before the encoder
+    /// took them (each at most what was pinned).
+    pub fn pinned_kept(&self) -> [usize; 5] {
         [
             self.accounts_pin.as_ref().map_or(0, |pin| pin.saved()),
             self.ids_pin.as_ref().map_or(0, |pin| pin.saved.len()),
             self.history.pinned_saved(),
             self.pending_pin.as_ref().map_or(0, |pin| pin.saved.len()),
+            self.topups.pinned_saved(),
         ]
     }
 

@@ -12,9 +12,13 @@
 //!
 //! Must never: let the slot order reach an output. Iteration is in slot order, which depends on
 //! history; the snapshot sorts by id.
+//!
+//! A snapshot pins the store (`pin`) and encodes it a step at a time while the shard goes on:
+//! before a pinned top-up first changes (`get_mut`, `insert` over it, `remove`), a copy of it
+//! as it was is kept aside for the encoder (`pinned`).
 
 use crate::ledger::id_table::{IdTable, Lookup};
-use crate::ledger::state_machine::TopUp;
+use crate::ledger::state_machine::{IdMap, TopUp};
 
 /// See the module docs.
 pub struct TopUps {
@@ -22,6 +26,15 @@ pub struct TopUps {
     slots: Vec<(u64, TopUp)>,
     free: Vec<u32>,
     index: IdTable,
+    /// Set while a snapshot encodes the top-ups (`pin`).
+    pin: Option<Box<TopUpsPin>>,
+}
+
+/// The top-ups as they were when a snapshot began: a bit per slot still holding its top-up of
+/// then, unchanged, and a copy of each other one, taken before its slot first changed.
+struct TopUpsPin {
+    unchanged: Vec<u64>,
+    saved: IdMap<u64, TopUp>,
 }
 
 impl TopUps {
@@ -32,6 +45,54 @@ impl TopUps {
             slots: crate::mem::huge_vec(bound.max(1)),
             free: Vec::new(),
             index: IdTable::new_unadvised(bound.max(1)),
+            pin: None,
+        }
+    }
+
+    /// Pins the store for a snapshot's encoder: returns `(id, slot)` of every top-up held now,
+    /// in slot order, and from now on keeps each of them as it is for `pinned`, whatever
+    /// changes, until `unpin`.
+    pub fn pin(&mut self) -> Vec<(u64, u32)> {
+        let mut unchanged = vec![0u64; self.slots.len().div_ceil(64)];
+        let mut order = Vec::with_capacity(self.len());
+        for (slot, &(id, _)) in self.slots.iter().enumerate() {
+            if id != 0 {
+                unchanged[slot / 64] |= 1 << (slot % 64);
+                order.push((id, slot as u32));
+            }
+        }
+        self.pin = Some(Box::new(TopUpsPin { unchanged, saved: IdMap::default() }));
+        order
+    }
+
+    /// Top-up `id` as it was at `pin`, from the `slot` that `pin` gave for it.
+    #[inline]
+    pub fn pinned(&self, id: u64, slot: u32) -> &TopUp {
+        let pin = self.pin.as_ref().expect("the top-ups are pinned");
+        let slot = slot as usize;
+        if pin.unchanged.get(slot / 64).is_some_and(|w| w & (1 << (slot % 64)) != 0) {
+            debug_assert_eq!(self.slots[slot].0, id);
+            &self.slots[slot].1
+        } else {
+            pin.saved.get(&id).expect("a pinned top-up is kept before it changes")
+        }
+    }
+
+    /// Ends `pin`.
+    pub fn unpin(&mut self) {
+        self.pin = None;
+    }
+
+    /// Top-ups kept aside for the pin so far.
+    pub fn pinned_saved(&self) -> usize {
+        self.pin.as_ref().map_or(0, |pin| pin.saved.len())
+    }
+
+    /// Before slot `slot` changes: keeps its pinned top-up aside, the first time.
+    #[inline]
+    fn keep(&mut self, slot: usize) {
+        if let Some(pin) = &mut self.pin {
+            keep_slot(pin, &self.slots, slot);
         }
     }
 
@@ -48,7 +109,9 @@ impl TopUps {
     }
 
     pub fn get_mut(&mut self, id: &u64) -> Option<&mut TopUp> {
-        self.index.get(*id).map(|slot| &mut self.slots[slot as usize].1)
+        let slot = self.index.get(*id)? as usize;
+        self.keep(slot);
+        Some(&mut self.slots[slot].1)
     }
 
     /// Holds `topup` under `id`, replacing the one held under it, if any.
@@ -69,7 +132,10 @@ impl TopUps {
             None => self.slots.len() as u64,
         };
         match self.index.get_or_insert(id, slot) {
-            Lookup::Present(held) => self.slots[held as usize].1 = topup,
+            Lookup::Present(held) => {
+                self.keep(held as usize);
+                self.slots[held as usize].1 = topup;
+            }
             Lookup::Inserted if slot as usize == self.slots.len() => self.slots.push((id, topup)),
             Lookup::Inserted => {
                 self.free.pop();
@@ -82,6 +148,7 @@ impl TopUps {
     /// Forgets `id`'s top-up and returns it.
     pub fn remove(&mut self, id: &u64) -> Option<TopUp> {
         let slot = self.index.get(*id)? as usize;
+        self.keep(slot);
         self.index.remove(*id);
         self.slots[slot].0 = 0;
         self.free.push(slot as u32);
@@ -95,6 +162,18 @@ impl TopUps {
 
     pub fn values(&self) -> impl Iterator<Item = &TopUp> + Clone + '_ {
         self.iter().map(|(_, topup)| topup)
+    }
+}
+
+/// `TopUps::keep` (a function of the fields, so that the pin and the slots borrow apart).
+#[cold]
+fn keep_slot(pin: &mut TopUpsPin, slots: &[(u64, TopUp)], slot: usize) {
+    let Some(word) = pin.unchanged.get_mut(slot / 64) else { return };
+    let bit = 1 << (slot % 64);
+    if *word & bit != 0 {
+        *word &= !bit;
+        let (id, topup) = slots[slot];
+        pin.saved.insert(id, topup);
     }
 }
 
@@ -120,6 +199,36 @@ mod tests {
             confirm_reply: None,
             id_evicted: false,
         }
+    }
+
+    #[test]
+    fn a_pin_keeps_every_top_up_as_it_was_whatever_changes() {
+        let mut store = TopUps::with_bound(64);
+        for id in 1..=10 {
+            store.insert(id, topup(id));
+        }
+        // A slot already free at the pin.
+        store.remove(&10);
+        let order = store.pin();
+        assert_eq!(order.iter().map(|e| e.0).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+        // Changed in place, replaced, removed, removed with the slot taken again; new ones.
+        store.get_mut(&1).unwrap().fen = 1_000;
+        store.insert(2, topup(2_000));
+        store.remove(&3);
+        store.remove(&4);
+        for id in 11..=13 {
+            store.insert(id, topup(id));
+        }
+        store.get_mut(&1).unwrap().fen = 1_001;
+        let _ = store.get_mut(&5);
+        for &(id, slot) in &order {
+            assert_eq!(store.pinned(id, slot), &topup(id), "top-up {id}");
+        }
+        assert_eq!(store.pinned_saved(), 5, "each changed one kept once (a get_mut may change it)");
+        store.unpin();
+        assert_eq!(store.pinned_saved(), 0);
+        assert_eq!((store.get(&1).unwrap().fen, store.get(&2).unwrap().fen, store.len()), (1_001, 2_000, 10));
+        assert!(store.get(&3).is_none() && store.get(&4).is_none() && store.get(&13).is_some());
     }
 
     #[test]

@@ -246,6 +246,7 @@ pub fn encode(state: &ShardState) -> Vec<(u32, Vec<u8>)> {
             encode_pending(&mut pending, entry);
         }
         let mut sections = encode_rest(state, &mut buffers);
+        sections.extend(encode_topups(state, &mut buffers));
         sections.extend(accounts.finish());
         sections.push((SECTION_HISTORY, encode_history(state, history_buffer)));
         sections.push((SECTION_PENDING, pending.0));
@@ -291,8 +292,9 @@ fn in_order(mut sections: Vec<(u32, Vec<u8>)>) -> Vec<(u32, Vec<u8>)> {
 }
 
 /// A snapshot being encoded while its shard goes on (`begin_encoding`): every section is done
-/// but the accounts, the idempotency records and the history, which are pinned
-/// (`ShardState::pin_accounts`, `pin_rings`) and encoded a budget of records at a time (`step`),
+/// but the accounts, the idempotency records, the history, the pending deadlines and the
+/// top-ups, which are pinned (`ShardState::pin_accounts`, `pin_rings`, `TopUps::pin`) and
+/// encoded a budget of records at a time (`step`; the top-ups once a thread has sorted them),
 /// and the payment methods, which are frozen (`Methods::freeze`) and sorted, encoded and, when
 /// worth it, compacted on a thread of their own; then `finish`.
 ///
@@ -307,7 +309,72 @@ pub struct Encoding {
     ids: W,
     history: W,
     pending: W,
+    topups: TopUpsEncoder,
     methods: MethodsJob,
+}
+
+/// The top-ups' part of an `Encoding`: the store is pinned (`TopUps::pin`), its `(id, slot)`
+/// pairs are sorted by id on a thread of their own, and then encoded a step at a time.
+///
+/// Why: with 262 144 top-ups (a shard of 500 000 users after a storm) the section took 12-16 ms
+/// in one go, most of a snapshot's pause at its start (docs/benchmarks.md, session 13).
+struct TopUpsEncoder {
+    topups: W,
+    methods: W,
+    order: TopUpsOrder,
+}
+
+enum TopUpsOrder {
+    Sorting(std::thread::JoinHandle<Vec<(u64, u32)>>),
+    /// Sorted, and how many are encoded.
+    Sorted(Vec<(u64, u32)>, usize),
+}
+
+impl TopUpsEncoder {
+    fn begin(state: &mut ShardState, buffers: &mut SectionBuffers) -> TopUpsEncoder {
+        let n = state.topups.len();
+        let topups = buffers.take(SECTION_TOPUPS, n * TOPUP_SIZE);
+        let methods = buffers.take(SECTION_TOPUP_METHODS, n * 9);
+        let mut order = state.topups.pin();
+        let job = std::thread::Builder::new()
+            .name(format!("snapshot-topups-{}", state.shard))
+            .spawn(move || {
+                order.sort_unstable_by_key(|e| e.0);
+                order
+            })
+            .expect("spawn the snapshot's top-ups thread");
+        TopUpsEncoder { topups, methods, order: TopUpsOrder::Sorting(job) }
+    }
+
+    /// Encodes up to `budget` pinned top-ups, once they are sorted (waiting for the sort if
+    /// `wait`, else answering `Waiting` while it runs).
+    fn step(&mut self, state: &ShardState, budget: usize, wait: bool) -> Progress {
+        if let TopUpsOrder::Sorting(job) = &self.order {
+            if !wait && !job.is_finished() {
+                return Progress::Waiting;
+            }
+            let placeholder = TopUpsOrder::Sorted(Vec::new(), 0);
+            if let TopUpsOrder::Sorting(job) = std::mem::replace(&mut self.order, placeholder) {
+                let sorted = job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                self.order = TopUpsOrder::Sorted(sorted, 0);
+            }
+        }
+        let TopUpsOrder::Sorted(order, next) = &mut self.order else { unreachable!("sorted above") };
+        let end = next.saturating_add(budget).min(order.len());
+        for (i, &(id, slot)) in order.iter().enumerate().take(end).skip(*next) {
+            // The pinned top-ups lie all over the store: prefetch a few ahead.
+            if let Some(&(ahead, slot)) = order.get(i + 8) {
+                crate::ledger::index::prefetch((state.topups.pinned(ahead, slot) as *const TopUp).cast());
+            }
+            encode_topup(&mut self.topups, &mut self.methods, id, state.topups.pinned(id, slot));
+        }
+        *next = end;
+        if end == order.len() {
+            Progress::Done
+        } else {
+            Progress::Steps
+        }
+    }
 }
 
 /// The payment methods' part of an `Encoding`.
@@ -323,7 +390,7 @@ enum MethodsJob {
 pub enum Progress {
     /// Records to encode: step again soon.
     Steps,
-    /// Only the payment methods' thread: step again when it is done.
+    /// Only the threads (the payment methods', the top-ups' sort): step again when they are done.
     Waiting,
     /// Everything: `finish`.
     Done,
@@ -339,6 +406,7 @@ pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> En
     let accounts = AccountsEncoder::new(state.accounts.len(), &mut buffers);
     let pending = pending_buffer(state, &mut buffers);
     let rest = encode_rest(state, &mut buffers);
+    let topups = TopUpsEncoder::begin(state, &mut buffers);
     let frozen = state.methods.freeze();
     let job = std::thread::Builder::new()
         .name(format!("snapshot-methods-{}", state.shard))
@@ -354,7 +422,7 @@ pub fn begin_encoding(state: &mut ShardState, mut buffers: SectionBuffers) -> En
         .expect("spawn the snapshot's methods thread");
     state.pin_accounts();
     state.pin_rings();
-    Encoding { rest, accounts, ids, history, pending, methods: MethodsJob::Running(job) }
+    Encoding { rest, accounts, ids, history, pending, topups, methods: MethodsJob::Running(job) }
 }
 
 /// Encodes up to `budget` records taken from `next`; true when `next` has none left.
@@ -373,6 +441,11 @@ impl Encoding {
     /// Encodes up to `budget` more records of each pinned part (three times that of the
     /// history), and takes the payment methods' result if their thread is done (non-blocking).
     pub fn step(&mut self, state: &mut ShardState, budget: usize) -> Progress {
+        self.step_or_wait(state, budget, false)
+    }
+
+    /// `step`, which with `wait` waits for the threads instead of answering `Waiting`.
+    fn step_or_wait(&mut self, state: &mut ShardState, budget: usize, wait: bool) -> Progress {
         let accounts_done = encode_some(budget, || state.next_pinned_account(), |a| self.accounts.push(&a));
         let ids_done =
             encode_some(budget, || state.next_pinned_id(), |(seq, r)| encode_id_record(&mut self.ids, seq, &r));
@@ -385,11 +458,16 @@ impl Encoding {
         );
         let pending_done =
             encode_some(budget, || state.next_pinned_pending(), |e| encode_pending(&mut self.pending, &e));
-        if !(accounts_done && ids_done && history_done && pending_done) {
+        // A top-up is encoded in about four times an account's time.
+        let topups = self.topups.step(state, (budget / 4).max(1), wait);
+        if !(accounts_done && ids_done && history_done && pending_done) || topups == Progress::Steps {
             return Progress::Steps;
         }
+        if topups == Progress::Waiting {
+            return Progress::Waiting;
+        }
         match &self.methods {
-            MethodsJob::Running(job) if !job.is_finished() => Progress::Waiting,
+            MethodsJob::Running(job) if !wait && !job.is_finished() => Progress::Waiting,
             MethodsJob::Running(_) => {
                 self.join_methods(state);
                 Progress::Done
@@ -413,7 +491,7 @@ impl Encoding {
 
     /// `step` with no budget, waiting for the payment methods' thread, then `finish`.
     pub fn complete(mut self, state: &mut ShardState) -> (Vec<(u32, Vec<u8>)>, Option<Replaced>) {
-        while self.step(state, usize::MAX) == Progress::Steps {}
+        while self.step_or_wait(state, usize::MAX, true) != Progress::Done {}
         self.join_methods(state);
         self.finish(state)
     }
@@ -424,6 +502,7 @@ impl Encoding {
         let MethodsJob::Done(methods, replaced) = self.methods else { panic!("the methods' thread is not done") };
         state.unpin_accounts();
         state.unpin_rings();
+        state.topups.unpin();
         let mut sections = self.rest;
         sections.extend(self.accounts.finish());
         sections.extend([
@@ -431,6 +510,8 @@ impl Encoding {
             (SECTION_IDS, self.ids.0),
             (SECTION_HISTORY, self.history.0),
             (SECTION_PENDING, self.pending.0),
+            (SECTION_TOPUPS, self.topups.topups.0),
+            (SECTION_TOPUP_METHODS, self.topups.methods.0),
         ]);
         (in_order(sections), replaced)
     }
@@ -523,8 +604,55 @@ fn encode_history_entry(w: &mut W, e: &HistoryEntry) {
     w.u8(e.kind);
 }
 
+/// The top-ups sections in one go, sorted by id (`encode`; a worker's snapshot takes them a step
+/// at a time, `TopUpsEncoder`).
+fn encode_topups(state: &ShardState, buffers: &mut SectionBuffers) -> [(u32, Vec<u8>); 2] {
+    // Sorted as (id, reference) pairs, not as copies of the top-ups (16 bytes moved instead of
+    // 128): with 262 144 top-ups the collect and sort of copies took 26-32 ms, the whole section
+    // with pairs 12 ms (docs/benchmarks.md, session 12). The references then point all over
+    // the store: prefetched a few ahead.
+    let mut sorted: Vec<(u64, &TopUp)> = state.topups.iter().map(|(&k, v)| (k, v)).collect();
+    sorted.sort_unstable_by_key(|e| e.0);
+    let mut topups = buffers.take(SECTION_TOPUPS, sorted.len() * TOPUP_SIZE);
+    let mut methods = buffers.take(SECTION_TOPUP_METHODS, sorted.len() * 9);
+    for (i, &(id, t)) in sorted.iter().enumerate() {
+        if let Some((_, ahead)) = sorted.get(i + 8) {
+            crate::ledger::index::prefetch((*ahead as *const TopUp).cast());
+        }
+        encode_topup(&mut topups, &mut methods, id, t);
+    }
+    [(SECTION_TOPUPS, topups.0), (SECTION_TOPUP_METHODS, methods.0)]
+}
+
+/// One top-up's records in the top-ups section and in the top-ups' methods section.
+fn encode_topup(topups: &mut W, methods: &mut W, id: u64, t: &TopUp) {
+    methods.u8(t.method.is_some() as u8);
+    methods.u64(t.method.unwrap_or(0));
+    topups.u64(id);
+    topups.u64(t.user);
+    topups.u64(t.fen);
+    topups.u64(t.coins);
+    topups.u64(t.deadline);
+    topups.u64(t.confirmed_fen);
+    topups.u8(t.channel as u8);
+    topups.u8(t.state as u8);
+    topups.u8(t.fail_reason.map_or(0, |r| r as u8));
+    topups.bytes(&t.channel_txn);
+    match t.confirm_reply {
+        Some(r) => {
+            topups.u8(1);
+            reply_fields(topups, &r);
+        }
+        None => {
+            topups.u8(0);
+            reply_fields(topups, &Reply::status(Status::Ok));
+        }
+    }
+    topups.u8(t.id_evicted as u8);
+}
+
 /// The small sections: all but the accounts, the payment methods, the idempotency records, the
-/// history and the pending top-ups.
+/// history, the pending top-ups and the top-ups.
 fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Vec<u8>)> {
     assert!(state.evicted.is_empty(), "evicted ids are drained after every batch");
     let mut meta = buffers.take(SECTION_META, 64);
@@ -538,55 +666,13 @@ fn encode_rest(state: &ShardState, buffers: &mut SectionBuffers) -> Vec<(u32, Ve
         meta.u64(r);
     }
 
-    // Sorted as (id, reference) pairs, not as copies of the top-ups (16 bytes moved instead of
-    // 128): with 262 144 top-ups the collect and sort of copies took 26-32 ms, the whole section
-    // with pairs 12 ms (docs/benchmarks.md, session 12). The references then point all over
-    // the store: prefetched a few ahead.
-    let mut topups_sorted: Vec<(u64, &TopUp)> = state.topups.iter().map(|(&k, v)| (k, v)).collect();
-    topups_sorted.sort_unstable_by_key(|e| e.0);
-    let mut topups = buffers.take(SECTION_TOPUPS, topups_sorted.len() * TOPUP_SIZE);
-    let mut topup_methods = buffers.take(SECTION_TOPUP_METHODS, topups_sorted.len() * 9);
-    for (i, &(id, t)) in topups_sorted.iter().enumerate() {
-        if let Some((_, ahead)) = topups_sorted.get(i + 8) {
-            crate::ledger::index::prefetch((*ahead as *const TopUp).cast());
-        }
-        topup_methods.u8(t.method.is_some() as u8);
-        topup_methods.u64(t.method.unwrap_or(0));
-        topups.u64(id);
-        topups.u64(t.user);
-        topups.u64(t.fen);
-        topups.u64(t.coins);
-        topups.u64(t.deadline);
-        topups.u64(t.confirmed_fen);
-        topups.u8(t.channel as u8);
-        topups.u8(t.state as u8);
-        topups.u8(t.fail_reason.map_or(0, |r| r as u8));
-        topups.bytes(&t.channel_txn);
-        match t.confirm_reply {
-            Some(r) => {
-                topups.u8(1);
-                reply_fields(&mut topups, &r);
-            }
-            None => {
-                topups.u8(0);
-                reply_fields(&mut topups, &Reply::status(Status::Ok));
-            }
-        }
-        topups.u8(t.id_evicted as u8);
-    }
-
     let mut outbox = buffers.take(SECTION_OUTBOX, state.outbox.len() * OUTBOX_SIZE);
     for (seq, c) in &state.outbox {
         outbox.u64(*seq);
         outbox.command(c);
     }
 
-    vec![
-        (SECTION_META, meta.0),
-        (SECTION_TOPUPS, topups.0),
-        (SECTION_TOPUP_METHODS, topup_methods.0),
-        (SECTION_OUTBOX, outbox.0),
-    ]
+    vec![(SECTION_META, meta.0), (SECTION_OUTBOX, outbox.0)]
 }
 
 /// The account ids section (a u64 count, then the ids as zigzag varint deltas, each from the
