@@ -4,7 +4,7 @@
 //!
 //! Environment: BENCH_REPLAY_TIPS [2000000] (per shard), BENCH_REPLAY_USERS [100000] (in all),
 //! BENCH_REPLAY_SHARDS [2] (the parallel replay; 1: skip it), BENCH_REPLAY_ROUNDS [1] (times
-//! the parallel replay runs, each into a fresh state: for a profiler), BENCH_SNAPSHOT_ACCOUNTS [10000000],
+//! the parallel replay runs, each into a fresh state: for a profiler), BENCH_SNAPSHOT_ACCOUNTS [10000000; 0: skip the snapshot shapes],
 //! BENCH_SNAPSHOT_LOADS [3] (loads from the page cache per shape), BENCH_SNAPSHOT_ACTIVE [1] (0: only
 //! the fresh shape), BENCH_STALL_USERS [500000] and BENCH_STALL_TIPS [2000000] (the snapshot
 //! stall after a storm; 0 users: skip it), BENCH_DIR. Smaller defaults in a smoke run (`cargo test --benches`).
@@ -76,6 +76,10 @@ fn main() {
     // a payment method, topped up a varying amount and tipped once today: balance, spending,
     // history and methods set).
     let accounts = size("BENCH_SNAPSHOT_ACCOUNTS", 10_000_000, 20_000);
+    if accounts == 0 {
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     let rounds = size("BENCH_SNAPSHOT_LOADS", 3, 1);
     let limits = ShardLimits { accounts_max: accounts as u32 + 64, history_max: 1 << 16, ids_max: 1 << 16 };
     let mut state = ShardState::new(0, 1, ledger.clone(), limits.clone());
