@@ -6,7 +6,7 @@
 
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::layout::text_field;
-use stormledger::ledger::command::flags;
+use stormledger::ledger::command::{flags, Origin};
 use stormledger::ledger::{AccountKind, Channel, Command, FailReason, ShardState};
 use stormledger::workload::SplitMix64;
 
@@ -14,10 +14,35 @@ use stormledger::workload::SplitMix64;
 struct Gen {
     rng: SplitMix64,
     begun: Vec<(u64, u64)>,
+    /// For shard 0 of two: the last replica message from shard 1 (`None`: one shard, no replicas).
+    replica_seq: Option<u64>,
 }
 
 impl Gen {
+    fn new(seed: u64) -> Gen {
+        Gen { rng: SplitMix64(seed), begun: Vec::new(), replica_seq: None }
+    }
+
     fn next(&mut self) -> Command {
+        if let Some(seq) = self.replica_seq.as_mut() {
+            // What shard 1 sends about the striped accounts: creates, freezes, settlements.
+            if self.rng.below(6) == 0 {
+                *seq += 1;
+                let origin = Origin { shard: 1, seq: *seq };
+                let account = [100, 101, 102, 103, 200][self.rng.below(5) as usize];
+                return match self.rng.below(4) {
+                    0 => Command::ReplicaCreate {
+                        account,
+                        kind: if account == 200 { AccountKind::Union } else { AccountKind::Streamer },
+                        flags: 0,
+                        union: 0,
+                        origin,
+                    },
+                    1 | 2 => Command::ReplicaFreeze { account, frozen: self.rng.below(2) == 0, origin },
+                    _ => Command::ReplicaSettle { id: 4_000 + self.rng.below(300), account, origin },
+                };
+            }
+        }
         let command = random_command(&mut self.rng);
         match command {
             Command::TopUpBegin { id, fen, .. } => self.begun.push((id, fen)),
@@ -70,10 +95,16 @@ fn random_command(rng: &mut SplitMix64) -> Command {
 }
 
 fn shard() -> ShardState {
-    // Small rings so that eviction and wrap-around are part of what is snapshotted.
-    let limits = ShardLimits { accounts_max: 128, history_max: 64, ids_max: 48 };
-    let config = LedgerConfig { topup_ttl_seconds: 30, ..LedgerConfig::default() };
-    ShardState::new(0, 1, config, limits)
+    ShardState::new(0, 1, shard_config(), shard_limits())
+}
+
+/// Small rings so that eviction and wrap-around are part of what is snapshotted.
+fn shard_limits() -> ShardLimits {
+    ShardLimits { accounts_max: 128, history_max: 64, ids_max: 48 }
+}
+
+fn shard_config() -> LedgerConfig {
+    LedgerConfig { topup_ttl_seconds: 30, ..LedgerConfig::default() }
 }
 
 fn restore(state: &ShardState) -> ShardState {
@@ -103,7 +134,7 @@ fn a_restored_shard_behaves_exactly_like_the_original() {
     let (mut ok_spends, mut evictions) = (0u32, 0u64);
     let seeds: u64 = std::env::var("STORMLEDGER_SNAPSHOT_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(200);
     for seed in 0..seeds {
-        let mut rng = Gen { rng: SplitMix64(seed), begun: Vec::new() };
+        let mut rng = Gen::new(seed);
         let mut original = shard();
         let mut ts = 1_795_752_000_000_000_000u64;
         for _ in 0..rng.rng.below(400) {
@@ -198,7 +229,9 @@ fn bindings_behave_the_same_before_and_after_a_restore() {
 /// A snapshot encoded while the shard goes on (`begin_encoding`, then `step`s between commands,
 /// as the worker does) is the snapshot of the state where it began, byte for byte: the records
 /// the rings evict meanwhile, before the encoder reaches them, are kept for it. The shard's own
-/// answers do not change either.
+/// answers do not change either. Each seed runs on one shard, and on shard 0 of two, which also
+/// applies the other shard's replica messages (creates, freezes, settlements of striped
+/// accounts) while pinned.
 #[test]
 fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
     use stormledger::snapshot::state::{begin_encoding, encode, Progress, SectionBuffers};
@@ -209,14 +242,27 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
     let mut topups_kept = 0usize;
     // Snapshots whose payment methods thawed as they were, and compacted.
     let mut thawed = [0u32; 2];
-    for seed in 0..seeds {
-        let mut rng = Gen { rng: SplitMix64(seed), begun: Vec::new() };
-        let (mut state, mut twin) = (shard(), shard());
+    // Replica messages (from shard 1 of two) applied while pinned.
+    let mut pinned_replicas = 0u64;
+    for (seed, shards) in (0..seeds).flat_map(|seed| [(seed, 1), (seed, 2)]) {
+        let mut rng = Gen::new(seed);
+        let new = || match shards {
+            1 => shard(),
+            _ => ShardState::new(0, 2, shard_config(), shard_limits()),
+        };
+        if shards == 2 {
+            rng.replica_seq = Some(0);
+        }
+        let (mut state, mut twin) = (new(), new());
         let mut ts = 1_795_752_000_000_000_000u64;
         let run = |state: &mut ShardState, twin: &mut ShardState, ts: &mut u64, rng: &mut Gen| {
             *ts += 1 + rng.rng.below(200_000_000);
             let command = rng.next();
-            assert_eq!(state.apply(*ts, &command), twin.apply(*ts, &command), "seed {seed}: {command:?}");
+            assert_eq!(
+                state.apply(*ts, &command),
+                twin.apply(*ts, &command),
+                "seed {seed}, {shards} shards: {command:?}"
+            );
             state.drain_evicted();
             twin.drain_evicted();
         };
@@ -232,6 +278,7 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
             let budget = [1, 2, 5, 64][(seed as usize + round) % 4];
             let mut encoding = begin_encoding(&mut state, SectionBuffers::default());
             let remembered_before = state.remembered();
+            let replicas_before = rng.replica_seq.unwrap_or(0);
             let mut kept = 0;
             // Some commands before the first step, so that the first accounts (the system
             // ones, which every spend touches) change before the encoder takes them.
@@ -250,10 +297,11 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
                 }
             }
             pinned_evictions += state.remembered() - remembered_before;
+            pinned_replicas += rng.replica_seq.unwrap_or(0) - replicas_before;
             topups_kept += kept;
             let (sections, replaced) = encoding.finish(&mut state);
             thawed[usize::from(replaced.is_some())] += 1;
-            assert_eq!(sections, expected, "seed {seed}, round {round}, budget {budget}");
+            assert_eq!(sections, expected, "seed {seed}, {shards} shards, round {round}, budget {budget}");
             for _ in 0..rng.rng.below(100) {
                 run(&mut state, &mut twin, &mut ts, &mut rng);
             }
@@ -263,9 +311,10 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
             run(&mut state, &mut twin, &mut ts, &mut rng);
         }
         same(&state, &twin, seed);
-        assert_eq!(encode(&state), encode(&twin), "seed {seed}");
+        assert_eq!(encode(&state), encode(&twin), "seed {seed}, {shards} shards");
     }
     assert!(pinned_evictions > 1_000, "{pinned_evictions} commands remembered while pinned");
     assert!(topups_kept > 50, "{topups_kept} top-ups changed while pinned");
+    assert!(pinned_replicas > 1_000, "{pinned_replicas} replica messages applied while pinned");
     assert!(thawed[0] > 10 && thawed[1] > 10, "snapshots not compacting / compacting the methods: {thawed:?}");
 }
