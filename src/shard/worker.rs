@@ -818,8 +818,8 @@ type SnapshotWriter = std::thread::JoinHandle<(Result<(), String>, Vec<(u32, Vec
 /// (docs/benchmarks.md, session 12).
 pub const SNAPSHOT_RECORDS_PER_STEP: usize = 16_384;
 
-/// How long an idle worker waits for commands while a snapshot waits for its payment methods'
-/// thread, before it looks again.
+/// How long an idle worker waits for commands while a snapshot waits for its threads (the
+/// payment methods', the top-ups' sort), before it looks again.
 const SNAPSHOT_METHODS_POLL: Duration = Duration::from_millis(1);
 
 /// A snapshot whose accounts and rings are being encoded between batches.
@@ -837,9 +837,9 @@ struct Encoding {
 
 /// One shard's snapshot bookkeeping: at most one snapshot is being encoded or written at a
 /// time. A snapshot is encoded on the shard's thread: the small sections at once when it
-/// starts, then the accounts and the two rings a step at a time between batches (`step`),
-/// while the shard goes on (`ShardState::pin_accounts`, `pin_rings`); then written by a thread
-/// of its own.
+/// starts, then the accounts, the rings, the pending deadlines and the top-ups a step at a time
+/// between batches (`step`), while the shard goes on (`ShardState::pin_accounts`, `pin_rings`,
+/// `TopUps::pin`); then written by a thread of its own.
 struct Snapshotter {
     policy: SnapshotPolicy,
     /// `Applier::logged_bytes` when the last snapshot started.
@@ -865,8 +865,8 @@ impl Snapshotter {
         self.encoding.as_ref().is_some_and(|e| e.progress == Progress::Steps)
     }
 
-    /// A snapshot waits only for its payment methods' thread (the worker may wait for commands,
-    /// but not for long).
+    /// A snapshot waits only for its threads (the payment methods', the top-ups' sort): the
+    /// worker may wait for commands, but not for long.
     fn waiting(&self) -> bool {
         self.encoding.as_ref().is_some_and(|e| e.progress == Progress::Waiting)
     }
