@@ -316,8 +316,9 @@ pub struct Encoding {
 /// The top-ups' part of an `Encoding`: the store is pinned (`TopUps::pin`), its `(id, slot)`
 /// pairs are sorted by id on a thread of their own, and then encoded a step at a time.
 ///
-/// Why: with 262 144 top-ups (a shard of 500 000 users after a storm) the section took 12-16 ms
-/// in one go, most of a snapshot's pause at its start (docs/benchmarks.md, session 13).
+/// Why: with 262 144 top-ups (a shard of 500 000 users after a storm) the section took 12 ms in
+/// one go (timers, session 12), most of a snapshot's pause at its start: 0.015-0.016 s, and
+/// 0.001 s with the top-ups pinned (docs/benchmarks.md, session 13).
 struct TopUpsEncoder {
     topups: W,
     methods: W,
@@ -458,7 +459,7 @@ impl Encoding {
         );
         let pending_done =
             encode_some(budget, || state.next_pinned_pending(), |e| encode_pending(&mut self.pending, &e));
-        // A top-up is encoded in about four times an account's time.
+        // A quarter of the budget: a top-up's record is 103 bytes, an account's a few.
         let topups = self.topups.step(state, (budget / 4).max(1), wait);
         if !(accounts_done && ids_done && history_done && pending_done) || topups == Progress::Steps {
             return Progress::Steps;
