@@ -15,10 +15,11 @@
 //! schedule, whatever came back, and a batch's latency counts from when it was due, so a stall
 //! shows in every batch it delays): BENCH_PACED [sync/pwrite: modes as above; empty: skip],
 //! BENCH_PACED_RATES [250000,500000,1000000 tips/s], BENCH_PACED_BATCH [1024],
-//! BENCH_PACED_SECS [3 a rate]. Each rate also prints the shards' journal-append latency (append +
-//! sync of one batch, the metrics' power-of-two buckets: an upper bound). One node per mode, set up once; before the first rate it takes
-//! BENCH_PACED_WARMUP [2 x users] tips as fast as it can, so that the idempotency window has
-//! turned over (the setup's ids are evicted) and the rates see a server in steady state.
+//! BENCH_PACED_SECS [3 a rate]. Each rate also prints the shards' journal-append latency
+//! (append + sync of one batch, in the metrics' power-of-two buckets: an upper bound). One node
+//! per mode, set up once; before the first rate it takes BENCH_PACED_WARMUP [2 x users] tips as
+//! fast as it can, so that the idempotency window has turned over (the setup's ids are evicted)
+//! and the rates see a server in steady state.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

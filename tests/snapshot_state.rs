@@ -95,16 +95,15 @@ fn random_command(rng: &mut SplitMix64) -> Command {
 }
 
 fn shard() -> ShardState {
-    ShardState::new(0, 1, shard_config(), shard_limits())
+    shard_0_of(1)
 }
 
-/// Small rings so that eviction and wrap-around are part of what is snapshotted.
-fn shard_limits() -> ShardLimits {
-    ShardLimits { accounts_max: 128, history_max: 64, ids_max: 48 }
-}
-
-fn shard_config() -> LedgerConfig {
-    LedgerConfig { topup_ttl_seconds: 30, ..LedgerConfig::default() }
+/// Shard 0 of `shards`, with small rings so that eviction and wrap-around are part of what is
+/// snapshotted.
+fn shard_0_of(shards: u16) -> ShardState {
+    let limits = ShardLimits { accounts_max: 128, history_max: 64, ids_max: 48 };
+    let config = LedgerConfig { topup_ttl_seconds: 30, ..LedgerConfig::default() };
+    ShardState::new(0, shards, config, limits)
 }
 
 fn restore(state: &ShardState) -> ShardState {
@@ -246,14 +245,10 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
     let mut pinned_replicas = 0u64;
     for (seed, shards) in (0..seeds).flat_map(|seed| [(seed, 1), (seed, 2)]) {
         let mut rng = Gen::new(seed);
-        let new = || match shards {
-            1 => shard(),
-            _ => ShardState::new(0, 2, shard_config(), shard_limits()),
-        };
         if shards == 2 {
             rng.replica_seq = Some(0);
         }
-        let (mut state, mut twin) = (new(), new());
+        let (mut state, mut twin) = (shard_0_of(shards), shard_0_of(shards));
         let mut ts = 1_795_752_000_000_000_000u64;
         let run = |state: &mut ShardState, twin: &mut ShardState, ts: &mut u64, rng: &mut Gen| {
             *ts += 1 + rng.rng.below(200_000_000);

@@ -244,25 +244,22 @@ impl IdTable {
     /// `insert` take two).
     #[inline]
     pub fn get_or_insert(&mut self, id: u64, value: u64) -> Lookup {
-        match self.find(id) {
-            Ok(i) => Lookup::Present(self.entries[i].1 - 1),
-            Err(_) if self.is_full() => Lookup::Full,
-            Err(i) => {
-                self.entries[i] = (id, value + 1);
-                self.mark_written(i);
-                self.len += 1;
-                Lookup::Inserted
-            }
-        }
+        self.get_or_insert_below(id, value, self.entries.len() / 2)
     }
 
     /// `get_or_insert` that may fill the table past the half it was sized for, up to three
     /// quarters of its buckets (probe runs grow, lookups stay correct): for an insert that must
     /// not be refused (`IdDirectory::reclaim`). `Full` only beyond that.
     pub fn get_or_insert_over(&mut self, id: u64, value: u64) -> Lookup {
+        self.get_or_insert_below(id, value, self.entries.len() / 4 * 3)
+    }
+
+    /// `get_or_insert`, refusing a new id once the table holds `max_len`.
+    #[inline]
+    fn get_or_insert_below(&mut self, id: u64, value: u64, max_len: usize) -> Lookup {
         match self.find(id) {
             Ok(i) => Lookup::Present(self.entries[i].1 - 1),
-            Err(_) if self.len >= self.entries.len() / 4 * 3 => Lookup::Full,
+            Err(_) if self.len >= max_len => Lookup::Full,
             Err(i) => {
                 self.entries[i] = (id, value + 1);
                 self.mark_written(i);

@@ -136,11 +136,7 @@ impl IdDirectory {
     /// would answer `not_found` and another shard could accept it again. `Full` only past that,
     /// which takes a stripe's whole margin of re-claims at once.
     pub fn reclaim(&self, id: u64, shard: u16) -> Claim {
-        match self.stripe(id).lock().get_or_insert_over(id, shard as u64) {
-            Lookup::Present(owner) => Claim::Existing(owner as u16),
-            Lookup::Inserted => Claim::New,
-            Lookup::Full => Claim::Full,
-        }
+        claim_of(self.stripe(id).lock().get_or_insert_over(id, shard as u64))
     }
 
     /// The shard owning `id`.
@@ -205,7 +201,12 @@ fn stripe_ranges(bounds: &[u32; STRIPES + 1]) -> impl Iterator<Item = (usize, st
 }
 
 fn claim_in(table: &mut IdTable, id: u64, shard: u16) -> Claim {
-    match table.get_or_insert(id, shard as u64) {
+    claim_of(table.get_or_insert(id, shard as u64))
+}
+
+/// A table lookup-or-insert of an id with its shard, as a claim.
+fn claim_of(lookup: Lookup) -> Claim {
+    match lookup {
         Lookup::Present(owner) => Claim::Existing(owner as u16),
         Lookup::Inserted => Claim::New,
         Lookup::Full => Claim::Full,
