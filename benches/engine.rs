@@ -3,7 +3,8 @@
 //! resident memory per account. Prints a table; `cargo bench --bench engine`.
 //!
 //! Environment (defaults in brackets): BENCH_USERS [1000000], BENCH_STREAMERS [1000],
-//! BENCH_TIPS [4000000], BENCH_WARMUP [0: tips applied, untimed, between the setup and the
+//! BENCH_TIPS [4000000], BENCH_HOT [50,0: the percent of tips to streamer 0, a run each; the
+//! storm/uniform ratio is printed for the pairs], BENCH_WARMUP [0: tips applied, untimed, between the setup and the
 //! timed tips: with 2 x users the setup's ids have left the idempotency window and the rings
 //! are resident, as in a server that has run for a while], BENCH_SHARDS [cores], BENCH_BATCH [8192], BENCH_WINDOW [8],
 //! BENCH_MODES [memory,sync/mmap,sync/pwrite: a durability, then optionally `/` and how the log
@@ -258,6 +259,11 @@ fn main() {
     if std::env::var("BENCH_NO_TUNE").is_err() {
         stormledger::tune_allocator();
     }
+    let hots: Vec<u32> = std::env::var("BENCH_HOT")
+        .unwrap_or_else(|_| "50,0".into())
+        .split(',')
+        .map(|h| h.trim().parse().expect("BENCH_HOT: percents"))
+        .collect();
     let mut rows = Vec::new();
     for mode in modes.split(',').filter(|m| !m.is_empty()) {
         let (mode, log_write) = match mode.split_once('/') {
@@ -265,7 +271,7 @@ fn main() {
             None => (mode, None),
         };
         let mode: Durability = mode.parse().expect("mode");
-        for hot in [50, 0] {
+        for &hot in &hots {
             let spec = StormSpec { users, streamers, hot_percent: hot, topup_yuan: 100_000, ..StormSpec::default() };
             let row = run(&spec, mode, log_write, shards, tips, warmup, batch, window, &base);
             rows.push(row);
@@ -290,7 +296,7 @@ fn main() {
         );
         assert!(r.ok * 10 >= r.tips * 9, "most tips must be accepted ({} of {})", r.ok, r.tips);
     }
-    for pair in rows.chunks(2) {
+    for pair in rows.chunks(hots.len()) {
         if let [storm, uniform] = pair {
             println!(
                 "storm / uniform ({}): {:.2}",

@@ -290,7 +290,11 @@ pub fn load_shard_with_feed(
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let (reader, report) =
         WalReader::open(&dir, shard as u32, storage).map_err(|e| NodeError::Corrupt(e.to_string()))?;
-    if report.next_lsn <= snapshot_lsn && report.records > 0 {
+    // The log never loses its newest records to retention (the active segment is kept, and a
+    // new one continues the lsns), so it always reaches at least the snapshot: a log that ends
+    // before it (its newest segments lost, or all of them and a new one started at lsn 1) has
+    // lost acknowledged records, and a server continuing it would reuse their lsns.
+    if report.next_lsn <= snapshot_lsn {
         return Err(NodeError::Corrupt(format!(
             "shard {shard}: the log ends at lsn {} but the snapshot covers up to {snapshot_lsn}: acknowledged records are missing",
             report.next_lsn - 1
@@ -373,6 +377,8 @@ pub fn load_shard_with_feed(
 /// The write-ahead log as the engine's journal: one append and one sync per batch.
 struct WalJournal {
     wal: Wal,
+    /// The last lsn the shard's state holds after recovery (see `Journal::recovered_lsn`).
+    recovered_lsn: u64,
 }
 
 impl Journal for WalJournal {
@@ -394,6 +400,10 @@ impl Journal for WalJournal {
     /// In `sync` mode an append waits for the disk: overlap it with applying the batch before.
     fn pipelined(&self) -> bool {
         self.wal.config().persist_mode == PersistMode::Sync
+    }
+
+    fn recovered_lsn(&self) -> u64 {
+        self.recovered_lsn
     }
 }
 
@@ -533,7 +543,8 @@ impl Node {
                 retire_log: config.retire_log,
                 kept: kept_lsns,
             };
-            Ok((loaded.state, Box::new(WalJournal { wal }) as Box<dyn Journal>, policy))
+            let journal = WalJournal { recovered_lsn: wal.next_lsn() - 1, wal };
+            Ok((loaded.state, Box::new(journal) as Box<dyn Journal>, policy))
         };
         let recovered: Vec<_> = std::thread::scope(|scope| {
             let recover = &recover;

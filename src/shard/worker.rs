@@ -44,6 +44,12 @@ pub trait Journal: Send + 'static {
     fn pipelined(&self) -> bool {
         false
     }
+
+    /// The position of the last record the log held when it was opened (0: none): the shard's
+    /// state starts there, recovered, so a snapshot taken before its first new batch covers it.
+    fn recovered_lsn(&self) -> u64 {
+        0
+    }
 }
 
 /// A journal failure, as text for the operator (the WAL's typed error is logged where it happens).
@@ -585,6 +591,7 @@ pub fn run(
 ) -> ShardState {
     let shard = state.shard();
     assert!(!state.publish_deferred, "shard {shard} starts with its balances unpublished (a replay did not end)");
+    let recovered_lsn = journal.recovered_lsn();
     let mut log = LogStage::new(journal, shard);
     let mut last_assigned = state.last_timestamp();
     let metrics = ShardMetrics::new(peers.stats.clone(), shard);
@@ -596,7 +603,7 @@ pub fn run(
         events: crate::feed::BatchEvents::new(0),
         feed: config.feed.clone(),
         poisoned: false,
-        last_lsn: 0,
+        last_lsn: recovered_lsn,
         logged_bytes: 0,
         spare_records: Vec::new(),
         spare_batches: Vec::new(),
