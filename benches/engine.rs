@@ -31,6 +31,7 @@ use hdrhistogram::Histogram;
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::engine::{Engine, EngineConfig};
 use stormledger::layout::CommandRecord;
+use stormledger::ledger::state_machine::accounts_max_for;
 use stormledger::node::{Durability, Node, NodeConfig};
 use stormledger::shard::stats::{Histogram as Buckets, JOURNAL_BUCKETS};
 use stormledger::wal::LogWrite;
@@ -84,7 +85,7 @@ fn drive(
 }
 
 fn engine_config(spec: &StormSpec, shards: u16) -> EngineConfig {
-    let per_shard = (spec.users / shards as u64) * 5 / 4 + spec.streamers + 64;
+    let per_shard = accounts_max_for(spec.users / shards as u64 * 5 / 4, spec.streamers + 64, shards);
     EngineConfig {
         shards,
         ledger: LedgerConfig {
@@ -216,10 +217,11 @@ fn memory(accounts: u64, shards: u16) -> (u64, f64) {
         })
         .collect();
     let mut hist = Histogram::new(3).unwrap();
-    // Capacity for the accounts plus 3 % for the hash spread over shards: the index and the
-    // account array are sized by capacity, so this measures a shard that is nearly full.
+    // Capacity for the accounts plus 3 % for the hash spread over shards, and the sixteenth
+    // kept for striped accounts (`striped_reserve`): the index and the account array are sized
+    // by capacity, so this measures a shard that is nearly full.
     let mut config = engine_config(&spec, shards);
-    config.limits.accounts_max = (accounts / shards as u64 * 103 / 100 + 64) as u32;
+    config.limits.accounts_max = accounts_max_for(accounts / shards as u64 * 103 / 100 + 64, 0, shards) as u32;
     let engine = Engine::in_memory(config).unwrap();
     let (_, ok) = drive(&engine, batches, 8, &mut hist);
     assert_eq!(ok, accounts);

@@ -15,6 +15,7 @@ use std::time::Instant;
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::engine::EngineConfig;
 use stormledger::layout::CommandRecord;
+use stormledger::ledger::state_machine::accounts_max_for;
 use stormledger::ledger::{AccountKind, Command, ShardState};
 use stormledger::node::{load_shard, Durability, Node, NodeConfig};
 use stormledger::shard::worker::SNAPSHOT_RECORDS_PER_STEP;
@@ -81,7 +82,8 @@ fn main() {
         return;
     }
     let rounds = size("BENCH_SNAPSHOT_LOADS", 3, 1);
-    let limits = ShardLimits { accounts_max: accounts as u32 + 64, history_max: 1 << 16, ids_max: 1 << 16 };
+    let limits =
+        ShardLimits { accounts_max: accounts_max_for(accounts, 0, 1) as u32, history_max: 1 << 16, ids_max: 1 << 16 };
     let mut state = ShardState::new(0, 1, ledger.clone(), limits.clone());
     for account in 1..=accounts {
         let create = Command::CreateAccount { account, kind: AccountKind::User, flags: 1, union: 0 };
@@ -121,7 +123,7 @@ fn main() {
 /// Encodes four times, each after the first into the buffers of the one before, as the worker does.
 fn snapshot_stall(users: u64, tips: u64, ledger: &LedgerConfig) {
     let spec = StormSpec { users, streamers: 1_000, topup_yuan: 100_000, ..StormSpec::default() };
-    let limits = ShardLimits { accounts_max: (users + 2_000) as u32, ..ShardLimits::default() };
+    let limits = ShardLimits { accounts_max: accounts_max_for(users, 2_000, 1) as u32, ..ShardLimits::default() };
     let mut state = ShardState::new(0, 1, ledger.clone(), limits);
     let mut ts = 1_795_752_000_000_000_000u64;
     let mut gen = spec.tips();

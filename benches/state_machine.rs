@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use stormledger::config::{LedgerConfig, ShardLimits};
+use stormledger::ledger::state_machine::accounts_max_for;
 use stormledger::ledger::{Command, ShardState};
 use stormledger::workload::StormSpec;
 
@@ -22,7 +23,7 @@ fn funded_shard(spec: &StormSpec) -> (ShardState, u64) {
         LedgerConfig { topup_custom_max_fen: 10_000_000, daily_cap_coins: 1_000_000_000, ..LedgerConfig::default() };
     let env = |name: &str, default: u32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let limits = ShardLimits {
-        accounts_max: (spec.users + spec.streamers + 64) as u32,
+        accounts_max: accounts_max_for(spec.users, spec.streamers + 64, 1) as u32,
         history_max: env("BENCH_HISTORY_MAX", 1 << 20),
         ids_max: env("BENCH_IDS_MAX", 1 << 20),
     };
@@ -111,7 +112,8 @@ fn bind_stall(_: &mut Criterion) {
         return;
     }
     let users = common::size("BENCH_BIND_USERS", 4_000_000, 20_000);
-    let limits = ShardLimits { accounts_max: users as u32 + 64, history_max: 1 << 16, ids_max: 1 << 16 };
+    let limits =
+        ShardLimits { accounts_max: accounts_max_for(users, 0, 1) as u32, history_max: 1 << 16, ids_max: 1 << 16 };
     let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits);
     let mut ts = 1_795_752_000_000_000_000u64;
     for user in 1..=users {

@@ -666,3 +666,50 @@ fn settlement_retry_while_the_replica_is_queued(pipelined: bool) {
     );
     assert_eq!(engine.balance(1_000_000), Some(0));
 }
+
+#[test]
+fn a_shard_full_of_wallets_still_takes_every_striped_account_created_elsewhere() {
+    // Each shard holds a stripe of every streamer and union. A shard whose wallets filled it
+    // used to take no more stripes: the replicated create of a streamer made on another shard
+    // then stopped it, at once and again at every replay. Wallets now leave a sixteenth of
+    // each shard to striped accounts, which their home shards share.
+    let mut config = config(2);
+    config.limits.accounts_max = 256;
+    let engine = start(&config, null_journals(2));
+    let user = |account| Command::CreateAccount { account, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    let streamer = |account| Command::CreateAccount { account, kind: AccountKind::Streamer, flags: 0, union: 0 };
+    // Shard 1 full of wallets: 256 - 9 system accounts - 16 kept.
+    let mut wallets = 0;
+    for id in (1..).filter(|&id| home_shard(id, 2) == 1) {
+        match status(&engine, user(id)) {
+            Status::Ok => wallets += 1,
+            Status::CapacityExhausted => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(wallets, 256 - 9 - 16);
+    // Shard 0 makes streamers until its share of the kept slots is used up (8 of 16); each
+    // takes a stripe on the full shard 1 too.
+    let mut made = Vec::new();
+    for id in (1_000_000..).filter(|&id| home_shard(id, 2) == 0) {
+        match status(&engine, streamer(id)) {
+            Status::Ok => made.push(id),
+            Status::CapacityExhausted => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(made.len(), 8);
+    // Both shards are alive: a wallet on the full shard tips the last streamer.
+    let payer = (1..).find(|&id| home_shard(id, 2) == 1).unwrap();
+    assert_eq!(status(&engine, Command::BindMethod { user: payer, method: 1, channel: Channel::Alipay }), Status::Ok);
+    let begin = Command::TopUpBegin { id: 77, user: payer, method: 1, fen: 600 };
+    assert_eq!(status(&engine, begin), Status::Ok);
+    let confirm = Command::TopUpConfirm { id: 77, fen: 600, channel_txn: text_field("T77").unwrap() };
+    assert_eq!(status(&engine, confirm), Status::Ok);
+    let tip = Command::Tip { id: 78, from: payer, to: *made.last().unwrap(), coins: 10 };
+    assert_eq!(status(&engine, tip), Status::Ok);
+    for s in engine.audit() {
+        assert!(!s.poisoned);
+        assert_eq!(s.unit_sums, [0, 0]);
+    }
+}

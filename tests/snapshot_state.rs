@@ -116,6 +116,7 @@ fn restore(state: &ShardState) -> ShardState {
 
 fn same(a: &ShardState, b: &ShardState, seed: u64) {
     assert_eq!(a.accounts(), b.accounts(), "seed {seed}: accounts");
+    assert_eq!(a.account_counts(), b.account_counts(), "seed {seed}: account counts");
     for account in a.accounts() {
         assert_eq!(a.history(account.id, 1000, None), b.history(account.id, 1000, None), "seed {seed}: history");
         assert_eq!(a.index().balance(account.id), b.index().balance(account.id), "seed {seed}: published");

@@ -493,6 +493,33 @@ fn ended_top_ups_kept_outside_the_window_are_bounded_oldest_first() {
 }
 
 #[test]
+fn a_top_up_under_a_reused_id_expires_at_its_own_deadline() {
+    let mut l = funded();
+    let fail = |id| Command::TopUpFail { id, reason: FailReason::Declined };
+    // Top-up 7000 fails at once; its pending queue entry (its deadline) stays behind.
+    assert_eq!(l.run(begin(7000, 10, 600)).status, Ok);
+    assert_eq!(l.run(fail(7000)).status, Ok);
+    // More ended top-ups than are kept outside the window, a nanosecond apart: 7000, the
+    // oldest, is forgotten and its id released (the last 64 ids are still in the window).
+    for id in 0..l.state.topups_max() as u64 + 100 {
+        for cmd in [begin(100_000 + id, 10, 600), fail(100_000 + id)] {
+            l.now += 1;
+            assert_eq!(l.state.apply(l.now, &cmd).0.status, Ok);
+        }
+    }
+    assert!(l.state.drain_evicted().contains(&7000));
+    // Ten minutes later the id begins a new top-up, whose deadline is ten minutes after the
+    // first one's. When the first deadline passes, the new top-up is still pending.
+    l.advance(10 * 60);
+    assert_eq!(l.run(begin(7000, 10, 600)).status, Ok);
+    l.advance(6 * 60);
+    assert_eq!(l.run(Command::Tick).status, Ok);
+    assert_eq!(l.state.topup(7000).unwrap().state, TopUpState::Pending);
+    assert_eq!(l.run(confirm(7000, 600, "T7000")).status, Ok);
+    assert_eq!(l.balance(10), 1060);
+}
+
+#[test]
 fn pending_top_ups_are_bounded_per_shard() {
     let mut l = funded();
     let max = l.state.topups_max() as u64;

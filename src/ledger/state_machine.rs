@@ -198,6 +198,10 @@ pub struct ShardState {
     pub(crate) topups_pending: usize,
     /// How many ids `ids` maps to `HELD` (at most twice `topups_max`).
     pub(crate) held_topup_ids: usize,
+    /// What the accounts take of `accounts_max` (see `striped_reserve`): user wallets, and the
+    /// striped accounts whose home is this shard (not the system accounts, not the replicas).
+    pub(crate) users: u32,
+    pub(crate) striped_homed: u32,
     pub(crate) history: HistoryRing,
     pub(crate) last_timestamp: u64,
     /// Replication sequence numbers: the last emitted by this shard, and the last applied from
@@ -269,6 +273,8 @@ impl ShardState {
             topups_kept: std::collections::BTreeSet::new(),
             topups_pending: 0,
             held_topup_ids: 0,
+            users: 0,
+            striped_homed: 0,
             history: HistoryRing::new(limits.history_max),
             last_timestamp: 0,
             replica_out: 0,
@@ -286,6 +292,12 @@ impl ShardState {
             state.insert_account(Account::new(id, kind, 0, 0)).expect("capacity for system accounts");
         }
         state
+    }
+
+    /// User wallets, and striped accounts created with this shard as their home: what decides
+    /// when a create answers `capacity_exhausted` (`users_max`, `striped_homed_max`).
+    pub fn account_counts(&self) -> [u32; 2] {
+        [self.users, self.striped_homed]
     }
 
     /// The shard's lock-free index of published balances (shared with readers).
@@ -946,6 +958,10 @@ impl ShardState {
         self.history.push(account, entry);
     }
 
+    fn homed_here(&self, id: u64) -> bool {
+        homed_on(id, self.shard, self.shards)
+    }
+
     fn create_account(&mut self, id: u64, kind: AccountKind, new_flags: u8, union: u64) -> (Reply, Fanout) {
         if let Some(existing) = self.account(id) {
             let same = existing.kind == kind
@@ -962,11 +978,20 @@ impl ShardState {
             _ if union != 0 => return (Reply::status(Status::InvalidKind), Fanout::None),
             _ => {}
         }
-        if kind.is_striped() && self.index.len() + 1 >= self.index.capacity() {
+        // Every shard takes a stripe of each striped account, whatever its own wallets: those
+        // are bounded so that the stripes always fit (`striped_reserve`).
+        let homed = kind.is_striped() && self.homed_here(id);
+        let room = match kind {
+            AccountKind::User => self.users < users_max(&self.limits),
+            _ => !homed || self.striped_homed < striped_homed_max(&self.limits, self.shards),
+        };
+        if !room || self.insert_account(Account::new(id, kind, new_flags, union)).is_none() {
             return (Reply::status(Status::CapacityExhausted), Fanout::None);
         }
-        if self.insert_account(Account::new(id, kind, new_flags, union)).is_none() {
-            return (Reply::status(Status::CapacityExhausted), Fanout::None);
+        if kind == AccountKind::User {
+            self.users += 1;
+        } else if homed {
+            self.striped_homed += 1;
         }
         let fanout = if kind.is_striped() && self.shards > 1 {
             let origin = Origin { shard: self.shard, seq: 0 };
@@ -1130,8 +1155,10 @@ impl ShardState {
             }
             self.pending.pop_front();
             self.pending_popped += 1;
+            // The entry is left behind when a top-up ends before its deadline; by then the id
+            // may have been forgotten and begun a new top-up, which has a deadline of its own.
             if let Some(topup) = self.topups.get_mut(&id) {
-                if topup.state == TopUpState::Pending {
+                if topup.state == TopUpState::Pending && topup.deadline == deadline {
                     topup.state = TopUpState::Expired;
                     self.topups_pending -= 1;
                     if topup.id_evicted {
@@ -1447,6 +1474,39 @@ fn set_frozen(account: &mut Account, frozen: bool) {
     }
 }
 
+/// Whether account `id` has `shard` as its home (a striped account is created there and
+/// replicated to the others). The system accounts have no home: every shard makes them.
+pub(crate) fn homed_on(id: u64, shard: u16, shards: u16) -> bool {
+    crate::shard::router::home_shard(id, shards) == shard && !SYSTEM_ACCOUNTS.iter().any(|&(system, _)| system == id)
+}
+
+/// The slots of each shard's `accounts_max` kept for striped accounts (streamers, unions, and
+/// platform or channel accounts created later; the system accounts are apart): a sixteenth.
+/// Each shard holds a stripe of every striped account, also when its user wallets fill it, so
+/// wallets get only what is not kept (`users_max`), and the home shards share what is kept,
+/// each creating at most `striped_homed_max`. A replicated create then always finds room.
+pub fn striped_reserve(limits: &ShardLimits) -> u32 {
+    limits.accounts_max / 16
+}
+
+/// The most user wallets a shard holds (see `striped_reserve`).
+pub fn users_max(limits: &ShardLimits) -> u32 {
+    limits.accounts_max - SYSTEM_ACCOUNTS.len() as u32 - striped_reserve(limits)
+}
+
+/// The most striped accounts created with each shard as their home (see `striped_reserve`).
+pub fn striped_homed_max(limits: &ShardLimits, shards: u16) -> u32 {
+    striped_reserve(limits) / u32::from(shards)
+}
+
+/// The smallest `accounts_max` with room for `users` wallets on a shard and `striped` striped
+/// accounts created with each shard as their home, among `shards`.
+pub fn accounts_max_for(users: u64, striped: u64, shards: u16) -> u64 {
+    let for_users = (users + SYSTEM_ACCOUNTS.len() as u64) * 16 / 15 + 16;
+    let for_striped = 16 * (striped * u64::from(shards) + 1);
+    for_users.max(for_striped).max(64)
+}
+
 /// See `ShardState::topups_max`.
 fn topups_max(limits: &ShardLimits) -> usize {
     (limits.ids_max as usize / 4).max(TOPUPS_MIN)
@@ -1482,5 +1542,29 @@ impl ShardState {
     /// Retained idempotency records with their ids (any order; used to rebuild the directory).
     pub fn id_records(&self) -> impl Iterator<Item = (u64, &IdRecord)> {
         self.id_ring.iter().map(|(_, r)| (r.command.transfer_id().unwrap_or_else(|| r.command.reply_id()), r))
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    #[test]
+    fn accounts_max_for_leaves_room_for_what_it_is_asked() {
+        for shards in [1u16, 2, 3, 8] {
+            for users in [0u64, 1, 14, 15, 16, 1_000, 999_999, 4_000_000] {
+                for striped in [0u64, 1, 7, 1_000] {
+                    let accounts_max = accounts_max_for(users, striped, shards);
+                    let limits = ShardLimits { accounts_max: accounts_max as u32, ..ShardLimits::default() };
+                    assert!(u64::from(users_max(&limits)) >= users, "{users} {striped} {shards}");
+                    assert!(u64::from(striped_homed_max(&limits, shards)) >= striped, "{users} {striped} {shards}");
+                    // Every shard's stripes of all the homes' striped accounts fit beside its wallets.
+                    let most = SYSTEM_ACCOUNTS.len() as u32
+                        + users_max(&limits)
+                        + striped_homed_max(&limits, shards) * u32::from(shards);
+                    assert!(most <= limits.accounts_max);
+                }
+            }
+        }
     }
 }

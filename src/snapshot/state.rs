@@ -829,15 +829,20 @@ const POPULATE_AHEAD: u64 = 1 << 16;
 
 /// Decodes `count` account records into `accounts` and publishes their balances in `index`
 /// (whose entries another thread fills at the same time).
+/// Decodes the account records into `accounts` and publishes their balances; returns how many
+/// are user wallets and how many are striped accounts that `homed` (`ShardState::users`,
+/// `ShardState::striped_homed`).
 fn decode_accounts(
     ids: &[u8],
     records: &[u8],
     accounts: &mut Vec<Account>,
     index: &AccountIndex,
-) -> Result<(), String> {
+    homed: impl Fn(u64) -> bool,
+) -> Result<(u32, u32), String> {
     let (mut ids, count) = IdReader::new(ids)?;
     let mut r = R { b: records, at: 0, section: "accounts" };
     let (mut kind, mut flags) = (None, 0u8);
+    let (mut users, mut striped_homed) = (0u32, 0u32);
     for slot in 0..count {
         if slot % POPULATE_AHEAD == 0 {
             // The vector's memory is fresh: one call per block makes its pages, instead of a
@@ -888,6 +893,11 @@ fn decode_accounts(
         if balance != 0 {
             index.publish(slot as u32, balance);
         }
+        if kind == AccountKind::User {
+            users += 1;
+        } else if homed(id) {
+            striped_homed += 1;
+        }
     }
     if !ids.r.done() {
         return Err(ids.r.bad("length"));
@@ -895,7 +905,7 @@ fn decode_accounts(
     if !r.done() {
         return Err(r.bad("length"));
     }
-    Ok(())
+    Ok((users, striped_homed))
 }
 
 /// A helper thread's result; its panic goes on in the caller.
@@ -954,11 +964,12 @@ pub fn decode<'a>(
     let accounts = &mut state.accounts;
     let (decoded, (indexed, bound)) = std::thread::scope(|s| {
         let helper = s.spawn(|| (index.load(IdIter(ids, count)), decode_methods(methods_section)));
-        let decoded = decode_accounts(ids_section, records, accounts, &index);
+        let homed = |id| crate::ledger::state_machine::homed_on(id, shard, shards);
+        let decoded = decode_accounts(ids_section, records, accounts, &index, homed);
         (decoded, joined(helper))
     });
     // A malformed id stops the index early; `decode_accounts` names it, so its error comes first.
-    decoded?;
+    (state.users, state.striped_homed) = decoded?;
     match indexed {
         Ok(n) if u64::from(n) == count => {}
         Err(LoadError::Duplicate { slot, id }) => {
