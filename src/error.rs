@@ -86,6 +86,9 @@ pub enum WalCorruption {
     UnsupportedVersion { found: u16 },
     /// A header's own checksum does not match.
     HeaderChecksum,
+    /// A segment header's first lsn is 0 or above `wal::LSN_MAX` (no log reaches it: the header
+    /// was made by something else than the writer).
+    LsnOutOfRange { first_lsn: u64 },
     /// A record's payload checksum does not match.
     PayloadChecksum,
     /// A record claims a payload that runs past the end of its segment.
@@ -117,6 +120,9 @@ impl fmt::Display for WalCorruption {
             Self::BadMagic => f.write_str("bad magic"),
             Self::UnsupportedVersion { found } => write!(f, "unsupported format version {found}"),
             Self::HeaderChecksum => f.write_str("header checksum mismatch"),
+            Self::LsnOutOfRange { first_lsn } => {
+                write!(f, "segment header's first lsn {first_lsn} is outside 1..=2^62")
+            }
             Self::PayloadChecksum => f.write_str("payload checksum mismatch"),
             Self::RecordPastSegmentEnd { len } => {
                 write!(f, "record of {len} bytes runs past the end of the segment")

@@ -23,7 +23,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::config::{LedgerConfig, ShardLimits};
 use crate::engine::{Engine, EngineConfig};
-use crate::error::StorageError;
+use crate::error::{SnapshotError, StorageError};
 use crate::layout::CommandRecord;
 use crate::ledger::{Command, ShardState};
 use crate::shard::worker::{Journal, JournalError, SnapshotPolicy, SystemClock, PREFETCH_FAR, PREFETCH_NEAR};
@@ -214,14 +214,23 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), NodeError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// The file of a snapshot passed over as damaged.
+fn damaged_file(error: &SnapshotError) -> Option<PathBuf> {
+    match error {
+        SnapshotError::Truncated { path, .. } | SnapshotError::Corrupt { path, .. } => Some(path.clone()),
+        _ => None,
+    }
+}
+
 /// What loading one shard found.
 pub struct LoadedShard {
     pub state: ShardState,
     /// The log position the snapshot covered (0 = started from genesis).
     pub snapshot_lsn: u64,
     pub snapshot_path: Option<PathBuf>,
-    /// Newer snapshots that failed verification and were passed over.
+    /// Newer snapshots that failed verification and were passed over, and their files.
     pub skipped_snapshots: Vec<String>,
+    pub damaged_snapshots: Vec<PathBuf>,
     /// Log records (batches) and commands replayed after the snapshot.
     pub batches_replayed: u64,
     pub commands_replayed: u64,
@@ -262,6 +271,9 @@ pub fn load_shard_with_feed(
     let (mut state, snapshot_lsn, snapshot_path, skipped) = match loaded {
         Some(snap) => {
             let lsn = *snap.meta.lsns.first().ok_or_else(|| NodeError::Corrupt("snapshot without lsn".into()))?;
+            if lsn > wal::LSN_MAX {
+                return Err(NodeError::Corrupt(format!("{}: lsn {lsn} is above 2^62", snap.path.display())));
+            }
             let state = crate::snapshot::state::decode(|t| snap.section(t), ledger.clone(), limits.clone())
                 .map_err(|e| NodeError::Corrupt(format!("{}: {e}", snap.path.display())))?;
             if state.shard() != shard || state.shards() != shards {
@@ -277,8 +289,7 @@ pub fn load_shard_with_feed(
                     None => feed.start_after(lsn),
                 }
             }
-            let skipped = snap.skipped.iter().map(|e| e.to_string()).collect();
-            (state, lsn, Some(snap.path.clone()), skipped)
+            (state, lsn, Some(snap.path.clone()), snap.skipped)
         }
         None => {
             if let Some(feed) = feed {
@@ -287,7 +298,12 @@ pub fn load_shard_with_feed(
             (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0, None, Vec::new())
         }
     };
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    // Every shard's directory exists from the node's first start on (`Wal::open` makes it with
+    // the first segment): a missing one is a lost shard, not an empty one. Nothing is created
+    // here (`stormledger-recover verify` and `replay` only read).
+    storage.list(&dir).map_err(|e| {
+        NodeError::Corrupt(format!("shard {shard}: no directory of its own in the data directory ({e})"))
+    })?;
     let (reader, report) =
         WalReader::open(&dir, shard as u32, storage).map_err(|e| NodeError::Corrupt(e.to_string()))?;
     // The log never loses its newest records to retention (the active segment is kept, and a
@@ -367,7 +383,8 @@ pub fn load_shard_with_feed(
         state,
         snapshot_lsn,
         snapshot_path,
-        skipped_snapshots: skipped,
+        skipped_snapshots: skipped.iter().map(|e| e.to_string()).collect(),
+        damaged_snapshots: skipped.iter().filter_map(damaged_file).collect(),
         batches_replayed: batches,
         commands_replayed: commands,
         recovery: report,
@@ -423,7 +440,10 @@ impl Node {
     pub fn open(mut config: NodeConfig) -> Result<Node, NodeError> {
         config.engine.validate().map_err(NodeError::Config)?;
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        crate::storage::create_dir_durably(&dir).map_err(|e| match e {
+            StorageError::Io { path, source, .. } => NodeError::Io { path, error: source },
+            other => NodeError::Corrupt(other.to_string()),
+        })?;
         let lock = match DirLock::acquire(&dir) {
             Ok(lock) => lock,
             Err(StorageError::AlreadyLocked { .. }) => return Err(NodeError::Locked { path: dir }),
@@ -474,6 +494,12 @@ impl Node {
                     accounts_max: Some(config.engine.limits.accounts_max),
                     ids_max: Some(config.engine.limits.ids_max),
                 };
+                // Every shard's directory first: a directory with `cluster.json` has them all, so
+                // a missing one is a lost shard (see `recover` below), never one not made yet.
+                for shard in 0..config.engine.shards {
+                    let shard_dir = wal::shard_dir(&dir, shard as u32);
+                    config.storage.0.create_dir_all(&shard_dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+                }
                 let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
                 write_atomic(&dir, "ledger.json", &ledger)?;
                 write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
@@ -497,6 +523,11 @@ impl Node {
                 write: config.log_write,
                 prefill: config.log_prefill,
             };
+            // Made before `cluster.json` (above): missing, the shard is lost, and opening its log
+            // would start it empty.
+            storage.list(&shard_dir).map_err(|e| {
+                NodeError::Corrupt(format!("shard {shard}: no directory of its own in the data directory ({e})"))
+            })?;
             let (wal, report) = Wal::open(&shard_dir, shard as u32, wal_config, storage.clone())
                 .map_err(|e| NodeError::Corrupt(e.to_string()))?;
             if let RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } = &report.outcome {
@@ -523,6 +554,18 @@ impl Node {
                 load_shard_with_feed(&dir, storage.as_ref(), shard, shards, ledger, limits, &mut progress, shard_feed)?;
             for skipped in &loaded.skipped_snapshots {
                 eprintln!("shard {shard}: passed over a damaged snapshot: {skipped}");
+            }
+            // Out of the way of retention, which keeps the newest snapshots by name: counted, a
+            // damaged one would take the place of the valid one just loaded, the one to fall
+            // back on. Renamed, not removed: the evidence stays.
+            for damaged in &loaded.damaged_snapshots {
+                let mut aside = damaged.clone().into_os_string();
+                aside.push(".damaged");
+                let rename = storage.rename(damaged, Path::new(&aside));
+                rename.and_then(|()| storage.sync_dir(&shard_dir.join("snapshots"))).map_err(|e| {
+                    NodeError::Corrupt(format!("shard {shard}: cannot set the damaged snapshot aside: {e}"))
+                })?;
+                eprintln!("shard {shard}: renamed it to {}", Path::new(&aside).display());
             }
             if loaded.commands_replayed > 0 || loaded.snapshot_path.is_some() {
                 eprintln!(

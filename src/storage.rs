@@ -211,6 +211,19 @@ pub fn sync_dir_path(dir: &Path) -> Result<(), StorageError> {
     d.sync_all().map_err(|e| io_err("fsync directory", dir, e))
 }
 
+/// `create_dir_all` whose new directories survive power loss: a directory's entry is in its
+/// parent, durable only once the parent is synced, so the parent of each directory created here
+/// is synced, outermost first. Directories that existed are left as they are.
+pub fn create_dir_durably(dir: &Path) -> Result<(), StorageError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    fs::create_dir_all(dir).map_err(|e| io_err("create directory", dir, e))?;
+    for created in missing.iter().rev() {
+        let parent = created.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir_path(parent)?;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real files.
 
@@ -238,7 +251,7 @@ struct MmapFile {
 
 impl Storage for MmapStorage {
     fn create_dir_all(&self, dir: &Path) -> Result<(), StorageError> {
-        fs::create_dir_all(dir).map_err(|e| io_err("create directory", dir, e))
+        create_dir_durably(dir)
     }
 
     fn write_file(&self, path: &Path, chunks: &[&[u8]]) -> Result<(), StorageError> {

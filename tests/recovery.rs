@@ -496,3 +496,78 @@ fn a_snapshot_taken_right_after_a_restart_covers_the_recovered_log() {
         assert_eq!(s.unit_sums, [0, 0]);
     }
 }
+
+#[test]
+fn a_lost_shard_directory_refuses_to_start_and_verify_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let config = node_config(dir.path(), 2);
+    {
+        let node = Node::open(config.clone()).unwrap();
+        setup(node.engine(), &spec);
+        node.shutdown();
+    }
+    let lost = dir.path().join("shard-01");
+    std::fs::remove_dir_all(&lost).unwrap();
+    // What the recovery tool's verify and replay run: an error, and nothing written.
+    let (ledger, limits) = (&config.engine.ledger, &config.engine.limits);
+    match stormledger::node::load_shard(dir.path(), 1, 2, ledger, limits, &mut |_| {}) {
+        Err(NodeError::Corrupt(message)) => assert!(message.contains("shard 1"), "{message}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+    assert!(!lost.exists(), "loading a shard creates nothing");
+    // The server does not start that shard empty.
+    match Node::open(config) {
+        Err(NodeError::Corrupt(message)) => assert!(message.contains("shard 1"), "{message}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+    assert!(!lost.exists());
+}
+
+#[test]
+fn a_damaged_snapshot_is_set_aside_so_retention_keeps_the_one_to_fall_back_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let mut config = node_config(dir.path(), 1);
+    config.retire_log = true;
+    let snapdir = dir.path().join("shard-00/snapshots");
+    let snapshots = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&snapdir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    let halve = |name: &str| {
+        let path = snapdir.join(name);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len / 2).unwrap();
+    };
+    {
+        let node = Node::open(config.clone()).unwrap();
+        setup(node.engine(), &spec);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        storm(node.engine(), &spec, 5, 0);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        node.shutdown();
+    }
+    let [older, newest] = <[String; 2]>::try_from(snapshots()).unwrap();
+    halve(&newest);
+    let before = {
+        // Starts from the older one and sets the damaged one aside; the next snapshot keeps it.
+        let node = Node::open(config.clone()).unwrap();
+        assert_eq!(snapshots(), [older.clone(), format!("{newest}.damaged")]);
+        storm(node.engine(), &spec, 5, 5);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        storm(node.engine(), &spec, 5, 10);
+        let b = balances(node.engine(), &spec);
+        node.shutdown();
+        b
+    };
+    let names = snapshots();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names[0], older, "the snapshot to fall back on is kept");
+    // The newest damaged as well: the older one and the log still give every balance.
+    halve(&names[2]);
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+}

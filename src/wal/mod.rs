@@ -36,6 +36,10 @@ pub const MIN_SEGMENT_SIZE: u64 = 4096;
 pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
 /// Segment indexes are written with 8 decimal digits.
 pub const MAX_SEGMENT_INDEX: u64 = 99_999_999;
+/// The largest lsn a log may hold: 2^62, which a million batches a second would reach in
+/// 146 000 years. A segment header or snapshot naming a larger one is damage (see
+/// `WalCorruption::LsnOutOfRange`), and lsn arithmetic never overflows.
+pub const LSN_MAX: u64 = 1 << 62;
 
 /// When an appended batch counts as persisted.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]

@@ -133,6 +133,12 @@ pub fn decode_segment_header(file: &[u8]) -> Result<SegmentInfo, WalCorruption> 
     if h.version.get() != FORMAT_VERSION {
         return Err(WalCorruption::UnsupportedVersion { found: h.version.get() });
     }
+    // Bounded, so that no lsn arithmetic on a hostile file (a header with a recomputed checksum)
+    // can overflow: a segment holds far fewer records than the room left below u64::MAX.
+    let first_lsn = h.first_lsn.get();
+    if !(1..=super::LSN_MAX).contains(&first_lsn) {
+        return Err(WalCorruption::LsnOutOfRange { first_lsn });
+    }
     Ok(SegmentInfo {
         shard_id: h.shard_id.get(),
         segment_index: h.segment_index.get(),
@@ -282,6 +288,17 @@ mod tests {
             decode_record(&bytes[..bytes.len() - 1]),
             Frame::Invalid(WalCorruption::RecordPastSegmentEnd { .. })
         ));
+    }
+
+    #[test]
+    fn a_segment_header_with_an_lsn_no_log_reaches_is_damage() {
+        // Checksummed as the writer would (CRC-32C guards against accidents, not forgery).
+        for first_lsn in [0, crate::wal::LSN_MAX + 1, u64::MAX] {
+            let h = encode_segment_header(SegmentInfo { shard_id: 0, segment_index: 0, first_lsn, segment_size: 4096 });
+            assert_eq!(decode_segment_header(h.as_bytes()), Err(WalCorruption::LsnOutOfRange { first_lsn }));
+        }
+        let info = SegmentInfo { shard_id: 0, segment_index: 0, first_lsn: crate::wal::LSN_MAX, segment_size: 4096 };
+        assert_eq!(decode_segment_header(encode_segment_header(info).as_bytes()), Ok(info));
     }
 
     #[test]
