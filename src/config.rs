@@ -90,7 +90,9 @@ impl LedgerConfig {
         if self.coins_per_yuan == 0 || self.coins_per_yuan > 10_000 {
             return err("coins_per_yuan must be in 1..=10000");
         }
-        if self.streamer_share_bp + self.union_share_bp > 10_000 {
+        // Checked: in a release build a wrapping sum (u64::MAX + 1 = 0) would pass and a spend
+        // split would pay out more than it took.
+        if self.streamer_share_bp.checked_add(self.union_share_bp).is_none_or(|sum| sum > 10_000) {
             return err("streamer_share_bp + union_share_bp must be at most 10000");
         }
         if self.topup_custom_min_fen == 0 || self.topup_custom_min_fen > self.topup_custom_max_fen {
@@ -111,7 +113,8 @@ impl LedgerConfig {
         if self.topup_ttl_seconds == 0 || self.topup_ttl_seconds > 7 * 86_400 {
             return err("topup_ttl_seconds must be in 1..=604800");
         }
-        if self.day_offset_seconds.abs() >= 86_400 {
+        // `unsigned_abs`: `i64::MIN.abs()` wraps to itself (negative) in a release build.
+        if self.day_offset_seconds.unsigned_abs() >= 86_400 {
             return err("day_offset_seconds must be within one day");
         }
         let mut ids: Vec<u64> = self.gifts.iter().map(|g| g.0).collect();
@@ -140,5 +143,54 @@ impl ShardLimits {
             return Err(ConfigError("history_max and ids_max must be at least 16".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(config: &LedgerConfig, what: &str) {
+        match config.validate() {
+            Err(ConfigError(reason)) => assert!(reason.contains(what), "{reason}"),
+            Ok(()) => panic!("accepted {config:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(LedgerConfig::default().validate(), Ok(()));
+        assert_eq!(ShardLimits::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn shares_may_not_exceed_the_whole_even_when_the_sum_wraps() {
+        let with =
+            |streamer, union| LedgerConfig { streamer_share_bp: streamer, union_share_bp: union, ..Default::default() };
+        assert_eq!(with(10_000, 0).validate(), Ok(()));
+        assert_eq!(with(0, 10_000).validate(), Ok(()));
+        assert_eq!(with(9_000, 1_000).validate(), Ok(()));
+        assert_eq!(with(0, 0).validate(), Ok(()));
+        refused(&with(9_000, 1_001), "share_bp");
+        refused(&with(10_001, 0), "share_bp");
+        refused(&with(0, 10_001), "share_bp");
+        // u64::MAX + 1 wraps to 0, u64::MAX + 10_001 to 10_000 (unchecked, in a release build).
+        refused(&with(u64::MAX, 1), "share_bp");
+        refused(&with(1, u64::MAX), "share_bp");
+        refused(&with(u64::MAX, 10_001), "share_bp");
+        refused(&with(u64::MAX, u64::MAX), "share_bp");
+        refused(&with(u64::MAX - 9_999, 10_000), "share_bp");
+    }
+
+    #[test]
+    fn day_offset_is_within_one_day_at_both_extremes() {
+        let with = |offset| LedgerConfig { day_offset_seconds: offset, ..Default::default() };
+        for ok in [0, 8 * 3600, -8 * 3600, 86_399, -86_399] {
+            assert_eq!(with(ok).validate(), Ok(()), "{ok}");
+        }
+        // i64::MIN.abs() wraps to i64::MIN (negative, so "within one day") in a release build.
+        for bad in [86_400, -86_400, i64::MAX, i64::MIN, i64::MIN + 1] {
+            refused(&with(bad), "day_offset_seconds");
+        }
     }
 }

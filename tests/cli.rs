@@ -589,3 +589,94 @@ fn tls_configuration_errors_exit_2() {
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("--tls-key"), "{}", run.stderr);
 }
+
+#[test]
+fn equal_client_and_admin_tokens_exit_2_before_touching_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cmd = bin();
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--durability",
+        "memory",
+        "--token",
+        "same",
+        "--admin-token",
+        "same",
+    ])
+    .arg("--data-dir")
+    .arg(&data);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("admin token must differ"), "{}", run.stderr);
+    assert!(!data.exists(), "the data directory was created");
+
+    // The same token through the environment and the config file.
+    let config = dir.path().join("tokens.toml");
+    std::fs::write(&config, "admin_token = \"same\"\n").unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("STORMLEDGER_TOKEN", "same");
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(!data.exists(), "the data directory was created");
+
+    // Equal token files are only known once read: refused (exit 1), nothing created or changed.
+    std::fs::create_dir(&data).unwrap();
+    for file in ["auth.token", "admin.token"] {
+        std::fs::write(data.join(file), "same\n").unwrap();
+    }
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--data-dir"]).arg(&data);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("admin token must differ"), "{}", run.stderr);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["admin.token", "auth.token"]);
+}
+
+#[test]
+fn a_refused_second_server_creates_no_token_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--shards", "1", "--data-dir"])
+        .arg(dir.path())
+        .args(["--token", "client-secret", "--admin-token", "admin-secret"]);
+    let first = Server::spawn(cmd, dir.path()).unwrap_or_else(|r| panic!("{} {}", r.code, r.stderr));
+    match Server::try_start(dir.path()) {
+        Ok(_) => panic!("a second server started on the same data directory"),
+        Err(run) => {
+            assert_eq!(run.code, 1, "{}", run.stderr);
+            assert!(run.stderr.contains("in use by another stormledger"), "{}", run.stderr);
+        }
+    }
+    // No token files appeared: a client using --data-dir is told there is no token (exit 3, as
+    // docs/operations.md says) instead of failing authentication with a random one the running
+    // server does not accept.
+    assert!(!dir.path().join("auth.token").exists());
+    assert!(!dir.path().join("admin.token").exists());
+    let run = first.cli(&["balance", "1"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("no token"), "{}", run.stderr);
+    let mut cmd = bin();
+    cmd.args([
+        "--connect",
+        &first.addr,
+        "--token",
+        "client-secret",
+        "account",
+        "create",
+        "--id",
+        "1",
+        "--kind",
+        "user",
+    ]);
+    assert_eq!(run_bounded(cmd).code, 0);
+}

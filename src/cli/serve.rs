@@ -160,6 +160,13 @@ impl ServeConfig {
             }
             None => TokenSource::File(data_dir.join(token::ADMIN_TOKEN_FILE)),
         };
+        // Two given tokens are compared here, before anything is touched (exit 2); a token read
+        // from its file is compared once it is read (`run`).
+        if let (TokenSource::Given(client), TokenSource::Given(admin)) = (&token, &admin_token) {
+            if client == admin {
+                return Err(SAME_TOKENS.into());
+            }
+        }
         let ledger = file.ledger.unwrap_or_default();
         ledger.validate().map_err(|e| format!("config file [ledger]: {e}"))?;
         let defaults = ShardLimits::default();
@@ -271,10 +278,22 @@ pub fn main(cli: &Cli, args: &ServeArgs) -> i32 {
     }
 }
 
+/// Why equal client and admin tokens are refused.
+const SAME_TOKENS: &str = "the admin token must differ from the client token (otherwise every client is an operator)";
+
 fn token_of(source: &TokenSource) -> Result<String, String> {
     match source {
         TokenSource::Given(t) => Ok(t.clone()),
         TokenSource::File(path) => token::load_or_create(path),
+    }
+}
+
+/// The token `source` already has, creating nothing: the given one, or the content of its file
+/// if the file exists.
+fn existing_token(source: &TokenSource) -> Result<Option<String>, String> {
+    match source {
+        TokenSource::Given(t) => Ok(Some(t.clone())),
+        TokenSource::File(path) => token::read(path),
     }
 }
 
@@ -286,13 +305,18 @@ fn describe(source: &TokenSource) -> String {
 }
 
 /// Runs the server until a signal, then drains and shuts the node down.
+///
+/// A missing token file is created only once the node is open, which takes the data directory's
+/// lock (`DIR/LOCK`): a second server refused by the lock leaves behind no token file that the
+/// running server does not use. Existing token files are read (and checked) before the node
+/// opens, so a bad one is reported before a long recovery, with nothing changed.
 pub fn run(config: ServeConfig) -> Result<(), String> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
-    let client_token = token_of(&config.token)?;
-    let admin_token = token_of(&config.admin_token)?;
-    if client_token == admin_token {
-        return Err("the admin token must differ from the client token (otherwise every client is an operator)".into());
+    if let (Some(client), Some(admin)) = (existing_token(&config.token)?, existing_token(&config.admin_token)?) {
+        if client == admin {
+            return Err(SAME_TOKENS.into());
+        }
     }
     if let Some(tls) = &config.tls {
         if let Ok(meta) = std::fs::metadata(&tls.key) {
@@ -328,6 +352,20 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         NodeError::Locked { .. } => format!("{e}; stop that server or use another --data-dir"),
         e => format!("cannot open data directory {}: {e}", dir.display()),
     })?;
+    let tokens = token_of(&config.token).and_then(|client| {
+        let admin = token_of(&config.admin_token)?;
+        if client == admin {
+            return Err(SAME_TOKENS.to_string());
+        }
+        Ok((client, admin))
+    });
+    let (client_token, admin_token) = match tokens {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            node.shutdown();
+            return Err(e);
+        }
+    };
     // What the node runs with: a data directory's recorded shard count and limits win.
     let limits = node.limits();
     eprintln!(
@@ -507,6 +545,31 @@ mod tests {
         std::fs::write(&file, "listen_addr = \"x\"\n").unwrap();
         let (cli, args) = parse(&["stormledger", "serve", "--config", f]);
         assert!(ServeConfig::resolve(&cli, &args).unwrap_err().contains("listen_addr"));
+    }
+
+    #[test]
+    fn equal_given_tokens_are_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let d = data.to_str().unwrap();
+        let (cli, args) = parse(&["stormledger", "--token", "same", "--admin-token", "same", "serve", "--data-dir", d]);
+        assert_eq!(ServeConfig::resolve(&cli, &args).unwrap_err(), SAME_TOKENS);
+        assert!(!data.exists(), "resolving touches nothing");
+        if std::env::var_os("STORMLEDGER_TOKEN").is_some() || std::env::var_os("STORMLEDGER_ADMIN_TOKEN").is_some() {
+            return; // the environment overrides the file's tokens; nothing more to check here
+        }
+        // From the config file too (a flag and the file, or both from the file).
+        let file = dir.path().join("s.toml");
+        std::fs::write(&file, "token = \"same\"\nadmin_token = \"same\"\n").unwrap();
+        let f = file.to_str().unwrap();
+        let (cli, args) = parse(&["stormledger", "serve", "--config", f, "--data-dir", d]);
+        assert_eq!(ServeConfig::resolve(&cli, &args).unwrap_err(), SAME_TOKENS);
+        let (cli, args) = parse(&["stormledger", "--token", "same", "serve", "--config", f, "--data-dir", d]);
+        assert_eq!(ServeConfig::resolve(&cli, &args).unwrap_err(), SAME_TOKENS);
+        let (cli, args) = parse(&["stormledger", "--admin-token", "other", "serve", "--config", f, "--data-dir", d]);
+        let c = ServeConfig::resolve(&cli, &args).unwrap();
+        assert_eq!((c.token, c.admin_token), (TokenSource::Given("same".into()), TokenSource::Given("other".into())));
+        assert!(!data.exists(), "resolving touches nothing");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Token files (`DIR/auth.token`, `DIR/admin.token`) and the data directory's server lock.
+//! Token files (`DIR/auth.token`, `DIR/admin.token`). (The data directory's lock is the node's:
+//! `DIR/LOCK`, see `node`.)
 //!
 //! A token file holds one line: the token. The server creates it once (mode 0600, 32 random bytes
 //! from `/dev/urandom` as 64 hex digits) when no token is configured, and reuses it on every
