@@ -162,6 +162,145 @@ fn start_dropping_proxy(
     (addr_rx.recv_timeout(Duration::from_secs(30)).expect("proxy address"), killed)
 }
 
+/// A TCP proxy to `upstream` that stops forwarding commands once it has carried `bytes` from all
+/// clients together, keeping every connection open and still forwarding replies: what the tool
+/// sees of a server killed mid-run, minus the reconnects.
+fn start_freezing_proxy(upstream: SocketAddr, bytes: u64) -> SocketAddr {
+    use std::sync::atomic::AtomicU64;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let carried = Arc::new(AtomicU64::new(0));
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                let carried = carried.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while carried.load(Ordering::SeqCst) < bytes {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                            carried.fetch_add(n as u64, Ordering::SeqCst);
+                        }
+                        // Frozen: nothing more reaches the server, and the connection stays up.
+                        std::future::pending::<()>().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+    });
+    addr_rx.recv_timeout(Duration::from_secs(30)).expect("proxy address")
+}
+
+/// Ids of `sent` lines by kind, and ids of `ack` lines (each after its `sent`, all `ok`).
+fn parse_record(text: &str) -> (std::collections::HashMap<String, Vec<String>>, std::collections::HashSet<String>) {
+    let mut sent: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut acked = std::collections::HashSet::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f[0] {
+            "sent" => {
+                assert_eq!(f.len(), 6, "{line}");
+                sent.entry(f[2].to_string()).or_default().push(f[1].to_string());
+                seen.insert(f[1].to_string());
+            }
+            "ack" => {
+                assert_eq!(f.len(), 3, "{line}");
+                assert!(seen.contains(f[1]), "ack before sent: {line}");
+                assert_eq!(f[2], "ok", "{line}");
+                acked.insert(f[1].to_string());
+            }
+            other => panic!("unknown line kind {other}: {line}"),
+        }
+    }
+    (sent, acked)
+}
+
+/// `--probe-reads` is 0 (off) or at least one per second: a smaller rate is a usage error, not
+/// a wait of minutes after the storm (or a panic).
+#[test]
+fn probe_reads_below_one_per_second_is_a_usage_error() {
+    for bad in ["0.001", "1e-300", "-1", "NaN", "1000000"] {
+        let flag = format!("--probe-reads={bad}");
+        let out = Command::new(storm_bin()).args(["--engine", &flag, "--json"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--probe-reads {bad}: {stderr}");
+        assert!(stderr.contains("--probe-reads"), "--probe-reads {bad}: {stderr}");
+    }
+}
+
+/// With `--record`, setup is recorded as it goes: a setup that never finishes (the server stops
+/// answering mid-phase) leaves the acks of the chunks already answered, and the chunks in flight
+/// as `sent` without `ack`.
+#[test]
+fn setup_is_recorded_as_it_goes() {
+    let server = TestServer::start();
+    // 20000 users: ten chunks of account creations. The proxy freezes half way through them
+    // (80 bytes a command): some chunks answered, some in flight, the phase never done.
+    let (users, streamers) = (20_000u64, 20u64);
+    let proxy = start_freezing_proxy(server.addr, 80 * (1 + streamers + users / 2));
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("setup.record");
+    let (addr, users_arg, streamers_arg) = (proxy.to_string(), users.to_string(), streamers.to_string());
+    let mut child = Command::new(storm_bin())
+        .args(["--connect", &addr, "--token", TOKEN, "--users", &users_arg, "--streamers", &streamers_arg])
+        .args(["--connections", "3", "--duration", "1", "--json", "--record", record.to_str().unwrap()])
+        .env_remove("STORMLEDGER_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The tool keeps retrying the frozen chunks: wait for the record to hold every answered chunk
+    // (it stops growing), then kill the tool.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = (String::new(), std::time::Instant::now());
+    let text = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        let now = std::time::Instant::now();
+        let settled = text.contains(" create_user ") && now.duration_since(last.1) > Duration::from_millis(1500);
+        if (text == last.0 && settled) || now > deadline {
+            break text;
+        }
+        if text != last.0 {
+            last = (text, now);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the tool exited ({status}) though the proxy froze mid-setup");
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let (sent, acked) = parse_record(&text);
+    let users_sent = sent.get("create_user").cloned().unwrap_or_default();
+    let users_acked = users_sent.iter().filter(|id| acked.contains(*id)).count();
+    let in_doubt = users_sent.len() - users_acked;
+    assert!(users_acked > 0, "no answered account creation recorded:\n{text}");
+    assert!(in_doubt > 0, "no creation in flight recorded as sent without ack");
+    assert!((users_sent.len() as u64) < users, "the phase finished: the freeze came too late");
+    assert!(!sent.contains_key("topup_begin"), "setup went past the frozen phase");
+}
+
 #[test]
 fn engine_run_verifies() {
     let mut args = vec!["--engine", "--duration", "1", "--durability", "memory"];

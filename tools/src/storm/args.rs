@@ -82,7 +82,7 @@ pub struct Args {
     pub read_percent: u32,
     /// Read probe: this many single balance reads per second during the storm, each one round
     /// trip on a thread and connection of its own, timed from send to answer (`probe_read_*` in
-    /// the report). 0: no probe.
+    /// the report). 0: no probe; otherwise 1 to 100000.
     #[arg(long, value_name = "PER_SEC", default_value_t = 1000.0)]
     pub probe_reads: f64,
     /// Percent of writes that are gift purchases (the rest are tips).
@@ -134,8 +134,15 @@ impl Args {
                 return Err("--duration must be in (0, 86400] seconds".into());
             }
         }
-        if !(self.probe_reads >= 0.0 && self.probe_reads <= 100_000.0) {
-            return Err("--probe-reads must be in 0..=100000".into());
+        // Below one per second a pause between probes would outlast a short storm (and a tiny
+        // rate makes no representable pause at all).
+        let probe = self.probe_reads;
+        if !(probe == 0.0 || (super::probe::PER_SEC_MIN..=super::probe::PER_SEC_MAX).contains(&probe)) {
+            return Err(format!(
+                "--probe-reads must be 0 (no probe) or from {} to {} per second, not {probe}",
+                super::probe::PER_SEC_MIN,
+                super::probe::PER_SEC_MAX
+            ));
         }
         if let Some(r) = self.rate {
             if !(r > 0.0 && r.is_finite()) {
@@ -161,5 +168,28 @@ impl Args {
             return Err("--tls-server-name needs --tls-ca".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["stormledger-storm", "--engine"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("parses")
+    }
+
+    #[test]
+    fn probe_reads_is_off_or_at_least_one_per_second() {
+        for ok in ["0", "1", "1.5", "1000", "100000"] {
+            assert_eq!(parse(&[&format!("--probe-reads={ok}")]).validate(), Ok(()), "--probe-reads {ok}");
+        }
+        for bad in ["0.001", "1e-300", "0.999", "-1", "100001", "NaN", "inf"] {
+            let e = parse(&[&format!("--probe-reads={bad}")]).validate().expect_err(bad);
+            assert!(e.contains("--probe-reads"), "{bad}: {e}");
+        }
+        assert_eq!(parse(&[]).validate(), Ok(()), "the default");
     }
 }

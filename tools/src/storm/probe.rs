@@ -28,16 +28,24 @@ pub struct ProbeReport {
     pub error: Option<String>,
 }
 
+/// Fewest probe reads per second (`--probe-reads`, 0 aside): a pause is at most one second.
+pub const PER_SEC_MIN: f64 = 1.0;
+/// Most probe reads per second (`--probe-reads`).
+pub const PER_SEC_MAX: f64 = 100_000.0;
+
 /// A running probe; `finish` stops it and returns what it measured.
 pub struct Probe {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<ProbeReport>,
 }
 
-/// Starts probing `target` at `per_sec` reads per second, each a random user in `1..=users` or
-/// (one in ten) the hot streamer, like the storm's reads.
+/// Starts probing `target` at `per_sec` reads per second (brought into
+/// `PER_SEC_MIN..=PER_SEC_MAX`), each a random user in `1..=users` or (one in ten) the hot
+/// streamer, like the storm's reads.
 pub fn start(target: Target, users: u64, per_sec: f64, seed: u64) -> std::io::Result<Probe> {
     let stop = Arc::new(AtomicBool::new(false));
+    // Not `clamp`, which keeps a NaN.
+    let per_sec = if per_sec >= PER_SEC_MIN { per_sec.min(PER_SEC_MAX) } else { PER_SEC_MIN };
     let interval = Duration::from_secs_f64(1.0 / per_sec);
     let flag = stop.clone();
     let thread = std::thread::Builder::new()
@@ -47,13 +55,31 @@ pub fn start(target: Target, users: u64, per_sec: f64, seed: u64) -> std::io::Re
 }
 
 impl Probe {
+    /// Stops the probe, cutting its current pause short, and waits for its last read.
     pub fn finish(self) -> ProbeReport {
         self.stop.store(true, Ordering::Relaxed);
+        self.thread.thread().unpark();
         self.thread.join().unwrap_or_else(|_| ProbeReport {
             latency_ns: new_histogram(),
             failed: 0,
             error: Some("the probe thread panicked".into()),
         })
+    }
+}
+
+/// Waits `interval` on the probe thread, or until `stop` is set (`Probe::finish` unparks the
+/// thread): the end of the storm never waits for the rest of a pause. Blocking, not a tokio timer:
+/// the probe's runtime has nothing else to run, and a tokio timer would round the pause up to its
+/// millisecond wheel.
+fn pause(interval: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + interval;
+    // `park_timeout` may return early (a spurious wake-up): park again for what is left.
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::park_timeout(left);
     }
 }
 
@@ -74,7 +100,7 @@ fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicB
                 let ns = start.elapsed().as_nanos() as u64;
                 std::hint::black_box(reply);
                 report.latency_ns.saturating_record(ns.max(1));
-                std::thread::sleep(interval);
+                pause(interval, stop);
             }
         }
         Target::Tcp { .. } => {
@@ -111,12 +137,37 @@ fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicB
                             }
                         }
                     }
-                    // A blocking sleep: the probe's runtime has nothing else to run, and a tokio
-                    // timer would round the pause up to its millisecond wheel.
-                    std::thread::sleep(interval);
+                    pause(interval, stop);
                 }
             });
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stop cuts a long pause short (the storm's end does not wait for it).
+    #[test]
+    fn a_stop_ends_the_pause() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let start = Instant::now();
+        let sleeper = std::thread::spawn(move || pause(Duration::from_secs(60), &flag));
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        sleeper.thread().unpark();
+        sleeper.join().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    }
+
+    /// Without a stop, a pause lasts its interval.
+    #[test]
+    fn a_pause_lasts_its_interval() {
+        let start = Instant::now();
+        pause(Duration::from_millis(30), &AtomicBool::new(false));
+        assert!(start.elapsed() >= Duration::from_millis(30));
+    }
 }

@@ -290,7 +290,14 @@ impl Shared {
 
 /// Submits `commands` until every one has a final (non-retryable) reply, resubmitting the same
 /// ids after connection loss or `busy`. Replies in order.
-async fn submit_final(link: &Link, commands: &[Command]) -> Result<Vec<ReplyRecord>, ClientError> {
+///
+/// `on_final` is called once per submission with the commands that got their final reply in it
+/// and those replies, as they arrive: on `Err`, the replies it was given are the ones known.
+async fn submit_final(
+    link: &Link,
+    commands: &[Command],
+    mut on_final: impl FnMut(&[Command], &[ReplyRecord]),
+) -> Result<Vec<ReplyRecord>, ClientError> {
     let mut replies: Vec<Option<ReplyRecord>> = vec![None; commands.len()];
     let deadline = Instant::now() + FINAL_RETRY_FOR;
     let mut backoff = Duration::from_millis(5);
@@ -302,11 +309,17 @@ async fn submit_final(link: &Link, commands: &[Command]) -> Result<Vec<ReplyReco
         let records = pending.iter().map(|&i| commands[i].to_record()).collect();
         match link.submit(records).await {
             Ok(got) if got.len() == pending.len() => {
+                let (mut done, mut done_replies) = (Vec::new(), Vec::new());
                 for (&i, reply) in pending.iter().zip(got) {
                     let retry = Status::from_code(reply.status.get()).is_some_and(Status::is_retryable);
                     if !retry {
                         replies[i] = Some(reply);
+                        done.push(commands[i]);
+                        done_replies.push(reply);
                     }
+                }
+                if !done.is_empty() {
+                    on_final(&done, &done_replies);
                 }
             }
             Ok(_) => {}
@@ -362,20 +375,32 @@ async fn read_balances(links: &[Arc<Link>], keys: &[u64]) -> Result<Vec<Option<i
 
 /// Runs the setup phases (each waited for) through the API. Returns whether every account was
 /// created fresh by this run (no duplicate replies).
-async fn setup(links: &[Arc<Link>], spec: &StormSpec, recorder: Option<&Recorder>) -> Result<bool, Fatal> {
+///
+/// With `--record`, each task records a chunk's `sent` lines before submitting it and the `ack`
+/// lines of its final replies as each submission's replies come back, as the storm does: a setup
+/// cut short (a failed task, a killed server) leaves every acknowledged command in the record.
+async fn setup(links: &[Arc<Link>], spec: &StormSpec, shared: &Arc<Shared>) -> Result<bool, Fatal> {
     let fresh = Arc::new(AtomicBool::new(true));
-    let model_prices = LedgerConfig::default();
     for phase in spec.setup_phases() {
         let chunks: Vec<Vec<Command>> = phase.chunks(SETUP_CHUNK).map(<[Command]>::to_vec).collect();
         let queue = Arc::new(Mutex::new(chunks));
         let mut tasks = tokio::task::JoinSet::new();
         for link in links {
-            let (link, queue, fresh) = (link.clone(), queue.clone(), fresh.clone());
+            let (link, queue, fresh, shared) = (link.clone(), queue.clone(), fresh.clone(), shared.clone());
             tasks.spawn(async move {
-                let mut sent = Vec::new();
                 loop {
-                    let Some(chunk) = queue.lock().expect("lock").pop() else { return Ok(sent) };
-                    let replies = submit_final(&link, &chunk).await.map_err(|e| fatal_client("setup", e))?;
+                    let Some(chunk) = queue.lock().expect("lock").pop() else { return Ok(()) };
+                    let recorder = shared.recorder.as_ref();
+                    if let Some(r) = recorder {
+                        r.sent(&chunk, |g| shared.model.gift_price(g));
+                    }
+                    let record_acks = |done: &[Command], replies: &[ReplyRecord]| {
+                        if let Some(r) = recorder {
+                            r.acks(done, replies);
+                        }
+                    };
+                    let replies =
+                        submit_final(&link, &chunk, record_acks).await.map_err(|e| fatal_client("setup", e))?;
                     for (command, reply) in chunk.iter().zip(&replies) {
                         let status = Status::from_code(reply.status.get());
                         if status != Some(Status::Ok) {
@@ -386,18 +411,11 @@ async fn setup(links: &[Arc<Link>], spec: &StormSpec, recorder: Option<&Recorder
                             fresh.store(false, Ordering::Relaxed);
                         }
                     }
-                    sent.push((chunk, replies));
                 }
             });
         }
         while let Some(joined) = tasks.join_next().await {
-            let done = joined.expect("setup task")?;
-            if let Some(r) = recorder {
-                for (chunk, replies) in done {
-                    r.sent(&chunk, |g| model_prices.gifts.iter().find(|x| x.0 == g).map_or(0, |x| x.1));
-                    r.acks(&chunk, &replies);
-                }
-            }
+            joined.expect("setup task")?;
         }
     }
     Ok(fresh.load(Ordering::Relaxed))
@@ -719,7 +737,7 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
         link.warm_up().await.map_err(|e| fatal_client("cannot connect", e))?;
     }
     let t0 = Instant::now();
-    let fresh = setup(links, spec, shared.recorder.as_ref()).await?;
+    let fresh = setup(links, spec, &shared).await?;
     let keys = tracked_accounts(spec);
     let baseline = read_balances(links, &keys).await.map_err(|e| fatal_client("reading balances", e))?;
     let setup_secs = t0.elapsed().as_secs_f64();
@@ -788,7 +806,8 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
         if let Some(r) = &shared.recorder {
             r.sent(chunk, |g| shared.model.gift_price(g));
         }
-        match submit_final(link, chunk).await {
+        // `apply` records the acks once every reply is final.
+        match submit_final(link, chunk, |_, _| {}).await {
             Ok(replies) => {
                 shared.apply(chunk, &replies, true);
                 shared.counters.resolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
