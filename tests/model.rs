@@ -335,6 +335,9 @@ impl Model {
             return CounterpartyFrozen;
         }
         let union = s.union;
+        if union != 0 && self.accounts[&union].flags & flags::FROZEN != 0 {
+            return CounterpartyFrozen;
+        }
         if coins > self.config.spend_max_coins {
             return ExceedsTipMax;
         }

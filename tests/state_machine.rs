@@ -256,6 +256,15 @@ fn protection_limits() {
     // The next business day, the cap starts again.
     l.advance(86_400);
     l.table(&[(tip(109, 10, 20, 300), Ok, None)]);
+    // A frozen union takes no share of its streamers' tips either.
+    l.table(&[
+        (union(30), Ok, None),
+        (streamer(21, 30), Ok, None),
+        (Command::Freeze { account: 30, frozen: true }, Ok, None),
+        (tip(110, 10, 21, 1), CounterpartyFrozen, None),
+        (Command::Freeze { account: 30, frozen: false }, Ok, None),
+        (tip(111, 10, 21, 1), Ok, None),
+    ]);
 }
 
 #[test]

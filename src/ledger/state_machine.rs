@@ -1340,6 +1340,10 @@ impl ShardState {
             0 => None,
             u => Some(self.index.lookup(u).ok_or(Reply::status(Status::UnionNotFound))?),
         };
+        // The union's share is credited as the streamer's is: a frozen union receives none.
+        if union.is_some_and(|u| self.accounts[u as usize].is_frozen()) {
+            return Err(Reply::status(Status::CounterpartyFrozen));
+        }
         if coins > self.config.spend_max_coins {
             return Err(Reply::status(Status::ExceedsTipMax));
         }
