@@ -194,6 +194,8 @@ impl RawConn {
             Payload::Error(error) => assert_eq!(error.code, code, "{error:?}"),
             other => panic!("expected error {code}, got {other:?}"),
         }
+        // Connection-level: no request of the client's is answered by it.
+        assert_eq!(frame.request_id, 0, "a connection-level error carries request id 0");
         assert_eq!(self.next().await, None, "the server closes after the error");
         frame
     }

@@ -192,7 +192,7 @@ async fn serve_stream<R, W>(
     let hello_result = match first {
         Err(_elapsed) => return,
         Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))) | Ok(Err(FrameReadError::TruncatedFrame { .. })) => return,
-        Ok(Err(FrameReadError::Protocol(error))) => Err(protocol_error_frame(0, &error, stats)),
+        Ok(Err(FrameReadError::Protocol(error))) => Err(protocol_error_frame(&error, stats)),
         Ok(Ok(Some(frame))) => {
             add(&stats.frames_received, 1);
             match frame.payload {
@@ -265,9 +265,10 @@ fn shutting_down() -> ReadEnd {
     ReadEnd::Last(Frame::new(0, Payload::Error(error)))
 }
 
-fn protocol_error_frame(request_id: u64, error: &ProtocolError, stats: &ServerStats) -> Frame {
+/// A framing error: connection-level, so request id 0 (it answers none of the client's requests).
+fn protocol_error_frame(error: &ProtocolError, stats: &ServerStats) -> Frame {
     add(&stats.protocol_errors, 1);
-    Frame::new(request_id, Payload::Error(ErrorBody::new(error.code(), error.to_string())))
+    Frame::new(0, Payload::Error(ErrorBody::new(error.code(), error.to_string())))
 }
 
 /// Compares the Hello's token with the configured ones; the granted role is the requested one if
@@ -355,7 +356,7 @@ impl Handler {
                     break ReadEnd::Closed
                 }
                 Ok(Err(FrameReadError::Protocol(error))) => {
-                    break ReadEnd::Last(protocol_error_frame(0, &error, stats))
+                    break ReadEnd::Last(protocol_error_frame(&error, stats))
                 }
             };
             idle_deadline = Instant::now() + config.idle_timeout;
@@ -443,7 +444,7 @@ impl Handler {
                 read = reader.read_frame() => match read {
                     Ok(Some(frame)) => {
                         let error = ProtocolError::UnexpectedFrame { kind: frame.payload.kind() as u16 };
-                        return ReadEnd::Last(protocol_error_frame(frame.request_id, &error, &self.shared.stats));
+                        return ReadEnd::Last(protocol_error_frame(&error, &self.shared.stats));
                     }
                     _ => return ReadEnd::Closed,
                 },
@@ -502,7 +503,7 @@ impl Handler {
             other => {
                 let error = ProtocolError::UnexpectedFrame { kind: other.kind() as u16 };
                 drop(permit);
-                Err(protocol_error_frame(request_id, &error, stats))
+                Err(protocol_error_frame(&error, stats))
             }
         }
     }
