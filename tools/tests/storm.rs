@@ -399,6 +399,31 @@ fn connect_over_tls_verifies() {
 }
 
 #[test]
+fn connect_without_a_token_reads_the_data_directorys() {
+    let server = TestServer::start();
+    let addr = server.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let storm = |data: &str| {
+        Command::new(storm_bin())
+            .args(["--connect", &addr, "--data-dir", data, "--users", "200", "--streamers", "5"])
+            .args(["--duration", "0.5", "--json"])
+            .env_remove("STORMLEDGER_TOKEN")
+            .output()
+            .unwrap()
+    };
+    // No token anywhere: a usage error that says where one is looked for.
+    let out = storm(data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("auth.token"), "{stderr}");
+    // The server's token file, as `stormledger serve` writes it: the run verifies.
+    std::fs::write(dir.path().join("auth.token"), format!("{TOKEN}\n")).unwrap();
+    let out = storm(data);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn connect_with_wrong_token_exits_3() {
     let server = TestServer::start();
     let addr = server.addr.to_string();

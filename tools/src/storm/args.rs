@@ -18,9 +18,14 @@ pub struct Args {
     /// Drive a running server over TCP at ADDR (only this address is ever contacted).
     #[arg(long, value_name = "ADDR")]
     pub connect: Option<String>,
-    /// Client token for --connect (or STORMLEDGER_TOKEN).
+    /// Client token for --connect (or STORMLEDGER_TOKEN) [default: the one in DIR/auth.token,
+    /// see --data-dir].
     #[arg(long, env = "STORMLEDGER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// For --connect without a token: the server's data directory, whose `auth.token` holds
+    /// the client token (as the `stormledger` CLI reads it).
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    pub data_dir: PathBuf,
     /// --connect over TLS, trusting the CA certificate(s) in this PEM file.
     #[arg(long, env = "STORMLEDGER_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
@@ -154,9 +159,6 @@ impl Args {
         }
         if self.tip_max == 0 || self.topup_yuan == 0 || self.poor_yuan == 0 {
             return Err("--tip-max, --topup-yuan and --poor-yuan must be at least 1".into());
-        }
-        if self.connect.is_some() && self.token.is_none() {
-            return Err("--connect needs --token (or STORMLEDGER_TOKEN)".into());
         }
         if self.connect.is_some() && (self.durability.is_some() || self.shards.is_some()) {
             return Err("--durability and --shards apply to --engine and --spawn only".into());

@@ -501,7 +501,25 @@ fn run(args: Args) -> Result<i32, Fatal> {
         ("spawn", d, target)
     } else {
         let addr = args.connect.clone().expect("validated");
-        let token = args.token.clone().expect("validated");
+        let token = match args.token.clone() {
+            Some(token) => token,
+            None => {
+                let file = args.data_dir.join(stormledger::cli::token::CLIENT_TOKEN_FILE);
+                match stormledger::cli::token::read(&file) {
+                    Ok(Some(token)) => token,
+                    Ok(None) => {
+                        return Err(Fatal(
+                            2,
+                            format!(
+                                "--connect needs --token, STORMLEDGER_TOKEN, or the server's {} (--data-dir)",
+                                file.display()
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(Fatal(2, e)),
+                }
+            }
+        };
         let tls = match &args.tls_ca {
             Some(ca) => {
                 let name =
