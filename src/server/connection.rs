@@ -355,9 +355,7 @@ impl Handler {
                 Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))) | Ok(Err(FrameReadError::TruncatedFrame { .. })) => {
                     break ReadEnd::Closed
                 }
-                Ok(Err(FrameReadError::Protocol(error))) => {
-                    break ReadEnd::Last(protocol_error_frame(&error, stats))
-                }
+                Ok(Err(FrameReadError::Protocol(error))) => break ReadEnd::Last(protocol_error_frame(&error, stats)),
             };
             idle_deadline = Instant::now() + config.idle_timeout;
             add(&stats.frames_received, 1);
