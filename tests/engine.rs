@@ -713,3 +713,41 @@ fn a_shard_full_of_wallets_still_takes_every_striped_account_created_elsewhere()
         assert_eq!(s.unit_sums, [0, 0]);
     }
 }
+
+/// Submits `records` as one frame (one batch on their shard) and waits for the replies.
+fn submit_batch(engine: &Engine, records: Vec<CommandRecord>) -> Vec<ReplyRecord> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    engine.submit(records, Box::new(move |r| tx.send(r.to_vec()).unwrap()));
+    rx.recv().unwrap()
+}
+
+#[test]
+fn an_id_forgotten_and_named_again_within_one_batch() {
+    // A window of 16 ids a shard. A batch of a new tip and then a retry of the oldest id still
+    // remembered: the new tip forgets it before the retry runs.
+    let mut cfg = config(2);
+    cfg.limits.ids_max = 16;
+    let engine = start(&cfg, null_journals(2));
+    setup(&engine, 8, 1_000);
+    let on = |shard: u16| (1..=8u64).find(|&u| home_shard(u, 2) == shard).unwrap();
+    let (payer, other) = (on(0), on(1));
+    let tip = |id: u64, from: u64| Command::Tip { id, from, to: 1_000_000, coins: 1 };
+    for id in 600..640 {
+        assert_eq!(status(&engine, tip(id, payer)), Status::Ok);
+    }
+    let before = engine.balance(payer).unwrap();
+    // Said to be first sent long ago: refused as a retry the window may have forgotten by the
+    // time it runs, not applied a second time.
+    let mut retry = tip(624, payer).to_record();
+    retry.timestamp.set(T0);
+    let replies = submit_batch(&engine, vec![tip(7_001, payer).to_record(), retry]);
+    let statuses: Vec<_> = replies.iter().map(|r| Status::from_code(r.status.get()).unwrap()).collect();
+    assert_eq!(statuses, [Status::Ok, Status::IdExpired]);
+    assert_eq!(engine.balance(payer), Some(before - 1), "only the new tip moved money");
+    // Without a send time the id is applied again (the documented risk of a reused forgotten
+    // id), and its shard owns it again in the directory: the same id from a payer on the other
+    // shard is refused there, not applied a second time on another shard.
+    let replies = submit_batch(&engine, vec![tip(7_002, payer).to_record(), tip(625, payer).to_record()]);
+    assert!(replies.iter().all(|r| r.status.get() == 0));
+    assert_eq!(status(&engine, tip(625, other)), Status::ExistsWithDifferentFields);
+}

@@ -379,6 +379,26 @@ impl ShardState {
         }
     }
 
+    /// `knows_id` once `n` more commands are applied: each forgets at most the oldest record,
+    /// and only with the window full, so a record among the first ones may be gone by then.
+    pub fn knows_id_within(&self, id: u64, n: usize) -> bool {
+        match self.ids.get(id) {
+            Some(HELD) => true,
+            Some(seq) => {
+                let forgotten = (self.id_ring.len() + n).saturating_sub(self.limits.ids_max as usize) as u64;
+                let front = self.id_ring.front().map_or(0, |(front, _)| *front);
+                self.record_at(seq).is_some() && seq >= front + forgotten
+            }
+            None => false,
+        }
+    }
+
+    /// Drops `ids` from the evicted ids (`evicted`): remembered again since they left the
+    /// window (a later command of the same batch was applied under one), so still this shard's.
+    pub fn unevict(&mut self, ids: &[u64]) {
+        self.evicted.retain(|id| !ids.contains(id));
+    }
+
     pub fn topup(&self, id: u64) -> Option<&TopUp> {
         self.topups.get(&id)
     }

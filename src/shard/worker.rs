@@ -302,7 +302,8 @@ pub struct WorkerConfig {
 ///   it (the client may never retry) and the directory would fill with such ids;
 /// - it was routed to this shard by an existing claim, which was released (by the case above,
 ///   or an eviction) before it ran, and it was remembered: claim the id again, so that its
-///   top-up callbacks and other shards find its owner.
+///   top-up callbacks and other shards find its owner. Returns the id: if an earlier command of
+///   the batch evicted it, the batch's release of its evicted ids must leave it.
 #[inline]
 fn keep_directory_true(
     peers: &Peers,
@@ -311,7 +312,7 @@ fn keep_directory_true(
     status: Status,
     remembered: u64,
     shard: u16,
-) {
+) -> Option<u64> {
     if item.claimed {
         if status.is_retryable() {
             peers.directory.release(item.command.transfer_id().expect("claimed"), shard);
@@ -323,8 +324,10 @@ fn keep_directory_true(
             // A re-claim is not refused at the bound where new claims are (`reclaim`).
             let claim = peers.directory.reclaim(id, shard);
             assert!(claim != Claim::Full, "id directory stripe full past its margin: id {id} left unowned");
+            return Some(id);
         }
     }
+    None
 }
 
 /// Builds the wire reply of `command`.
@@ -418,6 +421,8 @@ impl Applier {
         for (p, tag, reply) in batch.expired.drain(..) {
             replies[p].push((tag, reply));
         }
+        // Ids claimed again by commands of this batch (`keep_directory_true`).
+        let mut reclaimed: Vec<u64> = Vec::new();
         // Prefetch in two stages, a few commands ahead, so the cache misses of the next payers
         // overlap with applying this one (hints only: results do not change).
         let command_at = |entries: &[Entry], k: usize| match entries.get(k) {
@@ -472,7 +477,9 @@ impl Applier {
                     let remembered = state.remembered();
                     let (reply, fanout) = events.apply(state, i, ts, &item.command);
                     metrics.command(item.command.kind(), reply.status);
-                    keep_directory_true(peers, state, item, reply.status, remembered, shard);
+                    if let Some(id) = keep_directory_true(peers, state, item, reply.status, remembered, shard) {
+                        reclaimed.push(id);
+                    }
                     match fanout {
                         Fanout::None => {
                             replies[p].push((item.tag, reply_record(&item.command, reply)));
@@ -520,7 +527,11 @@ impl Applier {
             feed.publish(events);
         }
         // Before the replies: a client that reuses an id this batch evicted, once it has its
-        // answer, must find the id free in the directory.
+        // answer, must find the id free in the directory. Not an id a later command of the
+        // batch was applied under again (`reclaimed`): this shard owns it again.
+        if !reclaimed.is_empty() {
+            state.unevict(&reclaimed);
+        }
         if !state.evicted().is_empty() {
             peers.directory.release_many(state.evicted(), shard);
             state.clear_evicted();
@@ -696,11 +707,18 @@ pub fn run(
         // A command first sent before the idempotency horizon whose id is not remembered may
         // retry a forgotten one: refuse it (not logged, nothing changes) instead of risking a
         // second application.
-        let horizon = w.state.id_horizon();
+        // The check holds for the state each command is applied to: after the batch ahead (if
+        // still in the log) and this batch's commands before it, which may forget the oldest
+        // ids, the one a retry names among them.
+        let ahead_len = ahead.as_ref().map_or(0, |b| b.entries.len());
         for (p, part) in batch.parts.iter().enumerate() {
             for (i, item) in part.items.iter().enumerate() {
-                let forgotten = |id: u64| !w.state.knows_id(id);
-                if item.sent_at != 0 && item.sent_at < horizon && item.command.transfer_id().is_some_and(forgotten) {
+                let before = ahead_len + batch.entries.len();
+                let forgotten = |id: u64| !w.state.knows_id_within(id, before);
+                if item.sent_at != 0
+                    && item.sent_at < w.state.id_horizon_within(before)
+                    && item.command.transfer_id().is_some_and(forgotten)
+                {
                     batch.expired.push((p, item.tag, reply_record(&item.command, Reply::status(Status::IdExpired))));
                     if item.claimed {
                         w.peers.directory.release(item.command.transfer_id().expect("has an id"), shard);
