@@ -626,7 +626,6 @@ pub fn run(
     // The batch in the log, applied once its result is in (pipelined journals only).
     let mut ahead: Option<Batch> = None;
     let mut pending_queries: Vec<QueryMsg> = Vec::new();
-    let mut queries_deferred = false;
 
     loop {
         let mut batch = w.spare_batches.pop().unwrap_or_default();
@@ -667,6 +666,12 @@ pub fn run(
                 }
                 Some(_) => {}
             }
+        }
+        // The reads queued now, then the replica messages: every replica message a read's sender
+        // sent before the read is then in this round's batch, which the read waits for (a
+        // settlement's gather is a lookup that must see the replica its shard sent first).
+        while let Ok(q) = queries.try_recv() {
+            pending_queries.push(q);
         }
         // Drain more without blocking, up to the batch limit.
         while let Ok(msg) = internal.try_recv() {
@@ -799,21 +804,13 @@ pub fn run(
         }
 
         // Reads after the batch: a client sees its own acknowledged writes, and a settlement's
-        // gather (a lookup another shard sends) sees the replica messages that shard sent before
-        // it. Those may still be queued: then the reads wait one round, whose drain takes them
-        // all. Answering completes the batch ahead first (it may hold them too).
-        while let Ok(q) = queries.try_recv() {
-            pending_queries.push(q);
-        }
+        // gather sees the replica messages sent before it (taken with the reads, above; reads
+        // that came in since wait for the next round's drain). Answering completes the batch
+        // ahead first (it may hold them too).
         if !pending_queries.is_empty() {
-            if !queries_deferred && !internal.is_empty() {
-                queries_deferred = true;
-            } else {
-                w.complete_ahead(&mut ahead, &mut log);
-                for QueryMsg { query, done } in pending_queries.drain(..) {
-                    done(w.answer(query));
-                }
-                queries_deferred = false;
+            w.complete_ahead(&mut ahead, &mut log);
+            for QueryMsg { query, done } in pending_queries.drain(..) {
+                done(w.answer(query));
             }
         }
     }
