@@ -392,6 +392,16 @@ impl Engine {
                 continue;
             };
             let permit = needs_permit(&command);
+            // Work for every shard while one refuses writes (its log failed) would be applied
+            // on the others only: its home shard keeps the replica messages for the failed
+            // shard's restart, but a bounded number (`OUTBOX_MAX`), so refuse it until then.
+            if permit && self.stats.poisoned_shards() > 0 {
+                if claimed {
+                    self.directory.release(command.transfer_id().expect("claimed"), shard);
+                }
+                immediate.push((tag, reply_record(&command, Reply::status(Status::Unavailable))));
+                continue;
+            }
             if permit && !self.take_permit() {
                 if claimed {
                     self.directory.release(command.transfer_id().expect("claimed"), shard);

@@ -751,3 +751,22 @@ fn an_id_forgotten_and_named_again_within_one_batch() {
     assert!(replies.iter().all(|r| r.status.get() == 0));
     assert_eq!(status(&engine, tip(625, other)), Status::ExistsWithDifferentFields);
 }
+
+#[test]
+fn cross_shard_work_is_refused_while_a_shard_refuses_writes() {
+    // Shard 1's log fails. Work every shard must apply (a striped account's creation, freeze or
+    // settlement) would be applied on shard 0 only and wait in its bounded outbox for shard 1's
+    // restart: it is refused instead, and nothing of it is applied. Shard 0's own work goes on.
+    let engine = start(&config(2), vec![Box::new(NullJournal), Box::new(FailingJournal(0))]);
+    let on = |shard: u16| (1..).find(|&id| home_shard(id, 2) == shard).unwrap();
+    let user = |account| Command::CreateAccount { account, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    assert_eq!(status(&engine, user(on(1))), Status::Ok);
+    let second = (on(1) + 1..).find(|&id| home_shard(id, 2) == 1).unwrap();
+    assert_eq!(status(&engine, user(second)), Status::Unavailable);
+    wait_until("shard 1 reports its failed log", || engine.stats().poisoned_shards() == 1);
+    let streamer = (1_000_000..).find(|&id| home_shard(id, 2) == 0).unwrap();
+    let create = Command::CreateAccount { account: streamer, kind: AccountKind::Streamer, flags: 0, union: 0 };
+    assert_eq!(status(&engine, create), Status::Unavailable);
+    assert_eq!(engine.balance(streamer), None, "not created anywhere");
+    assert_eq!(status(&engine, user(on(0))), Status::Ok, "a shard's own work goes on");
+}
