@@ -394,15 +394,25 @@ pub fn load_shard_with_feed(
 /// The write-ahead log as the engine's journal: one append and one sync per batch.
 struct WalJournal {
     wal: Wal,
+    /// Set by a failed append. The writer refuses an oversized batch without poisoning itself,
+    /// but the shard stops at any failure, and a batch behind the failed one (handed to the log
+    /// thread already) must not reach the log after it.
+    failed: bool,
     /// The last lsn the shard's state holds after recovery (see `Journal::recovered_lsn`).
     recovered_lsn: u64,
 }
 
 impl Journal for WalJournal {
     fn append_batch(&mut self, timestamp: u64, records: &[CommandRecord]) -> Result<u64, JournalError> {
-        let lsn = self.wal.append(RECORD_KIND_COMMANDS, timestamp, records.as_bytes())?;
-        self.wal.sync()?;
-        Ok(lsn)
+        if self.failed {
+            return Err("an earlier append to this log failed".into());
+        }
+        let appended = self.wal.append(RECORD_KIND_COMMANDS, timestamp, records.as_bytes()).and_then(|lsn| {
+            self.wal.sync()?;
+            Ok(lsn)
+        });
+        self.failed = appended.is_err();
+        Ok(appended?)
     }
 
     fn sync_all(&mut self) -> Result<(), JournalError> {
@@ -586,7 +596,7 @@ impl Node {
                 retire_log: config.retire_log,
                 kept: kept_lsns,
             };
-            let journal = WalJournal { recovered_lsn: wal.next_lsn() - 1, wal };
+            let journal = WalJournal { recovered_lsn: wal.next_lsn() - 1, wal, failed: false };
             Ok((loaded.state, Box::new(journal) as Box<dyn Journal>, policy))
         };
         let recovered: Vec<_> = std::thread::scope(|scope| {
@@ -631,5 +641,26 @@ impl Node {
     /// Drains the queues, syncs the logs and stops the workers; then releases the lock.
     pub fn shutdown(self) {
         self.engine.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_failed_append_the_journal_appends_nothing_more() {
+        // An oversized batch is refused by the writer without poisoning it; the batch behind
+        // it, already on the log thread, must still not reach the log after it.
+        let storage: Arc<dyn Storage> = Arc::new(crate::storage::MemStorage::new());
+        let config = WalConfig { segment_size: 64 << 10, persist_mode: PersistMode::Sync, ..WalConfig::default() };
+        let (wal, _) = Wal::open(Path::new("/mem/shard-00"), 0, config, storage.clone()).unwrap();
+        let mut journal = WalJournal { recovered_lsn: 0, wal, failed: false };
+        let record = CommandRecord::default();
+        assert_eq!(journal.append_batch(1, &[record]).unwrap(), 1);
+        let oversized = vec![record; (64 << 10) / std::mem::size_of::<CommandRecord>() + 1];
+        assert!(journal.append_batch(2, &oversized).is_err());
+        assert!(journal.append_batch(3, &[record]).is_err());
+        assert_eq!(journal.wal.next_lsn(), 2, "nothing appended after the failure");
     }
 }

@@ -673,8 +673,10 @@ pub fn run(
         while let Ok(q) = queries.try_recv() {
             pending_queries.push(q);
         }
-        // Drain more without blocking, up to the batch limit.
-        while let Ok(msg) = internal.try_recv() {
+        // Drain more without blocking, up to the batch limit (a restart may have re-sent a few
+        // thousand replica messages from every other shard).
+        while batch.entries.len() < config.batch_commands_max {
+            let Ok(msg) = internal.try_recv() else { break };
             match msg {
                 Internal::Replica { command, join } => batch.entries.push(Entry::Replica(command, join)),
                 Internal::Snapshot { done } => snapshot_requests.push(done),
