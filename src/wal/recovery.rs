@@ -342,6 +342,16 @@ pub(crate) fn run(
         files.push(file);
     }
 
+    // The writer allocates the spare of segment k + 1 only once segment k exists, and a spare
+    // becomes a segment by a rename: a spare beyond the newest segment's successor shows that
+    // the newest segments were lost, which no gap in the sequence can show.
+    let next_index = indexes.last().map_or(0, |&newest| newest + 1);
+    let spare = names.iter().filter_map(|n| parse_spare_file_name(n)).max();
+    if let Some(spare) = spare.filter(|&spare| spare > next_index) {
+        let file = dir.join(format!("{}.tmp", super::segment_file_name(spare)));
+        return Err(WalError::Corrupt { file, offset: 0, reason: WalCorruption::MissingSegment { index: next_index } });
+    }
+
     let outcome = match classify(&facts) {
         Decision::Corrupt { file, offset, reason } => return Err(WalError::Corrupt { file, offset, reason }),
         Decision::Empty => RecoveryOutcome::Empty,

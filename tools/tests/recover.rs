@@ -57,12 +57,14 @@ fn verify_replay_and_inspect_a_healthy_directory() {
     assert_eq!(v["limits"], serde_json::json!({"accounts_max": 4096, "ids_max": 8192, "recorded": true}));
     let (code, out) = tool(&["replay", d, "--json"]);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = tool(&["inspect", d, "--account", "7", "--limit", "5"]);
+    let (code, out) = tool(&["inspect", d, "--account", "7", "--limit", "50", "--json"]);
     assert_eq!(code, 0);
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(!lines.is_empty());
     for l in &lines {
-        assert!(l["id"] == 7 || l["a"] == 7 || l["b"] == 7, "{l}");
+        // The account is a party; a command's own id is not an account (except in a creation).
+        let creates = l["kind"] == "create_account" || l["kind"] == "replica_create";
+        assert!(l["a"] == 7 || l["b"] == 7 || (creates && l["id"] == 7), "{l}");
     }
     let (code, _) = tool(&["verify", "/nonexistent/dir"]);
     assert_eq!(code, 2);
@@ -129,4 +131,56 @@ fn corruption_in_the_middle_is_reported_and_never_truncated() {
     let (code, out) = tool(&["recover", d]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "never truncated");
+}
+
+#[test]
+fn verify_checks_every_snapshot_and_recover_says_when_a_directory_still_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    make_dir(dir.path());
+    {
+        // Two snapshots a shard.
+        let mut config = NodeConfig::new(dir.path());
+        config.segment_size = 256 * 1024;
+        let node = Node::open(config).unwrap();
+        for _ in 0..2 {
+            let record = stormledger::layout::CommandRecord {
+                kind: stormledger::ledger::command::kind::SNAPSHOT,
+                ..Default::default()
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            node.engine().submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
+            assert_eq!(rx.recv().unwrap(), 0);
+        }
+        node.shutdown();
+    }
+    let d = dir.path().to_str().unwrap();
+    let (code, out) = tool(&["verify", d, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    // The older snapshot damaged: what a restart would fall back on is not intact.
+    let snapdir = wal::shard_dir(dir.path(), 0).join("snapshots");
+    let older = stormledger::snapshot::list_snapshots(&snapdir).unwrap()[0].1.clone();
+    let mut bytes = std::fs::read(&older).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x40;
+    std::fs::write(&older, bytes).unwrap();
+    let (code, out) = tool(&["verify", d, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["status"], "failed");
+    assert!(v["shards"][0]["problems"].to_string().contains("snapshot"), "{v}");
+    // Shard 1's whole log lost, spare and all: no torn tail to repair, and the directory still
+    // cannot start (its snapshot covers records the log no longer has). Recover says so.
+    for entry in std::fs::read_dir(wal::shard_dir(dir.path(), 1)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains(".wal") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    for args in [vec!["recover", d, "--dry-run", "--json"], vec!["recover", d, "--json"]] {
+        let (code, out) = tool(&args);
+        assert_eq!(code, 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!((v["status"].as_str(), v["startable"].as_bool()), (Some("failed"), Some(false)), "{v}");
+        assert!(v["shards"][1]["error"].to_string().contains("acknowledged records are missing"), "{v}");
+    }
 }

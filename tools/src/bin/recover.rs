@@ -54,6 +54,9 @@ enum Cmd {
         /// Only this shard.
         #[arg(long)]
         shard: Option<u16>,
+        /// Accepted for symmetry: the records are JSON lines anyway.
+        #[arg(long)]
+        json: bool,
     },
     /// Rebuild the state from snapshot + log and report it.
     Replay {
@@ -159,9 +162,18 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
             Ok(l) => {
                 let mut problems = l.state.invariant_violations();
                 if !replay_only {
+                    // Every snapshot kept, not only the one loaded: the older one is what a
+                    // restart falls back on if the newest is damaged.
                     let snapdir = wal::shard_dir(dir, shard as u32).join("snapshots");
-                    if let Err(e) = stormledger::snapshot::load_latest_strict(&snapdir) {
-                        problems.push(format!("snapshot: {e}"));
+                    match stormledger::snapshot::list_snapshots(&snapdir) {
+                        Ok(snapshots) => {
+                            for (_, path) in snapshots {
+                                if let Err(e) = stormledger::snapshot::load_snapshot(&path) {
+                                    problems.push(format!("snapshot: {e}"));
+                                }
+                            }
+                        }
+                        Err(e) => problems.push(format!("snapshots: {e}")),
                     }
                     if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &l.recovery.outcome {
                         problems.push(format!(
@@ -204,6 +216,7 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
     if json_out {
         let limits = json!({"accounts_max": limits.accounts_max, "ids_max": limits.ids_max, "recorded": recorded});
         let summary = json!({
+            "status": if ok { "ok" } else { "failed" },
             "ok": ok,
             "shards": out,
             "fen_sum": totals[0].to_string(),
@@ -256,7 +269,11 @@ fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option
                 .map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
             for (i, c) in cmds.iter().enumerate() {
                 let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
-                if account.is_some_and(|acc| acc != id && acc != a && acc != b) {
+                // The id field is an account only in an account's creation; elsewhere it is the
+                // command's own id, which shares no namespace with accounts.
+                let creates = matches!(c.kind, kind::CREATE_ACCOUNT | kind::REPLICA_CREATE);
+                let names = |acc: u64| acc == a || acc == b || (creates && acc == id);
+                if account.is_some_and(|acc| !names(acc)) {
                     continue;
                 }
                 if printed >= limit {
@@ -293,12 +310,30 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
             Err(e) => {
                 ok = false;
                 out.push(json!({"shard": shard, "ok": false, "error": e.to_string(),
-                    "advice": "corruption with valid records after it is never truncated automatically; restore this shard from a replica or backup"}));
+                    "advice": "recover repairs only a torn last record; this damage is not one: restore this shard from a replica or backup"}));
             }
         }
     }
+    // Repaired (or, with --dry-run, once repaired) the directory must load as the server loads
+    // it: a log that no longer reaches its snapshot, or no valid snapshot where one is needed,
+    // is not a torn tail, and the directory would still not start.
+    let mut startable = None;
+    if ok {
+        let (cluster, ledger) = open_dir(dir)?;
+        let reports = load_all(dir, cluster.shards, &ledger, &replay_limits(&cluster));
+        for r in &reports {
+            if let Err(e) = &r.loaded {
+                ok = false;
+                let advice = "not a torn tail: restore this shard from a replica or backup";
+                out[r.shard as usize] =
+                    json!({"shard": r.shard, "ok": false, "error": e.to_string(), "advice": advice});
+            }
+        }
+        startable = Some(ok);
+    }
     if json_out {
-        println!("{}", json!({"ok": ok, "dry_run": dry_run, "shards": out}));
+        let status = if ok { "ok" } else { "failed" };
+        println!("{}", json!({"status": status, "ok": ok, "dry_run": dry_run, "startable": startable, "shards": out}));
     } else {
         for s in &out {
             match s.get("error") {
@@ -321,7 +356,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Verify { dir, json } => verify(&dir, json, false),
         Cmd::Replay { dir, json } => verify(&dir, json, true),
-        Cmd::Inspect { dir, account, from, limit, shard } => inspect(&dir, account, from, limit, shard),
+        Cmd::Inspect { dir, account, from, limit, shard, json: _ } => inspect(&dir, account, from, limit, shard),
         Cmd::Recover { dir, dry_run, json } => recover(&dir, dry_run, json),
     };
     match result {
