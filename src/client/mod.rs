@@ -431,6 +431,15 @@ async fn batch_loop(
         }
         // Register before writing: the answer can arrive before `flush` returns.
         shared.pending.lock().insert(request_id, Pending { waiters, _slot: slot });
+        // The read side may have closed the connection since the slot was taken: `close` marks
+        // it closed, then fails every registered request, so one registered after that would
+        // wait forever (a write into a connection the peer just reset can still succeed).
+        if shared.closed.lock().is_some() {
+            if let Some(pending) = shared.pending.lock().remove(&request_id) {
+                pending.waiters.fail(&shared.closed_error());
+            }
+            break;
+        }
         if let Err(error) = writer.flush().await {
             shared.close(error.into());
             break;
