@@ -319,8 +319,12 @@ fn keep_directory_true(
         }
     } else if state.remembered() != remembered {
         if let Some(id) = item.command.transfer_id() {
-            // `Existing(other)`: another shard took the id meanwhile (a client reused an id the
-            // window had forgotten); nothing to undo, the directory keeps the first owner.
+            // `Existing(other)`: another shard took the id meanwhile, between the release and
+            // this command (a client sent the id again, with another payer, while this copy was
+            // queued, or reused an id the window had forgotten). The id has then been applied
+            // on two shards; nothing here can undo that, and the directory keeps the other
+            // owner (its top-up callbacks go there). A known race, rare: it needs the first
+            // copy refused `busy` and a concurrent different command under the same id.
             // A re-claim is not refused at the bound where new claims are (`reclaim`).
             let claim = peers.directory.reclaim(id, shard);
             assert!(claim != Claim::Full, "id directory stripe full past its margin: id {id} left unowned");
