@@ -678,9 +678,15 @@ pub fn run(
             pending_queries.push(q);
         }
         // Drain more without blocking, up to the batch limit (a restart may have re-sent a few
-        // thousand replica messages from every other shard).
+        // thousand replica messages from every other shard). Cut short by the limit, the drain
+        // leaves replica messages queued, and the reads taken above wait for a round whose drain
+        // is not.
+        let mut internal_drained = false;
         while batch.entries.len() < config.batch_commands_max {
-            let Ok(msg) = internal.try_recv() else { break };
+            let Ok(msg) = internal.try_recv() else {
+                internal_drained = true;
+                break;
+            };
             match msg {
                 Internal::Replica { command, join } => batch.entries.push(Entry::Replica(command, join)),
                 Internal::Snapshot { done } => snapshot_requests.push(done),
@@ -813,7 +819,7 @@ pub fn run(
         // gather sees the replica messages sent before it (taken with the reads, above; reads
         // that came in since wait for the next round's drain). Answering completes the batch
         // ahead first (it may hold them too).
-        if !pending_queries.is_empty() {
+        if !pending_queries.is_empty() && internal_drained {
             w.complete_ahead(&mut ahead, &mut log);
             for QueryMsg { query, done } in pending_queries.drain(..) {
                 done(w.answer(query));
