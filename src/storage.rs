@@ -893,6 +893,31 @@ impl DirLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// For a reader of the directory (`stormledger-recover verify`, `inspect`, `replay`,
+    /// `recover --dry-run`): a shared lock, held until dropped, so no server runs on the
+    /// directory meanwhile (its files would change under the reader's mappings). Writes
+    /// nothing: `None` if the directory has no lock file (no server ever ran there).
+    /// `AlreadyLocked` while a server holds it.
+    pub fn shared(dir: &Path) -> Result<Option<File>, StorageError> {
+        let path = dir.join(Self::FILE_NAME);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &path, e)),
+        };
+        // SAFETY: plain syscall on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                StorageError::AlreadyLocked { path }
+            } else {
+                io_err("flock", &path, e)
+            });
+        }
+        Ok(Some(file))
+    }
 }
 
 #[cfg(test)]

@@ -770,3 +770,12 @@ fn cross_shard_work_is_refused_while_a_shard_refuses_writes() {
     assert_eq!(engine.balance(streamer), None, "not created anywhere");
     assert_eq!(status(&engine, user(on(0))), Status::Ok, "a shard's own work goes on");
 }
+
+#[test]
+fn account_0_has_no_balance() {
+    // No account has id 0 (it marks an empty index entry); its balance is not found, not the
+    // platform's revenue summed over the shards.
+    let engine = Engine::in_memory(config(2)).unwrap();
+    setup(&engine, 4, 100);
+    assert_eq!(engine.balance(0), None);
+}

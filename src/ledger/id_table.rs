@@ -95,7 +95,7 @@ impl IdTable {
     /// `new` without the huge-page hint: for a table sized for a bound it seldom reaches, whose
     /// untouched pages should stay out of memory (a huge page makes 2 MiB resident per touch).
     pub fn new_unadvised(capacity: usize) -> IdTable {
-        let buckets = Self::buckets_for(capacity);
+        let buckets = Self::buckets_for(capacity).expect("id table capacity within usize");
         IdTable::over(Buckets::Owned(vec![(0, 0); buckets]))
     }
 
@@ -105,8 +105,15 @@ impl IdTable {
     /// the heap it gets none at all: this kernel backs no heap memory with transparent huge
     /// pages, advised or not (docs/benchmarks.md, session 10). Memory is resident as touched.
     pub fn new_parts(tables: usize, capacity: usize) -> std::io::Result<Vec<IdTable>> {
-        let buckets = Self::buckets_for(capacity);
-        let bytes = (tables * buckets * core::mem::size_of::<(u64, u64)>()).max(1);
+        // Checked: a wrapped product would map less than the parts below claim.
+        let too_large = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "id tables too large");
+        let buckets = Self::buckets_for(capacity).ok_or_else(too_large)?;
+        let bytes = tables
+            .checked_mul(buckets)
+            .and_then(|n| n.checked_mul(core::mem::size_of::<(u64, u64)>()))
+            .filter(|&n| n <= isize::MAX as usize)
+            .ok_or_else(too_large)?
+            .max(1);
         let mut map = memmap2::MmapMut::map_anon(bytes)?;
         let base = map.as_mut_ptr() as *mut (u64, u64);
         crate::mem::advise_huge(base as *const u8, bytes);
@@ -122,8 +129,9 @@ impl IdTable {
             .collect())
     }
 
-    fn buckets_for(capacity: usize) -> usize {
-        (capacity.max(8) * 2).next_power_of_two()
+    /// Twice `capacity` (at least 16), rounded up to a power of two; `None` past `usize`.
+    fn buckets_for(capacity: usize) -> Option<usize> {
+        capacity.max(8).checked_mul(2)?.checked_next_power_of_two()
     }
 
     fn over(entries: Buckets) -> IdTable {
@@ -331,6 +339,14 @@ impl IdTable {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn tables_too_large_for_memory_are_an_error_not_a_wrapped_size() {
+        for (tables, capacity) in [(1, usize::MAX / 2), (1, 1 << 60), (256, 1 << 56)] {
+            let error = IdTable::new_parts(tables, capacity).err().expect("refused");
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{tables} x {capacity}");
+        }
+    }
 
     #[test]
     fn matches_a_map_under_churn() {

@@ -24,9 +24,13 @@ pub struct AccountIndex {
     capacity: u32,
 }
 
-fn zeroed<T>(n: usize) -> Box<[T]> {
-    // SAFETY: only instantiated with AtomicU64/AtomicU32/AtomicI64, for which all-zero bytes
-    // are a valid value (zero).
+/// Types whose all-zero bytes are a valid value (zero): what `zeroed` may make.
+trait ZeroIsValid {}
+impl ZeroIsValid for AtomicU64 {}
+impl ZeroIsValid for AtomicI64 {}
+
+fn zeroed<T: ZeroIsValid>(n: usize) -> Box<[T]> {
+    // SAFETY: `T: ZeroIsValid`, implemented only for atomics whose all-zero bytes are zero.
     unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() }
 }
 
@@ -75,9 +79,13 @@ impl AccountIndex {
         self.capacity
     }
 
-    /// The slot of `id`, if present. Safe from any thread.
+    /// The slot of `id`, if present. Safe from any thread. Never for id 0, which marks an
+    /// empty entry (and no account has).
     #[inline]
     pub fn lookup(&self, id: u64) -> Option<u32> {
+        if id == 0 {
+            return None;
+        }
         let mut i = home(id, self.table);
         loop {
             let key = self.entries[2 * i].load(Ordering::Acquire);
@@ -283,6 +291,10 @@ mod tests {
             assert_eq!(index.balance(id * 1_000_003), Some(id as i64));
         }
         assert_eq!(index.balance(42), None);
+        // Id 0 is what an empty entry holds, not an account: it found the first empty entry's
+        // slot 0 (the platform's) and answered its balance.
+        assert_eq!(index.lookup(0), None);
+        assert_eq!(index.balance(0), None);
     }
 
     #[test]

@@ -184,3 +184,19 @@ fn verify_checks_every_snapshot_and_recover_says_when_a_directory_still_cannot_s
         assert!(v["shards"][1]["error"].to_string().contains("acknowledged records are missing"), "{v}");
     }
 }
+
+#[test]
+fn the_read_only_subcommands_refuse_a_directory_a_server_is_running_on() {
+    let dir = tempfile::tempdir().unwrap();
+    make_dir(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let node = Node::open(NodeConfig::new(dir.path())).unwrap();
+    // The server's log would change under the tool's mappings: refused, nothing read.
+    for args in [vec!["verify", d], vec!["replay", d], vec!["inspect", d], vec!["recover", d, "--dry-run"]] {
+        let (code, _) = tool(&args);
+        assert_eq!(code, 2, "{args:?}");
+    }
+    node.shutdown();
+    let (code, out) = tool(&["verify", d]);
+    assert_eq!(code, 0, "{out}");
+}

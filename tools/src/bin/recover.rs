@@ -353,6 +353,20 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
 fn main() -> ExitCode {
     stormledger::tune_allocator();
     let cli = Cli::parse();
+    // The read-only subcommands hold the directory's lock shared: no server runs on it while
+    // they read (its log would change under them), and they write nothing.
+    let read_only_dir = match &cli.command {
+        Cmd::Verify { dir, .. } | Cmd::Replay { dir, .. } | Cmd::Inspect { dir, .. } => Some(dir),
+        Cmd::Recover { dir, dry_run: true, .. } => Some(dir),
+        Cmd::Recover { .. } => None,
+    };
+    let _shared = match read_only_dir.map(|dir| DirLock::shared(dir)).transpose() {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("stormledger-recover: {e} (a server is running on it: stop it, or check a copy)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Cmd::Verify { dir, json } => verify(&dir, json, false),
         Cmd::Replay { dir, json } => verify(&dir, json, true),
