@@ -173,10 +173,12 @@ pub struct Join {
 }
 
 impl Join {
-    /// Waits for the other shards' parts of `item` (its home part answered `reply`).
+    /// Waits for every shard's part of `item`: its home part answered `reply`, and is done
+    /// (with value 0) once the home shard's batch released its evicted ids, as the others'
+    /// parts are; then replies.
     fn new(item: &WriteItem, reply: Reply, collector: &Arc<Collector>, peers: &Peers) -> Arc<Join> {
         Arc::new(Join {
-            remaining: AtomicUsize::new(peers.internal.len() - 1),
+            remaining: AtomicUsize::new(peers.internal.len()),
             total: AtomicI64::new(reply.value),
             failed: AtomicBool::new(false),
             reply,
@@ -427,6 +429,9 @@ impl Applier {
         }
         // Ids claimed again by commands of this batch (`keep_directory_true`).
         let mut reclaimed: Vec<u64> = Vec::new();
+        // The parts of replicated commands this batch completed (other shards' applied here, and
+        // the home parts of its own), with their values: done after its evicted ids are released.
+        let mut parts_done: Vec<(Arc<Join>, i64)> = Vec::new();
         // Prefetch in two stages, a few commands ahead, so the cache misses of the next payers
         // overlap with applying this one (hints only: results do not change).
         let command_at = |entries: &[Entry], k: usize| match entries.get(k) {
@@ -462,7 +467,9 @@ impl Applier {
                     }
                     let (reply, _) = events.apply(state, i, ts, &command);
                     if let Some(join) = join {
-                        join.part_done(reply.value, true);
+                        // Answered after the batch's evicted ids are released (below), as the
+                        // shard's own replies are: the part done may be the reply's last.
+                        parts_done.push((join, reply.value));
                     }
                 }
                 Entry::Write(p, j) => {
@@ -494,6 +501,7 @@ impl Applier {
                         Fanout::Replicate(replica) => {
                             assert!(item.permit, "replicated commands hold a permit");
                             let join = Join::new(item, reply, &parts[p].collector, peers);
+                            parts_done.push((join.clone(), 0));
                             for (s, tx) in peers.internal.iter().enumerate() {
                                 if s != shard as usize {
                                     let msg = Internal::Replica { command: replica, join: Some(join.clone()) };
@@ -506,6 +514,7 @@ impl Applier {
                         Fanout::GatherSettlement { id } => {
                             assert!(item.permit, "settlements hold a permit");
                             let join = Join::new(item, reply, &parts[p].collector, peers);
+                            parts_done.push((join.clone(), 0));
                             for (s, tx) in peers.queries.iter().enumerate() {
                                 if s != shard as usize {
                                     let part_join = join.clone();
@@ -539,6 +548,9 @@ impl Applier {
         if !state.evicted().is_empty() {
             peers.directory.release_many(state.evicted(), shard);
             state.clear_evicted();
+        }
+        for (join, value) in parts_done {
+            join.part_done(value, true);
         }
         metrics.flush(poisoned);
         for (part, replies) in batch.parts.drain(..).zip(replies) {
