@@ -875,16 +875,7 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| io_err("open", &path, e))?;
-        // SAFETY: plain syscall on a valid, owned descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                StorageError::AlreadyLocked { path }
-            } else {
-                io_err("flock", &path, e)
-            });
-        }
+        flock(&file, &path, libc::LOCK_EX)?;
         // Best effort: the pid is a hint for operators, the flock is the lock.
         let _ = file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()));
         Ok(DirLock { _file: file, path })
@@ -906,18 +897,25 @@ impl DirLock {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("open", &path, e)),
         };
-        // SAFETY: plain syscall on a valid, owned descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                StorageError::AlreadyLocked { path }
-            } else {
-                io_err("flock", &path, e)
-            });
-        }
+        flock(&file, &path, libc::LOCK_SH)?;
         Ok(Some(file))
     }
+}
+
+/// `flock(operation | LOCK_NB)` of `file` (the lock file at `path`): `AlreadyLocked` if another
+/// holder's lock conflicts.
+fn flock(file: &File, path: &Path, operation: libc::c_int) -> Result<(), StorageError> {
+    // SAFETY: plain syscall on a valid, owned descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), operation | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            StorageError::AlreadyLocked { path: path.to_path_buf() }
+        } else {
+            io_err("flock", path, e)
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
