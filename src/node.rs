@@ -214,6 +214,14 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), NodeError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// Every shard's directory exists from the node's first start on (made before `cluster.json`):
+/// a missing one is a lost shard, not an empty one.
+fn shard_dir_present(storage: &dyn Storage, dir: &Path, shard: u16) -> Result<(), NodeError> {
+    storage.list(dir).map(drop).map_err(|e| {
+        NodeError::Corrupt(format!("shard {shard}: no directory of its own in the data directory ({e})"))
+    })
+}
+
 /// The file of a snapshot passed over as damaged.
 fn damaged_file(error: &SnapshotError) -> Option<PathBuf> {
     match error {
@@ -298,12 +306,8 @@ pub fn load_shard_with_feed(
             (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0, None, Vec::new())
         }
     };
-    // Every shard's directory exists from the node's first start on (`Wal::open` makes it with
-    // the first segment): a missing one is a lost shard, not an empty one. Nothing is created
-    // here (`stormledger-recover verify` and `replay` only read).
-    storage.list(&dir).map_err(|e| {
-        NodeError::Corrupt(format!("shard {shard}: no directory of its own in the data directory ({e})"))
-    })?;
+    // Nothing is created here (`stormledger-recover verify` and `replay` only read).
+    shard_dir_present(storage, &dir, shard)?;
     let (reader, report) =
         WalReader::open(&dir, shard as u32, storage).map_err(|e| NodeError::Corrupt(e.to_string()))?;
     // The log never loses its newest records to retention (the active segment is kept, and a
@@ -533,11 +537,8 @@ impl Node {
                 write: config.log_write,
                 prefill: config.log_prefill,
             };
-            // Made before `cluster.json` (above): missing, the shard is lost, and opening its log
-            // would start it empty.
-            storage.list(&shard_dir).map_err(|e| {
-                NodeError::Corrupt(format!("shard {shard}: no directory of its own in the data directory ({e})"))
-            })?;
+            // Before opening its log, which would make it anew and start the shard empty.
+            shard_dir_present(storage.as_ref(), &shard_dir, shard)?;
             let (wal, report) = Wal::open(&shard_dir, shard as u32, wal_config, storage.clone())
                 .map_err(|e| NodeError::Corrupt(e.to_string()))?;
             if let RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } = &report.outcome {
