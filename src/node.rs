@@ -217,9 +217,10 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), NodeError> {
 /// Every shard's directory exists from the node's first start on (made before `cluster.json`):
 /// a missing one is a lost shard, not an empty one.
 fn shard_dir_present(storage: &dyn Storage, dir: &Path, shard: u16) -> Result<(), NodeError> {
-    storage.list(dir).map(drop).map_err(|e| {
-        NodeError::Corrupt(format!("shard {shard}: no directory of its own in the data directory ({e})"))
-    })
+    storage
+        .list(dir)
+        .map(drop)
+        .map_err(|e| NodeError::Corrupt(format!("shard {shard}: no directory of its own in the data directory ({e})")))
 }
 
 /// The file of a snapshot passed over as damaged.
