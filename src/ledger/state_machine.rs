@@ -372,11 +372,7 @@ impl ShardState {
     /// Whether a command under transfer id `id` would be answered from what the shard keeps:
     /// its idempotency record, or a top-up held after that record left the window.
     pub fn knows_id(&self, id: u64) -> bool {
-        match self.ids.get(id) {
-            Some(HELD) => true,
-            Some(seq) => self.record_at(seq).is_some(),
-            None => false,
-        }
+        self.knows_id_within(id, 0)
     }
 
     /// `knows_id` once `n` more commands are applied: each forgets at most the oldest record,
@@ -385,9 +381,8 @@ impl ShardState {
         match self.ids.get(id) {
             Some(HELD) => true,
             Some(seq) => {
-                let forgotten = (self.id_ring.len() + n).saturating_sub(self.limits.ids_max as usize) as u64;
                 let front = self.id_ring.front().map_or(0, |(front, _)| *front);
-                self.record_at(seq).is_some() && seq >= front + forgotten
+                self.record_at(seq).is_some() && seq >= front + self.forgotten_within(n) as u64
             }
             None => false,
         }
@@ -418,11 +413,17 @@ impl ShardState {
     /// timestamp order. (`u64::MAX` when they could forget every id the ring holds now.) The
     /// worker checks a batch against it while the batch before is still being applied.
     pub fn id_horizon_within(&self, n: usize) -> u64 {
-        let forgotten = (self.id_ring.len() + n).saturating_sub(self.limits.ids_max as usize);
+        let forgotten = self.forgotten_within(n);
         if forgotten == 0 {
             return self.id_horizon();
         }
         self.id_ring.get(forgotten).map_or(u64::MAX, |(_, record)| record.timestamp)
+    }
+
+    /// How many of the records in the window `n` more commands may forget: each remembers at
+    /// most one, and forgets the oldest only when the window is full.
+    fn forgotten_within(&self, n: usize) -> usize {
+        (self.id_ring.len() + n).saturating_sub(self.limits.ids_max as usize)
     }
 
     /// Ids evicted from the idempotency window since the last call.
@@ -978,10 +979,6 @@ impl ShardState {
         self.history.push(account, entry);
     }
 
-    fn homed_here(&self, id: u64) -> bool {
-        homed_on(id, self.shard, self.shards)
-    }
-
     fn create_account(&mut self, id: u64, kind: AccountKind, new_flags: u8, union: u64) -> (Reply, Fanout) {
         if let Some(existing) = self.account(id) {
             let same = existing.kind == kind
@@ -1000,7 +997,7 @@ impl ShardState {
         }
         // Every shard takes a stripe of each striped account, whatever its own wallets: those
         // are bounded so that the stripes always fit (`striped_reserve`).
-        let homed = kind.is_striped() && self.homed_here(id);
+        let homed = kind.is_striped() && homed_on(id, self.shard, self.shards);
         let room = match kind {
             AccountKind::User => self.users < users_max(&self.limits),
             _ => !homed || self.striped_homed < striped_homed_max(&self.limits, self.shards),
