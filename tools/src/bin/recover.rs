@@ -293,7 +293,8 @@ fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option
 }
 
 fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
-    let shards = open_dir(dir)?.0.shards;
+    let (cluster, ledger) = open_dir(dir)?;
+    let shards = cluster.shards;
     let _lock = if dry_run {
         None
     } else {
@@ -319,8 +320,7 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
     // is not a torn tail, and the directory would still not start.
     let mut startable = None;
     if ok {
-        let (cluster, ledger) = open_dir(dir)?;
-        let reports = load_all(dir, cluster.shards, &ledger, &replay_limits(&cluster));
+        let reports = load_all(dir, shards, &ledger, &replay_limits(&cluster));
         for r in &reports {
             if let Err(e) = &r.loaded {
                 ok = false;
