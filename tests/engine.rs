@@ -624,6 +624,32 @@ fn a_pipelined_retry_of_an_id_the_batch_ahead_forgets_is_refused_not_reapplied()
 }
 
 #[test]
+fn a_copy_drained_while_its_claim_holder_is_in_the_log_takes_the_claim() {
+    // A (a top-up begin) claims id 9 001 and is refused `busy` when applied (the pending
+    // top-ups are at their bound); B, a tip under the same id, was routed by A's claim and is
+    // drained while A is in the log. B takes A's claim: A's refusal leaves it, and B is applied
+    // under it, with nothing released in between.
+    let (engine, mut held) = pipelined_engine(1 << 10);
+    let mut cfg = config(1);
+    cfg.limits.ids_max = 1 << 10;
+    let max = ShardState::new(0, 1, cfg.ledger.clone(), cfg.limits.clone()).topups_max();
+    let begin = |id: u64| Command::TopUpBegin { id, user: 1, method: 1, fen: 600 };
+    let pending: Vec<Command> = (0..max as u64).map(|i| begin(100_000 + i)).collect();
+    assert!(engine.execute(&pending).iter().all(|r| r.status.get() == 0));
+    let ids = engine.directory_len();
+    let tip = Command::Tip { id: 9_001, from: 2, to: 1_000_000, coins: 5 };
+    let (_, [g, ra, rb]) = pipeline_three(&engine, &mut held, begin(9_001), (tip, 0));
+    assert_eq!(g.status(), Status::Ok);
+    wait_drained(&engine);
+    held.release.send(()).unwrap();
+    assert_eq!(ra.status(), Status::Busy);
+    assert_eq!(rb.status(), Status::Ok);
+    assert_eq!(engine.balance(2), Some(1_000 - 5));
+    assert_eq!(engine.directory_len(), ids + 2, "tips 7 000 and 9 001");
+    assert_eq!(send(&engine, tip, 0).reply().flags, 1, "a retry is the duplicate");
+}
+
+#[test]
 fn a_retried_settlement_counts_the_sweep_another_shard_has_queued_but_not_applied() {
     // The streamer's home shard (A) sweeps its stripe and sends the other shard (B) the
     // replica; a retry of the settlement is answered by A plus a lookup on B. B is held in an
@@ -744,12 +770,49 @@ fn an_id_forgotten_and_named_again_within_one_batch() {
     let statuses: Vec<_> = replies.iter().map(|r| Status::from_code(r.status.get()).unwrap()).collect();
     assert_eq!(statuses, [Status::Ok, Status::IdExpired]);
     assert_eq!(engine.balance(payer), Some(before - 1), "only the new tip moved money");
-    // Without a send time the id is applied again (the documented risk of a reused forgotten
-    // id), and its shard owns it again in the directory: the same id from a payer on the other
-    // shard is refused there, not applied a second time on another shard.
+    // Without a send time: routed to the shard by the id's old claim, which the new tip's
+    // eviction gives up before it runs, it is refused `busy` (another shard could claim the id
+    // meanwhile). Its retry claims the id anew and is applied again (the documented risk of a
+    // reused forgotten id), and its shard owns it: the same id from a payer on the other shard
+    // is refused there, not applied a second time on another shard.
     let replies = submit_batch(&engine, vec![tip(7_002, payer).to_record(), tip(625, payer).to_record()]);
-    assert!(replies.iter().all(|r| r.status.get() == 0));
+    let statuses: Vec<_> = replies.iter().map(|r| Status::from_code(r.status.get()).unwrap()).collect();
+    assert_eq!(statuses, [Status::Ok, Status::Busy]);
+    assert_eq!(engine.balance(payer), Some(before - 2));
+    assert_eq!(status(&engine, tip(625, payer)), Status::Ok);
+    assert_eq!(engine.balance(payer), Some(before - 3));
     assert_eq!(status(&engine, tip(625, other)), Status::ExistsWithDifferentFields);
+}
+
+#[test]
+fn a_copy_routed_by_a_claim_that_was_given_up_is_refused_busy_not_applied() {
+    // One frame: a settlement claims id 77 on shard 0 and is refused at once (shard 1's log
+    // has failed: cross-shard work is refused), which releases the claim; a top-up under the
+    // same id was routed to shard 0 by that claim. Applied there, it would own an id another
+    // shard could have claimed in between (in another frame, on another connection): it is
+    // refused `busy` before the log and changes nothing, and its retry claims the id anew.
+    let engine = start(&config(2), vec![Box::new(NullJournal), Box::new(FailingJournal(0))]);
+    let on = |shard: u16| (1..).find(|&id| home_shard(id, 2) == shard).unwrap();
+    let user = |account| Command::CreateAccount { account, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    assert_eq!(status(&engine, user(on(1))), Status::Ok);
+    let second = (on(1) + 1..).find(|&id| home_shard(id, 2) == 1).unwrap();
+    assert_eq!(status(&engine, user(second)), Status::Unavailable);
+    wait_until("shard 1 reports its failed log", || engine.stats().poisoned_shards() == 1);
+    let payer = on(0);
+    assert_eq!(status(&engine, user(payer)), Status::Ok);
+    assert_eq!(status(&engine, Command::BindMethod { user: payer, method: 1, channel: Channel::Alipay }), Status::Ok);
+    let ids = engine.directory_len();
+    let settle = Command::Settle { id: 77, account: (1_000_000..).find(|&id| home_shard(id, 2) == 0).unwrap() };
+    let begin = Command::TopUpBegin { id: 77, user: payer, method: 1, fen: 600 };
+    let replies = submit_batch(&engine, vec![settle.to_record(), begin.to_record()]);
+    let statuses: Vec<_> = replies.iter().map(|r| Status::from_code(r.status.get()).unwrap()).collect();
+    assert_eq!(statuses, [Status::Unavailable, Status::Busy]);
+    assert_eq!(engine.directory_len(), ids, "no claim left behind");
+    let mut q = QueryRecord { kind: query_kind::TOPUP_STATUS, ..QueryRecord::default() };
+    q.key.set(77);
+    assert_eq!(engine.query_blocking(q).reply.status.get(), Status::NotFound.code(), "nothing applied");
+    assert_eq!(status(&engine, begin), Status::Ok, "the retry claims the id anew");
+    assert_eq!(engine.directory_len(), ids + 1);
 }
 
 #[test]

@@ -4,10 +4,13 @@
 //! top-up callback names only the top-up id. The directory is claimed at ingest, before a
 //! command is queued: a new id is claimed for the payer's shard; a retried id is routed to the
 //! shard that owns it, whose idempotency table then answers with the original result or
-//! `exists_with_different_fields`. It is derived state: rebuilt from the shards' idempotency
-//! tables at recovery, and ids leave it when they leave their shard's idempotency window, or
-//! when their command was refused with a retryable status and so never remembered
-//! (`worker::keep_directory_true`).
+//! `exists_with_different_fields`. A copy routed so that finds its shard not knowing the id
+//! runs only after the copy holding the claim, which passes to it (`worker::take_claim`); with
+//! no holder ahead of it (refused meanwhile, or the id forgotten) it is answered `busy`, and
+//! its retry claims the id anew. So one id is never applied on two shards. The directory is
+//! derived state: rebuilt from the shards' idempotency tables at recovery, and ids leave it
+//! when they leave their shard's idempotency window, or when their command was refused with a
+//! retryable status and so never remembered (`worker::keep_directory_true`).
 
 use parking_lot::Mutex;
 
@@ -129,8 +132,9 @@ impl IdDirectory {
         claim_in(&mut self.stripe(id).lock(), id, shard)
     }
 
-    /// Claims `id` for `shard` after its command was applied and remembered without a claim
-    /// (the release race of `worker::keep_directory_true`). Unlike `claim`, it may fill a stripe
+    /// Claims `id` for `shard` after its command was applied and remembered without holding
+    /// the claim (it passed it to a later copy: `worker::keep_directory_true`; the claim is
+    /// normally still the shard's and this finds it). Unlike `claim`, it may fill a stripe
     /// past the bound where new claims stop (to three quarters of its buckets instead of half):
     /// the id is taken already, in the shard's window, and left unowned its top-up callbacks
     /// would answer `not_found` and another shard could accept it again. `Full` only past that,

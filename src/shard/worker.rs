@@ -302,10 +302,12 @@ pub struct WorkerConfig {
 /// - its id was claimed for it, but the outcome was retryable (`busy`: the pending top-ups are
 ///   at their bound) and so not remembered: release the claim, or nothing would ever release
 ///   it (the client may never retry) and the directory would fill with such ids;
-/// - it was routed to this shard by an existing claim, which was released (by the case above,
-///   or an eviction) before it ran, and it was remembered: claim the id again, so that its
-///   top-up callbacks and other shards find its owner. Returns the id: if an earlier command of
-///   the batch evicted it, the batch's release of its evicted ids must leave it.
+/// - it gave its claim to a later copy of the id (`take_claim`) and was remembered: the id is
+///   this shard's, and the batch's release of its evicted ids must leave it. Returns the id.
+///
+/// A command routed here by another copy's claim runs only if the shard knows its id or it
+/// took that claim (the drain-time check in `run`), so no unclaimed command is remembered
+/// under an id another shard may hold meanwhile.
 #[inline]
 fn keep_directory_true(
     peers: &Peers,
@@ -321,19 +323,43 @@ fn keep_directory_true(
         }
     } else if state.remembered() != remembered {
         if let Some(id) = item.command.transfer_id() {
-            // `Existing(other)`: another shard took the id meanwhile, between the release and
-            // this command (a client sent the id again, with another payer, while this copy was
-            // queued, or reused an id the window had forgotten). The id has then been applied
-            // on two shards; nothing here can undo that, and the directory keeps the other
-            // owner (its top-up callbacks go there). A known race, rare: it needs the first
-            // copy refused `busy` and a concurrent different command under the same id.
-            // A re-claim is not refused at the bound where new claims are (`reclaim`).
+            // The claim this command gave away is still this shard's: only its holder, later
+            // on this shard, or an eviction of the id (which is newly remembered) releases it.
             let claim = peers.directory.reclaim(id, shard);
+            debug_assert!(matches!(claim, Claim::Existing(s) if s == shard), "id {id}: {claim:?}");
             assert!(claim != Claim::Full, "id directory stripe full past its margin: id {id} left unowned");
             return Some(id);
         }
     }
     None
+}
+
+/// Passes the directory claim of `id` to a later command: the last command of the pipeline
+/// that holds it (this batch's commands drained so far, then the batch in the log) gives it up.
+/// False if none holds it. The copies run in order on this shard, so whichever of them is
+/// remembered first owns the id, and the claim is released only if the last holder is refused
+/// with a retryable status (`keep_directory_true`), not while a copy after it still counts on it.
+fn take_claim(ahead: Option<&mut Batch>, batch: &mut Batch, id: u64) -> bool {
+    let holder = |b: &mut Batch| {
+        let Batch { parts, entries, .. } = b;
+        entries.iter().rev().find_map(|e| match *e {
+            Entry::Write(p, j) if parts[p].items[j].claimed && parts[p].items[j].command.transfer_id() == Some(id) => {
+                Some((p, j))
+            }
+            _ => None,
+        })
+    };
+    if let Some((p, j)) = holder(batch) {
+        batch.parts[p].items[j].claimed = false;
+        return true;
+    }
+    if let Some(ahead) = ahead {
+        if let Some((p, j)) = holder(ahead) {
+            ahead.parts[p].items[j].claimed = false;
+            return true;
+        }
+    }
+    false
 }
 
 /// Builds the wire reply of `command`.
@@ -364,12 +390,12 @@ enum Entry {
 }
 
 /// One drained batch: its parts, its entries in log order (entry i has timestamp `base + i`),
-/// and the commands refused before the log (`id_expired`), answered with the batch.
+/// and the commands refused before the log (`id_expired`, `busy`), answered with the batch.
 #[derive(Default)]
 struct Batch {
     parts: Vec<Part>,
     entries: Vec<Entry>,
-    expired: Vec<(usize, u32, ReplyRecord)>,
+    refused: Vec<(usize, u32, ReplyRecord)>,
     base: u64,
     /// Handed to the log (false: the shard was poisoned, every command is `unavailable`).
     logged: bool,
@@ -424,7 +450,7 @@ impl Applier {
         events.restart(self.last_lsn);
         let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
             parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
-        for (p, tag, reply) in batch.expired.drain(..) {
+        for (p, tag, reply) in batch.refused.drain(..) {
             replies[p].push((tag, reply));
         }
         // Ids claimed again by commands of this batch (`keep_directory_true`).
@@ -601,7 +627,11 @@ impl Applier {
 /// - the `id_expired` check: batch k can only raise the idempotency horizon, and by at most its
 ///   own length of ids (`ShardState::id_horizon_within`). A command whose first-send time is
 ///   at or after that bound passes the check before and after k alike; if any command of k+1 is
-///   earlier, batch k is applied first and k+1 is checked exactly.
+///   earlier, batch k is applied first and k+1 is checked exactly;
+/// - the claim check of a command routed by another copy's claim: an id the state does not
+///   know before k is applied is either claimed by a copy in k (found there, `take_claim`) or
+///   not remembered by k at all (only claimed commands are remembered under new ids), and one
+///   it knows is still known after k if `knows_id_within` says so.
 ///
 /// Reads through the query queue are answered with no batch ahead (so, after every write and
 /// replica message drained before them), and after the replica messages queued before them.
@@ -733,22 +763,41 @@ pub fn run(
             }
         }
 
-        // A command first sent before the idempotency horizon whose id is not remembered may
-        // retry a forgotten one: refuse it (not logged, nothing changes) instead of risking a
-        // second application.
-        // The check holds for the state each command is applied to: after the batch ahead (if
-        // still in the log) and this batch's commands before it, which may forget the oldest
-        // ids, the one a retry names among them.
+        // Two refusals before the log (nothing changes, the command is answered with the batch):
+        // - A command first sent before the idempotency horizon whose id is not remembered may
+        //   retry a forgotten one: `id_expired`, instead of risking a second application. The
+        //   check holds for the state each command is applied to: after the batch ahead (if
+        //   still in the log) and this batch's commands before it, which may forget the oldest
+        //   ids, the one a retry names among them.
+        // - A command routed here by another copy's claim (not `claimed`) whose id this shard
+        //   will not know when it runs is applied under that claim only if the copy holding it
+        //   is in the pipeline before it (the claim then passes to it: `take_claim`). Otherwise
+        //   the claim may be gone (the copy was refused busy, the id forgotten) and another
+        //   shard may hold the id by now: `busy`, and a retry claims the id anew at ingest.
         let ahead_len = ahead.as_ref().map_or(0, |b| b.entries.len());
-        for (p, part) in batch.parts.iter().enumerate() {
-            for (i, item) in part.items.iter().enumerate() {
+        for p in 0..batch.parts.len() {
+            for i in 0..batch.parts[p].items.len() {
                 let before = ahead_len + batch.entries.len();
-                let forgotten = |id: u64| !w.state.knows_id_within(id, before);
-                if item.sent_at != 0
-                    && item.sent_at < w.state.id_horizon_within(before)
-                    && item.command.transfer_id().is_some_and(forgotten)
-                {
-                    batch.expired.push((p, item.tag, reply_record(&item.command, Reply::status(Status::IdExpired))));
+                let item = &batch.parts[p].items[i];
+                let unknown = item.command.transfer_id().filter(|&id| !w.state.knows_id_within(id, before));
+                let refusal = match unknown {
+                    Some(_) if item.sent_at != 0 && item.sent_at < w.state.id_horizon_within(before) => {
+                        Some(Status::IdExpired)
+                    }
+                    Some(id) if !item.claimed => {
+                        if take_claim(ahead.as_mut(), &mut batch, id) {
+                            batch.parts[p].items[i].claimed = true;
+                            None
+                        } else {
+                            w.peers.stats.busy(shard as usize, 1);
+                            Some(Status::Busy)
+                        }
+                    }
+                    _ => None,
+                };
+                let item = &batch.parts[p].items[i];
+                if let Some(status) = refusal {
+                    batch.refused.push((p, item.tag, reply_record(&item.command, Reply::status(status))));
                     if item.claimed {
                         w.peers.directory.release(item.command.transfer_id().expect("has an id"), shard);
                     }
@@ -801,7 +850,7 @@ pub fn run(
                 w.complete(batch, appended);
             }
         } else if !batch.parts.is_empty() {
-            // Every command of these parts was refused before the log (`id_expired`).
+            // Every command of these parts was refused before the log (`id_expired`, `busy`).
             w.complete(batch, None);
         } else {
             w.spare_batches.push(batch);
