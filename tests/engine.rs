@@ -322,6 +322,65 @@ fn concurrent_tips_and_reads_are_exact() {
 }
 
 #[test]
+fn concurrent_copies_of_one_id_are_applied_on_one_shard_at_most() {
+    // Three clients send the same ids at once: a top-up begin by user A that its shard refuses
+    // `busy` (its pending top-ups are at their bound) once it claimed the id, a tip by A routed
+    // by that claim, and a tip by B on the other shard. Whatever the interleaving, each id ends
+    // up applied on one shard at most, and a client never gets two `ok`s for one id.
+    let mut cfg = config(2);
+    cfg.limits.ids_max = 1 << 12;
+    let engine = Arc::new(start(&cfg, null_journals(2)));
+    setup(&engine, 8, 100_000);
+    let on = |shard: u16| (1..=8u64).find(|&u| home_shard(u, 2) == shard).unwrap();
+    let (a, b) = (on(0), on(1));
+    let max = ShardState::new(0, 2, cfg.ledger.clone(), cfg.limits.clone()).topups_max();
+    let begin = move |id: u64| Command::TopUpBegin { id, user: a, method: 1, fen: 600 };
+    let pending: Vec<Command> = (0..max as u64).map(|i| begin(200_000 + i)).collect();
+    assert!(engine.execute(&pending).iter().all(|r| r.status.get() == 0));
+    let rounds = 2_000u64;
+    let barrier = Arc::new(Barrier::new(3));
+    let clients: Vec<_> = (0..3u64)
+        .map(|c| {
+            let (engine, barrier) = (engine.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut ok = Vec::new();
+                for round in 0..rounds {
+                    let id = 50_000_000 + round;
+                    let command = match c {
+                        0 => begin(id),
+                        1 => Command::Tip { id, from: a, to: 1_000_000, coins: 1 },
+                        _ => Command::Tip { id, from: b, to: 1_000_000, coins: 1 },
+                    };
+                    barrier.wait();
+                    let reply = engine.execute(&[command])[0];
+                    if reply.status.get() == 0 && reply.flags == 0 {
+                        ok.push(id);
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut firsts = std::collections::BTreeMap::<u64, u32>::new();
+    for client in clients {
+        for id in client.join().unwrap() {
+            *firsts.entry(id).or_default() += 1;
+        }
+    }
+    assert!(firsts.values().all(|&n| n == 1), "one first `ok` an id at most");
+    let engine = Arc::into_inner(engine).expect("clients done");
+    for s in engine.audit() {
+        assert_eq!(s.unit_sums, [0, 0]);
+    }
+    let states = engine.shutdown();
+    for round in 0..rounds {
+        let id = 50_000_000 + round;
+        let holders = states.iter().filter(|s| s.knows_id(id)).count();
+        assert!(holders <= 1, "id {id} applied on {holders} shards");
+    }
+}
+
+#[test]
 fn engine_config_is_validated() {
     let mut c = config(0);
     assert!(c.validate().is_err());

@@ -779,11 +779,14 @@ pub fn run(
             for i in 0..batch.parts[p].items.len() {
                 let before = ahead_len + batch.entries.len();
                 let item = &batch.parts[p].items[i];
-                let unknown = item.command.transfer_id().filter(|&id| !w.state.knows_id_within(id, before));
+                // The id lookup only for the few commands either check can refuse (a new tip is
+                // claimed, and sent after the horizon or not saying when).
+                let old = item.sent_at != 0 && item.sent_at < w.state.id_horizon_within(before);
+                let unknown = (old || !item.claimed)
+                    .then(|| item.command.transfer_id().filter(|&id| !w.state.knows_id_within(id, before)))
+                    .flatten();
                 let refusal = match unknown {
-                    Some(_) if item.sent_at != 0 && item.sent_at < w.state.id_horizon_within(before) => {
-                        Some(Status::IdExpired)
-                    }
+                    Some(_) if old => Some(Status::IdExpired),
                     Some(id) if !item.claimed => {
                         if take_claim(ahead.as_mut(), &mut batch, id) {
                             batch.parts[p].items[i].claimed = true;
