@@ -741,7 +741,20 @@ impl Engine {
     }
 
     /// Stops the workers after they finish what is queued, and returns the shard states.
+    ///
+    /// Cross-shard work in flight (a settlement, a striped account's creation or freeze) is
+    /// finished first, for at most `SHUTDOWN_CROSS_SHARD_WAIT`: its parts travel between
+    /// shards, and a shard that stopped before its part arrived would leave the command
+    /// unanswered (it is completed at the next start, from its home shard's log). Callers stop
+    /// submitting first (the server stops reading and waits for its replies).
     pub fn shutdown(&self) -> Vec<ShardState> {
+        let give_up = std::time::Instant::now() + SHUTDOWN_CROSS_SHARD_WAIT;
+        while self.permits.load(Ordering::Acquire) < REPLICATION_IN_FLIGHT_MAX
+            && std::time::Instant::now() < give_up
+            && self.threads.lock().iter().all(|t| !t.is_finished())
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for tx in &self.internal {
             let _ = tx.send(Internal::Shutdown);
         }
@@ -772,6 +785,9 @@ impl Drop for Engine {
         }
     }
 }
+
+/// How long `Engine::shutdown` waits for cross-shard work in flight.
+pub const SHUTDOWN_CROSS_SHARD_WAIT: Duration = Duration::from_secs(5);
 
 /// Where `Engine::route` sends a command.
 enum Route {

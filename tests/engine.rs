@@ -709,6 +709,38 @@ fn a_copy_drained_while_its_claim_holder_is_in_the_log_takes_the_claim() {
 }
 
 #[test]
+fn shutdown_finishes_cross_shard_work_in_flight() {
+    // A settlement is in its home shard's log when the shutdown starts; the other shard, with
+    // nothing queued, would stop at once, before the settlement's part reaches it. The shutdown
+    // waits for it: the settlement is swept on both shards and answered with its total.
+    let home = home_shard(1_000_000, 2);
+    let (mut held, journal) = Held::with(true);
+    let journals: Vec<Box<dyn Journal>> =
+        if home == 0 { vec![journal, Box::new(NullJournal)] } else { vec![Box::new(NullJournal), journal] };
+    let engine = start(&config(2), journals);
+    setup(&engine, 4, 100);
+    let tips: Vec<Command> =
+        (1..=4u64).map(|u| Command::Tip { id: 7_000 + u, from: u, to: 1_000_000, coins: 50 }).collect();
+    assert!(engine.execute(&tips).iter().all(|r| r.status.get() == 0));
+    let earned = engine.balance(1_000_000).unwrap();
+    let at = held.next();
+    held.hold_at.store(at, Ordering::SeqCst);
+    let settle = send(&engine, Command::Settle { id: 9_000, account: 1_000_000 }, 0);
+    held.wait_started(at);
+    let release = held.release.clone();
+    let releaser = std::thread::spawn(move || {
+        // Give the other shard time to stop if the shutdown does not wait (not an assertion).
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        release.send(()).unwrap();
+    });
+    let states = engine.shutdown();
+    releaser.join().unwrap();
+    let reply = settle.reply();
+    assert_eq!((Status::from_code(reply.status.get()), reply.value.get()), (Some(Status::Ok), earned));
+    assert!(states.iter().all(|s| s.account(1_000_000).map(|a| a.balance) == Some(0)), "swept on every shard");
+}
+
+#[test]
 fn a_retried_settlement_counts_the_sweep_another_shard_has_queued_but_not_applied() {
     // The streamer's home shard (A) sweeps its stripe and sends the other shard (B) the
     // replica; a retry of the settlement is answered by A plus a lookup on B. B is held in an
