@@ -262,6 +262,18 @@ fn rejections_and_usage_errors() {
     assert!(first["position"].as_str().unwrap().contains(':'), "{first}");
     let bad_position = s.cli(&["watch", "--from", "nonsense"]);
     assert_eq!(bad_position.code, 2);
+    // clap's own usage errors (a bad value, an unknown flag): with --json, one JSON object too.
+    for args in [&["balance", "abc", "--json"][..], &["--json", "tip", "--id", "1", "--bogus"], &["--json", "nonsense"]]
+    {
+        let run = s.cli(args);
+        assert_eq!(run.code, 2, "{args:?}: {} {}", run.stdout, run.stderr);
+        let line: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("one JSON object");
+        assert_eq!(line["status"], "usage_error", "{line}");
+        assert!(!line["error"].as_str().unwrap().is_empty(), "{line}");
+        assert!(run.stderr.contains("Usage") || run.stderr.contains("error"), "{}", run.stderr);
+    }
+    let text = s.cli(&["balance", "abc"]);
+    assert_eq!((text.code, text.stdout.as_str()), (2, ""), "without --json: text on stderr only");
 
     // An unverified user may not spend.
     s.ok(&["account", "create", "--id", "3", "--kind", "user"]);

@@ -32,16 +32,36 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let cli = match args::Cli::try_parse_from(args) {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let cli = match args::Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(e) => {
-            // --help and --version print to stdout and exit 0; real errors exit 2.
-            let _ = e.print();
-            return e.exit_code();
-        }
+        Err(e) => return report_usage_error(&e, wants_json(&args)),
     };
     match &cli.command {
         args::Command::Serve(serve_args) => serve::main(&cli, serve_args),
         _ => client::main(&cli),
     }
+}
+
+/// Whether `--json` is among the arguments (before any `--`): how a usage error is reported.
+pub fn wants_json(args: &[std::ffi::OsString]) -> bool {
+    args.iter().skip(1).take_while(|a| *a != "--").any(|a| a == "--json")
+}
+
+/// Reports an argument error from clap and returns the exit status. `--help` and `--version`
+/// print as clap does (exit 0). A usage error prints clap's text on stderr and, with `--json`,
+/// also one JSON object on stdout (`{"status":"usage_error","error":...}`, as the CLI's own
+/// usage errors), so a script reading JSON lines gets one here too; exit 2.
+pub fn report_usage_error(e: &clap::Error, json: bool) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) || !json {
+        let _ = e.print();
+        return e.exit_code();
+    }
+    let text = e.to_string();
+    eprint!("{text}");
+    let first = text.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    println!("{}", serde_json::json!({ "status": "usage_error", "error": message }));
+    EXIT_USAGE
 }

@@ -186,6 +186,23 @@ fn verify_checks_every_snapshot_and_recover_says_when_a_directory_still_cannot_s
 }
 
 #[test]
+fn errors_before_a_report_are_json_with_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // Not a data directory, and a usage error clap finds: exit 2, one JSON object each.
+    for (args, status) in
+        [(vec!["verify", d, "--json"], "error"), (vec!["verify", d, "--json", "--bogus"], "usage_error")]
+    {
+        let (code, out) = tool(&args);
+        assert_eq!(code, 2, "{args:?}: {out}");
+        let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!(line["status"], status, "{line}");
+    }
+    let (code, out) = tool(&["verify", d]);
+    assert_eq!((code, out.as_str()), (2, ""), "without --json: text on stderr only");
+}
+
+#[test]
 fn the_read_only_subcommands_refuse_a_directory_a_server_is_running_on() {
     let dir = tempfile::tempdir().unwrap();
     make_dir(dir.path());
@@ -196,6 +213,12 @@ fn the_read_only_subcommands_refuse_a_directory_a_server_is_running_on() {
         let (code, _) = tool(&args);
         assert_eq!(code, 2, "{args:?}");
     }
+    // With --json the refusal is one JSON object too.
+    let (code, out) = tool(&["verify", d, "--json"]);
+    assert_eq!(code, 2);
+    let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(line["status"], "error", "{line}");
+    assert!(line["error"].as_str().unwrap().contains("server is running"), "{line}");
     node.shutdown();
     let (code, out) = tool(&["verify", d]);
     assert_eq!(code, 0, "{out}");

@@ -246,6 +246,9 @@ fn probe_reads_below_one_per_second_is_a_usage_error() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "--probe-reads {bad}: {stderr}");
         assert!(stderr.contains("--probe-reads"), "--probe-reads {bad}: {stderr}");
+        // With --json, also one JSON object on stdout (from clap's check or the tool's own).
+        let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(line["status"], "usage_error", "--probe-reads {bad}: {line}");
     }
 }
 

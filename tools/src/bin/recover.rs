@@ -352,7 +352,13 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
 
 fn main() -> ExitCode {
     stormledger::tune_allocator();
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            return ExitCode::from(stormledger::cli::report_usage_error(&e, stormledger::cli::wants_json(&argv)) as u8)
+        }
+    };
     // The read-only subcommands hold the directory's lock shared: no server runs on it while
     // they read (its log would change under them), and they write nothing.
     let read_only_dir = match &cli.command {
@@ -360,12 +366,23 @@ fn main() -> ExitCode {
         Cmd::Recover { dir, dry_run: true, .. } => Some(dir),
         Cmd::Recover { .. } => None,
     };
+    let json_out = match &cli.command {
+        Cmd::Verify { json, .. } | Cmd::Replay { json, .. } | Cmd::Inspect { json, .. } | Cmd::Recover { json, .. } => {
+            *json
+        }
+    };
+    // Exit 2 without a report (not a data directory, a server running on it): with `--json`
+    // the reason is one object too.
+    let refuse = |message: String| {
+        eprintln!("stormledger-recover: {message}");
+        if json_out {
+            println!("{}", json!({"status": "error", "error": message}));
+        }
+        ExitCode::from(2)
+    };
     let _shared = match read_only_dir.map(|dir| DirLock::shared(dir)).transpose() {
         Ok(lock) => lock,
-        Err(e) => {
-            eprintln!("stormledger-recover: {e} (a server is running on it: stop it, or check a copy)");
-            return ExitCode::from(2);
-        }
+        Err(e) => return refuse(format!("{e} (a server is running on it: stop it, or check a copy)")),
     };
     let result = match cli.command {
         Cmd::Verify { dir, json } => verify(&dir, json, false),
@@ -376,9 +393,6 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("stormledger-recover: {e}");
-            ExitCode::from(2)
-        }
+        Err(e) => refuse(e),
     }
 }

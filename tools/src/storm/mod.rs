@@ -21,6 +21,9 @@ pub mod spawn;
 /// Runs the tool; returns the process exit status.
 pub fn main() -> i32 {
     use clap::Parser;
-    let args = args::Args::parse();
-    run::main(args)
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args::Args::try_parse_from(&argv) {
+        Ok(args) => run::main(args),
+        Err(e) => stormledger::cli::report_usage_error(&e, stormledger::cli::wants_json(&argv)),
+    }
 }

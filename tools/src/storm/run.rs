@@ -49,6 +49,10 @@ fn fatal_client(what: &str, e: ClientError) -> Fatal {
 pub fn main(args: Args) -> i32 {
     if let Err(e) = args.validate() {
         eprintln!("stormledger-storm: {e}");
+        if args.json {
+            // As clap's usage errors (`stormledger::cli::report_usage_error`).
+            println!("{}", json!({"status": "usage_error", "error": e.to_string()}));
+        }
         return 2;
     }
     match run(args) {
