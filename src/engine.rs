@@ -513,7 +513,8 @@ impl Engine {
             Command::Tick
             | Command::ReplicaCreate { .. }
             | Command::ReplicaFreeze { .. }
-            | Command::ReplicaSettle { .. } => return Err(Status::InvalidKind),
+            | Command::ReplicaSettle { .. }
+            | Command::SettleTotal { .. } => return Err(Status::InvalidKind),
         })
     }
 
@@ -651,23 +652,33 @@ impl Engine {
                             command.timestamp.set(record.timestamp);
                             let reply = reply_record(&record.command, record.reply);
                             let base = QueryAnswer { reply, command: Some(command), ..QueryAnswer::default() };
+                            // A settlement's record holds its total once its home shard logged it
+                            // (`value2` = the shards it counts).
                             if !matches!(record.command, Command::Settle { .. })
-                                || shards == 1
                                 || record.reply.status != Status::Ok
+                                || record.reply.value2 >= shards as i64
                             {
                                 return finish(base);
                             }
-                            // A settlement's total is the sum of its parts on every shard; if a
-                            // shard cannot answer now, say busy rather than print a wrong total.
-                            let gather =
-                                Arc::new(Gather::new(shards as usize - 1, move |parts: Vec<(u16, Option<i64>)>| {
+                            // Else its total is the sum of its parts on every shard that still
+                            // remembers one (`value2` counts them); if a shard cannot answer now,
+                            // say busy rather than print a wrong total.
+                            let gather = Arc::new(Gather::new(
+                                shards as usize - 1,
+                                move |parts: Vec<(u16, Option<Option<i64>>)>| {
                                     let mut base = base;
-                                    match parts.iter().map(|p| p.1).sum::<Option<i64>>() {
-                                        Some(rest) => base.reply.value.set(base.reply.value.get() + rest),
+                                    match parts.iter().map(|p| p.1).collect::<Option<Vec<Option<i64>>>>() {
+                                        Some(found) => {
+                                            let found: Vec<i64> = found.into_iter().flatten().collect();
+                                            let reply = &mut base.reply;
+                                            reply.value.set(reply.value.get() + found.iter().sum::<i64>());
+                                            reply.value2.set(reply.value2.get().max(1) + found.len() as i64);
+                                        }
                                         None => base = status_answer(Status::Busy),
                                     }
                                     finish(base);
-                                }));
+                                },
+                            ));
                             for (s, tx) in queries.iter().enumerate() {
                                 if s == owner as usize {
                                     continue;
@@ -677,8 +688,8 @@ impl Engine {
                                     query: ShardQuery::Lookup { id: key },
                                     done: Box::new(move |a| {
                                         let v = match a {
-                                            ShardAnswer::Lookup(Some(r)) => r.reply.value,
-                                            _ => 0,
+                                            ShardAnswer::Lookup(Some(r)) => Some(r.reply.value),
+                                            _ => None,
                                         };
                                         g.add(s as u16, Some(v));
                                     }),

@@ -73,6 +73,7 @@ fn striped_streamer_earns_on_every_shard_and_settles_atomically() {
     let settle = engine.execute(&[Command::Settle { id: 77, account: 1_000_000 }])[0];
     assert_eq!(settle.status.get(), 0);
     assert_eq!(settle.value.get(), 300, "the reply sums every shard's part");
+    assert_eq!(settle.value2.get(), 3, "and counts every shard");
     assert_eq!(engine.balance(1_000_000), Some(0));
     assert_eq!(engine.balance(SYSTEM_PAYOUT), Some(300));
     let retry = engine.execute(&[Command::Settle { id: 77, account: 1_000_000 }])[0];
@@ -86,6 +87,39 @@ fn striped_streamer_earns_on_every_shard_and_settles_atomically() {
     for s in engine.audit() {
         assert_eq!(s.unit_sums, [0, 0]);
     }
+}
+
+#[test]
+fn a_retried_settlement_gets_its_total_after_the_other_shards_forgot_their_parts() {
+    // Windows of 16 ids a shard. The settlement's home shard logs its total once every part is
+    // applied; the other shard then forgets its part under newer tips, and a retry (and a
+    // lookup) still answer the original total, from the home shard's record alone.
+    let mut cfg = config(2);
+    cfg.limits.ids_max = 16;
+    let engine = start(&cfg, null_journals(2));
+    setup(&engine, 8, 1_000);
+    let home = home_shard(1_000_000, 2);
+    let on = |shard: u16| (1..=8u64).filter(move |&u| home_shard(u, 2) == shard);
+    let tips: Vec<Command> =
+        (1..=8u64).map(|u| Command::Tip { id: 500 + u, from: u, to: 1_000_000, coins: 10 }).collect();
+    assert!(engine.execute(&tips).iter().all(|r| r.status.get() == 0));
+    let earned = engine.balance(1_000_000).unwrap();
+    let settle = Command::Settle { id: 77, account: 1_000_000 };
+    let first = engine.execute(&[settle])[0];
+    assert_eq!((first.status.get(), first.value.get(), first.value2.get()), (0, earned, 2));
+    // A write on the home shard after the reply: the total, sent to it before, is applied.
+    let home_user = on(home).next().unwrap();
+    assert_eq!(status(&engine, Command::Tip { id: 600, from: home_user, to: 1_000_000, coins: 1 }), Status::Ok);
+    let other_user = on(1 - home).next().unwrap();
+    for id in 700..720 {
+        assert_eq!(status(&engine, Command::Tip { id, from: other_user, to: 1_000_000, coins: 1 }), Status::Ok);
+    }
+    let retry = engine.execute(&[settle])[0];
+    assert_eq!((retry.status.get(), retry.value.get(), retry.value2.get(), retry.flags), (0, earned, 2, 1));
+    let mut q = QueryRecord { kind: query_kind::LOOKUP, ..QueryRecord::default() };
+    q.key.set(77);
+    let answer = engine.query_blocking(q);
+    assert_eq!((answer.reply.value.get(), answer.reply.value2.get()), (earned, 2));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use stormledger::layout::CommandRecord;
 use stormledger::ledger::command::kind;
 use stormledger::ledger::{AccountKind, Command, Fanout, ShardState, Status};
 use stormledger::node::{Durability, Node, NodeConfig, NodeError};
+use stormledger::shard::router::home_shard;
 use stormledger::shard::worker::{Journal, ManualClock, NullJournal};
 use stormledger::workload::{StormSpec, STREAMER_BASE};
 
@@ -582,4 +583,49 @@ fn a_damaged_snapshot_is_set_aside_so_retention_keeps_the_one_to_fall_back_on() 
     halve(&names[2]);
     let node = Node::open(config).unwrap();
     assert_eq!(balances(node.engine(), &spec), before);
+}
+
+#[test]
+fn a_settlements_total_survives_restarts_and_snapshots_after_its_parts_are_forgotten() {
+    // The home shard logs a settlement's total once every part is applied: a restart (from the
+    // log, then from a snapshot) still answers a retry with it after the other shard forgot
+    // its part under newer tips (windows of 64 ids).
+    let dir = tempfile::tempdir().unwrap();
+    let (config, node, spec) = set_up_with_a_64_id_window(dir.path());
+    storm(node.engine(), &spec, 5, 0);
+    let streamer = STREAMER_BASE;
+    let settle = Command::Settle { id: 4_000_000, account: streamer };
+    let first = node.engine().execute(&[settle])[0];
+    let total = first.value.get();
+    assert_eq!((first.status.get(), first.value2.get()), (0, 2));
+    assert!(total > 0);
+    node.shutdown();
+    let other = 1 - home_shard(streamer, 2);
+    let payers: Vec<u64> = (1..=spec.users).filter(|&u| home_shard(u, 2) == other).collect();
+    let mut next_id = 5_000_000;
+    let mut forget_parts = |engine: &Engine| {
+        for payer in payers.iter().take(100) {
+            next_id += 1;
+            // Remembered whatever its status (some payers ran out of coins in the storm).
+            let tip = Command::Tip { id: next_id, from: *payer, to: STREAMER_BASE + 1, coins: 1 };
+            let status = Status::from_code(engine.execute(&[tip])[0].status.get()).unwrap();
+            assert!(!status.is_retryable(), "{status:?}");
+        }
+    };
+    for snapshot in [false, true] {
+        let node = Node::open(config.clone()).unwrap();
+        if snapshot {
+            assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+            node.shutdown();
+            continue;
+        }
+        forget_parts(node.engine());
+        let retry = node.engine().execute(&[settle])[0];
+        assert_eq!((retry.status.get(), retry.value.get(), retry.value2.get(), retry.flags), (0, total, 2, 1));
+        node.shutdown();
+    }
+    let node = Node::open(config).unwrap();
+    forget_parts(node.engine());
+    let retry = node.engine().execute(&[settle])[0];
+    assert_eq!((retry.status.get(), retry.value.get(), retry.value2.get(), retry.flags), (0, total, 2, 1));
 }

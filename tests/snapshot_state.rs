@@ -25,7 +25,13 @@ impl Gen {
 
     fn next(&mut self) -> Command {
         if let Some(seq) = self.replica_seq.as_mut() {
-            // What shard 1 sends about the striped accounts: creates, freezes, settlements.
+            // What shard 1 sends about the striped accounts (creates, freezes, settlements), and
+            // the totals of this shard's settlements.
+            if self.rng.below(30) == 0 {
+                // The total of one of this shard's settlements (changes its record).
+                let (id, total) = (3_000 + self.rng.below(300), self.rng.below(1_000) as i64);
+                return Command::SettleTotal { id, total, shards: 2 };
+            }
             if self.rng.below(6) == 0 {
                 *seq += 1;
                 let origin = Origin { shard: 1, seq: *seq };

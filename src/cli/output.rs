@@ -165,6 +165,9 @@ pub fn command_fields(cmd: &Command, obj: &mut Obj) {
         Command::Freeze { account, frozen } => {
             obj.set("account", account).set("frozen", frozen);
         }
+        Command::SettleTotal { id, total, shards } => {
+            obj.set("id", id).set("settled", total).set("shards", shards);
+        }
         Command::Tick
         | Command::ReplicaCreate { .. }
         | Command::ReplicaFreeze { .. }
@@ -185,7 +188,9 @@ pub fn result_fields(cmd: &Command, status: Option<Status>, value: i64, value2: 
             obj.set("spent", value2).set("balance", value);
         }
         (Some(Status::Ok), Command::Settle { .. }) => {
-            obj.set("settled", value);
+            // `shards`: how many shards' sweeps `settled` counts (all of them, but for a retry
+            // answered after a shard forgot its part: docs/protocol.md).
+            obj.set("settled", value).set("shards", value2);
         }
         (Some(Status::InsufficientFunds), _) => {
             obj.set("balance", value);

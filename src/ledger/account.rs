@@ -82,38 +82,65 @@ pub struct RingPin<T> {
     pub next: u64,
     pub end: u64,
     pub saved: std::collections::VecDeque<T>,
+    /// Records changed in place before the encoder took them, as they were: (sequence number,
+    /// record). Rare: only a settlement's record changes, once (`ShardState::apply`'s
+    /// `SettleTotal`); the other rings' records never do.
+    before: Vec<(u64, T)>,
 }
 
 impl<T: Copy> RingPin<T> {
     pub fn new(next: u64, end: u64) -> RingPin<T> {
-        RingPin { next, end, saved: std::collections::VecDeque::new() }
+        RingPin { next, end, saved: std::collections::VecDeque::new(), before: Vec::new() }
     }
 
-    /// Keeps `record`, which the ring is about to evict, if the encoder has not taken it yet.
-    /// Out of line: only a pinned ring calls it, and the ring's push stays small.
+    /// Keeps `record`, which the ring is about to evict, if the encoder has not taken it yet
+    /// (as it was pinned, if it changed since). Out of line: only a pinned ring calls it, and
+    /// the ring's push stays small.
     #[inline(never)]
     pub fn evicting(&mut self, seq: u64, record: &T) {
         if seq >= self.next && seq < self.end {
             debug_assert_eq!(seq, self.next + self.saved.len() as u64, "rings evict in order");
-            self.saved.push_back(*record);
+            let record = self.take_before(seq).unwrap_or(*record);
+            self.saved.push_back(record);
         }
     }
 
-    /// The next pinned record, oldest first: kept aside if evicted, else `at(sequence number)`
-    /// from the ring, where it still is. `None` when all were taken.
+    /// Keeps `record`, which is about to change in place, as it is now, if the encoder has not
+    /// taken it yet (the first change only: that is the pinned one).
+    #[inline(never)]
+    pub fn changing(&mut self, seq: u64, record: &T) {
+        if seq >= self.next && seq < self.end && !self.before.iter().any(|(s, _)| *s == seq) {
+            self.before.push((seq, *record));
+        }
+    }
+
+    fn take_before(&mut self, seq: u64) -> Option<T> {
+        let i = self.before.iter().position(|(s, _)| *s == seq)?;
+        Some(self.before.swap_remove(i).1)
+    }
+
+    /// The next pinned record, oldest first: kept aside if evicted or changed, else
+    /// `at(sequence number)` from the ring, where it still is. `None` when all were taken.
     #[inline]
     pub fn take(&mut self, at: impl FnOnce(u64) -> T) -> Option<T> {
         if self.next == self.end {
             return None;
         }
-        let record = self.saved.pop_front().unwrap_or_else(|| at(self.next));
+        let record = match self.saved.pop_front() {
+            Some(record) => record,
+            None if self.before.is_empty() => at(self.next),
+            None => self.take_before(self.next).unwrap_or_else(|| at(self.next)),
+        };
         self.next += 1;
         Some(record)
     }
 
     /// Checks that every pinned record was taken (the pin is then dropped).
     pub fn finish(&self, what: &str) {
-        assert!(self.next == self.end && self.saved.is_empty(), "a pinned {what} was not taken");
+        assert!(
+            self.next == self.end && self.saved.is_empty() && self.before.is_empty(),
+            "a pinned {what} was not taken"
+        );
     }
 }
 

@@ -210,6 +210,9 @@ pub mod kind {
     pub const REPLICA_FREEZE: u8 = 102;
     /// Internal: one shard's part of a settlement, replicated from the home shard.
     pub const REPLICA_SETTLE: u8 = 103;
+    /// Internal: a settlement's total over every shard, logged on its home shard once every
+    /// part is applied; a retry or lookup is then answered from its record alone.
+    pub const SETTLE_TOTAL: u8 = 104;
     /// Admin: freeze an account.
     pub const FREEZE: u8 = 200;
     /// Admin: unfreeze an account.
@@ -246,6 +249,7 @@ pub mod kind {
             REPLICA_CREATE => "replica_create",
             REPLICA_FREEZE => "replica_freeze",
             REPLICA_SETTLE => "replica_settle",
+            SETTLE_TOTAL => "settle_total",
             FREEZE => "freeze",
             UNFREEZE => "unfreeze",
             MAINTENANCE => "maintenance",
@@ -274,21 +278,88 @@ pub struct Origin {
 /// A command, decoded and validated for shape (not yet for business rules).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Command {
-    CreateAccount { account: u64, kind: AccountKind, flags: u8, union: u64 },
-    BindMethod { user: u64, method: u64, channel: Channel },
-    TopUpBegin { id: u64, user: u64, method: u64, fen: u64 },
-    TopUpConfirm { id: u64, fen: u64, channel_txn: [u8; TEXT_LEN] },
-    TopUpFail { id: u64, reason: FailReason },
-    Tip { id: u64, from: u64, to: u64, coins: u64 },
-    Gift { id: u64, from: u64, to: u64, gift: u64, count: u64 },
-    PayEvent { id: u64, from: u64, to: u64, event: u64, coins: u64 },
-    Settle { id: u64, account: u64 },
-    SetDailyCap { user: u64, coins: u64 },
-    Freeze { account: u64, frozen: bool },
+    CreateAccount {
+        account: u64,
+        kind: AccountKind,
+        flags: u8,
+        union: u64,
+    },
+    BindMethod {
+        user: u64,
+        method: u64,
+        channel: Channel,
+    },
+    TopUpBegin {
+        id: u64,
+        user: u64,
+        method: u64,
+        fen: u64,
+    },
+    TopUpConfirm {
+        id: u64,
+        fen: u64,
+        channel_txn: [u8; TEXT_LEN],
+    },
+    TopUpFail {
+        id: u64,
+        reason: FailReason,
+    },
+    Tip {
+        id: u64,
+        from: u64,
+        to: u64,
+        coins: u64,
+    },
+    Gift {
+        id: u64,
+        from: u64,
+        to: u64,
+        gift: u64,
+        count: u64,
+    },
+    PayEvent {
+        id: u64,
+        from: u64,
+        to: u64,
+        event: u64,
+        coins: u64,
+    },
+    Settle {
+        id: u64,
+        account: u64,
+    },
+    SetDailyCap {
+        user: u64,
+        coins: u64,
+    },
+    Freeze {
+        account: u64,
+        frozen: bool,
+    },
     Tick,
-    ReplicaCreate { account: u64, kind: AccountKind, flags: u8, union: u64, origin: Origin },
-    ReplicaFreeze { account: u64, frozen: bool, origin: Origin },
-    ReplicaSettle { id: u64, account: u64, origin: Origin },
+    ReplicaCreate {
+        account: u64,
+        kind: AccountKind,
+        flags: u8,
+        union: u64,
+        origin: Origin,
+    },
+    ReplicaFreeze {
+        account: u64,
+        frozen: bool,
+        origin: Origin,
+    },
+    ReplicaSettle {
+        id: u64,
+        account: u64,
+        origin: Origin,
+    },
+    /// A settlement's `total` swept over its `shards` parts (see `kind::SETTLE_TOTAL`).
+    SettleTotal {
+        id: u64,
+        total: i64,
+        shards: u16,
+    },
 }
 
 impl Command {
@@ -311,6 +382,7 @@ impl Command {
             Command::ReplicaCreate { .. } => kind::REPLICA_CREATE,
             Command::ReplicaFreeze { .. } => kind::REPLICA_FREEZE,
             Command::ReplicaSettle { .. } => kind::REPLICA_SETTLE,
+            Command::SettleTotal { .. } => kind::SETTLE_TOTAL,
         }
     }
 
@@ -326,7 +398,8 @@ impl Command {
             | Command::Gift { id, .. }
             | Command::PayEvent { id, .. }
             | Command::Settle { id, .. }
-            | Command::ReplicaSettle { id, .. } => id,
+            | Command::ReplicaSettle { id, .. }
+            | Command::SettleTotal { id, .. } => id,
             Command::SetDailyCap { user, .. } => user,
             Command::Freeze { account, .. }
             | Command::ReplicaCreate { account, .. }
@@ -437,6 +510,12 @@ impl Command {
             },
             kind::REPLICA_FREEZE => Command::ReplicaFreeze { account: a, frozen: r.flags != 0, origin: origin() },
             kind::REPLICA_SETTLE => Command::ReplicaSettle { id, account: a, origin: origin() },
+            kind::SETTLE_TOTAL => {
+                check_id(id)?;
+                let total = i64::try_from(a).map_err(|_| Status::InvalidAmount)?;
+                let shards = u16::try_from(b).ok().filter(|&s| s > 0).ok_or(Status::InvalidAmount)?;
+                Command::SettleTotal { id, total, shards }
+            }
             _ => return Err(Status::InvalidKind),
         };
         Ok(cmd)
@@ -490,6 +569,7 @@ impl Command {
             Command::ReplicaSettle { id, account, origin } => {
                 set(&mut r, id, account, 0, origin.shard as u64, origin.seq)
             }
+            Command::SettleTotal { id, total, shards } => set(&mut r, id, total as u64, shards as u64, 0, 0),
         }
         r
     }

@@ -735,8 +735,10 @@ impl ShardState {
                 if record.command == *command {
                     let mut reply = record.reply;
                     reply.duplicate = true;
+                    // A settlement's record holds its total once `SettleTotal` recorded it
+                    // (`value2` = the shards it counts); until then, only this shard's part.
                     let fanout = match command {
-                        Command::Settle { .. } if reply.status == Status::Ok && self.shards > 1 => {
+                        Command::Settle { .. } if reply.status == Status::Ok && reply.value2 < self.shards as i64 => {
                             Fanout::GatherSettlement { id }
                         }
                         _ => Fanout::None,
@@ -796,6 +798,10 @@ impl ShardState {
                     None => Reply::ok(0, 0),
                 };
                 (reply, Fanout::None)
+            }
+            Command::SettleTotal { id, total, shards } => {
+                self.record_settle_total(id, total, shards);
+                (Reply::ok(0, 0), Fanout::None)
             }
         };
 
@@ -1421,7 +1427,25 @@ impl ShardState {
         } else {
             Fanout::None
         };
-        (Reply::ok(swept, 0), fanout)
+        // `value2`: the shards `value` counts (this one; the engine adds the others' parts).
+        (Reply::ok(swept, 1), fanout)
+    }
+
+    /// Records a settlement's total over its shards in its record (`Command::SettleTotal`), if
+    /// the record is still in the window: from then on a retry is answered from it alone, also
+    /// once the other shards have forgotten their parts. Nothing else changes.
+    fn record_settle_total(&mut self, id: u64, total: i64, shards: u16) {
+        let Some(seq) = self.ids.get(id).filter(|&seq| seq != HELD) else { return };
+        let Some(front) = self.id_ring.front().map(|(front, _)| *front) else { return };
+        let Some(entry) = seq.checked_sub(front).and_then(|i| self.id_ring.get_mut(i as usize)) else { return };
+        if matches!(entry.1.command, Command::Settle { .. }) && entry.1.reply.status == Status::Ok {
+            // A snapshot being encoded gets the record as it was pinned.
+            if let Some(pin) = &mut self.ids_pin {
+                pin.changing(seq, entry);
+            }
+            entry.1.reply.value = total;
+            entry.1.reply.value2 = shards as i64;
+        }
     }
 
     /// Moves a stripe's whole balance to the payout account; returns the amount.

@@ -25,7 +25,7 @@ use crate::ledger::Status;
 
 /// Command kinds with their own row in the kind x status table, in slot order. Any other code
 /// lands in the last slot, rendered `kind="unknown"`.
-const KINDS: [u8; 18] = [
+const KINDS: [u8; 19] = [
     kind::CREATE_ACCOUNT,
     kind::BIND_METHOD,
     kind::TOPUP_BEGIN,
@@ -40,6 +40,7 @@ const KINDS: [u8; 18] = [
     kind::REPLICA_CREATE,
     kind::REPLICA_FREEZE,
     kind::REPLICA_SETTLE,
+    kind::SETTLE_TOTAL,
     kind::FREEZE,
     kind::UNFREEZE,
     kind::MAINTENANCE,

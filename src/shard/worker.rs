@@ -164,40 +164,67 @@ pub struct Part {
 pub struct Join {
     remaining: AtomicUsize,
     total: AtomicI64,
+    /// Settlements: the shards whose sweep `total` counts.
+    counted: AtomicI64,
     failed: AtomicBool,
     reply: Reply,
     command: Command,
     tag: u32,
     collector: Arc<Collector>,
     permits: Arc<AtomicUsize>,
+    /// Settlements: the home shard, which logs the total once every part is counted.
+    home: Option<Sender<Internal>>,
+    shards: u16,
 }
 
 impl Join {
     /// Waits for every shard's part of `item`: its home part answered `reply`, and is done
-    /// (with value 0) once the home shard's batch released its evicted ids, as the others'
-    /// parts are; then replies.
-    fn new(item: &WriteItem, reply: Reply, collector: &Arc<Collector>, peers: &Peers) -> Arc<Join> {
+    /// (counting nothing more) once the home shard's batch released its evicted ids, as the
+    /// others' parts are; then replies.
+    fn new(item: &WriteItem, reply: Reply, collector: &Arc<Collector>, peers: &Peers, shard: u16) -> Arc<Join> {
+        let settle = matches!(item.command, Command::Settle { .. });
         Arc::new(Join {
             remaining: AtomicUsize::new(peers.internal.len()),
             total: AtomicI64::new(reply.value),
+            // The home part (a record from before `value2` counted shards says 0).
+            counted: AtomicI64::new(reply.value2.max(1)),
             failed: AtomicBool::new(false),
             reply,
             command: item.command,
             tag: item.tag,
             collector: collector.clone(),
             permits: peers.permits.clone(),
+            home: settle.then(|| peers.internal[shard as usize].clone()),
+            shards: peers.internal.len() as u16,
         })
     }
 
-    fn part_done(&self, value: i64, ok: bool) {
-        self.total.fetch_add(value, Ordering::AcqRel);
+    /// One part done: `value` is what it counts (`None`: nothing, as the home part, or a shard
+    /// that no longer remembers its part of a settlement), `ok` false if it failed.
+    fn part_done(&self, value: Option<i64>, ok: bool) {
+        if let Some(value) = value {
+            self.total.fetch_add(value, Ordering::AcqRel);
+            self.counted.fetch_add(1, Ordering::AcqRel);
+        }
         if !ok {
             self.failed.store(true, Ordering::Release);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let mut reply = self.reply;
-            if matches!(self.command, Command::Settle { .. }) {
+            if let Command::Settle { id, .. } = self.command {
                 reply.value = self.total.load(Ordering::Acquire);
+                reply.value2 = self.counted.load(Ordering::Acquire);
+                // Every part counted: the home shard logs the total in the settlement's record,
+                // so a retry is answered from it even once the other shards forgot their parts
+                // (sent before the permit is returned: a shutdown waits for the permits, and
+                // the home shard then takes this before it stops).
+                let shards = self.shards;
+                if !self.failed.load(Ordering::Acquire) && reply.value2 == shards as i64 && reply.status == Status::Ok {
+                    if let Some(home) = &self.home {
+                        let total = Command::SettleTotal { id, total: reply.value, shards };
+                        let _ = home.send(Internal::Replica { command: total, join: None });
+                    }
+                }
             }
             if self.failed.load(Ordering::Acquire) {
                 reply = Reply::status(Status::Unavailable);
@@ -457,7 +484,7 @@ impl Applier {
         let mut reclaimed: Vec<u64> = Vec::new();
         // The parts of replicated commands this batch completed (other shards' applied here, and
         // the home parts of its own), with their values: done after its evicted ids are released.
-        let mut parts_done: Vec<(Arc<Join>, i64)> = Vec::new();
+        let mut parts_done: Vec<(Arc<Join>, Option<i64>)> = Vec::new();
         // Prefetch in two stages, a few commands ahead, so the cache misses of the next payers
         // overlap with applying this one (hints only: results do not change).
         let command_at = |entries: &[Entry], k: usize| match entries.get(k) {
@@ -487,7 +514,7 @@ impl Applier {
                 Entry::Replica(command, join) => {
                     if poisoned {
                         if let Some(join) = join {
-                            join.part_done(0, false);
+                            join.part_done(None, false);
                         }
                         continue;
                     }
@@ -495,7 +522,7 @@ impl Applier {
                     if let Some(join) = join {
                         // Answered after the batch's evicted ids are released (below), as the
                         // shard's own replies are: the part done may be the reply's last.
-                        parts_done.push((join, reply.value));
+                        parts_done.push((join, Some(reply.value)));
                     }
                 }
                 Entry::Write(p, j) => {
@@ -526,33 +553,34 @@ impl Applier {
                         }
                         Fanout::Replicate(replica) => {
                             assert!(item.permit, "replicated commands hold a permit");
-                            let join = Join::new(item, reply, &parts[p].collector, peers);
-                            parts_done.push((join.clone(), 0));
+                            let join = Join::new(item, reply, &parts[p].collector, peers, shard);
+                            parts_done.push((join.clone(), None));
                             for (s, tx) in peers.internal.iter().enumerate() {
                                 if s != shard as usize {
                                     let msg = Internal::Replica { command: replica, join: Some(join.clone()) };
                                     if tx.send(msg).is_err() {
-                                        join.part_done(0, false);
+                                        join.part_done(None, false);
                                     }
                                 }
                             }
                         }
                         Fanout::GatherSettlement { id } => {
                             assert!(item.permit, "settlements hold a permit");
-                            let join = Join::new(item, reply, &parts[p].collector, peers);
-                            parts_done.push((join.clone(), 0));
+                            let join = Join::new(item, reply, &parts[p].collector, peers, shard);
+                            parts_done.push((join.clone(), None));
                             for (s, tx) in peers.queries.iter().enumerate() {
                                 if s != shard as usize {
                                     let part_join = join.clone();
                                     let done = Box::new(move |answer: ShardAnswer| {
+                                        // Not remembered any more: its part is not counted.
                                         let value = match answer {
-                                            ShardAnswer::Lookup(Some(r)) => r.reply.value,
-                                            _ => 0,
+                                            ShardAnswer::Lookup(Some(r)) => Some(r.reply.value),
+                                            _ => None,
                                         };
                                         part_join.part_done(value, true);
                                     });
                                     if tx.try_send(QueryMsg { query: ShardQuery::Lookup { id }, done }).is_err() {
-                                        join.part_done(0, false);
+                                        join.part_done(None, false);
                                     }
                                 }
                             }
