@@ -822,6 +822,48 @@ fn settlement_retry_while_the_replica_is_queued(pipelined: bool) {
 }
 
 #[test]
+fn a_settlements_total_in_the_same_batch_does_not_count_as_forgetting_an_id() {
+    // A shard drains a settlement's total (a replica message that remembers no id) with a
+    // retry of the oldest id in its full window. The drain-time checks count only entries that
+    // may forget an id: the retry is the duplicate, not refused `busy` (as the model test
+    // caught when the total was counted).
+    let home = home_shard(1_000_000, 2);
+    let (mut held_h, journal_h) = Held::with(false);
+    let (mut held_b, journal_b) = Held::with(false);
+    let journals = if home == 0 { vec![journal_h, journal_b] } else { vec![journal_b, journal_h] };
+    let mut cfg = config(2);
+    cfg.limits.ids_max = 16;
+    let engine = start(&cfg, journals);
+    setup(&engine, 8, 100);
+    let on_h = (1..=8).find(|&u| home_shard(u, 2) == home).unwrap();
+    // B holds the settlement's part in its log while the home shard's window fills with tips
+    // 600..=615 (600 the oldest).
+    let b_at = held_b.next();
+    held_b.hold_at.store(b_at, Ordering::SeqCst);
+    let settle = send(&engine, Command::Settle { id: 200, account: 1_000_000 }, 0);
+    held_b.wait_started(b_at);
+    let tip = |id: u64| Command::Tip { id, from: on_h, to: 1_000_000, coins: 1 };
+    for id in 600..616 {
+        assert_eq!(status(&engine, tip(id)), Status::Ok);
+    }
+    // The home shard holds a command that remembers no id in its log; B applies its part, and
+    // the total reaches the home shard's queue, then the retry.
+    let h_at = held_h.next();
+    held_h.hold_at.store(h_at, Ordering::SeqCst);
+    let cap = send(&engine, Command::SetDailyCap { user: on_h, coins: 400 }, 0);
+    held_h.wait_started(h_at);
+    held_b.release.send(()).unwrap();
+    assert_eq!(settle.status(), Status::Ok);
+    let retry = send(&engine, tip(600), 0);
+    held_h.release.send(()).unwrap();
+    assert_eq!(cap.status(), Status::Ok);
+    let retry = retry.reply();
+    assert_eq!((Status::from_code(retry.status.get()), retry.flags), (Some(Status::Ok), 1), "the duplicate");
+    held_h.wait_started(h_at + 1);
+    assert_eq!(held_h.seen, h_at + 1, "the total and the retry in one batch");
+}
+
+#[test]
 fn a_shard_full_of_wallets_still_takes_every_striped_account_created_elsewhere() {
     // Each shard holds a stripe of every streamer and union. A shard whose wallets filled it
     // used to take no more stripes: the replicated create of a streamer made on another shard

@@ -361,6 +361,18 @@ fn keep_directory_true(
     None
 }
 
+/// Whether applying `entry` may remember an id (and so, with the window full, forget the
+/// oldest): a command of the transfer kinds, or a shard's part of a settlement. Counting only
+/// these keeps the drain-time checks exact for the rest (a settlement's total, a replicated
+/// create or freeze, a tick), which would otherwise refuse a retry of the oldest id.
+fn may_remember(parts: &[Part], entry: &Entry) -> bool {
+    match entry {
+        Entry::Replica(command, _) => matches!(command, Command::ReplicaSettle { .. }),
+        Entry::Write(p, i) => parts[*p].items[*i].command.transfer_id().is_some(),
+        Entry::Tick => false,
+    }
+}
+
 /// Passes the directory claim of `id` to a later command: the last command of the pipeline
 /// that holds it (this batch's commands drained so far, then the batch in the log) gives it up.
 /// False if none holds it. The copies run in order on this shard, so whichever of them is
@@ -423,6 +435,8 @@ struct Batch {
     parts: Vec<Part>,
     entries: Vec<Entry>,
     refused: Vec<(usize, u32, ReplyRecord)>,
+    /// Entries that may remember an id, and so forget the oldest one (`may_remember`).
+    remembering: usize,
     base: u64,
     /// Handed to the log (false: the shard was poisoned, every command is `unavailable`).
     logged: bool,
@@ -783,7 +797,7 @@ pub fn run(
         // The batch in the log is applied now if there is nothing to overlap it with, or this
         // batch's checks depend on its outcome (see "Pipelining" above).
         if let Some(prev) = &ahead {
-            let bound = w.state.id_horizon_within(prev.entries.len());
+            let bound = w.state.id_horizon_within(prev.remembering);
             let depends =
                 batch.parts.iter().flat_map(|p| &p.items).any(|item| item.sent_at != 0 && item.sent_at < bound);
             if depends || w.poisoned || (batch.entries.is_empty() && batch.parts.is_empty()) {
@@ -802,10 +816,13 @@ pub fn run(
         //   is in the pipeline before it (the claim then passes to it: `take_claim`). Otherwise
         //   the claim may be gone (the copy was refused busy, the id forgotten) and another
         //   shard may hold the id by now: `busy`, and a retry claims the id anew at ingest.
-        let ahead_len = ahead.as_ref().map_or(0, |b| b.entries.len());
+        // How many entries ahead of each command may forget an id: the batch in the log's, and
+        // this batch's so far (replica messages, then its commands).
+        let ahead_remembering = ahead.as_ref().map_or(0, |b| b.remembering);
+        batch.remembering = batch.entries.iter().filter(|e| may_remember(&batch.parts, e)).count();
         for p in 0..batch.parts.len() {
             for i in 0..batch.parts[p].items.len() {
-                let before = ahead_len + batch.entries.len();
+                let before = ahead_remembering + batch.remembering;
                 let item = &batch.parts[p].items[i];
                 // The id lookup only for the few commands either check can refuse (a new tip is
                 // claimed, and sent after the horizon or not saying when).
@@ -837,6 +854,7 @@ pub fn run(
                     }
                     continue;
                 }
+                batch.remembering += item.command.transfer_id().is_some() as usize;
                 batch.entries.push(Entry::Write(p, i));
             }
         }
