@@ -7,10 +7,11 @@
 //! `exists_with_different_fields`. A copy routed so that finds its shard not knowing the id
 //! runs only after the copy holding the claim, which passes to it (`worker::take_claim`); with
 //! no holder ahead of it (refused meanwhile, or the id forgotten) it is answered `busy`, and
-//! its retry claims the id anew. So one id is never applied on two shards. The directory is
-//! derived state: rebuilt from the shards' idempotency tables at recovery, and ids leave it
-//! when they leave their shard's idempotency window, or when their command was refused with a
-//! retryable status and so never remembered (`worker::keep_directory_true`).
+//! its retry claims the id anew. So no id is applied on two shards (but for a settlement's
+//! parts, which share its id by design). The directory is derived state: rebuilt from the
+//! shards' idempotency tables at recovery, and ids leave it when they leave their shard's
+//! idempotency window, or when their command was refused with a retryable status and so never
+//! remembered (`worker::keep_directory_true`).
 
 use parking_lot::Mutex;
 
