@@ -66,6 +66,28 @@ fn verify_replay_and_inspect_a_healthy_directory() {
         let creates = l["kind"] == "create_account" || l["kind"] == "replica_create";
         assert!(l["a"] == 7 || l["b"] == 7 || (creates && l["id"] == 7), "{l}");
     }
+    // --from: an lsn on every shard, or a feed position (after it on the shards it names).
+    let (code, out) = tool(&["inspect", d, "--limit", "1000000"]);
+    assert_eq!(code, 0);
+    let all: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let on = |shard: u64| all.iter().filter(move |l| l["shard"] == shard);
+    let (pivot_lsn, pivot_index) =
+        on(0).nth(5).map(|l| (l["lsn"].as_u64().unwrap(), l["index"].as_u64().unwrap())).unwrap();
+    let position = format!("0:{pivot_lsn}.{pivot_index}");
+    let (code, out) = tool(&["inspect", d, "--from", &position, "--limit", "1000000"]);
+    assert_eq!(code, 0, "{out}");
+    let after: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(after.iter().filter(|l| l["shard"] == 0).count(), on(0).count() - 6, "after the 6th of shard 0");
+    assert_eq!(after.iter().filter(|l| l["shard"] == 1).count(), on(1).count(), "shard 1 not named: all");
+    let (code, out) = tool(&["inspect", d, "--from", &pivot_lsn.to_string(), "--shard", "0", "--limit", "1000000"]);
+    assert_eq!(code, 0);
+    assert!(out
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lsn"].as_u64() >= Some(pivot_lsn)));
+    for bad in ["x", "0:5", "0:1.2,0:3.4"] {
+        let (code, _) = tool(&["inspect", d, "--from", bad]);
+        assert_eq!(code, 2, "--from {bad}");
+    }
     let (code, _) = tool(&["verify", "/nonexistent/dir"]);
     assert_eq!(code, 2);
 }

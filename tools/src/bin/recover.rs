@@ -45,9 +45,11 @@ enum Cmd {
         /// Only commands that name this account.
         #[arg(long)]
         account: Option<u64>,
-        /// Start at this log position (lsn).
-        #[arg(long, default_value_t = 1)]
-        from: u64,
+        /// Where to start: a log position (lsn) on every shard, or a position of the event feed
+        /// (`SHARD:LSN.INDEX[,...]`, as `stormledger watch` prints it): the commands after it on
+        /// each shard it names, every command on the others.
+        #[arg(long, default_value = "1", value_parser = parse_from)]
+        from: Start,
         /// At most this many commands.
         #[arg(long, default_value_t = 1000)]
         limit: u64,
@@ -247,7 +249,21 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
     Ok(ok)
 }
 
-fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option<u16>) -> Result<bool, String> {
+/// Where `inspect` starts (`--from`).
+#[derive(Clone, Debug)]
+enum Start {
+    Lsn(u64),
+    After(stormledger::feed::Cursor),
+}
+
+fn parse_from(s: &str) -> Result<Start, String> {
+    if s.contains(':') {
+        return s.parse().map(Start::After);
+    }
+    s.parse().map(Start::Lsn).map_err(|_| format!("{s:?} is neither a log position (an lsn) nor SHARD:LSN.INDEX[,...]"))
+}
+
+fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Option<u16>) -> Result<bool, String> {
     let shards = open_dir(dir)?.0.shards;
     let mut printed = 0u64;
     for shard in 0..shards {
@@ -256,7 +272,12 @@ fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option
         }
         let sdir = wal::shard_dir(dir, shard as u32);
         let (reader, _) = WalReader::open(&sdir, shard as u32, &MmapStorage).map_err(|e| e.to_string())?;
-        let start = from.max(reader.first_lsn());
+        // The first command shown: (lsn, index in its batch).
+        let (from_lsn, from_index) = match &from {
+            Start::Lsn(lsn) => (*lsn, 0),
+            Start::After(cursor) => cursor.get(shard).map_or((1, 0), |p| (p.lsn, p.index as u64 + 1)),
+        };
+        let start = from_lsn.max(reader.first_lsn());
         if start >= reader.next_lsn() {
             continue;
         }
@@ -268,6 +289,9 @@ fn inspect(dir: &Path, account: Option<u64>, from: u64, limit: u64, only: Option
             let cmds = <[CommandRecord]>::ref_from_bytes(record.payload)
                 .map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
             for (i, c) in cmds.iter().enumerate() {
+                if record.lsn == from_lsn && (i as u64) < from_index {
+                    continue;
+                }
                 let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
                 // The id field is an account only in an account's creation; elsewhere it is the
                 // command's own id, which shares no namespace with accounts.
