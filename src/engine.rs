@@ -656,6 +656,7 @@ impl Engine {
                             // (`value2` = the shards it counts).
                             if !matches!(record.command, Command::Settle { .. })
                                 || record.reply.status != Status::Ok
+                                || shards == 1
                                 || record.reply.value2 >= shards as i64
                             {
                                 return finish(base);

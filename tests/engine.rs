@@ -778,6 +778,44 @@ fn shutdown_finishes_cross_shard_work_in_flight() {
 }
 
 #[test]
+fn a_copy_that_took_the_claim_and_failed_in_the_log_leaves_the_applied_id_owned() {
+    // A (tip 9 001) is in the log; B, a copy, takes its claim. A is applied; B's append fails.
+    // B's failure must not release the id A was applied under: another shard could then take
+    // it too.
+    let (engine, mut held) = pipelined_engine(1 << 10);
+    let tip = Command::Tip { id: 9_001, from: 2, to: 1_000_000, coins: 5 };
+    let a_at = held.next() + 1;
+    held.fail_at.store(a_at + 1, Ordering::SeqCst);
+    let (_, [g, ra, rb]) = pipeline_three(&engine, &mut held, tip, (tip, 0));
+    assert_eq!(g.status(), Status::Ok);
+    wait_drained(&engine);
+    let ids = engine.directory_len();
+    held.release.send(()).unwrap();
+    assert_eq!(ra.status(), Status::Ok);
+    assert_eq!(rb.status(), Status::Unavailable);
+    assert_eq!(engine.directory_len(), ids, "9 001 still owned by the shard that applied it");
+}
+
+#[test]
+fn an_id_a_batch_forgets_after_a_copy_took_its_claim_is_released() {
+    // One shard, a window of 16, one frame: a tip, a copy of it (which takes its claim), then
+    // 20 more tips, which push the first out of the window. The id must leave the directory
+    // with it: kept there, every later command under it would be refused `busy` for good.
+    let mut cfg = config(1);
+    cfg.limits.ids_max = 16;
+    let engine = start(&cfg, null_journals(1));
+    setup(&engine, 2, 1_000);
+    let tip = |id: u64, from: u64| Command::Tip { id, from, to: 1_000_000, coins: 1 };
+    let mut frame = vec![tip(9_001, 1).to_record(), tip(9_001, 1).to_record()];
+    frame.extend((0..20).map(|i| tip(9_100 + i, 1).to_record()));
+    let replies = submit_batch(&engine, frame);
+    assert!(replies.iter().all(|r| r.status.get() == 0));
+    assert_eq!(replies[1].flags, 1, "the copy is the duplicate");
+    assert_eq!(engine.directory_len(), 16 + 2, "the window's ids and the set-up's two kept top-ups");
+    assert_eq!(status(&engine, tip(9_001, 2)), Status::Ok, "a forgotten id is free again");
+}
+
+#[test]
 fn a_retried_settlement_counts_the_sweep_another_shard_has_queued_but_not_applied() {
     // The streamer's home shard (A) sweeps its stripe and sends the other shard (B) the
     // replica; a retry of the settlement is answered by A plus a lookup on B. B is held in an

@@ -30,7 +30,8 @@ impl Gen {
             if self.rng.below(30) == 0 {
                 // The total of one of this shard's settlements (changes its record).
                 let (id, total) = (3_000 + self.rng.below(300), self.rng.below(1_000) as i64);
-                return Command::SettleTotal { id, total, shards: 2 };
+                // `at` 1: the settlement's own ingest time (set by `run`); 0: none's (no change).
+                return Command::SettleTotal { id, total, shards: 2, at: (self.rng.below(4) > 0) as u64 };
             }
             if self.rng.below(6) == 0 {
                 *seq += 1;
@@ -259,7 +260,11 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
         let mut ts = 1_795_752_000_000_000_000u64;
         let run = |state: &mut ShardState, twin: &mut ShardState, ts: &mut u64, rng: &mut Gen| {
             *ts += 1 + rng.rng.below(200_000_000);
-            let command = rng.next();
+            let mut command = rng.next();
+            if let Command::SettleTotal { id, total, shards, at: 1 } = command {
+                let at = state.id_record(id).map_or(0, |r| r.timestamp);
+                command = Command::SettleTotal { id, total, shards, at };
+            }
             assert_eq!(
                 state.apply(*ts, &command),
                 twin.apply(*ts, &command),

@@ -563,3 +563,32 @@ fn deferred_publishing_publishes_every_balance_at_the_end() {
         assert_eq!(l.state.index().balance(id), Some(l.balance(id)), "account {id}");
     }
 }
+
+#[test]
+fn a_settlements_total_is_recorded_only_for_the_settlement_it_names() {
+    // Shard 0 of two: a settlement's reply counts this shard's part (`value2` 1) until the
+    // engine logs its total, which names the settlement by its ingest time; a total for
+    // another settlement under the same id (an older one, long forgotten) changes nothing.
+    let limits = ShardLimits { accounts_max: 1024, history_max: 64, ids_max: 64 };
+    let mut state = ShardState::new(0, 2, LedgerConfig::default(), limits);
+    let home = stormledger::shard::router::home_shard;
+    let account = (1..).find(|&a| home(a, 2) == 0).unwrap();
+    let mut now = T0;
+    let mut run = |state: &mut ShardState, cmd: Command| {
+        now += SEC;
+        (now, state.apply(now, &cmd))
+    };
+    assert_eq!(run(&mut state, streamer(account, 0)).1 .0.status, Status::Ok);
+    let settle = Command::Settle { id: 9, account };
+    let (settled_at, (first, _)) = run(&mut state, settle);
+    assert_eq!((first.status, first.value2), (Status::Ok, 1));
+    let total = |at: u64| Command::SettleTotal { id: 9, total: 500, shards: 2, at };
+    run(&mut state, total(settled_at - SEC));
+    let (_, (retry, fanout)) = run(&mut state, settle);
+    assert_eq!((retry.value, retry.value2, retry.duplicate), (0, 1, true), "unchanged by another's total");
+    assert!(matches!(fanout, stormledger::ledger::Fanout::GatherSettlement { id: 9, at } if at == settled_at));
+    run(&mut state, total(settled_at));
+    let (_, (retry, fanout)) = run(&mut state, settle);
+    assert_eq!((retry.value, retry.value2, retry.duplicate), (500, 2, true), "its own total");
+    assert!(matches!(fanout, stormledger::ledger::Fanout::None), "answered from the record alone");
+}

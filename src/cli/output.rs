@@ -165,8 +165,8 @@ pub fn command_fields(cmd: &Command, obj: &mut Obj) {
         Command::Freeze { account, frozen } => {
             obj.set("account", account).set("frozen", frozen);
         }
-        Command::SettleTotal { id, total, shards } => {
-            obj.set("id", id).set("settled", total).set("shards", shards);
+        Command::SettleTotal { id, total, shards, at } => {
+            obj.set("id", id).set("settled", total).set("shards", shards).set("settle_timestamp", at);
         }
         Command::Tick
         | Command::ReplicaCreate { .. }

@@ -354,11 +354,13 @@ pub enum Command {
         account: u64,
         origin: Origin,
     },
-    /// A settlement's `total` swept over its `shards` parts (see `kind::SETTLE_TOTAL`).
+    /// A settlement's `total` swept over its `shards` parts (see `kind::SETTLE_TOTAL`); `at`
+    /// is the settlement's ingest time, which tells it from a later one under the same id.
     SettleTotal {
         id: u64,
         total: i64,
         shards: u16,
+        at: u64,
     },
 }
 
@@ -514,7 +516,7 @@ impl Command {
                 check_id(id)?;
                 let total = i64::try_from(a).map_err(|_| Status::InvalidAmount)?;
                 let shards = u16::try_from(b).ok().filter(|&s| s > 0).ok_or(Status::InvalidAmount)?;
-                Command::SettleTotal { id, total, shards }
+                Command::SettleTotal { id, total, shards, at: c }
             }
             _ => return Err(Status::InvalidKind),
         };
@@ -569,7 +571,7 @@ impl Command {
             Command::ReplicaSettle { id, account, origin } => {
                 set(&mut r, id, account, 0, origin.shard as u64, origin.seq)
             }
-            Command::SettleTotal { id, total, shards } => set(&mut r, id, total as u64, shards as u64, 0, 0),
+            Command::SettleTotal { id, total, shards, at } => set(&mut r, id, total as u64, shards as u64, at, 0),
         }
         r
     }

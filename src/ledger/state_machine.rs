@@ -89,9 +89,11 @@ pub enum Fanout {
     /// Apply this command on every other shard (in order, per source shard); the client's reply
     /// waits until all have applied it. For settlements the parts' values are summed.
     Replicate(Command),
-    /// A retried settlement: sum the recorded parts of every shard for the reply.
+    /// A retried settlement: sum the recorded parts of every shard for the reply. `at`: the
+    /// settlement's own ingest time (its record's), which names it in `Command::SettleTotal`.
     GatherSettlement {
         id: u64,
+        at: u64,
     },
 }
 
@@ -388,10 +390,19 @@ impl ShardState {
         }
     }
 
-    /// Drops `ids` from the evicted ids (`evicted`): remembered again since they left the
-    /// window (a later command of the same batch was applied under one), so still this shard's.
-    pub fn unevict(&mut self, ids: &[u64]) {
-        self.evicted.retain(|id| !ids.contains(id));
+    /// Drops from the evicted ids (`evicted`) those the shard knows again: remembered since
+    /// they left the window (a later command of the same batch was applied under one), so
+    /// still this shard's.
+    pub fn unevict_known(&mut self) {
+        let mut evicted = std::mem::take(&mut self.evicted);
+        evicted.retain(|&id| !self.knows_id(id));
+        self.evicted = evicted;
+    }
+
+    /// Whether `id` is taken by a top-up this shard keeps after its id record left the window
+    /// (such a hold can end with any command: its top-up is dropped from the kept ones).
+    pub fn holds_topup_id(&self, id: u64) -> bool {
+        self.ids.get(id) == Some(HELD)
     }
 
     pub fn topup(&self, id: u64) -> Option<&TopUp> {
@@ -738,8 +749,10 @@ impl ShardState {
                     // A settlement's record holds its total once `SettleTotal` recorded it
                     // (`value2` = the shards it counts); until then, only this shard's part.
                     let fanout = match command {
-                        Command::Settle { .. } if reply.status == Status::Ok && reply.value2 < self.shards as i64 => {
-                            Fanout::GatherSettlement { id }
+                        Command::Settle { .. }
+                            if reply.status == Status::Ok && self.shards > 1 && reply.value2 < self.shards as i64 =>
+                        {
+                            Fanout::GatherSettlement { id, at: record.timestamp }
                         }
                         _ => Fanout::None,
                     };
@@ -799,8 +812,8 @@ impl ShardState {
                 };
                 (reply, Fanout::None)
             }
-            Command::SettleTotal { id, total, shards } => {
-                self.record_settle_total(id, total, shards);
+            Command::SettleTotal { id, total, shards, at } => {
+                self.record_settle_total(id, total, shards, at);
                 (Reply::ok(0, 0), Fanout::None)
             }
         };
@@ -1433,12 +1446,17 @@ impl ShardState {
 
     /// Records a settlement's total over its shards in its record (`Command::SettleTotal`), if
     /// the record is still in the window: from then on a retry is answered from it alone, also
-    /// once the other shards have forgotten their parts. Nothing else changes.
-    fn record_settle_total(&mut self, id: u64, total: i64, shards: u16) {
+    /// once the other shards have forgotten their parts. Nothing else changes. `at` is the
+    /// settlement's ingest time: a total that arrives after its settlement left the window,
+    /// and the id was reused for another one, changes nothing.
+    fn record_settle_total(&mut self, id: u64, total: i64, shards: u16, at: u64) {
         let Some(seq) = self.ids.get(id).filter(|&seq| seq != HELD) else { return };
         let Some(front) = self.id_ring.front().map(|(front, _)| *front) else { return };
         let Some(entry) = seq.checked_sub(front).and_then(|i| self.id_ring.get_mut(i as usize)) else { return };
-        if matches!(entry.1.command, Command::Settle { .. }) && entry.1.reply.status == Status::Ok {
+        if matches!(entry.1.command, Command::Settle { .. })
+            && entry.1.reply.status == Status::Ok
+            && entry.1.timestamp == at
+        {
             // A snapshot being encoded gets the record as it was pinned.
             if let Some(pin) = &mut self.ids_pin {
                 pin.changing(seq, entry);

@@ -172,16 +172,25 @@ pub struct Join {
     tag: u32,
     collector: Arc<Collector>,
     permits: Arc<AtomicUsize>,
-    /// Settlements: the home shard, which logs the total once every part is counted.
+    /// Settlements: the home shard, which logs the total once every part is counted, and the
+    /// settlement's ingest time (which names it there).
     home: Option<Sender<Internal>>,
+    settled_at: u64,
     shards: u16,
 }
 
 impl Join {
     /// Waits for every shard's part of `item`: its home part answered `reply`, and is done
     /// (counting nothing more) once the home shard's batch released its evicted ids, as the
-    /// others' parts are; then replies.
-    fn new(item: &WriteItem, reply: Reply, collector: &Arc<Collector>, peers: &Peers, shard: u16) -> Arc<Join> {
+    /// others' parts are; then replies. `at`: a settlement's ingest time (its record's).
+    fn new(
+        item: &WriteItem,
+        reply: Reply,
+        collector: &Arc<Collector>,
+        peers: &Peers,
+        shard: u16,
+        at: u64,
+    ) -> Arc<Join> {
         let settle = matches!(item.command, Command::Settle { .. });
         Arc::new(Join {
             remaining: AtomicUsize::new(peers.internal.len()),
@@ -195,6 +204,7 @@ impl Join {
             collector: collector.clone(),
             permits: peers.permits.clone(),
             home: settle.then(|| peers.internal[shard as usize].clone()),
+            settled_at: at,
             shards: peers.internal.len() as u16,
         })
     }
@@ -221,7 +231,7 @@ impl Join {
                 let shards = self.shards;
                 if !self.failed.load(Ordering::Acquire) && reply.value2 == shards as i64 && reply.status == Status::Ok {
                     if let Some(home) = &self.home {
-                        let total = Command::SettleTotal { id, total: reply.value, shards };
+                        let total = Command::SettleTotal { id, total: reply.value, shards, at: self.settled_at };
                         let _ = home.send(Internal::Replica { command: total, join: None });
                     }
                 }
@@ -345,8 +355,11 @@ fn keep_directory_true(
     shard: u16,
 ) -> Option<u64> {
     if item.claimed {
-        if status.is_retryable() {
-            peers.directory.release(item.command.transfer_id().expect("claimed"), shard);
+        let id = item.command.transfer_id().expect("claimed");
+        // Not if the shard knows the id: a copy ahead of this one, which gave it the claim,
+        // was applied under it.
+        if status.is_retryable() && !state.knows_id(id) {
+            peers.directory.release(id, shard);
         }
     } else if state.remembered() != remembered {
         if let Some(id) = item.command.transfer_id() {
@@ -437,6 +450,9 @@ struct Batch {
     refused: Vec<(usize, u32, ReplyRecord)>,
     /// Entries that may remember an id, and so forget the oldest one (`may_remember`).
     remembering: usize,
+    /// A command of this batch took another's claim (`take_claim`): an id evicted earlier in
+    /// the batch may be remembered again by it.
+    took_claims: bool,
     base: u64,
     /// Handed to the log (false: the shard was poisoned, every command is `unavailable`).
     logged: bool,
@@ -494,8 +510,8 @@ impl Applier {
         for (p, tag, reply) in batch.refused.drain(..) {
             replies[p].push((tag, reply));
         }
-        // Ids claimed again by commands of this batch (`keep_directory_true`).
-        let mut reclaimed: Vec<u64> = Vec::new();
+        // Whether a command of this batch claimed its id again (`keep_directory_true`).
+        let mut reclaimed = false;
         // The parts of replicated commands this batch completed (other shards' applied here, and
         // the home parts of its own), with their values: done after its evicted ids are released.
         let mut parts_done: Vec<(Arc<Join>, Option<i64>)> = Vec::new();
@@ -547,17 +563,16 @@ impl Applier {
                         if item.permit {
                             peers.permits.fetch_add(1, Ordering::AcqRel);
                         }
-                        if item.claimed {
-                            peers.directory.release(item.command.transfer_id().expect("claimed"), shard);
+                        let id = item.command.transfer_id();
+                        if item.claimed && !id.is_some_and(|id| state.knows_id(id)) {
+                            peers.directory.release(id.expect("claimed"), shard);
                         }
                         continue;
                     }
                     let remembered = state.remembered();
                     let (reply, fanout) = events.apply(state, i, ts, &item.command);
                     metrics.command(item.command.kind(), reply.status);
-                    if let Some(id) = keep_directory_true(peers, state, item, reply.status, remembered, shard) {
-                        reclaimed.push(id);
-                    }
+                    reclaimed |= keep_directory_true(peers, state, item, reply.status, remembered, shard).is_some();
                     match fanout {
                         Fanout::None => {
                             replies[p].push((item.tag, reply_record(&item.command, reply)));
@@ -567,7 +582,7 @@ impl Applier {
                         }
                         Fanout::Replicate(replica) => {
                             assert!(item.permit, "replicated commands hold a permit");
-                            let join = Join::new(item, reply, &parts[p].collector, peers, shard);
+                            let join = Join::new(item, reply, &parts[p].collector, peers, shard, ts);
                             parts_done.push((join.clone(), None));
                             for (s, tx) in peers.internal.iter().enumerate() {
                                 if s != shard as usize {
@@ -578,9 +593,9 @@ impl Applier {
                                 }
                             }
                         }
-                        Fanout::GatherSettlement { id } => {
+                        Fanout::GatherSettlement { id, at } => {
                             assert!(item.permit, "settlements hold a permit");
-                            let join = Join::new(item, reply, &parts[p].collector, peers, shard);
+                            let join = Join::new(item, reply, &parts[p].collector, peers, shard, at);
                             parts_done.push((join.clone(), None));
                             for (s, tx) in peers.queries.iter().enumerate() {
                                 if s != shard as usize {
@@ -610,8 +625,8 @@ impl Applier {
         // Before the replies: a client that reuses an id this batch evicted, once it has its
         // answer, must find the id free in the directory. Not an id a later command of the
         // batch was applied under again (`reclaimed`): this shard owns it again.
-        if !reclaimed.is_empty() {
-            state.unevict(&reclaimed);
+        if reclaimed || batch.took_claims {
+            state.unevict_known();
         }
         if !state.evicted().is_empty() {
             peers.directory.release_many(state.evicted(), shard);
@@ -798,8 +813,12 @@ pub fn run(
         // batch's checks depend on its outcome (see "Pipelining" above).
         if let Some(prev) = &ahead {
             let bound = w.state.id_horizon_within(prev.remembering);
-            let depends =
-                batch.parts.iter().flat_map(|p| &p.items).any(|item| item.sent_at != 0 && item.sent_at < bound);
+            // Also a command routed here by an id a kept top-up holds: the batch ahead may drop
+            // that top-up (a hold ends with any command), and release the id, before it runs.
+            let depends = batch.parts.iter().flat_map(|p| &p.items).any(|item| {
+                (item.sent_at != 0 && item.sent_at < bound)
+                    || (!item.claimed && item.command.transfer_id().is_some_and(|id| w.state.holds_topup_id(id)))
+            });
             if depends || w.poisoned || (batch.entries.is_empty() && batch.parts.is_empty()) {
                 w.complete_ahead(&mut ahead, &mut log);
             }
@@ -820,6 +839,7 @@ pub fn run(
         // this batch's so far (replica messages, then its commands).
         let ahead_remembering = ahead.as_ref().map_or(0, |b| b.remembering);
         batch.remembering = batch.entries.iter().filter(|e| may_remember(&batch.parts, e)).count();
+        batch.took_claims = false;
         for p in 0..batch.parts.len() {
             for i in 0..batch.parts[p].items.len() {
                 let before = ahead_remembering + batch.remembering;
@@ -835,6 +855,7 @@ pub fn run(
                     Some(id) if !item.claimed => {
                         if take_claim(ahead.as_mut(), &mut batch, id) {
                             batch.parts[p].items[i].claimed = true;
+                            batch.took_claims = true;
                             None
                         } else {
                             w.peers.stats.busy(shard as usize, 1);
@@ -846,8 +867,9 @@ pub fn run(
                 let item = &batch.parts[p].items[i];
                 if let Some(status) = refusal {
                     batch.refused.push((p, item.tag, reply_record(&item.command, Reply::status(status))));
-                    if item.claimed {
-                        w.peers.directory.release(item.command.transfer_id().expect("has an id"), shard);
+                    let id = item.command.transfer_id().expect("has an id");
+                    if item.claimed && !w.state.knows_id(id) {
+                        w.peers.directory.release(id, shard);
                     }
                     if item.permit {
                         w.peers.permits.fetch_add(1, Ordering::AcqRel);
