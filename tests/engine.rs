@@ -992,6 +992,25 @@ fn an_id_forgotten_and_named_again_within_one_batch() {
     assert_eq!(status(&engine, tip(625, other)), Status::ExistsWithDifferentFields);
 }
 
+/// The first account id homed on `shard` of two.
+fn first_on(shard: u16) -> u64 {
+    (1..).find(|&id| home_shard(id, 2) == shard).unwrap()
+}
+
+fn verified_user(account: u64) -> Command {
+    Command::CreateAccount { account, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 }
+}
+
+/// Two shards whose shard 1 has failed its log (its second append), once the engine knows.
+fn with_shard_1_failed() -> Engine {
+    let engine = start(&config(2), vec![Box::new(NullJournal), Box::new(FailingJournal(0))]);
+    assert_eq!(status(&engine, verified_user(first_on(1))), Status::Ok);
+    let second = (first_on(1) + 1..).find(|&id| home_shard(id, 2) == 1).unwrap();
+    assert_eq!(status(&engine, verified_user(second)), Status::Unavailable);
+    wait_until("shard 1 reports its failed log", || engine.stats().poisoned_shards() == 1);
+    engine
+}
+
 #[test]
 fn a_copy_routed_by_a_claim_that_was_given_up_is_refused_busy_not_applied() {
     // One frame: a settlement claims id 77 on shard 0 and is refused at once (shard 1's log
@@ -999,15 +1018,9 @@ fn a_copy_routed_by_a_claim_that_was_given_up_is_refused_busy_not_applied() {
     // same id was routed to shard 0 by that claim. Applied there, it would own an id another
     // shard could have claimed in between (in another frame, on another connection): it is
     // refused `busy` before the log and changes nothing, and its retry claims the id anew.
-    let engine = start(&config(2), vec![Box::new(NullJournal), Box::new(FailingJournal(0))]);
-    let on = |shard: u16| (1..).find(|&id| home_shard(id, 2) == shard).unwrap();
-    let user = |account| Command::CreateAccount { account, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
-    assert_eq!(status(&engine, user(on(1))), Status::Ok);
-    let second = (on(1) + 1..).find(|&id| home_shard(id, 2) == 1).unwrap();
-    assert_eq!(status(&engine, user(second)), Status::Unavailable);
-    wait_until("shard 1 reports its failed log", || engine.stats().poisoned_shards() == 1);
-    let payer = on(0);
-    assert_eq!(status(&engine, user(payer)), Status::Ok);
+    let engine = with_shard_1_failed();
+    let payer = first_on(0);
+    assert_eq!(status(&engine, verified_user(payer)), Status::Ok);
     assert_eq!(status(&engine, Command::BindMethod { user: payer, method: 1, channel: Channel::Alipay }), Status::Ok);
     let ids = engine.directory_len();
     let settle = Command::Settle { id: 77, account: (1_000_000..).find(|&id| home_shard(id, 2) == 0).unwrap() };
@@ -1028,18 +1041,12 @@ fn cross_shard_work_is_refused_while_a_shard_refuses_writes() {
     // Shard 1's log fails. Work every shard must apply (a striped account's creation, freeze or
     // settlement) would be applied on shard 0 only and wait in its bounded outbox for shard 1's
     // restart: it is refused instead, and nothing of it is applied. Shard 0's own work goes on.
-    let engine = start(&config(2), vec![Box::new(NullJournal), Box::new(FailingJournal(0))]);
-    let on = |shard: u16| (1..).find(|&id| home_shard(id, 2) == shard).unwrap();
-    let user = |account| Command::CreateAccount { account, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
-    assert_eq!(status(&engine, user(on(1))), Status::Ok);
-    let second = (on(1) + 1..).find(|&id| home_shard(id, 2) == 1).unwrap();
-    assert_eq!(status(&engine, user(second)), Status::Unavailable);
-    wait_until("shard 1 reports its failed log", || engine.stats().poisoned_shards() == 1);
+    let engine = with_shard_1_failed();
     let streamer = (1_000_000..).find(|&id| home_shard(id, 2) == 0).unwrap();
     let create = Command::CreateAccount { account: streamer, kind: AccountKind::Streamer, flags: 0, union: 0 };
     assert_eq!(status(&engine, create), Status::Unavailable);
     assert_eq!(engine.balance(streamer), None, "not created anywhere");
-    assert_eq!(status(&engine, user(on(0))), Status::Ok, "a shard's own work goes on");
+    assert_eq!(status(&engine, verified_user(first_on(0))), Status::Ok, "a shard's own work goes on");
 }
 
 #[test]
