@@ -360,10 +360,30 @@ fn concurrent_copies_of_one_id_are_applied_on_one_shard_at_most() {
     // Three clients send the same ids at once: a top-up begin by user A that its shard refuses
     // `busy` (its pending top-ups are at their bound) once it claimed the id, a tip by A routed
     // by that claim, and a tip by B on the other shard. Whatever the interleaving, each id ends
-    // up applied on one shard at most, and a client never gets two `ok`s for one id.
+    // up applied on one shard at most, and a client never gets two `ok`s for one id. With logs
+    // appended inline, and on log threads (a batch in the log while the next is drained).
+    concurrent_copies(false);
+    concurrent_copies(true);
+}
+
+fn concurrent_copies(pipelined: bool) {
     let mut cfg = config(2);
     cfg.limits.ids_max = 1 << 12;
-    let engine = Arc::new(start(&cfg, null_journals(2)));
+    // Never held: `Held` only for journals appended on log threads (kept while they run).
+    let mut held = Vec::new();
+    let journals = if pipelined {
+        cfg.pipeline_min_batch = 0;
+        (0..2)
+            .map(|_| {
+                let (h, journal) = Held::with(true);
+                held.push(h);
+                journal
+            })
+            .collect()
+    } else {
+        null_journals(2)
+    };
+    let engine = Arc::new(start(&cfg, journals));
     setup(&engine, 8, 100_000);
     let on = |shard: u16| (1..=8u64).find(|&u| home_shard(u, 2) == shard).unwrap();
     let (a, b) = (on(0), on(1));
@@ -403,6 +423,8 @@ fn concurrent_copies_of_one_id_are_applied_on_one_shard_at_most() {
     }
     assert!(firsts.values().all(|&n| n == 1), "one first `ok` an id at most");
     let engine = Arc::into_inner(engine).expect("clients done");
+    let threaded: u64 = (0..2).map(|s| engine.stats().pipelined_batches(s)).sum();
+    assert_eq!(threaded > 0, pipelined, "batches appended on the log threads: {threaded}");
     for s in engine.audit() {
         assert_eq!(s.unit_sums, [0, 0]);
     }
