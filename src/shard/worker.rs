@@ -340,7 +340,7 @@ pub struct WorkerConfig {
 ///   at their bound) and so not remembered: release the claim, or nothing would ever release
 ///   it (the client may never retry) and the directory would fill with such ids;
 /// - it gave its claim to a later copy of the id (`take_claim`) and was remembered: the id is
-///   this shard's, and the batch's release of its evicted ids must leave it. Returns the id.
+///   this shard's, and the batch's release of its evicted ids must leave it. Returns true.
 ///
 /// A command routed here by another copy's claim runs only if the shard knows its id or it
 /// took that claim (the drain-time check in `run`), so no unclaimed command is remembered
@@ -353,7 +353,7 @@ fn keep_directory_true(
     status: Status,
     remembered: u64,
     shard: u16,
-) -> Option<u64> {
+) -> bool {
     if item.claimed {
         let id = item.command.transfer_id().expect("claimed");
         // Not if the shard knows the id: a copy ahead of this one, which gave it the claim,
@@ -368,10 +368,10 @@ fn keep_directory_true(
             let claim = peers.directory.reclaim(id, shard);
             debug_assert!(matches!(claim, Claim::Existing(s) if s == shard), "id {id}: {claim:?}");
             assert!(claim != Claim::Full, "id directory stripe full past its margin: id {id} left unowned");
-            return Some(id);
+            return true;
         }
     }
-    None
+    false
 }
 
 /// Whether applying `entry` may remember an id (and so, with the window full, forget the
@@ -572,7 +572,7 @@ impl Applier {
                     let remembered = state.remembered();
                     let (reply, fanout) = events.apply(state, i, ts, &item.command);
                     metrics.command(item.command.kind(), reply.status);
-                    reclaimed |= keep_directory_true(peers, state, item, reply.status, remembered, shard).is_some();
+                    reclaimed |= keep_directory_true(peers, state, item, reply.status, remembered, shard);
                     match fanout {
                         Fanout::None => {
                             replies[p].push((item.tag, reply_record(&item.command, reply)));
