@@ -355,11 +355,8 @@ fn keep_directory_true(
     shard: u16,
 ) -> bool {
     if item.claimed {
-        let id = item.command.transfer_id().expect("claimed");
-        // Not if the shard knows the id: a copy ahead of this one, which gave it the claim,
-        // was applied under it.
-        if status.is_retryable() && !state.knows_id(id) {
-            peers.directory.release(id, shard);
+        if status.is_retryable() {
+            give_up_claim(peers, state, item, shard);
         }
     } else if state.remembered() != remembered {
         if let Some(id) = item.command.transfer_id() {
@@ -372,6 +369,19 @@ fn keep_directory_true(
         }
     }
     false
+}
+
+/// Releases the directory claim `item` holds (if it holds one) of a command that will not be
+/// remembered: refused before the log, on a failed log, or with a retryable status. Not if the
+/// shard knows the id: a copy ahead of this one, which gave it the claim, was applied under it.
+fn give_up_claim(peers: &Peers, state: &ShardState, item: &WriteItem, shard: u16) {
+    if !item.claimed {
+        return;
+    }
+    let id = item.command.transfer_id().expect("claimed");
+    if !state.knows_id(id) {
+        peers.directory.release(id, shard);
+    }
 }
 
 /// Whether applying `entry` may remember an id (and so, with the window full, forget the
@@ -563,10 +573,7 @@ impl Applier {
                         if item.permit {
                             peers.permits.fetch_add(1, Ordering::AcqRel);
                         }
-                        let id = item.command.transfer_id();
-                        if item.claimed && !id.is_some_and(|id| state.knows_id(id)) {
-                            peers.directory.release(id.expect("claimed"), shard);
-                        }
+                        give_up_claim(peers, state, item, shard);
                         continue;
                     }
                     let remembered = state.remembered();
@@ -867,10 +874,7 @@ pub fn run(
                 let item = &batch.parts[p].items[i];
                 if let Some(status) = refusal {
                     batch.refused.push((p, item.tag, reply_record(&item.command, Reply::status(status))));
-                    let id = item.command.transfer_id().expect("has an id");
-                    if item.claimed && !w.state.knows_id(id) {
-                        w.peers.directory.release(id, shard);
-                    }
+                    give_up_claim(&w.peers, &w.state, item, shard);
                     if item.permit {
                         w.peers.permits.fetch_add(1, Ordering::AcqRel);
                     }
