@@ -325,3 +325,74 @@ fn a_snapshot_encoded_while_the_shard_goes_on_is_the_state_where_it_began() {
     assert!(pinned_replicas > 1_000, "{pinned_replicas} replica messages applied while pinned");
     assert!(thawed[0] > 10 && thawed[1] > 10, "snapshots not compacting / compacting the methods: {thawed:?}");
 }
+
+/// Top-ups that end before their deadline leave no growing queue of deadlines behind: a user
+/// who begins and fails top-ups in a loop (no money moves) used to add a 16-byte entry each,
+/// kept for the whole TTL and in every snapshot. The queue is compacted at `2 * topups_max`
+/// entries, also while a snapshot's encoder has it pinned, which still gets the queue as it was.
+#[test]
+fn top_ups_ended_before_their_deadline_do_not_grow_the_deadline_queue() {
+    use stormledger::snapshot::state::{begin_encoding, encode, Progress, SectionBuffers, SECTION_PENDING};
+    let (mut state, mut twin) = (shard(), shard());
+    let mut ts = 1_795_752_000_000_000_000u64;
+    let mut run = |state: &mut ShardState, twin: &mut ShardState, command: Command| {
+        ts += 1_000; // 1 us apart: nothing reaches its deadline (30 s)
+        let reply = state.apply(ts, &command);
+        assert_eq!(reply, twin.apply(ts, &command), "{command:?}");
+        assert_eq!(reply.0.status.name(), "ok", "{command:?}");
+        state.drain_evicted();
+        twin.drain_evicted();
+    };
+    let create = Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    run(&mut state, &mut twin, create);
+    run(&mut state, &mut twin, Command::BindMethod { user: 1, method: 1, channel: Channel::Alipay });
+    let queued = |state: &ShardState| {
+        let sections = encode(state);
+        sections.iter().find(|(t, _)| *t == SECTION_PENDING).unwrap().1.len() / 16
+    };
+    let bound = 2 * state.topups_max();
+    let mut id = 10_000u64;
+    let mut begin_and_fail = |state: &mut ShardState, twin: &mut ShardState, pending: bool| {
+        id += 1;
+        run(state, twin, Command::TopUpBegin { id, user: 1, method: 1, fen: 600 });
+        if !pending {
+            run(state, twin, Command::TopUpFail { id, reason: FailReason::Declined });
+        }
+    };
+    // Some top-ups stay pending throughout: their deadlines must survive every compaction.
+    for k in 0..bound + 100 {
+        begin_and_fail(&mut state, &mut twin, k % 1000 == 0);
+        assert!(queued(&state) <= bound, "{} deadlines queued after {k} begins", queued(&state));
+    }
+    let live = queued(&state);
+    assert!(live < 200, "{live} deadlines: 100 begun since the compaction, and the pending ones");
+    // A compaction while a snapshot is being encoded, one record a step.
+    while queued(&state) < bound - 10 {
+        begin_and_fail(&mut state, &mut twin, false);
+    }
+    let expected = encode(&state);
+    let mut encoding = begin_encoding(&mut state, SectionBuffers::default());
+    for _ in 0..40 {
+        begin_and_fail(&mut state, &mut twin, false);
+        assert!(matches!(encoding.step(&mut state, 1), Progress::Steps | Progress::Waiting));
+    }
+    loop {
+        match encoding.step(&mut state, 1) {
+            Progress::Done => break,
+            Progress::Waiting => std::thread::yield_now(),
+            Progress::Steps => {}
+        }
+    }
+    let (sections, _) = encoding.finish(&mut state);
+    assert_eq!(sections, expected, "the snapshot is of the state where it began");
+    assert!(queued(&state) < 100, "compacted while pinned: {}", queued(&state));
+    assert_eq!(encode(&state), encode(&twin), "pinned or not, the same state");
+    state.check_invariants();
+    // The pending ones still expire at their deadlines.
+    ts += 31_000_000_000;
+    let tick = Command::Tick;
+    state.apply(ts, &tick);
+    state.drain_evicted();
+    assert_eq!(queued(&state), 0);
+    assert!((10_001..=id).step_by(1000).all(|id| state.topup(id).is_none_or(|t| t.state.name() != "pending")));
+}

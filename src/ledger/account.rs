@@ -114,6 +114,16 @@ impl<T: Copy> RingPin<T> {
         }
     }
 
+    /// Keeps every pinned record the encoder has yet to take (`at(sequence number)` reads it
+    /// from the ring), before the ring is rearranged in a way `evicting` cannot follow
+    /// (`ShardState::drop_ended_deadlines`). The encoder then reads none of them from the ring.
+    #[inline(never)]
+    pub fn keep_rest(&mut self, at: impl Fn(u64) -> T) {
+        for seq in self.next + self.saved.len() as u64..self.end {
+            self.evicting(seq, &at(seq));
+        }
+    }
+
     fn take_before(&mut self, seq: u64) -> Option<T> {
         let i = self.before.iter().position(|(s, _)| *s == seq)?;
         Some(self.before.swap_remove(i).1)

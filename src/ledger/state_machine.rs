@@ -1166,6 +1166,9 @@ impl ShardState {
                 id_evicted: false,
             },
         );
+        if self.pending.len() >= pending_queue_max(&self.limits) {
+            self.drop_ended_deadlines();
+        }
         self.pending.push_back((deadline, id));
         self.topups_pending += 1;
         self.record(
@@ -1203,6 +1206,30 @@ impl ShardState {
                 }
             }
         }
+    }
+
+    /// Drops the deadlines of top-ups that ended before them. `expire_due` skips such an entry
+    /// at its deadline, but until then it stays queued: begins that fail or are confirmed at
+    /// once would otherwise grow the queue by one entry each for a whole TTL, unbounded by
+    /// `topups_max`. Called when the queue reaches `pending_queue_max`; afterwards it holds
+    /// one entry per pending top-up (fewer than `topups_max`), so this runs at most once per
+    /// `topups_max` begins. Deterministic (the state alone decides), and results do not change.
+    #[cold]
+    #[inline(never)]
+    fn drop_ended_deadlines(&mut self) {
+        let before = self.pending.len();
+        if let Some(pin) = &mut self.pending_pin {
+            // The encoder takes the queue as it was pinned: from the pin from now on.
+            let (pending, popped) = (&self.pending, self.pending_popped);
+            pin.keep_rest(|seq| pending[(seq - popped) as usize]);
+        }
+        let topups = &self.topups;
+        self.pending.retain(|&(deadline, id)| {
+            topups.get(&id).is_some_and(|t| t.state == TopUpState::Pending && t.deadline == deadline)
+        });
+        // Numbered after every entry there was, so a pin's sequence numbers never meet them.
+        self.pending_popped += before as u64;
+        debug_assert_eq!(self.pending.len(), self.topups_pending);
     }
 
     fn topup_confirm(&mut self, timestamp: u64, id: u64, fen: u64, txn: [u8; TEXT_LEN]) -> Reply {
@@ -1573,6 +1600,12 @@ pub fn accounts_max_for(users: u64, striped: u64, shards: u16) -> u64 {
 /// See `ShardState::topups_max`.
 fn topups_max(limits: &ShardLimits) -> usize {
     (limits.ids_max as usize / 4).max(TOPUPS_MIN)
+}
+
+/// The most entries the queue of top-up deadlines reaches (`ShardState::drop_ended_deadlines`):
+/// one per pending top-up, plus those of top-ups that ended before their deadline.
+pub(crate) fn pending_queue_max(limits: &ShardLimits) -> usize {
+    2 * topups_max(limits)
 }
 
 /// The most top-ups a shard holds at once: each one's begin is in the idempotency window, or it
