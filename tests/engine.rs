@@ -1079,3 +1079,62 @@ fn account_0_has_no_balance() {
     setup(&engine, 4, 100);
     assert_eq!(engine.balance(0), None);
 }
+
+/// Reads far down a long history do not hold up the writes. A history read walks the account's
+/// entries from its newest, so its cost is its depth, not its `limit`: it now stops at
+/// `HISTORY_DEPTH_MAX` entries (a cursor below them reads as the end of the history), and a
+/// shard answers reads worth `READ_VISITS_PER_ROUND` records between two batches. Before, one
+/// frame of such queries was answered all at once, the shard's writes waiting (seconds).
+#[test]
+fn history_reads_far_down_a_long_history_do_not_hold_up_the_writes() {
+    use stormledger::ledger::state_machine::HISTORY_DEPTH_MAX;
+    use stormledger::shard::worker::READ_VISITS_PER_ROUND;
+    let mut cfg = config(1);
+    cfg.limits.history_max = 2 * HISTORY_DEPTH_MAX as u32;
+    let engine = Arc::new(start(&cfg, null_journals(1)));
+    let user = Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    let streamer = Command::CreateAccount { account: 100, kind: AccountKind::Streamer, flags: 0, union: 0 };
+    assert!(engine.execute(&[user, streamer]).iter().all(|r| r.status.get() == 0));
+    // Tips the user cannot pay: a history entry each.
+    let entries = HISTORY_DEPTH_MAX as u64 + 5_000;
+    let tip = |id| Command::Tip { id, from: 1, to: 100, coins: 1 };
+    for first in (1..=entries).step_by(8_192) {
+        let batch: Vec<Command> = (first..(first + 8_192).min(entries + 1)).map(tip).collect();
+        let replies = engine.execute(&batch);
+        assert!(replies.iter().all(|r| r.status.get() == Status::InsufficientFunds.code()));
+    }
+    let mut newest = QueryRecord { kind: query_kind::HISTORY, ..QueryRecord::default() };
+    newest.key.set(1);
+    let page = engine.query_blocking(newest);
+    assert_eq!((page.history.len(), page.history[0].id.get()), (1_000, entries), "the newest page");
+    assert_ne!(page.next_before_ts, 0);
+    // Older than every entry: the walk gives up at the depth bound, an empty last page.
+    let mut deep = newest;
+    deep.before_ts.set(1);
+    let page = engine.query_blocking(deep);
+    assert_eq!(page.reply.status.get(), Status::Ok.code());
+    assert_eq!((page.history.len(), page.next_before_ts), (0, 0));
+
+    // Reads worth eight rounds queued; a write sent as the first is answered (on the shard's
+    // thread, so it is queued while the others wait) is applied before the last is answered.
+    let reads = 8 * READ_VISITS_PER_ROUND / HISTORY_DEPTH_MAX;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for k in 0..reads {
+        let (tx, engine2) = (tx.clone(), engine.clone());
+        engine.query(
+            deep,
+            Box::new(move |a| {
+                assert_eq!(a.reply.status.get(), Status::Ok.code());
+                if k == 0 {
+                    let tx = tx.clone();
+                    let write = vec![tip(entries + 1).to_record()];
+                    engine2.submit(write, Box::new(move |_| tx.send("write").unwrap()));
+                }
+                tx.send("read").unwrap();
+            }),
+        );
+    }
+    let order: Vec<&str> = (0..=reads).map(|_| rx.recv().unwrap()).collect();
+    let write_at = order.iter().position(|e| *e == "write").unwrap();
+    assert!(write_at < reads, "the write waited for every read: {order:?}");
+}

@@ -335,6 +335,36 @@ fn history_is_newest_first_and_bounded() {
 }
 
 #[test]
+fn a_history_read_walks_at_most_the_depth_bound() {
+    use stormledger::ledger::state_machine::HISTORY_DEPTH_MAX;
+    let limits = ShardLimits { accounts_max: 1024, history_max: 2 * HISTORY_DEPTH_MAX as u32, ids_max: 64 };
+    let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits);
+    let user = Command::CreateAccount { account: 10, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    let streamer = Command::CreateAccount { account: 20, kind: AccountKind::Streamer, flags: 0, union: 0 };
+    let mut now = T0;
+    for command in [user, streamer] {
+        now += 1;
+        assert_eq!(state.apply(now, &command).0.status, Ok);
+    }
+    // Tips the user cannot pay, a history entry each, one nanosecond apart.
+    let first = now + 1;
+    let entries = HISTORY_DEPTH_MAX as u64 + 100;
+    for id in 1..=entries {
+        now += 1;
+        assert_eq!(state.apply(now, &tip(id, 10, 20, 1)).0.status, InsufficientFunds);
+    }
+    // Below the newest 64 entries: a full page.
+    let (page, visited) = state.history_visiting(10, 10, Some((now - 63, 0)));
+    assert_eq!((page.len(), visited, page[0].timestamp), (10, 74, now - 64));
+    // A page that reaches the bound ends there, short; one below it is empty.
+    let at_depth = |depth: u64| Some((first + entries - depth, 0));
+    let (page, visited) = state.history_visiting(10, 1_000, at_depth(HISTORY_DEPTH_MAX as u64 - 30));
+    assert_eq!((page.len(), visited), (30, HISTORY_DEPTH_MAX));
+    let (page, visited) = state.history_visiting(10, 1_000, at_depth(HISTORY_DEPTH_MAX as u64 + 50));
+    assert_eq!((page.len(), visited), (0, HISTORY_DEPTH_MAX));
+}
+
+#[test]
 fn idempotency_window_is_bounded() {
     let mut l = funded();
     for i in 0..200 {

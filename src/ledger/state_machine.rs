@@ -226,6 +226,10 @@ pub const OUTBOX_MAX: usize = 4096;
 /// this many commands ahead).
 const PREFETCH_EVICTION_AHEAD: usize = 12;
 pub const REPLICATION_IN_FLIGHT_MAX: usize = 1024;
+/// The most entries of one account a history read reaches on a shard, from its newest: older
+/// ones are only in the log, as are those the history ring has overwritten
+/// (`ShardState::history_visiting`).
+pub const HISTORY_DEPTH_MAX: usize = 65_536;
 /// The least a shard keeps of pending top-ups, and of ended top-ups outside the window.
 pub const TOPUPS_MIN: usize = 4096;
 
@@ -472,21 +476,31 @@ impl ShardState {
     }
 
     /// Newest-first history of `id` on this shard, strictly older than `before` = (timestamp,
-    /// shard) when given.
+    /// shard) when given, among the account's newest `HISTORY_DEPTH_MAX` entries.
     pub fn history(&self, id: u64, limit: usize, before: Option<(u64, u16)>) -> Vec<HistoryEntry> {
+        self.history_visiting(id, limit, before).0
+    }
+
+    /// `history`, and how many entries it visited: the entries newer than `before` are walked
+    /// (the account's entries are a chain from its newest), so a page far down the history
+    /// costs as many steps as there are entries above it, whatever its `limit`. The walk stops
+    /// at `HISTORY_DEPTH_MAX` entries: a read can make the shard thread do that much and no more.
+    pub fn history_visiting(&self, id: u64, limit: usize, before: Option<(u64, u16)>) -> (Vec<HistoryEntry>, usize) {
         let mut out = Vec::new();
-        let Some(account) = self.account(id) else { return out };
+        let Some(account) = self.account(id) else { return (out, 0) };
         let mut link = account.history_head;
+        let mut visited = 0;
         while let Some(entry) = self.history.get(link) {
-            if out.len() >= limit {
+            if out.len() >= limit || visited == HISTORY_DEPTH_MAX {
                 break;
             }
+            visited += 1;
             if before.is_none_or(|b| (entry.timestamp, self.shard) < b) {
                 out.push(*entry);
             }
             link = entry.prev;
         }
-        out
+        (out, visited)
     }
 
     /// Sum of balances per unit on this shard; zero for both units at every consistent point.

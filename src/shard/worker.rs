@@ -5,6 +5,7 @@
 //! through its queues (writes: bounded; replica messages: admitted by the engine's replication
 //! permits; queries: bounded) and read published balances through the lock-free index.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -657,22 +658,40 @@ impl Applier {
     }
 
     /// Answers the reads that need the shard's state (after the batch: a client sees its own
-    /// acknowledged writes, and nothing of a batch still in the log).
-    fn answer(&self, query: ShardQuery) -> ShardAnswer {
+    /// acknowledged writes, and nothing of a batch still in the log), with what each cost, in
+    /// records visited (at least 1; see `READ_VISITS_PER_ROUND`).
+    fn answer(&self, query: ShardQuery) -> (ShardAnswer, usize) {
         let state = &self.state;
         match query {
             ShardQuery::History { account, limit, before } => {
-                ShardAnswer::History(state.history(account, limit, before))
+                let (entries, visited) = state.history_visiting(account, limit, before);
+                (ShardAnswer::History(entries), visited.max(1))
             }
-            ShardQuery::Lookup { id } => ShardAnswer::Lookup(state.lookup(id)),
-            ShardQuery::TopUp { id } => ShardAnswer::TopUp(state.topup(id).copied()),
-            ShardQuery::Audit => ShardAnswer::Audit(AuditSummary {
-                shard: self.shard,
-                accounts: state.accounts().len(),
-                unit_sums: state.unit_sums(),
-                last_timestamp: state.last_timestamp(),
-                poisoned: self.poisoned,
-            }),
+            ShardQuery::Lookup { id } => (ShardAnswer::Lookup(state.lookup(id)), 1),
+            ShardQuery::TopUp { id } => (ShardAnswer::TopUp(state.topup(id).copied()), 1),
+            ShardQuery::Audit => {
+                let accounts = state.accounts().len();
+                let audit = AuditSummary {
+                    shard: self.shard,
+                    accounts,
+                    unit_sums: state.unit_sums(),
+                    last_timestamp: state.last_timestamp(),
+                    poisoned: self.poisoned,
+                };
+                (ShardAnswer::Audit(audit), accounts.max(1))
+            }
+        }
+    }
+
+    /// Answers the oldest of `queries` until `READ_VISITS_PER_ROUND` records were visited (at
+    /// least one read); the rest wait for the next round, after the next batch.
+    fn answer_some(&self, queries: &mut VecDeque<QueryMsg>) {
+        let mut visits = 0;
+        while visits < READ_VISITS_PER_ROUND {
+            let Some(QueryMsg { query, done }) = queries.pop_front() else { break };
+            let (answer, cost) = self.answer(query);
+            done(answer);
+            visits += cost;
         }
     }
 }
@@ -735,7 +754,7 @@ pub fn run(
     let mut snapshots = config.snapshot.clone().map(Snapshotter::new);
     // The batch in the log, applied once its result is in (pipelined journals only).
     let mut ahead: Option<Batch> = None;
-    let mut pending_queries: Vec<QueryMsg> = Vec::new();
+    let mut pending_queries: VecDeque<QueryMsg> = VecDeque::new();
 
     loop {
         let mut batch = w.spare_batches.pop().unwrap_or_default();
@@ -748,7 +767,7 @@ pub fn run(
             let i_queries = select.recv(&queries);
             let encoding = snapshots.as_ref().is_some_and(Snapshotter::has_steps);
             let waiting = snapshots.as_ref().is_some_and(Snapshotter::waiting);
-            let ready = if shutting_down || ahead.is_some() || encoding {
+            let ready = if shutting_down || ahead.is_some() || encoding || !pending_queries.is_empty() {
                 select.try_ready().ok()
             } else if waiting {
                 select.ready_timeout(SNAPSHOT_METHODS_POLL.min(config.tick_interval)).ok()
@@ -771,7 +790,7 @@ pub fn run(
                 }
                 Some(i) if i == i_queries => {
                     if let Ok(q) = queries.try_recv() {
-                        pending_queries.push(q);
+                        pending_queries.push_back(q);
                     }
                 }
                 Some(_) => {}
@@ -781,7 +800,7 @@ pub fn run(
         // sent before the read is then in this round's batch, which the read waits for (a
         // settlement's gather is a lookup that must see the replica its shard sent first).
         while let Ok(q) = queries.try_recv() {
-            pending_queries.push(q);
+            pending_queries.push_back(q);
         }
         // Drain more without blocking, up to the batch limit (a restart may have re-sent a few
         // thousand replica messages from every other shard). Cut short by the limit, the drain
@@ -955,15 +974,15 @@ pub fn run(
         // gather sees the replica messages sent before it (taken with the reads, above; reads
         // that came in since wait for the next round's drain). Answering completes the batch
         // ahead first (it may hold them too).
+        // At most `READ_VISITS_PER_ROUND` records visited: reads that walk long histories wait
+        // for later rounds rather than hold up the writes.
         if !pending_queries.is_empty() && internal_drained {
             w.complete_ahead(&mut ahead, &mut log);
-            for QueryMsg { query, done } in pending_queries.drain(..) {
-                done(w.answer(query));
-            }
+            w.answer_some(&mut pending_queries);
         }
     }
     for QueryMsg { query, done } in pending_queries.drain(..) {
-        done(w.answer(query));
+        done(w.answer(query).0);
     }
     if let Some(mut s) = snapshots {
         s.complete(&mut w.state, &mut log);
@@ -987,6 +1006,13 @@ type SnapshotWriter = std::thread::JoinHandle<(Result<(), String>, Vec<(u32, Vec
 /// milliseconds of the shard's time, and 64 steps for an idempotency ring of the default 2^20
 /// (docs/benchmarks.md, session 12).
 pub const SNAPSHOT_RECORDS_PER_STEP: usize = 16_384;
+
+/// The most records the reads of one round visit between two batches (`Applier::answer_some`),
+/// one read at least: a history read walks up to `HISTORY_DEPTH_MAX` entries, an audit every
+/// account. A frame of history queries far down long histories would otherwise hold up the
+/// shard's writes for as long as all of them take (seconds); now each round answers what fits,
+/// and the rest wait for the rounds after the next batches.
+pub const READ_VISITS_PER_ROUND: usize = 2 * crate::ledger::state_machine::HISTORY_DEPTH_MAX;
 
 /// How long an idle worker waits for commands while a snapshot waits for its threads (the
 /// payment methods', the top-ups' sort), before it looks again.
