@@ -323,6 +323,7 @@ impl Engine {
         // one pass over the directory (one lock per stripe, not one per command).
         let mut routed: Vec<(u32, Command, Route, u64)> = Vec::with_capacity(n);
         let mut claim_requests: Vec<(u64, u16)> = Vec::with_capacity(n);
+        let mut owners = false;
         for (tag, record) in records.iter().enumerate() {
             let tag = tag as u32;
             let refuse = |status: Status| {
@@ -359,12 +360,32 @@ impl Engine {
                     claim_requests.push((id, home));
                     routed.push((tag, command, Route::Claim(id, home), record.timestamp.get()));
                 }
-                Ok(route) => routed.push((tag, command, route, record.timestamp.get())),
+                Ok(route) => {
+                    owners |= matches!(route, Route::Owner(_));
+                    routed.push((tag, command, route, record.timestamp.get()));
+                }
                 Err(status) => immediate.push((tag, reply_record(&command, Reply::status(status)))),
             }
         }
         let mut claims = Vec::new();
         self.directory.claim_many(&claim_requests, &mut claims);
+        // Top-up callbacks go where their top-up's begin went: looked up after the claims, so
+        // that a callback finds a begin earlier in the same frame (else `not_found`).
+        if owners {
+            routed.retain_mut(|(tag, command, route, _)| {
+                let Route::Owner(id) = *route else { return true };
+                match self.directory.owner(id) {
+                    Some(shard) => {
+                        *route = Route::Shard(shard);
+                        true
+                    }
+                    None => {
+                        immediate.push((*tag, reply_record(command, Reply::status(Status::NotFound))));
+                        false
+                    }
+                }
+            });
+        }
         // Each command's shard and whether it claimed its id (`None`: the directory is full).
         let resolve = |route: &Route, claims: &mut std::slice::Iter<Claim>| match *route {
             Route::Shard(shard) => Some((shard, false)),
@@ -373,6 +394,7 @@ impl Engine {
                 Claim::Existing(owner) => Some((owner, false)),
                 Claim::Full => None,
             },
+            Route::Owner(_) => unreachable!("looked up after the claims"),
         };
         // Every part sized exactly (a batch is thousands of commands: growing the parts by
         // doubling took 4.5 % of the engine's instructions, session 7).
@@ -507,9 +529,7 @@ impl Engine {
                 Route::Claim(id, home(from))
             }
             Command::Settle { id, account } => Route::Claim(id, home(account)),
-            Command::TopUpConfirm { id, .. } | Command::TopUpFail { id, .. } => {
-                Route::Shard(self.directory.owner(id).ok_or(Status::NotFound)?)
-            }
+            Command::TopUpConfirm { id, .. } | Command::TopUpFail { id, .. } => Route::Owner(id),
             Command::Tick
             | Command::ReplicaCreate { .. }
             | Command::ReplicaFreeze { .. }
@@ -806,6 +826,8 @@ enum Route {
     Shard(u16),
     /// Claim the id for this (home) shard; if another shard owns it, go there instead.
     Claim(u64, u16),
+    /// The shard that owns the id (a top-up's callback), looked up after the frame's claims.
+    Owner(u64),
 }
 
 fn needs_permit(command: &Command) -> bool {

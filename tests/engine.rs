@@ -1138,3 +1138,29 @@ fn history_reads_far_down_a_long_history_do_not_hold_up_the_writes() {
     let write_at = order.iter().position(|e| *e == "write").unwrap();
     assert!(write_at < reads, "the write waited for every read: {order:?}");
 }
+
+/// A top-up's callback finds a begin earlier in the same frame: callbacks are routed after the
+/// frame's ids are claimed. It used to be looked up before, and answered `not_found`.
+#[test]
+fn a_callback_after_its_begin_in_one_frame_finds_the_top_up() {
+    let engine = start(&config(2), null_journals(2));
+    let setup = engine.execute(&[
+        Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 },
+        Command::BindMethod { user: 1, method: 1, channel: Channel::Alipay },
+    ]);
+    assert!(setup.iter().all(|r| r.status.get() == 0));
+    let replies = engine.execute(&[
+        Command::TopUpConfirm { id: 76, fen: 600, channel_txn: text_field("T76").unwrap() },
+        Command::TopUpBegin { id: 77, user: 1, method: 1, fen: 600 },
+        Command::TopUpConfirm { id: 77, fen: 600, channel_txn: text_field("T77").unwrap() },
+        Command::TopUpBegin { id: 78, user: 1, method: 1, fen: 600 },
+        Command::TopUpFail { id: 78, reason: stormledger::ledger::FailReason::Declined },
+        // Before its begin in the frame: the shard has no such top-up yet.
+        Command::TopUpFail { id: 79, reason: stormledger::ledger::FailReason::Declined },
+        Command::TopUpBegin { id: 79, user: 1, method: 1, fen: 600 },
+    ]);
+    let got: Vec<Status> = replies.iter().map(|r| Status::from_code(r.status.get()).unwrap()).collect();
+    use Status::{NotFound, Ok};
+    assert_eq!(got, vec![NotFound, Ok, Ok, Ok, Ok, NotFound, Ok]);
+    assert_eq!(engine.balance(1), Some(60));
+}
