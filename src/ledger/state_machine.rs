@@ -962,6 +962,11 @@ impl ShardState {
         self.publish(platform, balance);
     }
 
+    /// Whether `delta` can be added to the balance at `slot` without leaving the i64 range.
+    fn fits(&self, slot: u32, delta: i64) -> bool {
+        self.accounts[slot as usize].balance.checked_add(delta).is_some()
+    }
+
     fn slot(&self, id: u64) -> u32 {
         self.index.lookup(id).expect("system account present")
     }
@@ -1262,13 +1267,16 @@ impl ShardState {
                     return Reply::status(Status::AmountMismatch);
                 }
                 let user = self.slot(topup.user);
-                let balance = self.accounts[user as usize].balance;
-                if balance.checked_add(topup.coins as i64).is_none() {
-                    return Reply::status(Status::Overflow);
-                }
                 let issuance = self.slot(SYSTEM_ISSUANCE);
                 let clearing = self.slot(topup.channel.clearing_account());
                 let sales = self.slot(SYSTEM_COIN_SALES);
+                let (coins, fen_i) = (topup.coins as i64, fen as i64);
+                // Every leg's two sides, the system accounts' too: `transfer` asserts, and an
+                // assertion failing on a logged command would stop every replay of the log.
+                let legs_fit = self.fits(user, coins) && self.fits(issuance, -coins);
+                if !(legs_fit && self.fits(clearing, -fen_i) && self.fits(sales, fen_i)) {
+                    return Reply::status(Status::Overflow);
+                }
                 self.transfer(&[
                     Leg { debit: issuance, credit: user, amount: topup.coins },
                     Leg { debit: clearing, credit: sales, amount: fen },
@@ -1293,6 +1301,9 @@ impl ShardState {
                 // suspense and hand it straight back to the channel. The wallet is not credited.
                 let clearing = self.slot(topup.channel.clearing_account());
                 let suspense = self.slot(SYSTEM_SUSPENSE);
+                if !(self.fits(clearing, -(fen as i64)) && self.fits(suspense, fen as i64)) {
+                    return Reply::status(Status::Overflow);
+                }
                 self.transfer(&[
                     Leg { debit: clearing, credit: suspense, amount: fen },
                     Leg { debit: suspense, credit: clearing, amount: fen },
@@ -1437,8 +1448,7 @@ impl ShardState {
             return Err(Reply::with(Status::InsufficientFunds, account.balance));
         }
         let [streamer_share, union_share, platform_share] = self.spend_split(coins, union.is_some());
-        let receiver_balance = self.accounts[streamer as usize].balance;
-        if receiver_balance.checked_add(streamer_share as i64).is_none() {
+        if !self.fits(streamer, streamer_share as i64) || union.is_some_and(|u| !self.fits(u, union_share as i64)) {
             return Err(Reply::status(Status::Overflow));
         }
         let platform = PLATFORM_SLOT;
@@ -1676,5 +1686,81 @@ mod capacity_tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+    use crate::ledger::command::flags;
+    use crate::ledger::Channel;
+
+    const T0: u64 = 1_795_752_000_000_000_000;
+
+    /// A shard with user 1 (a method bound), streamer 20 in union 30.
+    fn shard() -> (ShardState, u64) {
+        let limits = ShardLimits { accounts_max: 64, history_max: 64, ids_max: 64 };
+        let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits);
+        let commands = [
+            Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 },
+            Command::CreateAccount { account: 30, kind: AccountKind::Union, flags: 0, union: 0 },
+            Command::CreateAccount { account: 20, kind: AccountKind::Streamer, flags: 0, union: 30 },
+            Command::BindMethod { user: 1, method: 1, channel: Channel::Alipay },
+        ];
+        let mut now = T0;
+        for command in commands {
+            now += 1;
+            assert_eq!(state.apply(now, &command).0.status, Status::Ok);
+        }
+        (state, now)
+    }
+
+    /// Moves `amount` from account `from` to `to` behind the rules' back (the sums stay zero),
+    /// to bring a balance next to the end of its range.
+    fn shift(state: &mut ShardState, from: u64, to: u64, amount: i64) {
+        for (id, delta) in [(from, -amount), (to, amount)] {
+            let slot = state.slot(id);
+            let balance = &mut state.accounts[slot as usize].balance;
+            *balance = balance.checked_add(delta).expect("in range");
+            let balance = *balance;
+            state.publish(slot, balance);
+        }
+    }
+
+    #[test]
+    fn a_confirm_that_would_take_issuance_out_of_range_is_refused_overflow() {
+        let (mut state, mut now) = shard();
+        now += 1;
+        let begin = Command::TopUpBegin { id: 7, user: 1, method: 1, fen: 600 };
+        assert_eq!(state.apply(now, &begin).0.status, Status::Ok);
+        // Coins issued elsewhere (on the platform's account) to the end of the range.
+        shift(&mut state, SYSTEM_ISSUANCE, SYSTEM_PLATFORM, i64::MAX - 10);
+        let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: [0; TEXT_LEN] };
+        now += 1;
+        assert_eq!(state.apply(now, &confirm).0.status, Status::Overflow, "was a panic in `transfer`");
+        assert_eq!(state.topup(7).map(|t| t.state), Some(TopUpState::Pending));
+        assert_eq!(state.account(1).map(|a| a.balance), Some(0));
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_spend_that_would_take_the_union_out_of_range_is_refused_overflow() {
+        let (mut state, mut now) = shard();
+        now += 1;
+        let begin = Command::TopUpBegin { id: 7, user: 1, method: 1, fen: 600 };
+        let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: [0; TEXT_LEN] };
+        for command in [begin, confirm] {
+            now += 1;
+            assert_eq!(state.apply(now, &command).0.status, Status::Ok);
+        }
+        // The union's share of 60 coins would take it past the end of its range (set directly:
+        // this test checks no sums).
+        let union_share = state.spend_split(60, true)[1] as i64;
+        let union = state.slot(30);
+        state.accounts[union as usize].balance = i64::MAX - union_share + 1;
+        now += 1;
+        let tip = Command::Tip { id: 8, from: 1, to: 20, coins: 60 };
+        assert_eq!(state.apply(now, &tip).0.status, Status::Overflow, "was a panic in `split_spend`");
+        assert_eq!(state.account(1).map(|a| a.balance), Some(60));
     }
 }
