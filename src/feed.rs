@@ -558,6 +558,17 @@ impl Feed {
                     if position < floor {
                         return Err(ResolveError::TooOld(TooOld { shard: feed.shard, floor }));
                     }
+                    // No event of this server has it: its log lost them (a restored backup, a
+                    // power loss under `buffered`) or the position is another server's. Waiting
+                    // for the log to pass it would skip every event until then, unseen.
+                    let last = feed.last();
+                    if position > last {
+                        return Err(ResolveError::Invalid(format!(
+                            "shard {}: position {}.{} is past this server's newest event ({}.{}): it never had, or lost, \
+                             the events up to it; resynchronise (from a balance read, then --from now)",
+                            feed.shard, position.lsn, position.index, last.lsn, last.index
+                        )));
+                    }
                     position
                 }
                 watch_mode::TAIL => feed.last(),
@@ -682,6 +693,28 @@ mod tests {
         restored.shard(1).restore(20, &young.shard(1).encode_tail(1 << 16, Vec::new())).unwrap();
         assert_eq!(restored.shard(1).floor(), Position::default());
         assert_eq!(retained(restored.shard(1)), retained(young.shard(1)));
+    }
+
+    #[test]
+    fn a_position_past_the_newest_event_is_refused_not_waited_for() {
+        // Shard 1 holds lsns 10, 20, 30 (3 events each); shard 0 none.
+        let feed = fed(64, 3);
+        let after = |shard: u16, lsn: u64, index: u32| {
+            let mut r = WatchRecord { shard: shard.into(), mode: watch_mode::AFTER, ..WatchRecord::default() };
+            r.lsn.set(lsn);
+            r.index.set(index);
+            r
+        };
+        for ok in [after(1, 30, 2), after(1, 30, 0), after(1, 0, 0), after(0, 0, 0)] {
+            assert!(feed.resolve(&[ok]).is_ok(), "{ok:?}");
+        }
+        // Waiting for the log to pass these would skip every event until then, unseen.
+        for ahead in [after(1, 30, 3), after(1, 31, 0), after(1, 1_000, 0), after(0, 5, 0)] {
+            match feed.resolve(&[ahead]) {
+                Err(ResolveError::Invalid(message)) => assert!(message.contains("past"), "{message}"),
+                other => panic!("{ahead:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]
