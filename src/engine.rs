@@ -39,6 +39,8 @@ pub mod query_kind {
 
 /// Largest page of history one query returns.
 pub const HISTORY_LIMIT_MAX: u32 = 1000;
+/// The most shards an engine runs.
+pub const SHARDS_MAX: u16 = 64;
 
 /// Engine tunables. Defaults are documented in README "Limits".
 #[derive(Clone, Debug)]
@@ -83,8 +85,8 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.ledger.validate()?;
         self.limits.validate()?;
-        if self.shards == 0 || self.shards > 64 {
-            return Err(ConfigError("shards must be in 1..=64".into()));
+        if !(1..=SHARDS_MAX).contains(&self.shards) {
+            return Err(ConfigError(format!("shards must be in 1..={SHARDS_MAX}")));
         }
         if self.queue_depth_max == 0 || self.query_depth_max == 0 {
             return Err(ConfigError("queue depths must be at least 1".into()));

@@ -692,3 +692,35 @@ fn a_refused_second_server_creates_no_token_files() {
     ]);
     assert_eq!(run_bounded(cmd).code, 0);
 }
+
+/// `watch --json` ends with one JSON object on every path: when the stream ends (here the
+/// server shuts down) it says why and where to resume; a position past the server's newest
+/// event (another server's, or one this server lost) is refused, not waited for in silence.
+#[test]
+fn watch_json_ends_with_a_status_and_refuses_a_position_ahead_of_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path());
+    setup_funded_user(&s);
+    let refused = s.cli(&["watch", "--from", "0:1000.0,1:1000.0", "--limit", "1", "--json"]);
+    assert_eq!(refused.code, 3, "{} {}", refused.stdout, refused.stderr);
+    assert_eq!(refused.json()["status"], "invalid_position", "{}", refused.stdout);
+    assert!(refused.stderr.contains("past this server's newest event"), "{}", refused.stderr);
+
+    let mut cmd = bin();
+    cmd.args(["--connect", &s.addr, "--data-dir"]).arg(&s.dir).args(["--json", "watch", "--from", "earliest"]);
+    let mut watch = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    // The top-up's event: the watcher is streaming.
+    let first = lines.next().expect("an event").unwrap();
+    assert!(first.contains("\"position\""), "{first}");
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(s.pid(), libc::SIGTERM) }, 0);
+    let status = wait_bounded(&mut watch, WAIT).expect("the watcher did not stop");
+    assert_eq!(status.code(), Some(3));
+    let last = lines.map(Result::unwrap).last().expect("a last line");
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("not JSON ({e}): {last}"));
+    assert_eq!(last["status"], "shutting_down", "{last}");
+    assert!(last["position"].as_str().is_some_and(|p| p.starts_with("0:")), "{last}");
+    let mut server = s.child.take().unwrap();
+    assert_eq!(wait_bounded(&mut server, WAIT).and_then(|s| s.code()), Some(0));
+}

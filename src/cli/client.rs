@@ -228,11 +228,20 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
             let events = match watcher.next().await {
                 Ok(events) => events,
                 Err(error) => {
-                    let reason = match &error {
-                        ClientError::Server(body) => format!("{}: {}", body.code.name(), body.message),
-                        other => other.to_string(),
+                    let (status, reason) = match &error {
+                        ClientError::Server(body) => {
+                            (body.code.name(), format!("{}: {}", body.code.name(), body.message))
+                        }
+                        other => ("unreachable", other.to_string()),
                     };
-                    eprintln!("stormledger: the event stream ended ({reason}); resume with --from {cursor}");
+                    let message = format!("the event stream ended ({reason}); resume with --from {cursor}");
+                    eprintln!("stormledger: {message}");
+                    if cli.json {
+                        // The last line is one JSON object, as for every other failure.
+                        let mut obj = Obj::new();
+                        obj.set("status", status).set("error", message).set("position", cursor.to_string());
+                        emit(&obj.to_string());
+                    }
                     return EXIT_UNREACHABLE;
                 }
             };

@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::args::{parse_durability, parse_log_write, Cli, ServeArgs};
 use super::{metrics, token, EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
 use crate::config::{LedgerConfig, ShardLimits};
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, SHARDS_MAX};
 use crate::node::{Durability, Node, NodeConfig, NodeError};
 use crate::server::{Backend, Server, ServerConfig};
 use crate::wal::LogWrite;
@@ -137,8 +137,8 @@ impl ServeConfig {
             None => None,
         };
         let shards = match args.shards.or(file.shards) {
-            Some(n) if (1..=64).contains(&n) => n,
-            Some(n) => return Err(format!("--shards must be in 1..=64, got {n}")),
+            Some(n) if (1..=SHARDS_MAX).contains(&n) => n,
+            Some(n) => return Err(format!("--shards must be in 1..={SHARDS_MAX}, got {n}")),
             None => EngineConfig::default().shards,
         };
         let durability = match (args.durability, file.durability) {

@@ -475,3 +475,31 @@ fn spawn_run_verifies() {
     assert_verified(code, &json);
     assert_eq!(json["mode"], "spawn");
 }
+
+/// With `--json` the last line is one JSON object on every path: a run that ends early (here,
+/// no token to connect with) prints `{"status":"error",...,"verified":false}`, and a shard
+/// count out of range is a usage error before anything starts.
+#[test]
+fn json_runs_that_end_early_still_end_with_one_json_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let out = Command::new(storm_bin())
+        .args(["--connect", "127.0.0.1:1", "--json", "--data-dir"])
+        .arg(&missing)
+        .env_remove("STORMLEDGER_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("a JSON last line");
+    assert_eq!((last["status"].as_str(), last["verified"].as_bool()), (Some("error"), Some(false)), "{last}");
+    assert_eq!(last["exit"].as_i64(), out.status.code().map(i64::from), "{last}");
+    assert_ne!(out.status.code(), Some(0));
+    for shards in ["0", "65"] {
+        let out = Command::new(storm_bin()).args(["--engine", "--shards", shards, "--json"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "--shards {shards}");
+        let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(line["status"], "usage_error", "--shards {shards}: {line}");
+        // `status` first, as every JSON object the tools print.
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("{\"status\""), "{line}");
+    }
+}

@@ -128,6 +128,9 @@ impl Args {
         if self.streamers == 0 || self.streamers >= 1_000_000_000 {
             return Err("--streamers must be in 1..1000000000".into());
         }
+        if self.shards.is_some_and(|n| !(1..=stormledger::engine::SHARDS_MAX).contains(&n)) {
+            return Err(format!("--shards must be in 1..={}", stormledger::engine::SHARDS_MAX));
+        }
         if self.connections == 0 || self.batch == 0 || self.window == 0 {
             return Err("--connections, --batch and --window must be at least 1".into());
         }

@@ -55,10 +55,15 @@ pub fn main(args: Args) -> i32 {
         }
         return 2;
     }
+    let json = args.json;
     match run(args) {
         Ok(code) => code,
         Err(Fatal(code, message)) => {
             eprintln!("stormledger-storm: {message}");
+            if json {
+                // The last line is still one JSON object: a run that ended early verified nothing.
+                println!("{}", json!({"status": "error", "exit": code, "error": message, "verified": false}));
+            }
             code
         }
     }
@@ -300,10 +305,10 @@ impl Shared {
 async fn submit_final(
     link: &Link,
     commands: &[Command],
+    deadline: Instant,
     mut on_final: impl FnMut(&[Command], &[ReplyRecord]),
 ) -> Result<Vec<ReplyRecord>, ClientError> {
     let mut replies: Vec<Option<ReplyRecord>> = vec![None; commands.len()];
-    let deadline = Instant::now() + FINAL_RETRY_FOR;
     let mut backoff = Duration::from_millis(5);
     loop {
         let pending: Vec<usize> = (0..commands.len()).filter(|&i| replies[i].is_none()).collect();
@@ -403,8 +408,10 @@ async fn setup(links: &[Arc<Link>], spec: &StormSpec, shared: &Arc<Shared>) -> R
                             r.acks(done, replies);
                         }
                     };
-                    let replies =
-                        submit_final(&link, &chunk, record_acks).await.map_err(|e| fatal_client("setup", e))?;
+                    let deadline = Instant::now() + FINAL_RETRY_FOR;
+                    let replies = submit_final(&link, &chunk, deadline, record_acks)
+                        .await
+                        .map_err(|e| fatal_client("setup", e))?;
                     for (command, reply) in chunk.iter().zip(&replies) {
                         let status = Status::from_code(reply.status.get());
                         if status != Some(Status::Ok) {
@@ -821,15 +828,30 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
     progress.finish_and_clear();
 
     // In-doubt commands: resubmit with the same ids; the reply is the original result.
+    // One deadline for them all (per chunk, a server that died made this take hours), and once
+    // a chunk could not be resolved, the rest are left unresolved too: the server is gone.
     let in_doubt = std::mem::take(&mut *shared.in_doubt.lock().expect("lock"));
     let t1 = Instant::now();
+    let resolve_deadline = t1 + FINAL_RETRY_FOR;
+    if !in_doubt.is_empty() {
+        eprintln!(
+            "stormledger-storm: resolving {} in-doubt commands (sent again with the same ids, for up to {} s)",
+            in_doubt.len(),
+            FINAL_RETRY_FOR.as_secs()
+        );
+    }
+    let mut gave_up = false;
     for chunk in in_doubt.chunks(RESOLVE_CHUNK) {
+        if gave_up {
+            shared.counters.unresolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            continue;
+        }
         let link = &links[0];
         if let Some(r) = &shared.recorder {
             r.sent(chunk, |g| shared.model.gift_price(g));
         }
         // `apply` records the acks once every reply is final.
-        match submit_final(link, chunk, |_, _| {}).await {
+        match submit_final(link, chunk, resolve_deadline, |_, _| {}).await {
             Ok(replies) => {
                 shared.apply(chunk, &replies, true);
                 shared.counters.resolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -837,8 +859,17 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
             Err(e) => {
                 shared.note_error(&e);
                 shared.counters.unresolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                gave_up = true;
             }
         }
+    }
+    if !in_doubt.is_empty() {
+        let c = &shared.counters;
+        eprintln!(
+            "stormledger-storm: in doubt: {} resolved, {} unresolved",
+            c.resolved.load(Ordering::Relaxed),
+            c.unresolved.load(Ordering::Relaxed)
+        );
     }
 
     // Verification.
