@@ -195,6 +195,13 @@ fn full_flow() {
     let cursor = page["next"].as_str().expect("a next cursor").to_string();
     let rest = s.ok(&["history", "1", "--json", "--limit", "10", "--before", &cursor]).json();
     assert_eq!(rest["records"].as_array().unwrap().len(), 2, "{rest}");
+    assert!(rest["next"].is_null(), "{rest}");
+    // A last page that is exactly full has no `next` either (no cursor to an empty page).
+    let last = s.ok(&["history", "1", "--json", "--limit", "2", "--before", &cursor]).json();
+    assert_eq!((last["records"].as_array().unwrap().len(), last["next"].is_null()), (2, true), "{last}");
+    let full = s.ok(&["history", "1", "--json", "--limit", "2"]).json();
+    let next = full["next"].as_str().expect("a next cursor");
+    assert_eq!(s.ok(&["history", "1", "--json", "--before", next]).json()["records"].as_array().unwrap().len(), 1);
     assert!(s.ok(&["history", "1"]).stdout.contains("tip"));
 
     let l = s.ok(&["lookup", "--id", "200", "--json"]).json();

@@ -541,7 +541,10 @@ async fn run(client: &Client, request: Request) -> Result<(Obj, String), ClientE
         Request::History { account, limit, before } => {
             let mut query = QueryRecord { kind: QUERY_KIND_HISTORY, ..QueryRecord::default() };
             query.key.set(account);
-            query.limit.set(limit);
+            // One more than shown (within the server's cap), to tell the last page from a full
+            // one: `next` is then null on the last page, not a cursor to an empty one.
+            let ask = if limit < crate::engine::HISTORY_LIMIT_MAX { limit + 1 } else { limit };
+            query.limit.set(ask);
             if let Some(c) = before {
                 query.before_ts.set(c.timestamp);
                 query.before_shard.set(c.shard);
@@ -558,8 +561,16 @@ async fn run(client: &Client, request: Request) -> Result<(Obj, String), ClientE
                 };
                 return Ok((obj, line));
             }
-            let next = (answer.next_before_ts != 0)
-                .then_some(Cursor { timestamp: answer.next_before_ts, shard: answer.next_before_shard });
+            let mut answer = answer;
+            let next = if ask > limit {
+                let more = answer.history.len() > limit as usize;
+                answer.history.truncate(limit as usize);
+                let last = answer.history.last().filter(|_| more);
+                last.map(|h| Cursor { timestamp: h.timestamp.get(), shard: u64::from(h.shard) })
+            } else {
+                (answer.next_before_ts != 0)
+                    .then_some(Cursor { timestamp: answer.next_before_ts, shard: answer.next_before_shard })
+            };
             let entries: Vec<Obj> = answer.history.iter().map(output::history_entry).collect();
             obj.set_list("records", entries);
             obj.set("next", next.map(|c| c.to_string()));
