@@ -599,13 +599,41 @@ async fn client_reports_auth_and_server_errors() {
     assert!(matches!(error, ClientError::Auth(ref e) if e.code == ErrorCode::AUTH_FAILED), "{error:?}");
 
     let client = Client::connect(server.addr, TOKEN).await.expect("connect");
+    // Refused by the client itself (the server would answer `forbidden`: see the raw test).
     let error = client.submit(vec![command(1, 250, 0)]).await.expect_err("admin kind");
-    assert!(matches!(error, ClientError::Server(ref e) if e.code == ErrorCode::FORBIDDEN), "{error:?}");
+    assert!(matches!(error, ClientError::InvalidRequest(_)), "{error:?}");
 
     let mut config = ClientConfig::new(ADMIN_TOKEN);
     config.role = Role::Admin;
     let admin = Client::connect_with(server.addr, config).await.expect("admin connect");
     assert_eq!(admin.submit(vec![command(1, 250, 0)]).await.expect("admin may")[0].id.get(), 1);
+    server.shutdown().await;
+}
+
+/// On a client-role connection an admin kind is refused before it enters the queue: coalesced
+/// into one frame with other callers' commands, it made the server refuse them all `forbidden`.
+/// The current-thread runtime makes both calls queue before the batcher runs, so they would share
+/// a frame.
+#[tokio::test]
+async fn client_refuses_admin_kinds_itself_so_other_calls_do_not_fail_with_them() {
+    let server = TestServer::start(|_| {}).await;
+    let client = Client::connect(server.addr, TOKEN).await.expect("connect");
+    let (innocent, admin) =
+        tokio::join!(client.submit(vec![command(1, 1, 0)]), client.submit(vec![command(2, 200, 0), command(3, 1, 0)]));
+    let innocent = innocent.expect("a call without admin kinds is answered");
+    assert_eq!(innocent[0].id.get(), 1);
+    assert!(matches!(admin, Err(ClientError::InvalidRequest(_))), "{admin:?}");
+    assert_eq!(server.mock.submitted(), 1, "nothing of the refused call left the client");
+    assert_eq!(server.stats.snapshot().forbidden_frames, 0);
+
+    // An admin connection still sends admin kinds, coalesced with other calls as before.
+    let mut config = ClientConfig::new(ADMIN_TOKEN);
+    config.role = Role::Admin;
+    let admin = Client::connect_with(server.addr, config).await.expect("admin connect");
+    let (ordinary, operator) =
+        tokio::join!(admin.submit(vec![command(4, 1, 0)]), admin.submit(vec![command(5, 200, 0)]));
+    assert_eq!(ordinary.expect("ordinary command")[0].id.get(), 4);
+    assert_eq!(operator.expect("admin command")[0].id.get(), 5);
     server.shutdown().await;
 }
 

@@ -39,6 +39,7 @@ use crate::protocol::{
     AuthOk, ErrorBody, Frame, FrameReadError, FrameReader, FrameWriter, Hello, Payload, ProtocolError, QueryAnswer,
     Role, COMMANDS_PER_FRAME_MAX, QUERIES_PER_FRAME_MAX, QUERY_KIND_BALANCE,
 };
+use crate::server::ADMIN_KIND_MIN;
 pub use crate::tls::TlsClientConfig;
 
 /// Why a client call failed.
@@ -56,7 +57,8 @@ pub enum ClientError {
     Server(ErrorBody),
     /// The connection is closed. Outcome of in-flight commands unknown.
     Closed,
-    /// The call cannot be sent (e.g. a token longer than the protocol allows).
+    /// The call cannot be sent (e.g. a token longer than the protocol allows, or an admin
+    /// command kind on a client-role connection); nothing of it was sent.
     InvalidRequest(&'static str),
     /// No TLS and the server is not on a loopback address: the token was not sent (see
     /// `ClientConfig::allow_remote_plaintext`).
@@ -284,7 +286,14 @@ impl Client {
     /// Submits commands; one reply per command, same order. Concurrent calls are coalesced into
     /// shared frames. A call larger than one frame is split (the parts may be applied in
     /// different batches).
+    ///
+    /// On a client-role connection a call with an admin kind (`server::ADMIN_KIND_MIN` and up) is
+    /// refused here, whole and unsent, with `ClientError::InvalidRequest`: the server refuses
+    /// every frame holding one, so coalesced with other calls it would fail them too.
     pub async fn submit(&self, commands: Vec<CommandRecord>) -> Result<Vec<ReplyRecord>, ClientError> {
+        if self.session.role != Role::Admin && commands.iter().any(|command| command.kind >= ADMIN_KIND_MIN) {
+            return Err(ClientError::InvalidRequest("admin command kinds need an admin connection"));
+        }
         let limit = (self.session.commands_per_frame_max as usize).clamp(1, COMMANDS_PER_FRAME_MAX);
         self.in_frames(commands, limit, Call::Commands).await
     }
