@@ -474,6 +474,52 @@ async fn waiting_for_the_engine_is_not_idleness() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_out_of_answer_bytes_waits_while_others_are_served() {
+    // A budget of one byte: every frame takes all of it, so one unanswered frame holds it.
+    let server = TestServer::start(|config| config.answer_bytes_per_connection_max = 1).await;
+    let mut slow = RawConn::authed(server.addr).await;
+    let mut bytes = commands_frame(1, vec![command(10, 1, HOLD)]);
+    bytes.extend(commands_frame(2, vec![command(20, 1, 0)]));
+    slow.send(&bytes).await;
+    eventually(|| server.mock.held_count() == 1).await;
+    eventually(|| server.stats.snapshot().frames_received == 3).await; // Hello and both frames
+                                                                       // Another connection has a budget of its own.
+    let mut other = RawConn::authed(server.addr).await;
+    other.send(&commands_frame(3, vec![command(30, 1, 0)])).await;
+    assert_eq!(replies_of(&other.next().await.expect("replies"))[0].id.get(), 30);
+    assert_eq!(server.mock.submitted(), 2, "frame 2 waits, read but not submitted, while frame 1 is unanswered");
+    // Frame 1's answer written gives the budget back to frame 2.
+    server.mock.release();
+    let mut answered = [slow.next().await.expect("frame"), slow.next().await.expect("frame")].map(|f| f.request_id);
+    answered.sort();
+    assert_eq!(answered, [1, 2]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_servers_answer_bytes_taken_every_connection_waits_then_is_served() {
+    // A server-wide budget of one byte: one unanswered frame anywhere holds all of it.
+    let server = TestServer::start(|config| config.answer_bytes_max = 1).await;
+    let mut holder = RawConn::authed(server.addr).await;
+    holder.send(&commands_frame(1, vec![command(10, 1, HOLD)])).await;
+    eventually(|| server.mock.held_count() == 1).await;
+    let mut waiting = RawConn::authed(server.addr).await;
+    waiting.send(&commands_frame(2, vec![command(20, 1, 0)])).await;
+    let client = Client::connect(server.addr, TOKEN).await.expect("connecting needs no answer bytes");
+    let balance = tokio::spawn(async move { client.balance(1).await });
+    // Three Hellos and three frames read; only the first frame submitted.
+    eventually(|| server.stats.snapshot().frames_received == 6).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.mock.submitted(), 1, "the other connections' frames wait, read but not submitted");
+    assert!(!balance.is_finished(), "a balance read waits too: back-pressure, not an error");
+    server.mock.release();
+    assert_eq!(holder.next().await.expect("replies").request_id, 1);
+    assert_eq!(replies_of(&waiting.next().await.expect("replies"))[0].id.get(), 20);
+    assert_eq!(balance.await.expect("task").expect("balance").value.get(), 500);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_callback_answers_internal() {
     let server = TestServer::start(|_| {}).await;
     let mut conn = RawConn::authed(server.addr).await;

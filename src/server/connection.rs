@@ -3,8 +3,16 @@
 //! In-flight accounting is the reply channel itself: before a frame is submitted the reader
 //! reserves a slot in the channel (`reserve_owned`), and the slot travels with the request into
 //! the backend callback. The callback fills the slot with `OwnedPermit::send`, which cannot block
-//! and cannot fail, so engine threads never wait on a network task. When every slot is taken the
-//! reader stops reading, and TCP flow control pushes back on the client.
+//! and cannot fail, so engine threads never wait on a network task. A slot is free again once
+//! the writer has taken the frame out of the channel.
+//!
+//! Memory accounting is in bytes, on top of that: before the slot, the reader takes the largest
+//! answer the frame can have (`answer_bytes_max`) from the connection's budget and from the
+//! server's (`Reservation`). The reservation travels with the slot; once the answer exists it
+//! shrinks to the answer's size, and the writer gives it back only when the frame has been
+//! written to the socket. So answers computed, queued or being written never exceed either
+//! budget, whatever the client sends and however slowly it reads. When a slot or a budget is
+//! not available the reader stops reading, and TCP flow control pushes back on the client.
 //!
 //! Before the handshake, `admit` decides the transport: TLS (`accept_tls`), plaintext, or a
 //! `tls_required` refusal sent before anything is read. Everything after that is generic over
@@ -17,33 +25,58 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, OwnedPermit};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::stats::{add, ServerStats};
 use super::Shared;
-use crate::layout::{QueryRecord, ReplyRecord, HISTORY_RECORD_SIZE};
+use crate::layout::{
+    QueryRecord, ReplyRecord, COMMAND_RECORD_SIZE, EVENT_RECORD_SIZE, HISTORY_RECORD_SIZE, REPLY_RECORD_SIZE,
+    WATCH_RECORD_SIZE,
+};
 use crate::protocol::{
-    AuthOk, ErrorBody, ErrorCode, Frame, FrameReadError, FrameReader, FrameWriter, Hello, Payload, ProtocolError,
-    QueryAnswer, Role, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, QUERIES_PER_FRAME_MAX, QUERY_KIND_BALANCE,
-    QUERY_KIND_HISTORY,
+    AnswerIndexRecord, AuthOk, ErrorBody, ErrorCode, Frame, FrameReadError, FrameReader, FrameWriter, Hello, Payload,
+    ProtocolError, QueryAnswer, Role, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, QUERIES_PER_FRAME_MAX,
+    QUERY_KIND_BALANCE, QUERY_KIND_HISTORY,
 };
 
 /// The writer batches queued replies into one write up to about this many bytes, so a burst of
 /// small reply frames costs one syscall instead of one each.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
-/// Events per `Event` frame of a watch stream. With at most `in_flight_per_connection_max`
-/// frames queued for the writer, this bounds what one slow subscriber can pin in memory
-/// (64 x 256 x 96 B = 1.5 MiB with the defaults).
+/// What the writer's buffer keeps allocated between writes: a larger buffer (one big answer) is
+/// given back after its write, so an idle connection does not keep the memory of its largest
+/// answer.
+const WRITE_BUFFER_KEPT: usize = 64 * 1024;
+
+/// Events per `Event` frame of a watch stream (256 x 96 B = 24 KiB a frame). The frames queued
+/// for the writer count against the answer budgets like any answer.
 const WATCH_EVENTS_PER_FRAME: usize = 256;
+
+/// What an answer frame counts against the budgets besides its records: the header, the frame
+/// in the channel, an error message.
+const FRAME_BYTES: usize = 256;
+
+/// The encoded size of one query's answer without history entries, at most: reply, answer
+/// index and lookup record.
+const QUERY_ANSWER_FIXED_BYTES: usize =
+    REPLY_RECORD_SIZE + core::mem::size_of::<AnswerIndexRecord>() + COMMAND_RECORD_SIZE;
+
+/// What one query's answer counts besides its history entries: its size in memory or encoded,
+/// whichever is larger.
+const QUERY_ANSWER_BYTES: usize = if core::mem::size_of::<QueryAnswer>() > QUERY_ANSWER_FIXED_BYTES {
+    core::mem::size_of::<QueryAnswer>()
+} else {
+    QUERY_ANSWER_FIXED_BYTES
+};
 
 /// The first byte of a TLS connection: a handshake record (the ClientHello). A plaintext
 /// client's first byte is the frame magic's `S`.
@@ -236,10 +269,11 @@ async fn serve_stream<R, W>(
         _ => return,
     }
 
-    let (tx, rx) = mpsc::channel::<Frame>(config.in_flight_per_connection_max);
+    let (tx, rx) = mpsc::channel::<Outgoing>(config.in_flight_per_connection_max);
     let (last_tx, last_rx) = oneshot::channel::<Frame>();
     let mut writer_task = tokio::spawn(write_loop(writer, rx, last_rx, shared.clone()));
-    let handler = Handler { shared: shared.clone(), role, tx };
+    let budget = Arc::new(Semaphore::new(config.answer_bytes_per_connection_max));
+    let handler = Handler { shared: shared.clone(), role, tx, budget };
     handler.read_loop(&mut reader, &mut shutdown, last_tx).await;
     add(&stats.bytes_received, reader.bytes_read());
     // `handler` (and its sender) is gone; the writer ends once every in-flight callback has
@@ -312,7 +346,36 @@ enum ReadEnd {
 struct Handler {
     shared: Arc<Shared>,
     role: Role,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Outgoing>,
+    /// This connection's answer bytes (`ServerConfig::answer_bytes_per_connection_max`).
+    budget: Arc<Semaphore>,
+}
+
+/// A frame for the writer, with the answer bytes reserved for it.
+struct Outgoing {
+    frame: Frame,
+    reservation: Reservation,
+}
+
+/// Answer bytes taken from the connection's budget and from the server's, for one frame. Given
+/// back when dropped: by the writer once the frame is written to the socket, or with the
+/// connection.
+struct Reservation {
+    connection: OwnedSemaphorePermit,
+    server: OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    /// Gives back what is reserved beyond `bytes` (an answer smaller than the largest the frame
+    /// could have had).
+    fn shrink_to(&mut self, bytes: usize) {
+        for permit in [&mut self.connection, &mut self.server] {
+            let excess = permit.num_permits().saturating_sub(bytes);
+            if excess > 0 {
+                drop(permit.split(excess));
+            }
+        }
+    }
 }
 
 impl Handler {
@@ -363,7 +426,16 @@ impl Handler {
                 // The connection becomes an event stream until it ends.
                 break self.watch(reader, shutdown, frame.request_id, request).await;
             }
-            // Reserve the reply slot before submitting: this is the in-flight limit.
+            // Reserve the answer's bytes, then the reply slot, before submitting: these are the
+            // memory and in-flight limits. Until both are there, nothing more is read.
+            let reservation = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
+                _ = self.tx.closed() => break ReadEnd::Closed,
+                reservation = self.reserve(answer_bytes_max(&frame.payload)) => match reservation {
+                    Some(reservation) => reservation,
+                    None => break ReadEnd::Closed,
+                },
+            };
             let permit = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
                 permit = self.tx.clone().reserve_owned() => match permit {
@@ -371,7 +443,7 @@ impl Handler {
                     Err(_) => break ReadEnd::Closed,
                 },
             };
-            if let Err(fatal) = self.dispatch(frame, permit) {
+            if let Err(fatal) = self.dispatch(frame, permit, reservation) {
                 break ReadEnd::Last(fatal);
             }
         };
@@ -407,8 +479,9 @@ impl Handler {
             }
             Err(ResolveError::Invalid(message)) => return last(ErrorCode::INVALID_POSITION, message),
         };
-        if self.tx.send(Frame::new(request_id, Payload::Watch(cursor.to_records()))).await.is_err() {
-            return ReadEnd::Closed;
+        let frame = Frame::new(request_id, Payload::Watch(cursor.to_records()));
+        if let Err(end) = self.send_streamed(frame, shutdown).await {
+            return end;
         }
         let mut events = Vec::new();
         loop {
@@ -426,9 +499,8 @@ impl Handler {
                 let Some(newest) = events.last() else { continue };
                 cursor.set(shard, Position::of(newest));
                 let frame = Frame::new(request_id, Payload::Event(std::mem::take(&mut events)));
-                tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => return shutting_down(),
-                    sent = self.tx.send(frame) => if sent.is_err() { return ReadEnd::Closed },
+                if let Err(end) = self.send_streamed(frame, shutdown).await {
+                    return end;
                 }
                 sent = true;
             }
@@ -454,9 +526,35 @@ impl Handler {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
+    /// Takes `bytes` from the connection's budget, then from the server's, waiting for them.
+    /// Takes at most the whole of a budget, so a frame whose answer may be larger than a budget
+    /// still runs, alone. `None` only if a budget is closed (they never are).
+    async fn reserve(&self, bytes: usize) -> Option<Reservation> {
+        let config = &self.shared.config;
+        // `validate` keeps both budgets within u32.
+        let take = |budget: usize| u32::try_from(bytes.min(budget)).unwrap_or(u32::MAX);
+        let connection = self.budget.clone().acquire_many_owned(take(config.answer_bytes_per_connection_max)).await;
+        let server = self.shared.answer_bytes.clone().acquire_many_owned(take(config.answer_bytes_max)).await;
+        Some(Reservation { connection: connection.ok()?, server: server.ok()? })
+    }
+
+    /// Queues one frame of a watch stream for the writer, once its bytes are reserved and a slot
+    /// is free. `Err` carries how the stream ends instead.
+    async fn send_streamed(&self, frame: Frame, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadEnd> {
+        let reservation = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Err(shutting_down()),
+            _ = self.tx.closed() => return Err(ReadEnd::Closed),
+            reservation = self.reserve(answer_bytes(&frame.payload)) => reservation.ok_or(ReadEnd::Closed)?,
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => Err(shutting_down()),
+            sent = self.tx.send(Outgoing { frame, reservation }) => sent.map_err(|_| ReadEnd::Closed),
+        }
+    }
+
     /// Hands one parsed frame to the backend. `Err` carries the error frame for a frame that must
     /// close the connection.
-    fn dispatch(&self, frame: Frame, permit: OwnedPermit<Frame>) -> Result<(), Frame> {
+    fn dispatch(&self, frame: Frame, permit: OwnedPermit<Outgoing>, reservation: Reservation) -> Result<(), Frame> {
         let stats = &self.shared.stats;
         let backend = &self.shared.backend;
         let request_id = frame.request_id;
@@ -467,11 +565,11 @@ impl Handler {
                     // as a unit or not at all. The connection stays usable.
                     add(&stats.forbidden_frames, 1);
                     let error = ErrorBody::new(ErrorCode::FORBIDDEN, "admin command kinds need an admin connection");
-                    permit.send(Frame::new(request_id, Payload::Error(error)));
+                    ReplySlot::new(permit, reservation, request_id, stats.clone()).send(Payload::Error(error));
                     return Ok(());
                 }
                 add(&stats.commands_received, commands.len() as u64);
-                let slot = ReplySlot::new(permit, request_id, self.shared.stats.clone());
+                let slot = ReplySlot::new(permit, reservation, request_id, self.shared.stats.clone());
                 let expected = commands.len();
                 backend.submit(
                     commands,
@@ -489,11 +587,12 @@ impl Handler {
             }
             Payload::Query(queries) => {
                 add(&stats.queries_received, queries.len() as u64);
-                self.dispatch_queries(queries, ReplySlot::new(permit, request_id, self.shared.stats.clone()));
+                let slot = ReplySlot::new(permit, reservation, request_id, self.shared.stats.clone());
+                self.dispatch_queries(queries, slot);
                 Ok(())
             }
             Payload::Ping => {
-                permit.send(Frame::new(request_id, Payload::Pong));
+                ReplySlot::new(permit, reservation, request_id, stats.clone()).send(Payload::Pong);
                 Ok(())
             }
             // Watch/Event never decode (reserved kinds fail in `check`); everything else here is
@@ -518,17 +617,17 @@ impl Handler {
         let history_cap = history_cap(queries.len());
         for query in &mut queries {
             if query.kind == QUERY_KIND_HISTORY {
-                let limit = query.limit.get();
-                if limit == 0 || limit > history_cap {
-                    query.limit.set(history_cap);
-                }
+                query.limit.set(history_limit(query, history_cap));
             }
         }
         let collector = Arc::new(Mutex::new(Collector {
             answers: vec![None; queries.len()],
             remaining: queries.len(),
             slot: Some(slot),
-            history_cap: history_cap as usize,
+            history_limits: queries
+                .iter()
+                .map(|query| if query.kind == QUERY_KIND_HISTORY { query.limit.get() as usize } else { 0 })
+                .collect(),
         }));
         for (position, query) in queries.into_iter().enumerate() {
             if query.kind == QUERY_KIND_BALANCE {
@@ -544,9 +643,52 @@ impl Handler {
 /// Most history entries one query of a frame of `queries` queries may return so that the whole
 /// answer frame fits in `BODY_BYTES_MAX` even if every query also returns a lookup record.
 fn history_cap(queries: usize) -> u32 {
-    let fixed = queries * (32 + 32 + crate::layout::COMMAND_RECORD_SIZE);
+    let fixed = queries * QUERY_ANSWER_FIXED_BYTES;
     let per_query = BODY_BYTES_MAX.saturating_sub(fixed) / HISTORY_RECORD_SIZE / queries.max(1);
     per_query.max(1) as u32
+}
+
+/// The history entries a query may get: its `limit`, where 0 or more than `history_cap` means
+/// `history_cap`.
+fn history_limit(query: &QueryRecord, history_cap: u32) -> u32 {
+    match query.limit.get() {
+        0 => history_cap,
+        limit => limit.min(history_cap),
+    }
+}
+
+/// The most bytes the answer to `request` can take (what the reader reserves before submitting
+/// it): a Commands frame's replies, a Query frame's answers with every history query's page full
+/// and every answer holding a lookup record; any other frame is answered with a small one.
+fn answer_bytes_max(request: &Payload) -> usize {
+    match request {
+        Payload::Commands(commands) => FRAME_BYTES + commands.len() * REPLY_RECORD_SIZE,
+        Payload::Query(queries) => {
+            let history_cap = history_cap(queries.len());
+            let history = queries
+                .iter()
+                .filter(|query| query.kind == QUERY_KIND_HISTORY)
+                .map(|query| history_limit(query, history_cap) as usize * HISTORY_RECORD_SIZE)
+                .sum::<usize>();
+            FRAME_BYTES + queries.len() * QUERY_ANSWER_BYTES + history
+        }
+        _ => FRAME_BYTES,
+    }
+}
+
+/// The bytes an answer takes (in memory, which is at least its encoded size): what its
+/// reservation shrinks to once it exists.
+fn answer_bytes(answer: &Payload) -> usize {
+    FRAME_BYTES
+        + match answer {
+            Payload::Replies(replies) => replies.capacity() * REPLY_RECORD_SIZE,
+            Payload::QueryAnswer(answers) => {
+                answers.iter().map(|answer| QUERY_ANSWER_BYTES + answer.history.capacity() * HISTORY_RECORD_SIZE).sum()
+            }
+            Payload::Event(events) => events.capacity() * EVENT_RECORD_SIZE,
+            Payload::Watch(cursor) => cursor.capacity() * WATCH_RECORD_SIZE,
+            _ => 0,
+        }
 }
 
 /// Gathers the answers of one Query frame; the last callback sends the frame.
@@ -554,16 +696,20 @@ struct Collector {
     answers: Vec<Option<QueryAnswer>>,
     remaining: usize,
     slot: Option<ReplySlot>,
-    history_cap: usize,
+    /// The history entries each query may get: its `limit` as submitted for a history query, 0
+    /// for the others (what `answer_bytes_max` reserved for).
+    history_limits: Vec<usize>,
 }
 
 impl Collector {
     fn fill(collector: &Mutex<Collector>, position: usize, mut answer: QueryAnswer) {
         let mut state = collector.lock();
-        if answer.history.len() > state.history_cap {
+        let limit = state.history_limits.get(position).copied().unwrap_or(0);
+        if answer.history.len() > limit {
             // The engine returned more than asked; keep the frame within limits and point the
             // cursor at the last entry kept so the client can page on without a gap.
-            answer.history.truncate(state.history_cap);
+            answer.history.truncate(limit);
+            answer.history.shrink_to_fit();
             if let Some(last) = answer.history.last() {
                 answer.next_before_ts = last.timestamp.get();
                 answer.next_before_shard = u64::from(last.shard);
@@ -578,7 +724,8 @@ impl Collector {
         *entry = Some(answer);
         state.remaining -= 1;
         if state.remaining == 0 {
-            let answers: Vec<QueryAnswer> = state.answers.drain(..).flatten().collect();
+            let mut answers = Vec::with_capacity(state.answers.len());
+            answers.extend(state.answers.drain(..).flatten());
             if let Some(slot) = state.slot.take() {
                 drop(state);
                 slot.send(Payload::QueryAnswer(answers));
@@ -587,22 +734,33 @@ impl Collector {
     }
 }
 
-/// The reserved reply-channel slot of one submitted frame. Dropping it unused (the backend lost
-/// the callback) answers `internal`, so the client can retry instead of waiting forever.
+/// The reserved reply-channel slot of one submitted frame, with the answer bytes reserved for
+/// it. Dropping it unused (the backend lost the callback) answers `internal`, so the client can
+/// retry instead of waiting forever.
 struct ReplySlot {
-    permit: Option<OwnedPermit<Frame>>,
+    reserved: Option<(OwnedPermit<Outgoing>, Reservation)>,
     request_id: u64,
     stats: Arc<ServerStats>,
 }
 
 impl ReplySlot {
-    fn new(permit: OwnedPermit<Frame>, request_id: u64, stats: Arc<ServerStats>) -> ReplySlot {
-        ReplySlot { permit: Some(permit), request_id, stats }
+    fn new(
+        permit: OwnedPermit<Outgoing>,
+        reservation: Reservation,
+        request_id: u64,
+        stats: Arc<ServerStats>,
+    ) -> ReplySlot {
+        ReplySlot { reserved: Some((permit, reservation)), request_id, stats }
     }
 
     fn send(mut self, payload: Payload) {
-        if let Some(permit) = self.permit.take() {
-            permit.send(Frame::new(self.request_id, payload));
+        self.send_in_place(payload);
+    }
+
+    fn send_in_place(&mut self, payload: Payload) {
+        if let Some((permit, mut reservation)) = self.reserved.take() {
+            reservation.shrink_to(answer_bytes(&payload));
+            permit.send(Outgoing { frame: Frame::new(self.request_id, payload), reservation });
         }
     }
 
@@ -611,10 +769,9 @@ impl ReplySlot {
     }
 
     fn fail_in_place(&mut self, message: &str) {
-        if let Some(permit) = self.permit.take() {
+        if self.reserved.is_some() {
             add(&self.stats.internal_errors, 1);
-            let error = ErrorBody::new(ErrorCode::INTERNAL, message);
-            permit.send(Frame::new(self.request_id, Payload::Error(error)));
+            self.send_in_place(Payload::Error(ErrorBody::new(ErrorCode::INTERNAL, message)));
         }
     }
 }
@@ -630,69 +787,96 @@ impl Drop for ReplySlot {
 /// frame (an error, an idle timeout, a shutdown notice) only after the drain means a client sees
 /// the answers to everything the server accepted before it sees why the connection ends.
 /// A peer that does not take a write within `write_timeout` is dropped.
+///
+/// The frames' reservations are given back once their bytes are written to the socket. The
+/// writer encodes into a buffer of its own (not `FrameWriter`'s, which keeps its largest size),
+/// which shrinks back after a large write.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<Outgoing>,
     mut last: oneshot::Receiver<Frame>,
     shared: Arc<Shared>,
 ) {
     let config = &shared.config;
     let stats = &shared.stats;
+    let mut batch = Batch::default();
     let mut healthy = true;
-    while let Some(frame) = rx.recv().await {
-        let mut frames = 0u64;
-        let mut next = Some(frame);
-        while let Some(frame) = next.take() {
-            queue(&mut writer, &frame, stats);
-            frames += 1;
-            if writer.queued_len() < WRITE_BATCH_BYTES {
+    while let Some(outgoing) = rx.recv().await {
+        let mut next = Some(outgoing);
+        while let Some(Outgoing { frame, reservation }) = next.take() {
+            batch.queue(&frame, stats);
+            batch.reservations.push(reservation);
+            if batch.buffer.len() < WRITE_BATCH_BYTES {
                 next = rx.try_recv().ok();
             }
         }
-        if !flush(&mut writer, stats, frames, config.write_timeout).await {
+        if !batch.write(writer.get_mut(), stats, config.write_timeout).await {
             healthy = false;
             break;
         }
     }
     if healthy {
         if let Ok(frame) = last.try_recv() {
-            queue(&mut writer, &frame, stats);
-            flush(&mut writer, stats, 1, config.write_timeout).await;
+            batch.queue(&frame, stats);
+            batch.write(writer.get_mut(), stats, config.write_timeout).await;
         }
     }
-    add(&stats.bytes_sent, writer.bytes_written());
+    add(&stats.bytes_sent, writer.bytes_written() + batch.written);
     // Replies that arrive after this are dropped with the connection; the client resubmits them
-    // with the same ids and gets their original results.
+    // with the same ids and gets their original results. Their bytes are given back now, not
+    // after the shutdown below.
     rx.close();
+    drop(rx);
+    drop(batch);
     let _ = timeout(config.write_timeout, writer.shutdown()).await;
 }
 
-async fn flush<W: AsyncWrite + Unpin>(
-    writer: &mut FrameWriter<W>,
-    stats: &ServerStats,
+/// Frames encoded and not yet written, with their reservations.
+#[derive(Default)]
+struct Batch {
+    buffer: Vec<u8>,
+    reservations: Vec<Reservation>,
     frames: u64,
-    limit: std::time::Duration,
-) -> bool {
-    match timeout(limit, writer.flush()).await {
-        Ok(Ok(())) => {
-            add(&stats.frames_sent, frames);
-            true
-        }
-        Ok(Err(_)) => false,
-        Err(_elapsed) => {
-            add(&stats.write_timeouts, 1);
-            false
-        }
-    }
+    /// Bytes written to the socket so far.
+    written: u64,
 }
 
-fn queue<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, frame: &Frame, stats: &ServerStats) {
-    if writer.queue(frame).is_err() {
-        // Only a backend answer that breaks a frame limit can fail to encode; the client still
-        // gets an answer for its request id.
-        add(&stats.internal_errors, 1);
-        let error = ErrorBody::new(ErrorCode::INTERNAL, "the answer does not fit in a frame");
-        let _ = writer.queue(&Frame::new(frame.request_id, Payload::Error(error)));
+impl Batch {
+    fn queue(&mut self, frame: &Frame, stats: &ServerStats) {
+        if frame.encode(&mut self.buffer).is_err() {
+            // Only a backend answer that breaks a frame limit can fail to encode; the client
+            // still gets an answer for its request id.
+            add(&stats.internal_errors, 1);
+            let error = ErrorBody::new(ErrorCode::INTERNAL, "the answer does not fit in a frame");
+            let _ = Frame::new(frame.request_id, Payload::Error(error)).encode(&mut self.buffer);
+        }
+        self.frames += 1;
+    }
+
+    /// Writes and flushes the batch within `limit`, then gives back its reservations. False if
+    /// the socket failed or the peer did not take the bytes in time.
+    async fn write<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, stats: &ServerStats, limit: Duration) -> bool {
+        let written = timeout(limit, async {
+            writer.write_all(&self.buffer).await?;
+            writer.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                add(&stats.frames_sent, self.frames);
+                self.written += self.buffer.len() as u64;
+                self.frames = 0;
+                self.buffer.clear();
+                self.buffer.shrink_to(WRITE_BUFFER_KEPT);
+                self.reservations.clear();
+                true
+            }
+            Ok(Err(_)) => false,
+            Err(_elapsed) => {
+                add(&stats.write_timeouts, 1);
+                false
+            }
+        }
     }
 }
 
@@ -700,7 +884,6 @@ fn queue<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, frame: &Frame, stat
 mod tests {
     use super::{admit, Admission};
     use std::net::{IpAddr, SocketAddr};
-    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     use crate::protocol::{ErrorCode, Frame, FrameReader, FrameWriter, Hello, Payload, Role};
@@ -742,7 +925,7 @@ mod tests {
         let engine = crate::engine::Engine::in_memory(config).unwrap();
         let backend: Arc<dyn Backend> = Arc::new(engine);
         let config = ServerConfig { allow_remote_plaintext, ..ServerConfig::new("token") };
-        let shared = Arc::new(Shared { backend, config, stats: Arc::default(), next_connection_id: AtomicU64::new(1) });
+        let shared = Arc::new(Shared::new(backend, config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (socket, _) = listener.accept().await.unwrap();
@@ -757,6 +940,37 @@ mod tests {
         drop(writer);
         server.await.unwrap();
         (frame, shared.stats.snapshot().plaintext_refused)
+    }
+
+    /// What the reader reserves for a Query frame covers its largest answer, in memory and
+    /// encoded, for every frame size, so a reservation never has to grow.
+    #[test]
+    fn a_query_frame_reserves_at_least_its_largest_answer() {
+        use super::{answer_bytes, answer_bytes_max, history_cap};
+        use crate::layout::{CommandRecord, HistoryRecord, QueryRecord};
+        use crate::protocol::{QueryAnswer, QUERY_KIND_HISTORY, QUERY_KIND_LOOKUP};
+        for queries in [1, 2, 16, 100, 4096] {
+            let mut query = QueryRecord { kind: QUERY_KIND_HISTORY, ..QueryRecord::default() };
+            let mut request = vec![query; queries];
+            query.kind = QUERY_KIND_LOOKUP;
+            request[0] = query;
+            let reserved = answer_bytes_max(&Payload::Query(request));
+            let cap = history_cap(queries) as usize;
+            let mut answers = vec![
+                QueryAnswer {
+                    command: Some(CommandRecord::default()),
+                    history: vec![HistoryRecord::default(); cap],
+                    ..QueryAnswer::default()
+                };
+                queries
+            ];
+            answers[0].history = Vec::new();
+            let answer = Payload::QueryAnswer(answers);
+            let mut encoded = Vec::new();
+            Frame::new(1, answer.clone()).encode(&mut encoded).expect("the largest answer fits in a frame");
+            assert!(answer_bytes(&answer) <= reserved, "{queries} queries: {} > {reserved}", answer_bytes(&answer));
+            assert!(encoded.len() <= reserved, "{queries} queries: encoded {} > {reserved}", encoded.len());
+        }
     }
 
     #[tokio::test]

@@ -10,8 +10,10 @@
 //! Limits: `connections_max` connections (more are answered `too_many_connections` and closed;
 //! at most `REFUSALS_IN_FLIGHT_MAX` such answers, each a TLS handshake on a TLS server, are in
 //! progress at once, and connections beyond that are closed without one),
-//! `in_flight_per_connection_max` unanswered frames per connection (the reader stops reading, so
-//! TCP back-pressure reaches the client), and idle, handshake and slow-writer timeouts.
+//! `in_flight_per_connection_max` unanswered frames per connection, answer bytes held per
+//! connection (`answer_bytes_per_connection_max`) and across connections (`answer_bytes_max`)
+//! (at any of these the reader stops reading, so TCP back-pressure reaches the client), and idle,
+//! handshake and slow-writer timeouts.
 //!
 //! Transport: with `ServerConfig::tls` every connection does the TLS handshake first (inside the
 //! handshake timeout, holding a connection slot), then the same protocol runs over the TLS
@@ -58,10 +60,21 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     /// Most simultaneous connections; further connections are refused with an error frame.
     pub connections_max: usize,
-    /// Most frames a connection may have submitted and not yet answered. Bounds the memory one
-    /// connection can pin in the engine and the reply channel; the reader stops reading at the
-    /// limit. Announced to clients in `AuthOk`.
+    /// Most frames a connection may have submitted whose answers the writer has not yet taken
+    /// from the reply channel. Bounds the engine work one connection can have queued; the reader
+    /// stops reading at the limit. Announced to clients in `AuthOk`.
     pub in_flight_per_connection_max: usize,
+    /// Most bytes of answers one connection may hold: answers being computed (counted at the
+    /// largest the request allows), queued for the writer, or being written to the socket (until
+    /// the write completes). Bounds the memory one connection can pin, however slowly it reads;
+    /// the reader stops reading at the limit. A frame whose answer may be larger than this waits
+    /// for the whole budget and runs alone.
+    pub answer_bytes_per_connection_max: usize,
+    /// The same, across all connections: bounds the memory all clients together can pin. At the
+    /// limit every connection's reader waits for answers to be written (no connection is
+    /// refused); a connection that does not read gives its share back when `write_timeout`
+    /// drops it.
+    pub answer_bytes_max: usize,
     /// Time allowed between accept and a valid `Hello` (the TLS handshake included).
     pub handshake_timeout: Duration,
     /// A connection with nothing received and nothing in flight for this long is closed.
@@ -88,6 +101,8 @@ impl core::fmt::Debug for ServerConfig {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
             .field("connections_max", &self.connections_max)
             .field("in_flight_per_connection_max", &self.in_flight_per_connection_max)
+            .field("answer_bytes_per_connection_max", &self.answer_bytes_per_connection_max)
+            .field("answer_bytes_max", &self.answer_bytes_max)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("write_timeout", &self.write_timeout)
@@ -99,14 +114,17 @@ impl core::fmt::Debug for ServerConfig {
 }
 
 impl ServerConfig {
-    /// Defaults: 1024 connections, 64 frames in flight per connection, 10 s handshake, 5 min
-    /// idle, 10 s write, 30 s drain; no admin token; plaintext, from loopback peers only.
+    /// Defaults: 1024 connections, 64 frames in flight and 4 MiB of answers per connection,
+    /// 256 MiB of answers in all, 10 s handshake, 5 min idle, 10 s write, 30 s drain; no admin
+    /// token; plaintext, from loopback peers only.
     pub fn new(client_token: impl Into<String>) -> ServerConfig {
         ServerConfig {
             client_token: client_token.into(),
             admin_token: None,
             connections_max: 1024,
             in_flight_per_connection_max: 64,
+            answer_bytes_per_connection_max: 4 << 20,
+            answer_bytes_max: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
@@ -138,6 +156,11 @@ impl ServerConfig {
         // The reply channel reserves one slot per in-flight frame; tokio caps channel sizes.
         if self.in_flight_per_connection_max == 0 || self.in_flight_per_connection_max > 1 << 16 {
             return bad("in_flight_per_connection_max must be in 1..=65536");
+        }
+        // Budgets are semaphores taken with `acquire_many`, which counts in u32.
+        let budget_ok = |bytes: usize| bytes > 0 && bytes <= u32::MAX as usize;
+        if !budget_ok(self.answer_bytes_per_connection_max) || !budget_ok(self.answer_bytes_max) {
+            return bad("answer_bytes_per_connection_max and answer_bytes_max must be in 1..=4294967295");
         }
         let zero = Duration::ZERO;
         if self.handshake_timeout == zero || self.idle_timeout == zero || self.write_timeout == zero {
@@ -171,6 +194,15 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) stats: Arc<ServerStats>,
     pub(crate) next_connection_id: AtomicU64,
+    /// The answer bytes of all connections (`ServerConfig::answer_bytes_max`).
+    pub(crate) answer_bytes: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub(crate) fn new(backend: Arc<dyn Backend>, config: ServerConfig) -> Shared {
+        let answer_bytes = Arc::new(Semaphore::new(config.answer_bytes_max));
+        Shared { backend, config, stats: Arc::default(), next_connection_id: AtomicU64::new(1), answer_bytes }
+    }
 }
 
 /// A configured server, before it runs. Holds the stats so the caller can export them.
@@ -181,8 +213,7 @@ pub struct Server {
 impl Server {
     pub fn new(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
-        let shared = Shared { backend, config, stats: Arc::default(), next_connection_id: AtomicU64::new(1) };
-        Ok(Server { shared: Arc::new(shared) })
+        Ok(Server { shared: Arc::new(Shared::new(backend, config)) })
     }
 
     /// The live counters of this server.
