@@ -112,6 +112,11 @@ pub enum WalCorruption {
     /// The bytes after the last valid record are not all zero although no record header starts
     /// there (a record whose header was torn away, or damage).
     NonZeroAfterLastRecord,
+    /// A bad last record (or bytes where it should be) at `lsn`, which the newest valid snapshot
+    /// covers (it includes every record up to `snapshot_lsn`). The worker syncs the log before it
+    /// writes a snapshot, so the record was durable: this is damage, not a torn tail, and
+    /// truncating it would leave a log that ends before its snapshot.
+    BadRecordCoveredBySnapshot { lsn: u64, snapshot_lsn: u64, reason: Box<WalCorruption> },
 }
 
 impl fmt::Display for WalCorruption {
@@ -149,6 +154,11 @@ impl fmt::Display for WalCorruption {
                 write!(f, "{reason} in a sealed segment (only the last segment may have a torn tail)")
             }
             Self::NonZeroAfterLastRecord => f.write_str("non-zero bytes after the last record"),
+            Self::BadRecordCoveredBySnapshot { lsn, snapshot_lsn, reason } => write!(
+                f,
+                "the last record, lsn {lsn}, is bad ({reason}) but the snapshot covers it (up to lsn {snapshot_lsn}): \
+                 it was synced before the snapshot was written, so this is damage, not a torn tail"
+            ),
         }
     }
 }

@@ -23,7 +23,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::config::{LedgerConfig, ShardLimits};
 use crate::engine::{Engine, EngineConfig};
-use crate::error::{SnapshotError, StorageError};
+use crate::error::{SnapshotError, StorageError, WalCorruption, WalError};
 use crate::layout::CommandRecord;
 use crate::ledger::{Command, ShardState};
 use crate::shard::worker::{Journal, JournalError, SnapshotPolicy, SystemClock, PREFETCH_FAR, PREFETCH_NEAR};
@@ -309,8 +309,16 @@ pub fn load_shard_with_feed(
     };
     // Nothing is created here (`stormledger-recover verify` and `replay` only read).
     shard_dir_present(storage, &dir, shard)?;
+    // The snapshot proves the log was synced up to its lsn: a bad last record it covers is
+    // damage, refused here, never reported as a torn tail for `Wal::open` to zero.
     let (reader, report) =
-        WalReader::open(&dir, shard as u32, storage).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+        WalReader::open_covered(&dir, shard as u32, storage, snapshot_lsn).map_err(|e| match &e {
+            WalError::Corrupt { reason: WalCorruption::BadRecordCoveredBySnapshot { .. }, .. } => {
+                let snapshot = snapshot_path.as_ref().map_or(String::new(), |p| format!(" ({})", p.display()));
+                NodeError::Corrupt(format!("shard {shard}: {e}{snapshot}"))
+            }
+            _ => NodeError::Corrupt(e.to_string()),
+        })?;
     // The log never loses its newest records to retention (the active segment is kept, and a
     // new one continues the lsns), so it always reaches at least the snapshot: a log that ends
     // before it (its newest segments lost, or all of them and a new one started at lsn 1) has
@@ -394,6 +402,29 @@ pub fn load_shard_with_feed(
         commands_replayed: commands,
         recovery: report,
     })
+}
+
+/// Runs `f` for every shard at once, a thread each (shards are independent: a directory and a
+/// feed shard each). Results, and the first error, are taken in shard order; a panic is
+/// re-raised.
+fn per_shard<T: Send>(
+    shards: u16,
+    name: &str,
+    f: impl Fn(u16) -> Result<T, NodeError> + Sync,
+) -> Result<Vec<T>, NodeError> {
+    let results: Vec<Result<T, NodeError>> = std::thread::scope(|scope| {
+        let f = &f;
+        let threads: Vec<_> = (0..shards)
+            .map(|shard| {
+                std::thread::Builder::new()
+                    .name(format!("{name}-{shard}"))
+                    .spawn_scoped(scope, move || f(shard))
+                    .map_err(|e| NodeError::Corrupt(format!("cannot start a recovery thread: {e}")))
+            })
+            .collect();
+        threads.into_iter().map(|t| t?.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    results.into_iter().collect()
 }
 
 /// The write-ahead log as the engine's journal: one append and one sync per batch.
@@ -526,28 +557,16 @@ impl Node {
         let storage: Arc<dyn Storage> = config.storage.0.clone();
         let (mut states, mut journals, mut policies) = (Vec::new(), Vec::new(), Vec::new());
         let feed = Arc::new(crate::feed::Feed::new(shards, config.engine.feed_events_max));
-        // Shards are independent (a directory and a feed shard each): recover them in parallel,
-        // a thread each. Results, and the first error, are taken in shard order.
-        let recover = |shard: u16| -> Result<(ShardState, Box<dyn Journal>, SnapshotPolicy), NodeError> {
+        // Shards are independent: each step runs on a thread a shard (`per_shard`).
+        // First every shard is loaded, writing nothing: the replay reads the log's valid records
+        // and passes over a torn last record; whatever keeps a shard from starting (a log that
+        // ends before its snapshot, a bad record the snapshot covers, ...) is refused here,
+        // before anything on disk changes, on any shard.
+        let load = |shard: u16| -> Result<LoadedShard, NodeError> {
             let shard_dir = wal::shard_dir(&dir, shard as u32);
-            // Opening the writer first repairs a torn tail (and refuses a corrupt log); replay
-            // then reads exactly what the writer will continue after.
-            let wal_config = WalConfig {
-                segment_size: config.segment_size,
-                persist_mode,
-                write: config.log_write,
-                prefill: config.log_prefill,
-            };
-            // Before opening its log, which would make it anew and start the shard empty.
+            // A missing directory is a lost shard (opening its log would make it anew and start
+            // the shard empty).
             shard_dir_present(storage.as_ref(), &shard_dir, shard)?;
-            let (wal, report) = Wal::open(&shard_dir, shard as u32, wal_config, storage.clone())
-                .map_err(|e| NodeError::Corrupt(e.to_string()))?;
-            if let RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } = &report.outcome {
-                eprintln!(
-                    "shard {shard}: truncated a torn last record ({bytes} bytes at offset {offset} of {}): it was never acknowledged",
-                    path.display()
-                );
-            }
             let (ledger, limits) = (&config.engine.ledger, &config.engine.limits);
             let shard_feed = Some(feed.shard(shard).as_ref());
             // A long replay reports progress on stderr every two seconds.
@@ -562,15 +581,51 @@ impl Node {
                     );
                 }
             };
-            let loaded =
-                load_shard_with_feed(&dir, storage.as_ref(), shard, shards, ledger, limits, &mut progress, shard_feed)?;
-            for skipped in &loaded.skipped_snapshots {
+            load_shard_with_feed(&dir, storage.as_ref(), shard, shards, ledger, limits, &mut progress, shard_feed)
+        };
+        let loaded = per_shard(shards, "recover", load)?;
+        // Then, every shard loaded, the writes: each log's writer, which zeroes a torn tail after
+        // the snapshot (never one it covers) and continues after exactly the records replayed,
+        // and the damaged snapshots set aside.
+        type Found<'a> = (u64, u64, &'a [String], &'a [PathBuf]);
+        let found: Vec<Found> = loaded
+            .iter()
+            .map(|l| {
+                (l.snapshot_lsn, l.recovery.next_lsn, l.skipped_snapshots.as_slice(), l.damaged_snapshots.as_slice())
+            })
+            .collect();
+        let open_log = |shard: u16| -> Result<Wal, NodeError> {
+            let shard_dir = wal::shard_dir(&dir, shard as u32);
+            let (snapshot_lsn, next_lsn, skipped_snapshots, damaged_snapshots) = found[shard as usize];
+            let wal_config = WalConfig {
+                segment_size: config.segment_size,
+                persist_mode,
+                write: config.log_write,
+                prefill: config.log_prefill,
+            };
+            let (wal, report) = Wal::open_covered(&shard_dir, shard as u32, wal_config, storage.clone(), snapshot_lsn)
+                .map_err(|e| NodeError::Corrupt(e.to_string()))?;
+            if let RecoveryOutcome::TruncatedTail { path, offset, bytes, .. } = &report.outcome {
+                eprintln!(
+                    "shard {shard}: truncated a torn last record ({bytes} bytes at offset {offset} of {}): it was never acknowledged",
+                    path.display()
+                );
+            }
+            if wal.next_lsn() != next_lsn {
+                return Err(NodeError::Corrupt(format!(
+                    "shard {shard}: the log changed while it was recovered (replayed up to lsn {}, the writer continues \
+                     after lsn {})",
+                    next_lsn - 1,
+                    wal.next_lsn() - 1
+                )));
+            }
+            for skipped in skipped_snapshots {
                 eprintln!("shard {shard}: passed over a damaged snapshot: {skipped}");
             }
             // Out of the way of retention, which keeps the newest snapshots by name: counted, a
             // damaged one would take the place of the valid one just loaded, the one to fall
             // back on. Renamed, not removed: the evidence stays.
-            for damaged in &loaded.damaged_snapshots {
+            for damaged in damaged_snapshots {
                 let mut aside = damaged.clone().into_os_string();
                 aside.push(".damaged");
                 let rename = storage.rename(damaged, Path::new(&aside));
@@ -579,6 +634,11 @@ impl Node {
                 })?;
                 eprintln!("shard {shard}: renamed it to {}", Path::new(&aside).display());
             }
+            Ok(wal)
+        };
+        let wals = per_shard(shards, "open-log", open_log)?;
+        for ((shard, loaded), wal) in (0u16..).zip(loaded).zip(wals) {
+            let shard_dir = wal::shard_dir(&dir, shard as u32);
             if loaded.commands_replayed > 0 || loaded.snapshot_path.is_some() {
                 eprintln!(
                     "shard {shard}: recovered from {} + {} commands in {} log batches",
@@ -591,33 +651,17 @@ impl Node {
             // as the older of the two (file retention drops anything older), so it is the only
             // position the retirement rule needs. No second read of the snapshot files.
             let kept_lsns = if loaded.snapshot_path.is_some() { vec![loaded.snapshot_lsn] } else { Vec::new() };
-            let policy = SnapshotPolicy {
+            policies.push(Some(SnapshotPolicy {
                 dir: shard_dir.join("snapshots"),
                 storage: config.storage.clone(),
                 every_bytes: config.snapshot_every_bytes,
                 retire_log: config.retire_log,
                 kept: kept_lsns,
-            };
-            let journal = WalJournal { recovered_lsn: wal.next_lsn() - 1, wal, failed: false };
-            Ok((loaded.state, Box::new(journal) as Box<dyn Journal>, policy))
-        };
-        let recovered: Vec<_> = std::thread::scope(|scope| {
-            let recover = &recover;
-            let threads: Vec<_> = (0..shards)
-                .map(|shard| {
-                    std::thread::Builder::new()
-                        .name(format!("recover-{shard}"))
-                        .spawn_scoped(scope, move || recover(shard))
-                        .map_err(|e| NodeError::Corrupt(format!("cannot start a recovery thread: {e}")))
-                })
-                .collect();
-            threads.into_iter().map(|t| t?.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-        });
-        for result in recovered {
-            let (state, journal, policy) = result?;
-            states.push(state);
-            journals.push(journal);
-            policies.push(Some(policy));
+            }));
+            journals.push(
+                Box::new(WalJournal { recovered_lsn: wal.next_lsn() - 1, wal, failed: false }) as Box<dyn Journal>
+            );
+            states.push(loaded.state);
         }
         let engine = Engine::start_with_feed(&config.engine, states, journals, policies, Arc::new(SystemClock), feed);
         if engine.keep_maintenance_in(dir.join(MAINTENANCE_FILE)) {

@@ -340,6 +340,113 @@ fn a_log_that_ends_before_its_snapshot_refuses_to_start() {
     }
 }
 
+/// The last record of shard 0's log: its file, offset and lsn.
+fn last_record(dir: &Path) -> (std::path::PathBuf, u64, u64) {
+    use stormledger::storage::MmapStorage;
+    use stormledger::wal::{shard_dir, WalReader};
+    let sdir = shard_dir(dir, 0);
+    let (reader, _) = WalReader::open(&sdir, 0, &MmapStorage).unwrap();
+    let last = reader.iter().map(|r| r.unwrap()).last().unwrap();
+    (sdir.join(format!("{:08}.wal", last.segment)), last.offset, last.lsn)
+}
+
+/// Flips a bit in the payload of the record at `offset` of `path`; returns the file's new bytes.
+fn damage_record(path: &Path, offset: u64) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset as usize + 48 + 10] ^= 0x01;
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn a_damaged_last_record_the_snapshot_covers_is_refused_and_never_truncated() {
+    // `admin snapshot` then a stop: the log ends exactly at the snapshot's lsn. The snapshot
+    // proves its last record was synced, so a bad one is damage, not a tear: zeroing it would
+    // leave a log that ends before its snapshot, a directory that never starts again.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 2, 0);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        node.shutdown();
+    }
+    let snapdir = dir.path().join("shard-00/snapshots");
+    let snapshot_lsn = stormledger::snapshot::load_latest(&snapdir).unwrap().unwrap().meta.lsns[0];
+    let (path, offset, lsn) = last_record(dir.path());
+    assert_eq!(lsn, snapshot_lsn, "the snapshot covers the last record");
+    let damaged = damage_record(&path, offset);
+    for _ in 0..2 {
+        match Node::open(node_config(dir.path(), 1)) {
+            Err(NodeError::Corrupt(message)) => {
+                let file = path.file_name().unwrap().to_str().unwrap();
+                assert!(message.contains(&format!("{file}:{offset}")), "names the file and offset: {message}");
+                assert!(message.contains("snapshot covers it"), "{message}");
+                assert!(message.contains("snapshot-"), "names the snapshot: {message}");
+            }
+            other => panic!("expected Corrupt, got {:?}", other.err()),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), damaged, "nothing written: the bytes stay as found");
+    }
+}
+
+#[test]
+fn a_torn_last_record_after_the_snapshot_is_still_truncated_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let before = {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 2, 0);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        storm(node.engine(), &spec, 2, 2);
+        let b = balances(node.engine(), &spec);
+        // The last batch, torn below.
+        storm(node.engine(), &spec, 1, 4);
+        assert_ne!(balances(node.engine(), &spec), b);
+        node.shutdown();
+        b
+    };
+    let snapdir = dir.path().join("shard-00/snapshots");
+    let snapshot_lsn = stormledger::snapshot::load_latest(&snapdir).unwrap().unwrap().meta.lsns[0];
+    let (path, offset, lsn) = last_record(dir.path());
+    assert!(lsn > snapshot_lsn);
+    damage_record(&path, offset);
+    let node = Node::open(node_config(dir.path(), 1)).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before, "the torn batch is gone, nothing else");
+    node.shutdown();
+    // Zeroed at the start: the log reads clean (anything logged since went in its place).
+    let (_, report) =
+        stormledger::wal::WalReader::open(&dir.path().join("shard-00"), 0, &stormledger::storage::MmapStorage).unwrap();
+    assert_eq!(report.outcome, stormledger::wal::RecoveryOutcome::Clean);
+}
+
+#[test]
+fn a_start_that_fails_on_one_shard_writes_nothing_on_the_others() {
+    // Shard 0 ends in a torn record (repairable), shard 1's log is damaged mid-way (not): the
+    // start is refused before any shard's torn tail is zeroed.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    {
+        let node = Node::open(node_config(dir.path(), 2)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 5, 0);
+        node.shutdown();
+    }
+    let (path, offset, _) = last_record(dir.path());
+    let torn = damage_record(&path, offset);
+    let other = segments(&dir.path().join("shard-01"))[0].clone();
+    let mut bytes = std::fs::read(&other).unwrap();
+    bytes[4096 + 200] ^= 0x10;
+    std::fs::write(&other, bytes).unwrap();
+    match Node::open(node_config(dir.path(), 2)) {
+        Err(NodeError::Corrupt(message)) => assert!(message.contains("shard-01"), "{message}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), torn, "shard 0's torn tail is left as found");
+}
+
 #[test]
 fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_log() {
     let dir = tempfile::tempdir().unwrap();

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub use reader::{Record, Records, WalReader};
-pub use recovery::{recover, RecoveryOutcome, RecoveryPolicy, RecoveryReport, SegmentSummary};
+pub use recovery::{recover, recover_covered, RecoveryOutcome, RecoveryPolicy, RecoveryReport, SegmentSummary};
 pub use writer::Wal;
 
 /// Default segment size: 64 MiB.

@@ -39,7 +39,19 @@ impl WalReader {
     /// A torn tail is reported (`RecoveryOutcome::WouldTruncateTail`) and not read; a corrupt
     /// log is an error.
     pub fn open(dir: &Path, shard_id: u32, storage: &dyn Storage) -> Result<(WalReader, RecoveryReport), WalError> {
-        let recovered = recovery::run(dir, shard_id, storage, RecoveryPolicy::ReadOnly)?;
+        Self::open_covered(dir, shard_id, storage, 0)
+    }
+
+    /// `open` for a shard whose newest valid snapshot covers the log up to `covered_lsn`: a bad
+    /// last record at or below it is an error (`WalCorruption::BadRecordCoveredBySnapshot`),
+    /// not a torn tail.
+    pub fn open_covered(
+        dir: &Path,
+        shard_id: u32,
+        storage: &dyn Storage,
+        covered_lsn: u64,
+    ) -> Result<(WalReader, RecoveryReport), WalError> {
+        let recovered = recovery::run(dir, shard_id, storage, RecoveryPolicy::ReadOnly, covered_lsn)?;
         let report = recovered.report;
         let segments = report.segments.iter().cloned().zip(recovered.files).collect();
         let reader = WalReader { shard_id, segments, first_lsn: report.first_lsn, next_lsn: report.next_lsn };

@@ -6,8 +6,9 @@
 //! 2. `classify`: pure, over all segments' facts -> `Decision`;
 //! 3. `recover`: the IO around them (list, open, scan, classify, then act per `RecoveryPolicy`).
 //!
-//! The server (`Wal::open`), `WalReader::open` and every `stormledger-recover` subcommand go
-//! through `recover`; they differ only in the policy.
+//! The server (`Wal::open_covered`), `WalReader::open_covered` and every `stormledger-recover`
+//! subcommand go through `recover`; they differ only in the policy (and pass the lsn their
+//! snapshot covers, where they know it).
 //!
 //! Must never: truncate anything but a torn tail of the *last* segment, write under
 //! `RecoveryPolicy::ReadOnly`, or guess past a record it cannot verify.
@@ -19,6 +20,10 @@
 //!   truncating there would drop records that were written (and maybe acknowledged) after it.
 //! - Segment files appear under their final name only after their header is synced (they are
 //!   prepared as `.wal.tmp` and renamed), so a bad segment header is corruption, never a tear.
+//! - The worker syncs the log before it writes a snapshot, so every record up to the newest
+//!   valid snapshot's lsn (`covered_lsn`, passed in by the caller) was durable: a bad last record
+//!   at or below it is damage, never a tear, and truncating it would leave a log that ends before
+//!   its snapshot (a directory that never starts again, its bytes gone).
 
 use std::path::{Path, PathBuf};
 
@@ -191,7 +196,9 @@ fn find_valid_record(bytes: &[u8], start: u64, end: u64, shard_id: u32, min_lsn:
 }
 
 /// Decides what a shard directory means. Pure. `segments` must be sorted by index.
-pub fn classify(segments: &[SegmentFacts]) -> Decision {
+/// `covered_lsn` is the lsn the newest valid snapshot covers (0 without one): a bad last record
+/// at or below it was synced, so it is corruption, not a torn tail.
+pub fn classify(segments: &[SegmentFacts], covered_lsn: u64) -> Decision {
     let Some(last_position) = segments.len().checked_sub(1) else {
         return Decision::Empty;
     };
@@ -236,6 +243,18 @@ pub fn classify(segments: &[SegmentFacts]) -> Decision {
                         None => WalCorruption::BadRecordInSealedSegment { reason: Box::new(reason.clone()) },
                     };
                     return corrupt(s.valid_end, reason);
+                }
+                // The lsn the bad record has (or the next record would have had).
+                let lsn = s.last_lsn.map_or(first_lsn, |l| l + 1);
+                if lsn <= covered_lsn {
+                    return corrupt(
+                        s.valid_end,
+                        WalCorruption::BadRecordCoveredBySnapshot {
+                            lsn,
+                            snapshot_lsn: covered_lsn,
+                            reason: Box::new(reason.clone()),
+                        },
+                    );
                 }
                 return Decision::TruncateTail {
                     segment: s.index,
@@ -310,14 +329,28 @@ pub(crate) struct Recovered {
 }
 
 /// Runs recovery over the shard directory `dir`: scan every segment, classify, then act as
-/// `policy` allows. A `Corrupt` decision is returned as `WalError::Corrupt`.
+/// `policy` allows. A `Corrupt` decision is returned as `WalError::Corrupt`. Knows of no
+/// snapshot: where one exists, use `recover_covered` with its lsn.
 pub fn recover(
     dir: &Path,
     shard_id: u32,
     storage: &dyn Storage,
     policy: RecoveryPolicy,
 ) -> Result<RecoveryReport, WalError> {
-    run(dir, shard_id, storage, policy).map(|r| r.report)
+    recover_covered(dir, shard_id, storage, policy, 0)
+}
+
+/// `recover` for a shard whose newest valid snapshot covers the log up to `covered_lsn`: a bad
+/// last record at or below it is refused (`WalCorruption::BadRecordCoveredBySnapshot`) and
+/// nothing is written.
+pub fn recover_covered(
+    dir: &Path,
+    shard_id: u32,
+    storage: &dyn Storage,
+    policy: RecoveryPolicy,
+    covered_lsn: u64,
+) -> Result<RecoveryReport, WalError> {
+    run(dir, shard_id, storage, policy, covered_lsn).map(|r| r.report)
 }
 
 pub(crate) fn run(
@@ -325,6 +358,7 @@ pub(crate) fn run(
     shard_id: u32,
     storage: &dyn Storage,
     policy: RecoveryPolicy,
+    covered_lsn: u64,
 ) -> Result<Recovered, WalError> {
     let names = storage.list(dir)?;
     let mut indexes: Vec<u64> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
@@ -352,7 +386,7 @@ pub(crate) fn run(
         return Err(WalError::Corrupt { file, offset: 0, reason: WalCorruption::MissingSegment { index: next_index } });
     }
 
-    let outcome = match classify(&facts) {
+    let outcome = match classify(&facts, covered_lsn) {
         Decision::Corrupt { file, offset, reason } => return Err(WalError::Corrupt { file, offset, reason }),
         Decision::Empty => RecoveryOutcome::Empty,
         Decision::Clean => RecoveryOutcome::Clean,
@@ -536,7 +570,55 @@ mod tests {
             ),
         ];
         for (name, facts, check) in cases {
-            let d = classify(&facts);
+            let d = classify(&facts, 0);
+            assert!(check(&d), "case {name:?}: got {d:?}");
+        }
+    }
+
+    #[test]
+    fn decision_table_with_a_snapshot() {
+        // A snapshot covering lsn `covered` proves every record up to it was synced. Segment 1
+        // holds lsns 4 and 5; its bad bytes are where lsn 6 goes.
+        let covered = |lsn: u64| {
+            move |d: &Decision| {
+                matches!(d, Decision::Corrupt {
+                    file, offset: 192,
+                    reason: WalCorruption::BadRecordCoveredBySnapshot { lsn: 6, snapshot_lsn, .. },
+                } if *file == path(1) && *snapshot_lsn == lsn)
+            }
+        };
+        type Check = Box<dyn Fn(&Decision) -> bool>;
+        let torn = || vec![seg(0, 1, 3, Clean), seg(1, 4, 2, bad(300))];
+        let truncate = |d: &Decision| matches!(d, Decision::TruncateTail { segment: 1, offset: 192, bytes: 108, .. });
+        use Tail::Clean;
+        let cases: Vec<(&str, Vec<SegmentFacts>, u64, Check)> = vec![
+            ("bad last record after the snapshot: a tear", torn(), 5, Box::new(truncate)),
+            ("bad last record the snapshot covers: damage", torn(), 6, Box::new(covered(6))),
+            ("the snapshot covers beyond it: damage", torn(), 9, Box::new(covered(9))),
+            (
+                "torn first record of a fresh segment the snapshot covers",
+                vec![seg(0, 1, 3, Clean), seg(1, 4, 0, bad(100))],
+                4,
+                Box::new(|d| {
+                    matches!(
+                        d,
+                        Decision::Corrupt {
+                            offset: 64,
+                            reason: WalCorruption::BadRecordCoveredBySnapshot { lsn: 4, snapshot_lsn: 4, .. },
+                            ..
+                        }
+                    )
+                }),
+            ),
+            (
+                "a clean log is clean whatever the snapshot (load_shard checks it reaches it)",
+                vec![seg(0, 1, 3, Clean)],
+                9,
+                Box::new(|d| *d == Decision::Clean),
+            ),
+        ];
+        for (name, facts, covered_lsn, check) in cases {
+            let d = classify(&facts, covered_lsn);
             assert!(check(&d), "case {name:?}: got {d:?}");
         }
     }

@@ -93,9 +93,22 @@ impl Wal {
         config: WalConfig,
         storage: Arc<dyn Storage>,
     ) -> Result<(Wal, RecoveryReport), WalError> {
+        Self::open_covered(dir, shard_id, config, storage, 0)
+    }
+
+    /// `open` for a shard whose newest valid snapshot covers the log up to `covered_lsn`: a bad
+    /// last record at or below it was synced, so it is refused as corruption
+    /// (`WalCorruption::BadRecordCoveredBySnapshot`) and nothing is written.
+    pub fn open_covered(
+        dir: &Path,
+        shard_id: u32,
+        config: WalConfig,
+        storage: Arc<dyn Storage>,
+        covered_lsn: u64,
+    ) -> Result<(Wal, RecoveryReport), WalError> {
         config.validate()?;
         storage.create_dir_all(dir)?;
-        let recovered = recovery::run(dir, shard_id, storage.as_ref(), RecoveryPolicy::TruncateTornTail)?;
+        let recovered = recovery::run(dir, shard_id, storage.as_ref(), RecoveryPolicy::TruncateTornTail, covered_lsn)?;
         // The read-only handles are not needed: the writer reopens the last segment read-write.
         drop(recovered.files);
         let report = recovered.report;

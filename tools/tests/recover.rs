@@ -208,6 +208,78 @@ fn verify_checks_every_snapshot_and_recover_says_when_a_directory_still_cannot_s
 }
 
 #[test]
+fn recover_never_zeroes_a_damaged_last_record_the_snapshot_covers() {
+    let dir = tempfile::tempdir().unwrap();
+    make_dir(dir.path());
+    {
+        let mut config = NodeConfig::new(dir.path());
+        config.segment_size = 256 * 1024;
+        let node = Node::open(config).unwrap();
+        let record = stormledger::layout::CommandRecord {
+            kind: stormledger::ledger::command::kind::SNAPSHOT,
+            ..Default::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        node.engine().submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
+        assert_eq!(rx.recv().unwrap(), 0);
+        node.shutdown();
+    }
+    // Shard 0's last record, which its snapshot covers, damaged (bit rot, not a tear).
+    let sdir = wal::shard_dir(dir.path(), 0);
+    let snapshot = stormledger::snapshot::load_latest(&sdir.join("snapshots")).unwrap().unwrap();
+    let (reader, _) = wal::WalReader::open(&sdir, 0, &MmapStorage).unwrap();
+    let last = reader.iter().map(|r| r.unwrap()).last().unwrap();
+    assert_eq!(last.lsn, snapshot.meta.lsns[0], "the snapshot covers the last record");
+    let (path, offset) = (sdir.join(wal::segment_file_name(last.segment)), last.offset);
+    drop((reader, snapshot));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset as usize + 48 + 10] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let d = dir.path().to_str().unwrap();
+    let (code, out) = tool(&["verify", d, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("snapshot covers it"), "{out}");
+    for args in [vec!["recover", d, "--dry-run", "--json"], vec!["recover", d, "--json"]] {
+        let (code, out) = tool(&args);
+        assert_eq!(code, 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!((v["status"].as_str(), v["startable"].as_bool()), (Some("failed"), Some(false)), "{v}");
+        let error = v["shards"][0]["error"].to_string();
+        assert!(error.contains(&format!("00000000.wal:{offset}")) && error.contains("snapshot covers it"), "{v}");
+        assert_eq!(v["shards"][1]["ok"], true, "{v}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{args:?}: nothing written");
+    }
+}
+
+#[test]
+fn recover_writes_nothing_unless_the_whole_directory_can_then_start() {
+    // A torn tail on shard 0 (repairable) and shard 1's log lost (not): no shard is touched.
+    let dir = tempfile::tempdir().unwrap();
+    make_dir(dir.path());
+    let (path, end) = last_segment(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[end as usize..end as usize + 40].copy_from_slice(&[0xAB; 40]);
+    std::fs::write(&path, &bytes).unwrap();
+    let segment = wal::shard_dir(dir.path(), 1).join(wal::segment_file_name(0));
+    let mut other = std::fs::read(&segment).unwrap();
+    other[4096 + 100] ^= 0x01;
+    std::fs::write(&segment, &other).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, out) = tool(&["recover", d, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["startable"], false, "{v}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "shard 0's torn tail is left as found");
+    // Shard 1 restored (here: its damage undone), recover repairs shard 0's tail.
+    other[4096 + 100] ^= 0x01;
+    std::fs::write(&segment, &other).unwrap();
+    let (code, out) = tool(&["recover", d, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("truncated_tail"), "{out}");
+}
+
+#[test]
 fn errors_before_a_report_are_json_with_json() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();

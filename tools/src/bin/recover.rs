@@ -324,37 +324,49 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
     } else {
         Some(DirLock::acquire(dir).map_err(|e| format!("{e} (stop the server before running recover)"))?)
     };
-    let policy = if dry_run { RecoveryPolicy::ReadOnly } else { RecoveryPolicy::TruncateTornTail };
+    // First every shard is loaded as the server loads it, writing nothing: the replay passes
+    // over a torn last record, so this is the directory as it will be once repaired. Anything
+    // else (a bad record with valid ones after it or one a snapshot covers, a lost segment, a
+    // log that no longer reaches its snapshot, no valid snapshot where one is needed) is not a
+    // torn tail, and then nothing at all is written: never bytes destroyed and still no start.
+    let advice = "not a torn tail: restore this shard from a replica or backup";
     let mut ok = true;
     let mut out = Vec::new();
-    for shard in 0..shards {
-        let sdir = wal::shard_dir(dir, shard as u32);
-        match wal::recover(&sdir, shard as u32, &MmapStorage, policy) {
-            Ok(report) => out.push(json!({"shard": shard, "ok": true, "recovery": outcome_json(&report.outcome),
-                "stale_spares": report.stale_spares.len(), "next_lsn": report.next_lsn})),
+    let mut covered = Vec::new();
+    for r in load_all(dir, shards, &ledger, &replay_limits(&cluster)) {
+        match r.loaded {
+            Ok(l) => {
+                covered.push(l.snapshot_lsn);
+                out.push(json!({"shard": r.shard, "ok": true, "recovery": outcome_json(&l.recovery.outcome),
+                    "stale_spares": l.recovery.stale_spares.len(), "next_lsn": l.recovery.next_lsn}));
+            }
             Err(e) => {
                 ok = false;
-                out.push(json!({"shard": shard, "ok": false, "error": e.to_string(),
-                    "advice": "recover repairs only a torn last record; this damage is not one: restore this shard from a replica or backup"}));
+                covered.push(0);
+                out.push(json!({"shard": r.shard, "ok": false, "error": e.to_string(), "advice": advice}));
             }
         }
     }
-    // Repaired (or, with --dry-run, once repaired) the directory must load as the server loads
-    // it: a log that no longer reaches its snapshot, or no valid snapshot where one is needed,
-    // is not a torn tail, and the directory would still not start.
-    let mut startable = None;
-    if ok {
-        let reports = load_all(dir, shards, &ledger, &replay_limits(&cluster));
-        for r in &reports {
-            if let Err(e) = &r.loaded {
-                ok = false;
-                let advice = "not a torn tail: restore this shard from a replica or backup";
-                out[r.shard as usize] =
-                    json!({"shard": r.shard, "ok": false, "error": e.to_string(), "advice": advice});
+    let startable = ok;
+    // Then, only if every shard can start, the repair: the same recovery, now allowed to zero a
+    // torn tail (never one the shard's snapshot covers).
+    if ok && !dry_run {
+        for (shard, &covered_lsn) in covered.iter().enumerate() {
+            let sdir = wal::shard_dir(dir, shard as u32);
+            match wal::recover_covered(&sdir, shard as u32, &MmapStorage, RecoveryPolicy::TruncateTornTail, covered_lsn)
+            {
+                Ok(report) => {
+                    out[shard] = json!({"shard": shard, "ok": true, "recovery": outcome_json(&report.outcome),
+                        "stale_spares": report.stale_spares.len(), "next_lsn": report.next_lsn});
+                }
+                Err(e) => {
+                    ok = false;
+                    out[shard] = json!({"shard": shard, "ok": false, "error": e.to_string(), "advice": advice});
+                }
             }
         }
-        startable = Some(ok);
     }
+    let startable = Some(startable && ok);
     if json_out {
         let status = if ok { "ok" } else { "failed" };
         println!("{}", json!({"status": status, "ok": ok, "dry_run": dry_run, "startable": startable, "shards": out}));
