@@ -447,6 +447,60 @@ fn a_start_that_fails_on_one_shard_writes_nothing_on_the_others() {
     assert_eq!(std::fs::read(&path).unwrap(), torn, "shard 0's torn tail is left as found");
 }
 
+/// `account`'s history, newest first: (timestamp, id, amount) of every entry a read still sees.
+fn history(engine: &Engine, account: u64) -> Vec<(u64, u64, i64)> {
+    use stormledger::engine::query_kind;
+    use stormledger::layout::QueryRecord;
+    let mut q = QueryRecord { kind: query_kind::HISTORY, ..QueryRecord::default() };
+    q.key.set(account);
+    q.limit.set(100);
+    let mut seen = Vec::new();
+    loop {
+        let page = engine.query_blocking(q);
+        assert_eq!(page.reply.status.get(), 0);
+        seen.extend(page.history.iter().map(|h| (h.timestamp.get(), h.id.get(), h.amount.get())));
+        if page.next_before_ts == 0 {
+            return seen;
+        }
+        q.before_ts.set(page.next_before_ts);
+        q.before_shard.set(page.next_before_shard);
+    }
+}
+
+#[test]
+fn history_max_may_be_lowered_between_starts() {
+    // `history_max` bounds only what history reads still see: a snapshot retaining more entries
+    // than the new ring holds loads with the oldest dropped.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let streamer = STREAMER_BASE;
+    let before = {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 2, 0);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        let h = history(node.engine(), streamer);
+        node.shutdown();
+        h
+    };
+    let mut config = node_config(dir.path(), 1);
+    config.engine.limits.history_max = 64;
+    let node = match Node::open(config.clone()) {
+        Ok(node) => node,
+        Err(e) => panic!("restart with a smaller history_max refused: {e}"),
+    };
+    let after = history(node.engine(), streamer);
+    assert!(!after.is_empty() && after.len() < before.len(), "{} of {}", after.len(), before.len());
+    assert_eq!(after[..], before[..after.len()], "the newest entries, none of the dropped ones");
+    // A snapshot of the smaller ring, and a start from it with the ring grown again.
+    assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+    node.shutdown();
+    config.engine.limits.history_max = 4096;
+    let node = Node::open(config).unwrap();
+    assert_eq!(history(node.engine(), streamer), after);
+    node.shutdown();
+}
+
 #[test]
 fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_log() {
     let dir = tempfile::tempdir().unwrap();

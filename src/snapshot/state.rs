@@ -1081,10 +1081,24 @@ pub fn decode<'a>(
     }
 
     let mut r = get(SECTION_HISTORY, "history")?;
-    let mut entries = Vec::new();
+    let count = r.b.len() / HISTORY_SIZE;
+    if count as u64 > history_next {
+        return Err("snapshot history holds more entries than were ever appended".into());
+    }
+    // The first retained entry's sequence number (the meta section's `history appended` is one
+    // past the last).
+    let first = history_next - count as u64;
+    let mut entries = Vec::with_capacity(count);
     while !r.done() {
+        let seq = first + entries.len() as u64;
+        let prev = r.u64()?;
+        // A back link names an older entry (`prev` is its sequence number + 1): a chain always
+        // ends, whatever a read's filter skips.
+        if prev > seq {
+            return Err(format!("history entry {seq} links to a newer entry ({prev})"));
+        }
         entries.push(HistoryEntry {
-            prev: r.u64()?,
+            prev,
             timestamp: r.u64()?,
             id: r.u64()?,
             counterparty: r.u64()?,
@@ -1095,9 +1109,9 @@ pub fn decode<'a>(
             kind: r.u8()?,
         });
     }
-    if entries.len() as u64 > history_next || entries.len() > limits.history_max as usize {
-        return Err("snapshot history is longer than the ring".into());
-    }
+    // A ring smaller than the snapshot's (`history_max` lowered between starts: it bounds only
+    // what reads still see) keeps the newest entries; the links to the dropped ones lead
+    // nowhere (`HistoryRing::get`).
     state.history = HistoryRing::restore(limits.history_max, history_next, entries);
 
     let mut r = get(SECTION_OUTBOX, "outbox")?;
@@ -1430,6 +1444,50 @@ mod tests {
         state.topups.get_mut(&1019).unwrap().id_evicted = true;
         let err = decode(find(&encode(&state)), LedgerConfig::default(), limits(64)).err().unwrap();
         assert!(err.contains("both in and outside the idempotency window"), "{err}");
+    }
+
+    /// A shard whose user 5 topped up `n` times (history entries: the credits and debits).
+    fn topped_up(n: u64, limits: ShardLimits) -> ShardState {
+        let mut state = ShardState::new(0, 1, LedgerConfig::default(), limits);
+        let ts = 1_795_752_000_000_000_000u64;
+        state.apply(ts, &Command::CreateAccount { account: 5, kind: AccountKind::User, flags: 1, union: 0 });
+        state.apply(ts + 1, &Command::BindMethod { user: 5, method: 1, channel: Channel::Alipay });
+        for id in 1..=n {
+            let begin = Command::TopUpBegin { id, user: 5, method: 1, fen: 600 };
+            assert_eq!(state.apply(ts + 2 * id, &begin).0.status, Status::Ok);
+            let confirm = Command::TopUpConfirm { id, fen: 600, channel_txn: [b'x'; crate::layout::TEXT_LEN] };
+            assert_eq!(state.apply(ts + 2 * id + 1, &confirm).0.status, Status::Ok);
+        }
+        state
+    }
+
+    #[test]
+    fn a_history_longer_than_the_ring_keeps_its_newest_entries_and_links_only_point_back() {
+        // `history_max` may be lowered between starts: the oldest entries are dropped.
+        let large = ShardLimits { accounts_max: 64, history_max: 1024, ids_max: 64 };
+        let small = ShardLimits { history_max: 16, ..large.clone() };
+        let state = topped_up(12, large);
+        let sections = encode(&state);
+        let history = find(&sections)(SECTION_HISTORY).unwrap().to_vec();
+        let count = history.len() / HISTORY_SIZE;
+        assert!(count > 16, "{count} entries, more than the smaller ring holds");
+        let restored = decode(find(&sections), LedgerConfig::default(), small.clone()).unwrap();
+        assert_eq!(restored.history.capacity(), 16);
+        let newest: Vec<_> = state.history(5, 100, None);
+        assert!(newest.len() > 1);
+        let kept = restored.history(5, 100, None);
+        assert!(!kept.is_empty() && kept.len() < newest.len(), "{} of {}", kept.len(), newest.len());
+        assert_eq!(kept[..], newest[..kept.len()], "the newest ones");
+        // A back link to the entry itself or a newer one is damage (a read could loop on it).
+        for prev in [count as u64, count as u64 + 5] {
+            let mut damaged = history.clone();
+            let last = (count - 1) * HISTORY_SIZE;
+            damaged[last..last + 8].copy_from_slice(&prev.to_le_bytes());
+            let mut sections = sections.clone();
+            sections.iter_mut().find(|(t, _)| *t == SECTION_HISTORY).unwrap().1 = damaged;
+            let err = decode(find(&sections), LedgerConfig::default(), small.clone()).err().unwrap();
+            assert!(err.contains("links to a newer entry"), "{err}");
+        }
     }
 
     #[test]

@@ -81,7 +81,9 @@ enum Cmd {
 /// (`ClusterFile::limits`) and the log replays to its acknowledged answers only under those; a
 /// directory from before they were recorded gets limits large enough for any shard (the
 /// replay's answers can then differ from the server's where an id was reused after it left the
-/// server's window, or a create was refused for capacity).
+/// server's window, or a create was refused for capacity). `history_max` is not recorded (it
+/// decides no answer): a snapshot retaining more history than this ring loads with its oldest
+/// entries dropped, as at a server's start with a smaller `--history-max`.
 fn replay_limits(cluster: &ClusterFile) -> ShardLimits {
     cluster.limits(&ShardLimits { accounts_max: 1 << 26, history_max: 1 << 20, ids_max: 1 << 22 })
 }
