@@ -502,6 +502,40 @@ fn history_max_may_be_lowered_between_starts() {
 }
 
 #[test]
+fn a_snapshot_with_a_zero_top_up_id_is_refused_not_a_panic() {
+    // Written through `write_snapshot`, so every checksum holds: the decoder must refuse it (a
+    // snapshot that verifies but does not decode refuses the start, naming the file).
+    use stormledger::snapshot::state::SECTION_TOPUPS;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StormSpec { users: 5, streamers: 1, topup_yuan: 6, ..StormSpec::default() };
+    {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        node.shutdown();
+    }
+    let snapdir = dir.path().join("shard-00/snapshots");
+    let snap = stormledger::snapshot::load_latest(&snapdir).unwrap().unwrap();
+    let mut sections: Vec<(u32, Vec<u8>)> = snap.sections().map(|(t, b)| (t, b.to_vec())).collect();
+    let meta = snap.meta.clone();
+    drop(snap);
+    let topups = &mut sections.iter_mut().find(|(t, _)| *t == SECTION_TOPUPS).unwrap().1;
+    assert!(topups.len() >= 96);
+    topups[..8].copy_from_slice(&0u64.to_le_bytes());
+    let refs: Vec<(u32, &[u8])> = sections.iter().map(|(t, b)| (*t, b.as_slice())).collect();
+    let written = stormledger::snapshot::write_snapshot(&snapdir, &meta, &refs).unwrap();
+    let outcome = std::panic::catch_unwind(|| Node::open(node_config(dir.path(), 1)).map(drop));
+    match outcome {
+        Ok(Err(NodeError::Corrupt(message))) => {
+            assert!(message.contains("top-up id 0"), "{message}");
+            assert!(message.contains(&written.path.display().to_string()), "names the file: {message}");
+        }
+        Ok(other) => panic!("expected Corrupt, got {other:?}"),
+        Err(_) => panic!("loading the snapshot panicked"),
+    }
+}
+
+#[test]
 fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec();

@@ -235,13 +235,15 @@ impl IdTable {
         self.find(id).ok().map(|i| self.entries[i].1 - 1)
     }
 
-    /// Records `id` -> `seq`, replacing an earlier value.
+    /// Records `id` -> `seq`, replacing an earlier value. `seq` is below `u64::MAX` (a snapshot's
+    /// are checked when it is loaded): stored as `seq + 1`, it would wrap to an empty bucket.
     pub fn insert(&mut self, id: u64, seq: u64) {
+        let value = seq.checked_add(1).expect("an id table value below u64::MAX");
         match self.find(id) {
-            Ok(i) => self.entries[i].1 = seq + 1,
+            Ok(i) => self.entries[i].1 = value,
             Err(i) => {
                 assert!(self.len < self.entries.len() / 2, "id table over capacity");
-                self.entries[i] = (id, seq + 1);
+                self.entries[i] = (id, value);
                 self.mark_written(i);
                 self.len += 1;
             }

@@ -52,6 +52,9 @@ const ID_SIZE: usize = 8 + 8 + 80 + 2 + 1 + 8 + 8;
 const TOPUP_SIZE: usize = 8 * 6 + 1 + 1 + 1 + TEXT_LEN + 8 + 1 + 2 + 8 + 8 + 1;
 const HISTORY_SIZE: usize = 8 * 7 + 2 + 1;
 const OUTBOX_SIZE: usize = 8 + 80;
+/// The largest `id_seq` (commands a shard has remembered) a snapshot may hold: 2^62, as for
+/// lsns (`wal::LSN_MAX`), which a million commands a second would reach in 146 000 years.
+const ID_SEQ_MAX: u64 = 1 << 62;
 
 struct W(Vec<u8>);
 
@@ -994,8 +997,22 @@ pub fn decode<'a>(
 
     let mut r = get(SECTION_IDS, "ids")?;
     let mut ring = VecDeque::new();
+    // The records' sequence numbers are consecutive and end at the meta's `id_seq` - 1 (a record
+    // is found by its distance from the oldest, `record_at`). `id_seq` is at most `ID_SEQ_MAX`,
+    // far below the value that marks a held top-up id in the table, and `seq + 1` never wraps.
+    let count = (r.b.len() / ID_SIZE) as u64;
+    if state.id_seq < count || state.id_seq > ID_SEQ_MAX {
+        return Err(format!("snapshot section meta: id_seq {} does not fit {count} idempotency records", state.id_seq));
+    }
     while !r.done() {
         let seq = r.u64()?;
+        let expected = state.id_seq - count + ring.len() as u64;
+        if seq != expected {
+            return Err(format!(
+                "snapshot section ids: record {} has sequence number {seq}, not {expected}",
+                ring.len()
+            ));
+        }
         let timestamp = r.u64()?;
         let command = r.command()?;
         let reply = read_reply(&mut r)?;
@@ -1012,8 +1029,16 @@ pub fn decode<'a>(
 
     let mut r = get(SECTION_TOPUPS, "topups")?;
     let mut methods = section(SECTION_TOPUP_METHODS).map(|b| R { b, at: 0, section: "top-up methods" });
+    // Sorted by id, each once; ids are never 0.
+    let mut previous_id = 0;
     while !r.done() {
         let id = r.u64()?;
+        if id <= previous_id {
+            return Err(format!(
+                "snapshot section topups: top-up id {id} does not follow {previous_id} (ascending, above 0)"
+            ));
+        }
+        previous_id = id;
         let method = match methods.as_mut() {
             Some(m) => match (m.u8()?, m.u64()?) {
                 (1, method) => Some(method),
@@ -1075,9 +1100,34 @@ pub fn decode<'a>(
         }
     }
 
+    // The queue of deadlines, in the order top-ups began: so by deadline, each later than the
+    // one before (a shard's timestamps increase, and the time to live is the directory's). An
+    // entry of a top-up that ended before its deadline stays until then; every pending top-up
+    // has its entry, or it would never expire. (A top-up has one deadline, and deadlines are
+    // distinct, so each entry names at most one pending top-up and none is counted twice.)
     let mut r = get(SECTION_PENDING, "pending")?;
+    let mut previous_deadline = 0;
+    let mut queued = 0;
     while !r.done() {
-        state.pending.push_back((r.u64()?, r.u64()?));
+        let (deadline, id) = (r.u64()?, r.u64()?);
+        if deadline <= previous_deadline {
+            return Err(format!(
+                "snapshot section pending: deadline {deadline} of top-up {id} is not after the one ahead of it \
+                 ({previous_deadline})"
+            ));
+        }
+        previous_deadline = deadline;
+        if state.topups.get(&id).is_some_and(|t| t.state == TopUpState::Pending && t.deadline == deadline) {
+            queued += 1;
+        }
+        state.pending.push_back((deadline, id));
+    }
+    if queued != state.topups_pending {
+        return Err(format!(
+            "snapshot section pending: {} of the {} pending top-ups have no deadline queued",
+            state.topups_pending - queued,
+            state.topups_pending
+        ));
     }
 
     let mut r = get(SECTION_HISTORY, "history")?;
@@ -1487,6 +1537,77 @@ mod tests {
             sections.iter_mut().find(|(t, _)| *t == SECTION_HISTORY).unwrap().1 = damaged;
             let err = decode(find(&sections), LedgerConfig::default(), small.clone()).err().unwrap();
             assert!(err.contains("links to a newer entry"), "{err}");
+        }
+    }
+
+    /// `sections` with `tag`'s bytes changed by `f`, decoded: the error.
+    fn decode_changed(
+        sections: &[(u32, Vec<u8>)],
+        tag: u32,
+        limits: &ShardLimits,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) -> String {
+        let mut sections = sections.to_vec();
+        f(&mut sections.iter_mut().find(|(t, _)| *t == tag).unwrap().1);
+        decode(find(&sections), LedgerConfig::default(), limits.clone()).err().expect("refused")
+    }
+
+    #[test]
+    fn top_ups_and_their_deadlines_must_be_in_order_and_complete() {
+        // Top-ups 1..=3 confirmed, 4..=6 pending (one deadline each, in order).
+        let limits = ShardLimits { accounts_max: 64, history_max: 1024, ids_max: 64 };
+        let mut state = topped_up(3, limits.clone());
+        for id in 4..=6 {
+            let begin = Command::TopUpBegin { id, user: 5, method: 1, fen: 600 };
+            assert_eq!(state.apply(1_795_752_100_000_000_000 + id, &begin).0.status, Status::Ok);
+        }
+        let sections = encode(&state);
+        assert!(decode(find(&sections), LedgerConfig::default(), limits.clone()).is_ok());
+        let set_id = |bytes: &mut Vec<u8>, index: usize, id: u64| {
+            // 96 bytes a record (docs/wal-format.md), the id first.
+            bytes[index * 96..index * 96 + 8].copy_from_slice(&id.to_le_bytes())
+        };
+        // Id 0 (which the store refuses with a panic), a duplicate, and two out of order.
+        let err = decode_changed(&sections, SECTION_TOPUPS, &limits, |b| set_id(b, 0, 0));
+        assert!(err.contains("top-up id 0 does not follow 0"), "{err}");
+        let err = decode_changed(&sections, SECTION_TOPUPS, &limits, |b| set_id(b, 1, 1));
+        assert!(err.contains("top-up id 1 does not follow 1"), "{err}");
+        let err = decode_changed(&sections, SECTION_TOPUPS, &limits, |b| {
+            set_id(b, 0, 2);
+            set_id(b, 1, 1);
+        });
+        assert!(err.contains("top-up id 1 does not follow 2"), "{err}");
+        // The deadlines: out of order, or one pending top-up's missing.
+        let err = decode_changed(&sections, SECTION_PENDING, &limits, |b| {
+            let (first, rest) = b.split_at_mut(16);
+            first.swap_with_slice(&mut rest[..16]);
+        });
+        assert!(err.contains("is not after the one ahead of it"), "{err}");
+        let err = decode_changed(&sections, SECTION_PENDING, &limits, |b| {
+            let deadline = b[..8].to_vec();
+            b[16..24].copy_from_slice(&deadline);
+        });
+        assert!(err.contains("is not after the one ahead of it"), "two equal: {err}");
+        let err = decode_changed(&sections, SECTION_PENDING, &limits, |b| b.truncate(b.len() - 16));
+        assert!(err.contains("1 of the 3 pending top-ups have no deadline queued"), "{err}");
+        // The entry of a top-up that ended before its deadline stays until then (as those of 1..=3).
+        let fail = Command::TopUpFail { id: 5, reason: FailReason::Declined };
+        assert_eq!(state.apply(1_795_752_100_000_000_100, &fail).0.status, Status::Ok);
+        assert_eq!(state.pending.len(), 6, "the entries of ended top-ups wait for their deadlines");
+        assert!(decode(find(&encode(&state)), LedgerConfig::default(), limits.clone()).is_ok());
+    }
+
+    #[test]
+    fn idempotency_records_are_numbered_up_to_the_meta_sequence() {
+        let limits = ShardLimits { accounts_max: 64, history_max: 1024, ids_max: 64 };
+        let sections = encode(&topped_up(3, limits.clone()));
+        let err = decode_changed(&sections, SECTION_IDS, &limits, |b| b[0] ^= 1);
+        assert!(err.contains("record 0 has sequence number"), "{err}");
+        // The meta's id_seq: 12 bytes in (shard, shards, last_timestamp first).
+        for id_seq in [u64::MAX, u64::MAX - 1, 1 << 63, 2] {
+            let err =
+                decode_changed(&sections, SECTION_META, &limits, |b| b[12..20].copy_from_slice(&id_seq.to_le_bytes()));
+            assert!(err.contains(&format!("id_seq {id_seq} does not fit")), "{err}");
         }
     }
 
