@@ -626,13 +626,10 @@ impl Node {
             // damaged one would take the place of the valid one just loaded, the one to fall
             // back on. Renamed, not removed: the evidence stays.
             for damaged in damaged_snapshots {
-                let mut aside = damaged.clone().into_os_string();
-                aside.push(".damaged");
-                let rename = storage.rename(damaged, Path::new(&aside));
-                rename.and_then(|()| storage.sync_dir(&shard_dir.join("snapshots"))).map_err(|e| {
+                let aside = crate::snapshot::set_aside_in(storage.as_ref(), damaged).map_err(|e| {
                     NodeError::Corrupt(format!("shard {shard}: cannot set the damaged snapshot aside: {e}"))
                 })?;
-                eprintln!("shard {shard}: renamed it to {}", Path::new(&aside).display());
+                eprintln!("shard {shard}: renamed it to {}", aside.display());
             }
             Ok(wal)
         };

@@ -771,13 +771,17 @@ fn a_damaged_snapshot_is_set_aside_so_retention_keeps_the_one_to_fall_back_on() 
         node.shutdown();
         b
     };
-    let names = snapshots();
-    assert_eq!(names.len(), 3, "{names:?}");
-    assert_eq!(names[0], older, "the snapshot to fall back on is kept");
-    // The newest damaged as well: the older one and the log still give every balance.
-    halve(&names[2]);
+    // The snapshot to fall back on is kept, and the new one takes a sequence number of its own:
+    // one the damaged file does not have.
+    let damaged = format!("{newest}.damaged");
+    let new = stormledger::snapshot::snapshot_file_name(3);
+    assert_eq!(snapshots(), [older.clone(), damaged.clone(), new.clone()]);
+    // The newest damaged as well: the older one and the log still give every balance, and it
+    // is set aside next to the first (whose evidence stays).
+    halve(&new);
     let node = Node::open(config).unwrap();
     assert_eq!(balances(node.engine(), &spec), before);
+    assert_eq!(snapshots(), [older, damaged, format!("{new}.damaged")]);
 }
 
 #[test]

@@ -161,6 +161,56 @@ fn parse_file_name(name: &str) -> Option<u64> {
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
 }
 
+/// The suffix of a snapshot set aside as damaged (`set_aside_in`).
+pub const DAMAGED_SUFFIX: &str = ".damaged";
+
+/// The sequence number of a snapshot's name, or of one set aside as damaged
+/// (`snapshot-N.snap.damaged`, `snapshot-N.snap.damaged.K`).
+fn parse_sequence_taken(name: &str) -> Option<u64> {
+    if let Some(sequence) = parse_file_name(name) {
+        return Some(sequence);
+    }
+    let rest = name.strip_prefix("snapshot-")?;
+    let (digits, suffix) = rest.split_at_checked(20)?;
+    let aside = suffix.strip_prefix(".snap")?.strip_prefix(DAMAGED_SUFFIX)?;
+    let aside = aside.is_empty() || aside.strip_prefix('.').is_some_and(|k| k.bytes().all(|b| b.is_ascii_digit()));
+    (aside && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+/// The sequence number the next snapshot in `dir` gets: one more than any snapshot's there,
+/// damaged ones set aside included, so that a name is never used twice (the evidence of a
+/// damaged snapshot is never overwritten by a later one's).
+fn next_sequence_in(storage: &dyn Storage, dir: &Path) -> Result<u64, SnapshotError> {
+    let names = storage.list(dir).map_err(storage_err)?;
+    Ok(names.iter().filter_map(|name| parse_sequence_taken(name)).max().map_or(1, |s| s + 1))
+}
+
+/// Renames a snapshot that failed verification to `NAME.damaged` (or, were that taken,
+/// `NAME.damaged.2`, ...: nothing is overwritten), and makes the rename durable: out of the
+/// way of retention, which keeps the newest snapshots by name, but kept as evidence. Returns
+/// the new path.
+pub fn set_aside_in(storage: &dyn Storage, path: &Path) -> Result<PathBuf, SnapshotError> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(SnapshotError::Io {
+            op: "set aside",
+            path: path.to_path_buf(),
+            source: io::Error::other("not a snapshot file's path"),
+        });
+    };
+    let names = storage.list(dir).map_err(storage_err)?;
+    let mut k = 1u64;
+    let aside = loop {
+        let candidate = if k == 1 { format!("{name}{DAMAGED_SUFFIX}") } else { format!("{name}{DAMAGED_SUFFIX}.{k}") };
+        if !names.contains(&candidate) {
+            break dir.join(candidate);
+        }
+        k += 1;
+    };
+    storage.rename(path, &aside).map_err(storage_err)?;
+    storage.sync_dir(dir).map_err(storage_err)?;
+    Ok(aside)
+}
+
 /// A storage failure as a snapshot error (the storage layer names the call and the path).
 fn storage_err(error: StorageError) -> SnapshotError {
     match error {
@@ -216,8 +266,7 @@ pub fn write_snapshot_in(
         SnapshotError::TooLarge { reason: format!("{} sections (max {MAX_SECTIONS})", sections.len()) }
     })?;
     storage.create_dir_all(dir).map_err(storage_err)?;
-    let existing = list_snapshots_in(storage, dir)?;
-    let sequence = existing.last().map_or(1, |(s, _)| s + 1);
+    let sequence = next_sequence_in(storage, dir)?;
 
     // Layout: header, lsns, section table, then each section at an aligned offset.
     let lsns: Vec<U64> = meta.lsns.iter().map(|&l| U64::new(l)).collect();
@@ -436,5 +485,50 @@ pub fn load_latest_strict(dir: &Path) -> Result<Option<LoadedSnapshot>, Snapshot
     match list_snapshots(dir)?.last() {
         None => Ok(None),
         Some((_, path)) => load_snapshot(path).map(Some),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_snapshots_number_is_never_reused_nor_its_file_overwritten() {
+        let storage = crate::storage::MemStorage::new();
+        let dir = Path::new("/mem/snapshots");
+        let meta = SnapshotMeta { lsns: vec![7], timestamp: 1 };
+        let write = || write_snapshot_in(&storage, dir, &meta, &[(1, b"x".as_slice())]).unwrap();
+        assert_eq!(write().sequence, 1);
+        let second = write();
+        let aside = set_aside_in(&storage, &second.path).unwrap();
+        assert_eq!(aside, dir.join("snapshot-00000000000000000002.snap.damaged"));
+        let third = write();
+        assert_eq!(third.sequence, 3, "not 2 again");
+        // A name taken already (a directory from a build that reused numbers) is not overwritten.
+        storage.rename(&third.path, &second.path).unwrap();
+        assert_eq!(
+            set_aside_in(&storage, &second.path).unwrap(),
+            dir.join("snapshot-00000000000000000002.snap.damaged.2")
+        );
+        assert_eq!(write().sequence, 3);
+        let mut names = storage.list(dir).unwrap();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "snapshot-00000000000000000001.snap",
+                "snapshot-00000000000000000002.snap.damaged",
+                "snapshot-00000000000000000002.snap.damaged.2",
+                "snapshot-00000000000000000003.snap",
+            ]
+        );
+        for name in [
+            "snapshot-1.snap.damaged",
+            "snapshot-00000000000000000009.snap.damagedx",
+            "snapshot-00000000000000000009.snap.tmp",
+        ] {
+            assert_eq!(parse_sequence_taken(name), None, "{name}");
+        }
     }
 }
