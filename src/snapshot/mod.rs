@@ -480,7 +480,8 @@ pub fn load_latest_in(storage: &dyn Storage, dir: &Path) -> Result<Option<Loaded
     }
 }
 
-/// Strict variant for `verify`: the newest snapshot must verify; no fallback.
+/// Strict variant: the newest snapshot must verify; no fallback. (`stormledger-recover verify`
+/// does not use it: it loads the shard as a start does, then checks every kept snapshot.)
 pub fn load_latest_strict(dir: &Path) -> Result<Option<LoadedSnapshot>, SnapshotError> {
     match list_snapshots(dir)?.last() {
         None => Ok(None),
