@@ -496,6 +496,15 @@ impl Node {
             Err(e) => return Err(NodeError::Corrupt(e.to_string())),
         };
         if config.durability == Durability::InMemory {
+            // Nothing of the directory is read or written: say so where a ledger is stored, so
+            // that a stray `STORMLEDGER_DURABILITY=memory` is not taken for a wiped ledger.
+            if dir.join("cluster.json").exists() {
+                eprintln!(
+                    "note: --durability memory: the ledger stored in {} is neither loaded nor changed; this server \
+                     starts empty and keeps nothing",
+                    dir.display()
+                );
+            }
             let limits = config.engine.limits.clone();
             let engine = Engine::in_memory(config.engine).map_err(NodeError::Config)?;
             return Ok(Node { engine: Arc::new(engine), limits, _lock: Some(lock) });

@@ -731,3 +731,32 @@ fn watch_json_ends_with_a_status_and_refuses_a_position_ahead_of_the_server() {
     let mut server = s.child.take().unwrap();
     assert_eq!(wait_bounded(&mut server, WAIT).and_then(|s| s.code()), Some(0));
 }
+
+/// `--durability memory` on a directory that holds a ledger says so: that ledger is neither
+/// loaded nor changed (a stray `STORMLEDGER_DURABILITY=memory` looked like a wiped ledger).
+#[test]
+fn a_memory_server_on_a_stored_ledger_says_it_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "buffered", "--shards", "1", "--data-dir"])
+        .arg(dir.path());
+    let mut durable = Server::spawn(cmd, dir.path()).unwrap_or_else(|run| panic!("{}", run.stderr));
+    durable.ok(&["account", "create", "--id", "1", "--kind", "user", "--real-name"]);
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(durable.pid(), libc::SIGTERM) }, 0);
+    let mut child = durable.child.take().unwrap();
+    assert_eq!(wait_bounded(&mut child, WAIT).and_then(|s| s.code()), Some(0));
+
+    let mut memory = Server::start(dir.path());
+    assert_eq!(memory.cli(&["balance", "1", "--json"]).json()["status"], "not_found");
+    assert_eq!(unsafe { libc::kill(memory.pid(), libc::SIGTERM) }, 0);
+    let mut child = memory.child.take().unwrap();
+    assert_eq!(wait_bounded(&mut child, WAIT).and_then(|s| s.code()), Some(0));
+    let stderr = memory.stderr.take().unwrap().join().unwrap();
+    assert!(stderr.contains("neither loaded nor changed"), "{stderr}");
+    // The stored ledger is still there for a durable server.
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "buffered", "--data-dir"]).arg(dir.path());
+    let again = Server::spawn(cmd, dir.path()).unwrap_or_else(|run| panic!("{}", run.stderr));
+    assert_eq!(again.ok(&["balance", "1", "--json"]).json()["balance"], 0);
+}
