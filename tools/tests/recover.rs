@@ -62,10 +62,18 @@ fn verify_replay_and_inspect_a_healthy_directory() {
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(!lines.is_empty());
     for l in &lines {
-        // The account is a party; a command's own id is not an account (except in a creation).
+        // The account is a party; a command's own id is not an account (except in a creation),
+        // and a top-up's callback names only the top-up, whose begin names the user.
         let creates = l["kind"] == "create_account" || l["kind"] == "replica_create";
-        assert!(l["a"] == 7 || l["b"] == 7 || (creates && l["id"] == 7), "{l}");
+        let callback = l["kind"] == "topup_confirm" || l["kind"] == "topup_fail";
+        assert!(l["a"] == 7 || l["b"] == 7 || (creates && l["id"] == 7) || callback, "{l}");
+        if callback {
+            let begun = lines.iter().any(|b| b["kind"] == "topup_begin" && b["id"] == l["id"] && b["a"] == 7);
+            assert!(begun, "a callback of another user's top-up: {l}");
+        }
     }
+    // The confirm that credited the account is there (it used to be left out).
+    assert!(lines.iter().any(|l| l["kind"] == "topup_confirm"), "{out}");
     // --from: an lsn on every shard, or a feed position (after it on the shards it names).
     let (code, out) = tool(&["inspect", d, "--limit", "1000000"]);
     assert_eq!(code, 0);

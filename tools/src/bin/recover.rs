@@ -5,6 +5,7 @@
 //! the server does). Only `recover` without `--dry-run` writes, and it
 //! takes the data directory's lock first, so it never runs beside a live server.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -13,10 +14,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use zerocopy::FromBytes;
 
-use stormledger::config::ShardLimits;
+use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::layout::CommandRecord;
 use stormledger::ledger::command::kind;
 use stormledger::node::{load_shard, read_data_dir, ClusterFile, NodeError, RECORD_KIND_COMMANDS};
+use stormledger::snapshot::state as snapshot_state;
 use stormledger::storage::{DirLock, MmapStorage};
 use stormledger::wal::{self, RecoveryOutcome, RecoveryPolicy, WalReader};
 
@@ -265,8 +267,61 @@ fn parse_from(s: &str) -> Result<Start, String> {
     s.parse().map(Start::Lsn).map_err(|_| format!("{s:?} is neither a log position (an lsn) nor SHARD:LSN.INDEX[,...]"))
 }
 
+/// The users of a shard's top-ups, for `inspect --account`: a callback (`topup_confirm`,
+/// `topup_fail`) names only its top-up, and its begin names the user. From the begins in the
+/// retained log, and for a callback whose begin is older, from the newest snapshot's top-ups
+/// (decoded once, when first needed).
+struct TopUpUsers {
+    from_log: HashMap<u64, u64>,
+    snapshot: Option<Option<stormledger::ledger::ShardState>>,
+}
+
+impl TopUpUsers {
+    fn scan(reader: &WalReader) -> Result<TopUpUsers, String> {
+        let mut from_log = HashMap::new();
+        if reader.first_lsn() < reader.next_lsn() {
+            for record in reader.iter_from(reader.first_lsn()).map_err(|e| e.to_string())? {
+                let record = record.map_err(|e| e.to_string())?;
+                if record.kind != RECORD_KIND_COMMANDS {
+                    continue;
+                }
+                let cmds = <[CommandRecord]>::ref_from_bytes(record.payload)
+                    .map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
+                for c in cmds.iter().filter(|c| c.kind == kind::TOPUP_BEGIN) {
+                    from_log.insert(c.id.get(), c.a.get());
+                }
+            }
+        }
+        Ok(TopUpUsers { from_log, snapshot: None })
+    }
+
+    fn user(
+        &mut self,
+        id: u64,
+        sdir: &Path,
+        cluster: &ClusterFile,
+        ledger: &LedgerConfig,
+    ) -> Result<Option<u64>, String> {
+        if let Some(&user) = self.from_log.get(&id) {
+            return Ok(Some(user));
+        }
+        if self.snapshot.is_none() {
+            let state = match stormledger::snapshot::load_latest(&sdir.join("snapshots")).map_err(|e| e.to_string())? {
+                Some(snap) => {
+                    let decoded = snapshot_state::decode(|t| snap.section(t), ledger.clone(), replay_limits(cluster));
+                    Some(decoded.map_err(|e| format!("{}: {e}", snap.path.display()))?)
+                }
+                None => None,
+            };
+            self.snapshot = Some(state);
+        }
+        Ok(self.snapshot.as_ref().and_then(Option::as_ref).and_then(|s| s.topup(id)).map(|t| t.user))
+    }
+}
+
 fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Option<u16>) -> Result<bool, String> {
-    let shards = open_dir(dir)?.0.shards;
+    let (cluster, ledger) = open_dir(dir)?;
+    let shards = cluster.shards;
     let mut printed = 0u64;
     for shard in 0..shards {
         if only.is_some_and(|s| s != shard) {
@@ -274,6 +329,10 @@ fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Opti
         }
         let sdir = wal::shard_dir(dir, shard as u32);
         let (reader, _) = WalReader::open(&sdir, shard as u32, &MmapStorage).map_err(|e| e.to_string())?;
+        let mut topup_users = match account {
+            Some(_) => Some(TopUpUsers::scan(&reader)?),
+            None => None,
+        };
         // The first command shown: (lsn, index in its batch).
         let (from_lsn, from_index) = match &from {
             Start::Lsn(lsn) => (*lsn, 0),
@@ -299,8 +358,12 @@ fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Opti
                 // command's own id, which shares no namespace with accounts.
                 let creates = matches!(c.kind, kind::CREATE_ACCOUNT | kind::REPLICA_CREATE);
                 let names = |acc: u64| acc == a || acc == b || (creates && acc == id);
-                if account.is_some_and(|acc| !names(acc)) {
-                    continue;
+                if let (Some(acc), Some(users)) = (account, topup_users.as_mut()) {
+                    let callback = matches!(c.kind, kind::TOPUP_CONFIRM | kind::TOPUP_FAIL);
+                    let named = names(acc) || (callback && users.user(id, &sdir, &cluster, &ledger)? == Some(acc));
+                    if !named {
+                        continue;
+                    }
                 }
                 if printed >= limit {
                     return Ok(true);
