@@ -36,6 +36,23 @@ fn make_dir(dir: &Path) {
     node.shutdown();
 }
 
+/// Opens the directory made by `make_dir`, takes `count` snapshots of every shard, and stops.
+fn take_snapshots(dir: &Path, count: usize) {
+    let mut config = NodeConfig::new(dir);
+    config.segment_size = 256 * 1024;
+    let node = Node::open(config).unwrap();
+    for _ in 0..count {
+        let record = stormledger::layout::CommandRecord {
+            kind: stormledger::ledger::command::kind::SNAPSHOT,
+            ..Default::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        node.engine().submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
+        assert_eq!(rx.recv().unwrap(), 0);
+    }
+    node.shutdown();
+}
+
 fn last_segment(dir: &Path) -> (std::path::PathBuf, u64) {
     let sdir = wal::shard_dir(dir, 0);
     let report = wal::recover(&sdir, 0, &MmapStorage, RecoveryPolicy::ReadOnly).unwrap();
@@ -167,22 +184,8 @@ fn corruption_in_the_middle_is_reported_and_never_truncated() {
 fn verify_checks_every_snapshot_and_recover_says_when_a_directory_still_cannot_start() {
     let dir = tempfile::tempdir().unwrap();
     make_dir(dir.path());
-    {
-        // Two snapshots a shard.
-        let mut config = NodeConfig::new(dir.path());
-        config.segment_size = 256 * 1024;
-        let node = Node::open(config).unwrap();
-        for _ in 0..2 {
-            let record = stormledger::layout::CommandRecord {
-                kind: stormledger::ledger::command::kind::SNAPSHOT,
-                ..Default::default()
-            };
-            let (tx, rx) = std::sync::mpsc::channel();
-            node.engine().submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
-            assert_eq!(rx.recv().unwrap(), 0);
-        }
-        node.shutdown();
-    }
+    // Two snapshots a shard.
+    take_snapshots(dir.path(), 2);
     let d = dir.path().to_str().unwrap();
     let (code, out) = tool(&["verify", d, "--json"]);
     assert_eq!(code, 0, "{out}");
@@ -219,19 +222,7 @@ fn verify_checks_every_snapshot_and_recover_says_when_a_directory_still_cannot_s
 fn recover_never_zeroes_a_damaged_last_record_the_snapshot_covers() {
     let dir = tempfile::tempdir().unwrap();
     make_dir(dir.path());
-    {
-        let mut config = NodeConfig::new(dir.path());
-        config.segment_size = 256 * 1024;
-        let node = Node::open(config).unwrap();
-        let record = stormledger::layout::CommandRecord {
-            kind: stormledger::ledger::command::kind::SNAPSHOT,
-            ..Default::default()
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        node.engine().submit(vec![record], Box::new(move |r| tx.send(r[0].status.get()).unwrap()));
-        assert_eq!(rx.recv().unwrap(), 0);
-        node.shutdown();
-    }
+    take_snapshots(dir.path(), 1);
     // Shard 0's last record, which its snapshot covers, damaged (bit rot, not a tear).
     let sdir = wal::shard_dir(dir.path(), 0);
     let snapshot = stormledger::snapshot::load_latest(&sdir.join("snapshots")).unwrap().unwrap();
