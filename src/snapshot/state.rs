@@ -1135,6 +1135,11 @@ pub fn decode<'a>(
     if count as u64 > history_next {
         return Err("snapshot history holds more entries than were ever appended".into());
     }
+    // Bounded as the idempotency records' count is: the ring's sequence numbers (and `prev`,
+    // one more) never wrap as it goes on appending.
+    if history_next > ID_SEQ_MAX {
+        return Err(format!("snapshot section meta: {history_next} history entries appended is above 2^62"));
+    }
     // The first retained entry's sequence number (the meta section's `history appended` is one
     // past the last).
     let first = history_next - count as u64;
@@ -1550,6 +1555,18 @@ mod tests {
         let mut sections = sections.to_vec();
         f(&mut sections.iter_mut().find(|(t, _)| *t == tag).unwrap().1);
         decode(find(&sections), LedgerConfig::default(), limits.clone()).err().expect("refused")
+    }
+
+    #[test]
+    fn a_history_count_near_the_end_of_its_range_is_damage() {
+        let limits = ShardLimits { accounts_max: 64, history_max: 1024, ids_max: 64 };
+        let sections = encode(&topped_up(3, limits.clone()));
+        // The meta section: shard u16, shards u16, last timestamp, id_seq, replica_out, then the
+        // history entries appended (u64 at 28), which the next append would take past u64::MAX.
+        let err = decode_changed(&sections, SECTION_META, &limits, |b| {
+            b[28..36].copy_from_slice(&(u64::MAX - 1).to_le_bytes())
+        });
+        assert!(err.contains("above 2^62"), "{err}");
     }
 
     #[test]
