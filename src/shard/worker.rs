@@ -755,6 +755,9 @@ pub fn run(
     // The batch in the log, applied once its result is in (pipelined journals only).
     let mut ahead: Option<Batch> = None;
     let mut pending_queries: VecDeque<QueryMsg> = VecDeque::new();
+    // Reads left over from a round (`answer_some`) stay taken from the queue: taking no more
+    // than its depth keeps the queue's bound the bound of reads held (a full queue is `busy`).
+    let reads_held_max = queries.capacity().unwrap_or(usize::MAX).max(1);
 
     loop {
         let mut batch = w.spare_batches.pop().unwrap_or_default();
@@ -788,7 +791,7 @@ pub fn run(
                         carry = Some(part);
                     }
                 }
-                Some(i) if i == i_queries => {
+                Some(i) if i == i_queries && pending_queries.len() < reads_held_max => {
                     if let Ok(q) = queries.try_recv() {
                         pending_queries.push_back(q);
                     }
@@ -799,7 +802,8 @@ pub fn run(
         // The reads queued now, then the replica messages: every replica message a read's sender
         // sent before the read is then in this round's batch, which the read waits for (a
         // settlement's gather is a lookup that must see the replica its shard sent first).
-        while let Ok(q) = queries.try_recv() {
+        while pending_queries.len() < reads_held_max {
+            let Ok(q) = queries.try_recv() else { break };
             pending_queries.push_back(q);
         }
         // Drain more without blocking, up to the batch limit (a restart may have re-sent a few
