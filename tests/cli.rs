@@ -299,6 +299,17 @@ fn unreachable_and_wrong_token_exit_3() {
     assert_eq!(run.code, 3, "{} {}", run.stdout, run.stderr);
     assert_eq!(run.json()["status"], "unreachable");
 
+    // A malformed address is a usage error (exit 2), for every client command and for watch.
+    for args in [&["balance", "1"][..], &["tip", "--id", "1", "--from", "1", "--to", "2", "--coins", "1"], &["watch"]] {
+        for addr in ["notanaddr", "127.0.0.1:99999"] {
+            let mut cmd = bin();
+            cmd.args(["--connect", addr, "--token", "x"]).args(args);
+            let run = run_bounded(cmd);
+            assert_eq!(run.code, 2, "{addr} {args:?}: {} {}", run.stdout, run.stderr);
+            assert!(run.stderr.contains("expected HOST:PORT"), "{}", run.stderr);
+        }
+    }
+
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path());
     let mut cmd = bin();

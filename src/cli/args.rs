@@ -204,6 +204,27 @@ pub fn parse_durability(s: &str) -> Result<Durability, String> {
     s.parse()
 }
 
+/// A server address to connect to: `HOST:PORT` (a name, an IPv4 address or a bracketed IPv6
+/// address, and a port 1-65535). Only its form is checked here, so that a typo is a usage error
+/// (exit 2); whether the host resolves and answers is the connection's business (exit 3).
+pub fn parse_host_port(s: &str) -> Result<String, String> {
+    let expected = "expected HOST:PORT, e.g. 127.0.0.1:7878";
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("no port ({expected})"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("port {port:?} is not 1-65535 ({expected})")),
+    }
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let well_formed = match bare {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_'),
+    };
+    if !well_formed {
+        return Err(format!("host {host:?} is not a name or an IP address ({expected})"));
+    }
+    Ok(s.to_string())
+}
+
 /// A yuan amount: a decimal string with at most 2 decimal places, parsed to fen.
 fn parse_amount(s: &str) -> Result<u64, String> {
     parse_yuan(s).map_err(|e| format!("{e} (amounts are yuan, e.g. 30.00)"))
@@ -522,5 +543,15 @@ mod tests {
         let cli = Cli::try_parse_from(["stormledger", "--json", "--connect", "h:1", "balance", "7"]).unwrap();
         assert!(cli.json);
         assert_eq!(cli.connect, "h:1");
+    }
+
+    #[test]
+    fn connect_takes_host_colon_port_only() {
+        for ok in ["127.0.0.1:7878", "ledger-1.internal:7878", "[::1]:7878", "localhost:1"] {
+            assert_eq!(parse_host_port(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        for bad in ["notanaddr", "127.0.0.1:99999", "127.0.0.1:0", ":7878", "a b:1", "[zz]:1", "::1:x", ""] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
     }
 }

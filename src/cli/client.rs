@@ -191,6 +191,9 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
     };
     runtime.block_on(async {
         let addr = cli.connect.as_str();
+        if let Err(e) = super::args::parse_host_port(addr) {
+            return fail(Failure::usage(format!("--connect {addr:?}: {e}")));
+        }
         let token = match resolve_token(cli, false) {
             Ok((token, _)) => token,
             Err(why) => return fail(Failure::auth(why)),
@@ -375,6 +378,7 @@ fn tls_required(addr: &str, message: &str) -> Failure {
 
 async fn connect(cli: &Cli, admin: bool, timeout: Duration) -> Result<Client, Failure> {
     let addr = cli.connect.as_str();
+    super::args::parse_host_port(addr).map_err(|e| Failure::usage(format!("--connect {addr:?}: {e}")))?;
     let tls = tls_config(cli)?;
     let (token, source) = match resolve_token(cli, admin) {
         Ok(found) => found,

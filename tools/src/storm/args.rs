@@ -16,7 +16,7 @@ use stormledger::node::Durability;
 #[command(group(ArgGroup::new("target").required(true).args(["connect", "spawn", "engine"])))]
 pub struct Args {
     /// Drive a running server over TCP at ADDR (only this address is ever contacted).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = stormledger::cli::args::parse_host_port)]
     pub connect: Option<String>,
     /// Client token for --connect (or STORMLEDGER_TOKEN) [default: the one in DIR/auth.token,
     /// see --data-dir].
@@ -24,7 +24,7 @@ pub struct Args {
     pub token: Option<String>,
     /// For --connect without a token: the server's data directory, whose `auth.token` holds
     /// the client token (as the `stormledger` CLI reads it).
-    #[arg(long, value_name = "DIR", default_value = "data")]
+    #[arg(long, env = "STORMLEDGER_DATA_DIR", value_name = "DIR", default_value = "data")]
     pub data_dir: PathBuf,
     /// --connect over TLS, trusting the CA certificate(s) in this PEM file.
     #[arg(long, env = "STORMLEDGER_TLS_CA", value_name = "PEM")]
