@@ -116,3 +116,65 @@ async fn a_cut_connection_is_retried_and_every_tip_is_applied_once() {
     // The batch reached the server on the first connection, so the retry got original results.
     assert!(replies.iter().all(|r| r.flags & 1 == 1), "answered from the idempotency records");
 }
+
+/// A server that authenticates, then reads everything and never answers (a hung host, a
+/// partition: no FIN, no RST). Counts its connections.
+async fn black_hole(connections: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    use stormledger::protocol::{AuthOk, Frame, FrameReader, FrameWriter, Payload, Role};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { return };
+            connections.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, w) = socket.into_split();
+                let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+                let Ok(Some(_hello)) = r.read_frame().await else { return };
+                let auth = AuthOk {
+                    role: Role::Client,
+                    in_flight_max: 64,
+                    body_bytes_max: 1 << 20,
+                    commands_per_frame_max: 8192,
+                    queries_per_frame_max: 4096,
+                    connection_id: 1,
+                };
+                w.write_frame(&Frame::new(0, Payload::AuthOk(auth))).await.unwrap();
+                while let Ok(Some(_)) = r.read_frame().await {}
+            });
+        }
+    });
+    addr
+}
+
+/// `ClientConfig::request_timeout` bounds a call against a server that stopped answering
+/// without closing: the call fails with a retryable `TimedOut`, the connection is closed, and
+/// the retrying client tries again on a new one, then reports the failure. Before, `submit`
+/// waited forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_times_a_call_out_and_the_retrying_client_gives_up_in_bounded_time() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let addr = black_hole(connections.clone()).await;
+    let config = ClientConfig { request_timeout: Duration::from_millis(300), ..ClientConfig::new(TOKEN) };
+
+    let client = Client::connect_with(addr, config.clone()).await.unwrap();
+    let tip = Command::Tip { id: 77, from: 1, to: 100, coins: 1 }.to_record();
+    let error = client.submit(vec![tip]).await.unwrap_err();
+    match &error {
+        stormledger::client::ClientError::Io(e) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        other => panic!("expected a timed-out I/O error, got {other}"),
+    }
+    assert!(stormledger::client::retry::is_retryable(&error));
+    assert!(client.is_closed(), "a timed-out call closes its connection");
+    assert!(client.balance(1).await.is_err(), "later calls on it fail at once");
+
+    let retrying = RetryingClient::new(addr.to_string(), config, 2, Duration::from_millis(10));
+    let result = tokio::time::timeout(Duration::from_secs(30), retrying.submit(vec![tip])).await;
+    let error = result.expect("bounded in time").unwrap_err();
+    assert!(matches!(error, stormledger::client::ClientError::Io(_)), "{error}");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1 + 3,
+        "the first attempt and two retries, each on a new connection"
+    );
+}

@@ -118,6 +118,12 @@ pub struct ClientConfig {
     pub role: Role,
     /// Bound on TCP connect, the TLS handshake and the authentication round trip.
     pub connect_timeout: Duration,
+    /// Bound on one `submit`/`queries` call, from its start to its last answer (queueing
+    /// included). When it passes, the call fails with `ClientError::Io` (`TimedOut`, retryable:
+    /// its commands may or may not have been applied) and the connection is closed, failing
+    /// every other call on it the same way: a server that stopped answering without closing
+    /// (a hung host, a partition) would otherwise keep them waiting forever.
+    pub request_timeout: Duration,
     /// Calls queued before `submit`/`query` themselves wait (back-pressure on the callers).
     pub queue_max: usize,
     /// Connect over TLS (`TlsClientConfig::from_ca_file`); `None`: plaintext.
@@ -134,6 +140,7 @@ impl core::fmt::Debug for ClientConfig {
             .field("token", &"<redacted>")
             .field("role", &self.role)
             .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("queue_max", &self.queue_max)
             .field("tls", &self.tls)
             .field("allow_remote_plaintext", &self.allow_remote_plaintext)
@@ -142,12 +149,13 @@ impl core::fmt::Debug for ClientConfig {
 }
 
 impl ClientConfig {
-    /// Client role, 5 s connect timeout, 65 536 queued calls, plaintext.
+    /// Client role, 5 s connect timeout, 30 s request timeout, 65 536 queued calls, plaintext.
     pub fn new(token: impl Into<String>) -> ClientConfig {
         ClientConfig {
             token: token.into(),
             role: Role::Client,
             connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
             queue_max: 1 << 16,
             tls: None,
             allow_remote_plaintext: false,
@@ -201,6 +209,8 @@ struct Shared {
     window: Arc<Semaphore>,
     /// Why the connection died, once it has.
     closed: Mutex<Option<ClientError>>,
+    /// The connection's two tasks, aborted (dropping the socket) when a call times out.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Shared {
@@ -223,6 +233,14 @@ impl Shared {
     fn closed_error(&self) -> ClientError {
         self.closed.lock().clone().unwrap_or(ClientError::Closed)
     }
+
+    /// `close`, and the socket closed too: the tasks reading and writing it are aborted.
+    fn abandon(&self, error: ClientError) {
+        self.close(error);
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+    }
 }
 
 /// A connection to a stormledger server. Cheap to clone; all clones share the connection and its
@@ -232,6 +250,7 @@ pub struct Client {
     calls: mpsc::Sender<Call>,
     session: AuthOk,
     shared: Arc<Shared>,
+    request_timeout: Duration,
 }
 
 impl core::fmt::Debug for Client {
@@ -262,15 +281,17 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             window: Arc::new(Semaphore::new(window)),
             closed: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
         });
         let (calls, calls_rx) = mpsc::channel(config.queue_max.max(1));
         let limits = Limits {
             commands: (session.commands_per_frame_max as usize).clamp(1, COMMANDS_PER_FRAME_MAX),
             queries: (session.queries_per_frame_max as usize).clamp(1, QUERIES_PER_FRAME_MAX),
         };
-        tokio::spawn(read_loop(reader, shared.clone()));
-        tokio::spawn(batch_loop(calls_rx, writer, shared.clone(), limits));
-        Ok(Client { calls, session, shared })
+        let reading = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
+        let writing = tokio::spawn(batch_loop(calls_rx, writer, shared.clone(), limits)).abort_handle();
+        shared.tasks.lock().extend([reading, writing]);
+        Ok(Client { calls, session, shared, request_timeout: config.request_timeout })
     }
 
     /// What the server granted: role, limits, connection id.
@@ -304,8 +325,32 @@ impl Client {
         self.in_frames(queries, limit, Call::Queries).await
     }
 
-    /// Sends `items` as calls of at most `limit` each and gathers the answers in order.
+    /// Sends `items` as calls of at most `limit` each and gathers the answers in order, within
+    /// `request_timeout` (see `ClientConfig::request_timeout`).
     async fn in_frames<T, R>(
+        &self,
+        items: Vec<T>,
+        limit: usize,
+        call: fn(Vec<T>, Done<R>) -> Call,
+    ) -> Result<Vec<R>, ClientError> {
+        match tokio::time::timeout(self.request_timeout, self.in_frames_unbounded(items, limit, call)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let error = ClientError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {:?}: the connection is closed, and what was sent on it may or may not have \
+                         been applied (retry it unchanged)",
+                        self.request_timeout
+                    ),
+                ));
+                self.shared.abandon(error.clone());
+                Err(error)
+            }
+        }
+    }
+
+    async fn in_frames_unbounded<T, R>(
         &self,
         items: Vec<T>,
         limit: usize,
