@@ -180,7 +180,13 @@ impl std::str::FromStr for Cursor {
             let (shard, position) = part.trim().split_once(':').ok_or_else(bad)?;
             let (lsn, index) = position.split_once('.').ok_or_else(bad)?;
             let shard: u16 = shard.parse().map_err(|_| bad())?;
-            if shard == ALL_SHARDS || cursor.get(shard).is_some() {
+            if shard >= crate::engine::SHARDS_MAX {
+                return Err(format!(
+                    "invalid position {s:?}: shard {shard} (a server has at most {} shards)",
+                    crate::engine::SHARDS_MAX
+                ));
+            }
+            if cursor.get(shard).is_some() {
                 return Err(bad());
             }
             let position = Position::new(lsn.parse().map_err(|_| bad())?, index.parse().map_err(|_| bad())?);
@@ -532,10 +538,14 @@ impl Feed {
         self.changed.subscribe()
     }
 
-    /// Resolves a watch request into a cursor covering every shard. Unlisted shards (and no
-    /// `ALL_SHARDS` record) start at the tail.
+    /// Resolves a watch request into a cursor covering every shard. Unlisted shards take the
+    /// `ALL_SHARDS` record's mode and position, or start at the tail without one.
     pub fn resolve(&self, request: &[WatchRecord]) -> Result<Cursor, ResolveError> {
-        let default = request.iter().find(|r| r.shard.get() == ALL_SHARDS).map_or(watch_mode::TAIL, |r| r.mode);
+        // The `ALL_SHARDS` record, mode and position, for every shard not listed on its own.
+        let default = request
+            .iter()
+            .find(|r| r.shard.get() == ALL_SHARDS)
+            .map_or((watch_mode::TAIL, Position::default()), |r| (r.mode, Position::new(r.lsn.get(), r.index.get())));
         for r in request {
             if r.shard.get() != ALL_SHARDS && r.shard.get() as usize >= self.shards.len() {
                 return Err(ResolveError::Invalid(format!(
@@ -550,7 +560,7 @@ impl Feed {
             let listed = request.iter().find(|r| r.shard.get() == feed.shard);
             let (mode, position) = match listed {
                 Some(r) => (r.mode, Position::new(r.lsn.get(), r.index.get())),
-                None => (default, Position::default()),
+                None => default,
             };
             let position = match mode {
                 watch_mode::AFTER => {

@@ -507,6 +507,16 @@ impl Node {
             }
             let limits = config.engine.limits.clone();
             let engine = Engine::in_memory(config.engine).map_err(NodeError::Config)?;
+            // No log to number the feed's batches: they are counted from the wall clock's
+            // nanoseconds at start, so positions still grow across restarts and a cursor of an
+            // earlier run is older than anything retained (`position_too_old`), never taken for
+            // a position of this run (docs/protocol.md, "Positions").
+            let start = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX / 2));
+            for shard_feed in engine.feed().shards() {
+                shard_feed.start_after(start);
+            }
             return Ok(Node { engine: Arc::new(engine), limits, _lock: Some(lock) });
         }
         match read_data_dir(&dir)? {

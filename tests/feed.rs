@@ -271,7 +271,7 @@ async fn a_slow_subscriber_is_dropped_while_the_ledger_keeps_acknowledging() {
     match &end {
         ClientError::Server(error) => {
             assert_eq!(error.code, ErrorCode::SUBSCRIBER_TOO_SLOW);
-            assert!(error.message.contains("resume from"), "{}", error.message);
+            assert!(error.message.contains("resynchronise"), "{}", error.message);
         }
         other => panic!("expected subscriber_too_slow, got {other}"),
     }
@@ -401,6 +401,95 @@ async fn a_subscriber_behind_the_snapshot_resumes_after_a_restart_from_it() {
     all.extend(rest);
     check_stream(&all);
     drop(resumed);
+    server.stop().await;
+    drop(engine);
+    node.shutdown();
+}
+
+/// docs/protocol.md: a `shard = 0xFFFF` record sets the mode for every shard not listed, and
+/// mode 1 is "after (lsn, index)": its position counts, where it used to be taken as 0.0 (a
+/// subscriber got the events it asked to skip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_all_shards_after_record_starts_after_its_own_position() {
+    use stormledger::feed::{watch_mode, watch_record, ALL_SHARDS};
+    use stormledger::protocol::{Frame, FrameReader, FrameWriter, Hello, Payload, Role};
+    let engine = engine(1, 1 << 10);
+    let users = setup(&engine, 3);
+    ok(&engine, &tips(1..6, users));
+    let server = serve(engine.clone()).await;
+    let (r, w) = tokio::net::TcpStream::connect(server.addr).await.unwrap().into_split();
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    let hello = Hello { role: Role::Client, token: TOKEN.as_bytes().to_vec() };
+    w.write_frame(&Frame::new(0, Payload::Hello(hello))).await.unwrap();
+    assert!(matches!(r.read_frame().await.unwrap().unwrap().payload, Payload::AuthOk(_)));
+    let newest = engine.feed().shard(0).last();
+    // Not 0.0 (what the record was taken for), and not past the newest event.
+    let asked = Position::new(newest.lsn, 0);
+    assert!(asked > Position::default());
+    let request = watch_record(ALL_SHARDS, watch_mode::AFTER, asked);
+    w.write_frame(&Frame::new(1, Payload::Watch(vec![request]))).await.unwrap();
+    let Payload::Watch(resolved) = r.read_frame().await.unwrap().unwrap().payload else { panic!("no Watch answer") };
+    assert_eq!(Cursor::from_records(&resolved).get(0), Some(asked));
+    drop((r, w));
+    server.stop().await;
+}
+
+/// A cursor that names more shards than a server can have is refused where it is parsed, and
+/// one the caller built by hand is refused by the client before it connects: neither can ever
+/// be sent, so neither is a retryable I/O error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_more_shards_than_a_frame_holds_is_an_invalid_request() {
+    assert!("64:1.0".parse::<Cursor>().is_err(), "shard 64 is past engine::SHARDS_MAX");
+    assert!("63:1.0".parse::<Cursor>().is_ok());
+    let engine = engine(1, 1 << 10);
+    let server = serve(engine.clone()).await;
+    let cursor = Cursor((0..70u16).map(|s| (s, Position::new(1, 0))).collect());
+    match Watcher::connect(server.addr, &config(), WatchFrom::After(cursor)).await {
+        Err(error @ ClientError::InvalidRequest(_)) => {
+            assert!(!stormledger::client::retry::is_retryable(&error))
+        }
+        Err(other) => panic!("expected InvalidRequest, got {other}"),
+        Ok(_) => panic!("a 70-shard cursor was subscribed"),
+    }
+    server.stop().await;
+}
+
+/// Under `--durability memory` a restart starts empty; positions used to restart at 1, so a
+/// cursor of the previous run was taken for one of this run and its events up to it were
+/// skipped unseen. Now the run's positions start after its start time: the old cursor is
+/// refused `position_too_old`, and a subscriber from the earliest position sees every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_mode_restart_refuses_a_cursor_of_the_previous_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node_config = NodeConfig::new(dir.path());
+    node_config.engine = EngineConfig { shards: 1, ..EngineConfig::default() };
+    node_config.durability = Durability::InMemory;
+
+    let node = Node::open(node_config.clone()).unwrap();
+    let engine = node.engine().clone();
+    let users = setup(&engine, 3);
+    ok(&engine, &tips(1..11, users));
+    let server = serve(engine.clone()).await;
+    let mut watcher = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    read_n(&mut watcher, 3 + 10).await;
+    let cursor = watcher.cursor().clone();
+    drop(watcher);
+    server.stop().await;
+    drop(engine);
+    node.shutdown();
+
+    let node = Node::open(node_config).unwrap();
+    let engine = node.engine().clone();
+    let users = setup(&engine, 3);
+    ok(&engine, &tips(1..21, users));
+    let server = serve(engine.clone()).await;
+    let resumed = Watcher::connect(server.addr, &config(), WatchFrom::After(cursor)).await;
+    assert_eq!(server_error(resumed), ErrorCode::POSITION_TOO_OLD);
+    let mut earliest = Watcher::connect(server.addr, &config(), WatchFrom::Earliest).await.unwrap();
+    let events = read_n(&mut earliest, 3 + 20).await;
+    assert_eq!(events.len(), 23);
+    check_stream(&events);
+    drop(earliest);
     server.stop().await;
     drop(engine);
     node.shutdown();

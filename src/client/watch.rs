@@ -50,6 +50,12 @@ impl Watcher {
         config: &ClientConfig,
         from: WatchFrom,
     ) -> Result<Watcher, ClientError> {
+        if let WatchFrom::After(cursor) = &from {
+            // One record a shard: more than a frame holds can never be sent (not worth a retry).
+            if cursor.0.len() > crate::protocol::WATCH_RECORDS_MAX {
+                return Err(ClientError::InvalidRequest("the cursor names more shards than a Watch frame holds"));
+            }
+        }
         let (mut reader, mut writer, _) = super::authenticate(addr, config).await?;
         let request = match &from {
             WatchFrom::Now => vec![watch_record(ALL_SHARDS, watch_mode::TAIL, Position::default())],

@@ -187,8 +187,9 @@ impl ErrorCode {
     /// Watch: the requested position is older than what the server retains; resync from
     /// balances and watch from now. The server closes the connection.
     pub const POSITION_TOO_OLD: ErrorCode = ErrorCode(20);
-    /// Watch: the subscriber fell behind the server's event ring; resume from the last position
-    /// received (if that is too old too, resync). The server closes the connection.
+    /// Watch: the subscriber fell behind the server's event ring: the events after its last
+    /// position are gone, so resuming from it would be `position_too_old`; resync from balances
+    /// and watch from now. The server closes the connection.
     pub const SUBSCRIBER_TOO_SLOW: ErrorCode = ErrorCode(21);
     /// Watch: the position names a shard this server does not have, or an unknown mode.
     pub const INVALID_POSITION: ErrorCode = ErrorCode(22);
@@ -623,6 +624,9 @@ fn decode_body(header: &FrameHeader, body: &[u8]) -> Result<Frame, ProtocolError
         }
         FrameKind::Event => {
             let events = <[EventRecord]>::ref_from_bytes(body).map_err(|_| mismatch.clone())?;
+            if events.iter().any(|e| e.reserved != 0) {
+                return Err(invalid("reserved field not zero"));
+            }
             Payload::Event(events.to_vec())
         }
     };
@@ -724,6 +728,19 @@ mod tests {
         round_trip(Frame::new(9, Payload::Event(vec![EventRecord::default(); 3])));
         round_trip(Frame::new(7, Payload::Ping));
         round_trip(Frame::new(7, Payload::Pong));
+    }
+
+    #[test]
+    fn reserved_fields_of_watch_and_event_records_must_be_zero() {
+        let frames = [
+            Frame::new(8, Payload::Watch(vec![WatchRecord { reserved: 1, ..WatchRecord::default() }])),
+            Frame::new(9, Payload::Event(vec![EventRecord { reserved: 1, ..EventRecord::default() }])),
+        ];
+        for frame in frames {
+            let mut bytes = Vec::new();
+            frame.encode(&mut bytes).expect("encodes");
+            assert!(matches!(decode(&bytes), Err(ProtocolError::InvalidBody { .. })), "{frame:?}");
+        }
     }
 
     #[test]

@@ -493,7 +493,10 @@ impl Handler {
                 if let Err(too_old) = shard_feed.read_after(after, WATCH_EVENTS_PER_FRAME, &mut events) {
                     return last(
                         ErrorCode::SUBSCRIBER_TOO_SLOW,
-                        format!("fell behind the event ring ({too_old}); resume from {shard}:{after}"),
+                        format!(
+                            "fell behind the event ring at {shard}:{after} ({too_old}); resynchronise (from a balance \
+                             read, then watch from now)"
+                        ),
                     );
                 }
                 let Some(newest) = events.last() else { continue };
