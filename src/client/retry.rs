@@ -10,6 +10,12 @@
 //! and resubmits the stamped records unchanged: the server then refuses a forgotten id with
 //! `id_expired` instead of applying it again (docs/protocol.md, "Retrying safely"). A record
 //! whose `timestamp` the caller set is left as it is (it may come from an earlier process).
+//!
+//! An error from `submit` does not say that nothing was applied: an earlier attempt may have
+//! reached the server before its connection failed, and the last attempt's error (a refused
+//! token on the reconnect, the retries used up) is all that is returned. Treat every error but
+//! `InvalidRequest` (refused before anything is sent) as "outcome unknown": keep the records
+//! and submit them again, unchanged, later.
 
 use std::time::Duration;
 
