@@ -199,22 +199,17 @@ impl Engine {
             query_tx.push(tx);
             query_rx.push(rx);
         }
-        // Complete replication cut off by a crash, in per-source order.
+        // Complete replication cut off by a crash, in per-source order. (`Node::open` refused
+        // shards that do not fit together before anything started: `check_replicas`.)
+        if let Err(e) = check_replicas(&states.iter().collect::<Vec<_>>()) {
+            panic!("{e}");
+        }
         for source in &states {
             for target in &states {
                 if source.shard() == target.shard() {
                     continue;
                 }
-                let applied = target.replica_in(source.shard());
-                let missing = source.outbox_after(applied);
-                assert_eq!(
-                    missing.len() as u64,
-                    source.replica_out() - applied,
-                    "shard {} lost replica messages for shard {}",
-                    source.shard(),
-                    target.shard()
-                );
-                for (_, command) in missing {
+                for (_, command) in source.outbox_after(target.replica_in(source.shard())) {
                     let msg = Internal::Replica { command, join: None };
                     internal_tx[target.shard() as usize].send(msg).expect("receiver alive");
                 }
@@ -923,4 +918,37 @@ fn write_marker(path: &std::path::Path, on: bool) -> Result<(), crate::error::St
         }
     }
     crate::storage::sync_dir_path(path.parent().unwrap_or(std::path::Path::new(".")))
+}
+/// Whether the shards' replica streams fit together, so that a start can complete the messages
+/// a crash cut off: no shard has applied more messages from a source than the source sent (the
+/// source lost part of its log: a shard directory deleted or restored from an older copy), and
+/// every message a shard has yet to apply is still in its source's outbox. `Err` names the pair.
+pub fn check_replicas(states: &[&ShardState]) -> Result<(), String> {
+    for source in states {
+        for target in states {
+            if source.shard() == target.shard() {
+                continue;
+            }
+            let (sent, applied) = (source.replica_out(), target.replica_in(source.shard()));
+            if applied > sent {
+                return Err(format!(
+                    "shard {} has applied {applied} replica messages from shard {}, which sent only {sent}: shard {} \
+                     lost part of its state (a log or snapshot missing, or restored from an older copy)",
+                    target.shard(),
+                    source.shard(),
+                    source.shard()
+                ));
+            }
+            let kept = source.outbox_after(applied).len() as u64;
+            if kept != sent - applied {
+                return Err(format!(
+                    "shard {} has yet to apply {} replica messages from shard {}, whose outbox keeps {kept} of them",
+                    target.shard(),
+                    sent - applied,
+                    source.shard()
+                ));
+            }
+        }
+    }
+    Ok(())
 }

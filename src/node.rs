@@ -191,6 +191,16 @@ pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, 
     if cluster.format != DATA_FORMAT_VERSION {
         return Err(NodeError::Corrupt(format!("{}: unknown data format {}", cluster_path.display(), cluster.format)));
     }
+    // Used as it is (a start takes the recorded count over its own): a count no start could
+    // have recorded is damage, not an empty ledger of no shards.
+    if !(1..=crate::engine::SHARDS_MAX).contains(&cluster.shards) {
+        return Err(NodeError::Corrupt(format!(
+            "{}: {} shards (a ledger has 1..={})",
+            cluster_path.display(),
+            cluster.shards,
+            crate::engine::SHARDS_MAX
+        )));
+    }
     // The recorded limits are used as they are: refuse values no start could have recorded.
     let recorded = cluster.limits(&ShardLimits { history_max: 16, ..ShardLimits::default() });
     if let Err(e) = recorded.validate() {
@@ -404,6 +414,98 @@ pub fn load_shard_with_feed(
     })
 }
 
+/// What `check_snapshot_against_log` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotCheck {
+    /// The shard has no snapshot: its state is the log's replay, nothing to compare.
+    NoSnapshot,
+    /// Nothing before the newest snapshot to replay from: the log starts after the older
+    /// snapshot (or there is none) and does not reach back to lsn 1.
+    NoEarlierStart,
+    /// The replay of the log from `from_lsn` (0: genesis, else the older snapshot's lsn) up to
+    /// the newest snapshot's lsn gave the snapshot's state.
+    Matches { from_lsn: u64, to_lsn: u64, commands: u64 },
+}
+
+/// Checks the newest valid snapshot of `shard` against the log it covers: replays the log from
+/// an earlier start (the newest older snapshot the log reaches back to, or genesis when the log
+/// starts at lsn 1) up to the snapshot's lsn, and compares the result with the snapshot's state
+/// (`ShardState::first_difference`). A difference is `NodeError::Corrupt`: a restart would serve
+/// balances that no logged command produced. Read-only, like `load_shard`.
+pub fn check_snapshot_against_log(
+    data_dir: &Path,
+    shard: u16,
+    shards: u16,
+    ledger: &LedgerConfig,
+    limits: &ShardLimits,
+) -> Result<SnapshotCheck, NodeError> {
+    let corrupt = |what: String| NodeError::Corrupt(format!("shard {shard}: {what}"));
+    let dir = wal::shard_dir(data_dir, shard as u32);
+    let snapshot_dir = dir.join("snapshots");
+    let Some(newest) =
+        crate::snapshot::load_latest_in(&MmapStorage, &snapshot_dir).map_err(|e| corrupt(e.to_string()))?
+    else {
+        return Ok(SnapshotCheck::NoSnapshot);
+    };
+    let to_lsn = *newest.meta.lsns.first().ok_or_else(|| corrupt("snapshot without lsn".into()))?;
+    let decode = |snap: &crate::snapshot::LoadedSnapshot| {
+        crate::snapshot::state::decode(|t| snap.section(t), ledger.clone(), limits.clone())
+            .map_err(|e| corrupt(format!("{}: {e}", snap.path.display())))
+    };
+    let (reader, report) =
+        WalReader::open_covered(&dir, shard as u32, &MmapStorage, to_lsn).map_err(|e| corrupt(e.to_string()))?;
+    // The newest older snapshot that is valid and that the log continues (a damaged one is
+    // `verify`'s finding of its own, not this check's).
+    let older = crate::snapshot::list_snapshots(&snapshot_dir)
+        .map_err(|e| corrupt(e.to_string()))?
+        .into_iter()
+        .rev()
+        .filter(|(_, path)| *path != newest.path)
+        .filter_map(|(_, path)| crate::snapshot::load_snapshot(&path).ok())
+        .find_map(|snap| {
+            let lsn = *snap.meta.lsns.first()?;
+            (lsn < to_lsn && lsn + 1 >= report.first_lsn).then_some((lsn, snap))
+        });
+    let (mut state, from_lsn) = match older {
+        Some((lsn, snap)) => (decode(&snap)?, lsn),
+        None if report.first_lsn <= 1 => (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0),
+        None => return Ok(SnapshotCheck::NoEarlierStart),
+    };
+    state.defer_publishing();
+    let mut commands = 0u64;
+    let mut decoded = Vec::new();
+    for record in reader.iter_from(from_lsn + 1).map_err(|e| corrupt(e.to_string()))? {
+        let record = record.map_err(|e| corrupt(e.to_string()))?;
+        if record.lsn > to_lsn {
+            break;
+        }
+        if record.kind != RECORD_KIND_COMMANDS {
+            return Err(corrupt(format!("unknown record kind {} at lsn {}", record.kind, record.lsn)));
+        }
+        let cmds = <[CommandRecord]>::ref_from_bytes(record.payload)
+            .map_err(|_| corrupt(format!("batch at lsn {} is not a whole number of commands", record.lsn)))?;
+        decoded.clear();
+        for r in cmds {
+            let command = Command::from_record(r)
+                .map_err(|status| corrupt(format!("undecodable command at lsn {} ({status})", record.lsn)))?;
+            decoded.push((r.timestamp.get(), command));
+        }
+        for (timestamp, command) in &decoded {
+            state.apply(*timestamp, command);
+            commands += 1;
+        }
+        state.clear_evicted();
+    }
+    if let Some(difference) = decode(&newest)?.first_difference(&state) {
+        return Err(corrupt(format!(
+            "the snapshot {} disagrees with the log it covers (replayed from {} up to lsn {to_lsn}): {difference}",
+            newest.path.display(),
+            if from_lsn == 0 { "genesis".to_string() } else { format!("the snapshot at lsn {from_lsn}") }
+        )));
+    }
+    Ok(SnapshotCheck::Matches { from_lsn, to_lsn, commands })
+}
+
 /// Runs `f` for every shard at once, a thread each (shards are independent: a directory and a
 /// feed shard each). Results, and the first error, are taken in shard order; a panic is
 /// re-raised.
@@ -603,6 +705,8 @@ impl Node {
             load_shard_with_feed(&dir, storage.as_ref(), shard, shards, ledger, limits, &mut progress, shard_feed)
         };
         let loaded = per_shard(shards, "recover", load)?;
+        crate::engine::check_replicas(&loaded.iter().map(|l| &l.state).collect::<Vec<_>>())
+            .map_err(|e| NodeError::Corrupt(format!("{}: {e}", dir.display())))?;
         // Then, every shard loaded, the writes: each log's writer, which zeroes a torn tail after
         // the snapshot (never one it covers) and continues after exactly the records replayed,
         // and the damaged snapshots set aside.

@@ -1659,6 +1659,38 @@ pub fn unit_of(kind: AccountKind) -> Unit {
 }
 
 impl ShardState {
+    /// The first difference found between two states of one shard, in what decides results:
+    /// every account (balance, limits, history head), the idempotency window, the replica
+    /// streams, the clock. `None` if they agree in all of it. For `stormledger-recover verify`,
+    /// which compares a snapshot with a replay of the log it covers.
+    pub fn first_difference(&self, other: &ShardState) -> Option<String> {
+        if (self.shard, self.shards) != (other.shard, other.shards) {
+            return Some(format!("shard {}/{} against {}/{}", self.shard, self.shards, other.shard, other.shards));
+        }
+        if self.last_timestamp != other.last_timestamp {
+            return Some(format!("last timestamp {} against {}", self.last_timestamp, other.last_timestamp));
+        }
+        if self.accounts.len() != other.accounts.len() {
+            return Some(format!("{} accounts against {}", self.accounts.len(), other.accounts.len()));
+        }
+        if let Some((a, b)) = self.accounts.iter().zip(&other.accounts).find(|(a, b)| a != b) {
+            return Some(format!("account {}: {a:?} against {b:?}", a.id));
+        }
+        if self.id_seq != other.id_seq || !self.id_records().eq(other.id_records()) {
+            return Some(format!(
+                "the idempotency window: {} commands remembered against {}, or records that differ",
+                self.id_seq, other.id_seq
+            ));
+        }
+        if self.replica_out != other.replica_out || self.replica_in != other.replica_in {
+            return Some(format!(
+                "the replica streams: sent {} and received {:?} against {} and {:?}",
+                self.replica_out, self.replica_in, other.replica_out, other.replica_in
+            ));
+        }
+        None
+    }
+
     /// Retained idempotency records with their ids (any order; used to rebuild the directory).
     pub fn id_records(&self) -> impl Iterator<Item = (u64, &IdRecord)> {
         self.id_ring.iter().map(|(_, r)| (r.command.transfer_id().unwrap_or_else(|| r.command.reply_id()), r))

@@ -189,6 +189,10 @@ fn verify_checks_every_snapshot_and_recover_says_when_a_directory_still_cannot_s
     let d = dir.path().to_str().unwrap();
     let (code, out) = tool(&["verify", d, "--json"]);
     assert_eq!(code, 0, "{out}");
+    // The newest snapshot checked against the replay of the log (kept from lsn 1 here).
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let check = &v["shards"][0]["snapshot_check"];
+    assert!(check["to_lsn"].as_u64().unwrap() > 0 && check["matches_log_from_lsn"].is_u64(), "{check}");
     // The older snapshot damaged: what a restart would fall back on is not intact.
     let snapdir = wal::shard_dir(dir.path(), 0).join("snapshots");
     let older = stormledger::snapshot::list_snapshots(&snapdir).unwrap()[0].1.clone();

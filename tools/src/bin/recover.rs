@@ -17,7 +17,9 @@ use zerocopy::FromBytes;
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::layout::CommandRecord;
 use stormledger::ledger::command::kind;
-use stormledger::node::{load_shard, read_data_dir, ClusterFile, NodeError, RECORD_KIND_COMMANDS};
+use stormledger::node::{
+    check_snapshot_against_log, load_shard, read_data_dir, ClusterFile, NodeError, SnapshotCheck, RECORD_KIND_COMMANDS,
+};
 use stormledger::snapshot::state as snapshot_state;
 use stormledger::storage::{DirLock, MmapStorage};
 use stormledger::wal::{self, RecoveryOutcome, RecoveryPolicy, WalReader};
@@ -167,6 +169,7 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
             }
             Ok(l) => {
                 let mut problems = l.state.invariant_violations();
+                let mut snapshot_check = json!(null);
                 if !replay_only {
                     // Every snapshot kept, not only the one loaded: the older one is what a
                     // restart falls back on if the newest is damaged.
@@ -181,6 +184,18 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                         }
                         Err(e) => problems.push(format!("snapshots: {e}")),
                     }
+                    // The snapshot against the log it covers, where the log reaches back before it.
+                    snapshot_check = match check_snapshot_against_log(dir, shard, cluster.shards, &ledger, &limits) {
+                        Ok(SnapshotCheck::NoSnapshot) => json!("no snapshot"),
+                        Ok(SnapshotCheck::NoEarlierStart) => json!("not checked: the log starts after the snapshot"),
+                        Ok(SnapshotCheck::Matches { from_lsn, to_lsn, commands }) => {
+                            json!({"matches_log_from_lsn": from_lsn, "to_lsn": to_lsn, "commands": commands})
+                        }
+                        Err(e) => {
+                            problems.push(e.to_string());
+                            json!("differs")
+                        }
+                    };
                     if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &l.recovery.outcome {
                         problems.push(format!(
                             "torn last record in {} at offset {offset} ({bytes} bytes): run `stormledger-recover recover`",
@@ -215,9 +230,16 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                     "accounts": l.state.accounts().len(),
                     "last_timestamp": l.state.last_timestamp(),
                     "replica_messages_to_complete": pending,
+                    "snapshot_check": snapshot_check,
                 }));
             }
         }
+    }
+    // Across shards: what one shard received from another, the other must have sent.
+    let mut problems = Vec::new();
+    if let Err(e) = stormledger::engine::check_replicas(&states.iter().map(|l| &l.state).collect::<Vec<_>>()) {
+        ok = false;
+        problems.push(e);
     }
     if json_out {
         let limits = json!({"accounts_max": limits.accounts_max, "ids_max": limits.ids_max, "recorded": recorded});
@@ -225,6 +247,7 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
             "status": if ok { "ok" } else { "failed" },
             "ok": ok,
             "shards": out,
+            "problems": problems,
             "fen_sum": totals[0].to_string(),
             "coin_sum": totals[1].to_string(),
             "limits": limits,
@@ -241,6 +264,9 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
             } else {
                 println!("shard {shard}: FAILED: {}", s.get("error").unwrap_or(&s["problems"]));
             }
+        }
+        for problem in &problems {
+            println!("cluster: FAILED: {problem}");
         }
         if !recorded {
             println!(
@@ -398,18 +424,29 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
     let mut ok = true;
     let mut out = Vec::new();
     let mut covered = Vec::new();
+    let mut states = Vec::new();
     for r in load_all(dir, shards, &ledger, &replay_limits(&cluster)) {
         match r.loaded {
             Ok(l) => {
                 covered.push(l.snapshot_lsn);
                 out.push(json!({"shard": r.shard, "ok": true, "recovery": outcome_json(&l.recovery.outcome),
                     "stale_spares": l.recovery.stale_spares.len(), "next_lsn": l.recovery.next_lsn}));
+                states.push(l.state);
             }
             Err(e) => {
                 ok = false;
                 covered.push(0);
                 out.push(json!({"shard": r.shard, "ok": false, "error": e.to_string(), "advice": advice}));
             }
+        }
+    }
+    // Shards that load one by one but do not fit together (one lost what the others received
+    // from it) cannot start either, and no repair of a torn tail changes that.
+    let mut problems = Vec::new();
+    if ok {
+        if let Err(e) = stormledger::engine::check_replicas(&states.iter().collect::<Vec<_>>()) {
+            ok = false;
+            problems.push(format!("{e}: {advice}"));
         }
     }
     let startable = ok;
@@ -434,8 +471,15 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
     let startable = Some(startable && ok);
     if json_out {
         let status = if ok { "ok" } else { "failed" };
-        println!("{}", json!({"status": status, "ok": ok, "dry_run": dry_run, "startable": startable, "shards": out}));
+        println!(
+            "{}",
+            json!({"status": status, "ok": ok, "dry_run": dry_run, "startable": startable, "shards": out,
+                "problems": problems})
+        );
     } else {
+        for problem in &problems {
+            println!("cannot repair: {problem}");
+        }
         for s in &out {
             match s.get("error") {
                 Some(e) => println!("shard {}: cannot repair: {e}", s["shard"]),

@@ -153,12 +153,15 @@ impl Args {
             ));
         }
         if let Some(r) = self.rate {
-            if !(r > 0.0 && r.is_finite()) {
-                return Err("--rate must be positive".into());
+            if !(1.0..=1e9).contains(&r) {
+                return Err(format!("--rate must be from 1 to 1000000000 operations per second, not {r}"));
             }
         }
         if self.count == Some(0) {
             return Err("--count must be at least 1".into());
+        }
+        if self.count.is_some() && self.read_percent >= 100 {
+            return Err("--count counts writes, and --read-percent 100 sends none: lower it, or use --duration".into());
         }
         if self.tip_max == 0 || self.topup_yuan == 0 || self.poor_yuan == 0 {
             return Err("--tip-max, --topup-yuan and --poor-yuan must be at least 1".into());
@@ -196,5 +199,19 @@ mod tests {
             assert!(e.contains("--probe-reads"), "{bad}: {e}");
         }
         assert_eq!(parse(&[]).validate(), Ok(()), "the default");
+    }
+
+    #[test]
+    fn a_rate_is_one_or_more_a_second_and_a_count_needs_writes() {
+        for ok in ["1", "250000", "1e9"] {
+            assert_eq!(parse(&[&format!("--rate={ok}")]).validate(), Ok(()), "--rate {ok}");
+        }
+        for bad in ["1e-300", "0.5", "0", "-1", "NaN", "inf", "1e10"] {
+            let e = parse(&[&format!("--rate={bad}")]).validate().expect_err(bad);
+            assert!(e.contains("--rate"), "{bad}: {e}");
+        }
+        let e = parse(&["--count=10", "--read-percent=100"]).validate().expect_err("no writes to count");
+        assert!(e.contains("--count"), "{e}");
+        assert_eq!(parse(&["--count=10", "--read-percent=99"]).validate(), Ok(()));
     }
 }

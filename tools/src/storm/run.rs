@@ -960,7 +960,11 @@ async fn run_storm(args: &Args, links: &[Arc<Link>], shared: Arc<Shared>, deadli
             let mut i: u64 = 0;
             loop {
                 let intended = start + interval.mul_f64(i as f64);
-                tokio::time::sleep_until(intended.into()).await;
+                // Waits in steps, so that a low rate's long pause ends with the run (`--duration`).
+                while !shared.stopped() && Instant::now() < intended {
+                    let step = intended.min(Instant::now() + Duration::from_millis(50));
+                    tokio::time::sleep_until(step.into()).await;
+                }
                 let Some(batch) = shared.next_batch() else { break };
                 let Ok(permit) = limit.clone().acquire_owned().await else { break };
                 let (link, shared) = (links[(i % links.len() as u64) as usize].clone(), shared.clone());
