@@ -719,7 +719,9 @@ fn watch_json_ends_with_a_status_and_refuses_a_position_ahead_of_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Server::start(dir.path());
     setup_funded_user(&s);
-    let refused = s.cli(&["watch", "--from", "0:1000.0,1:1000.0", "--limit", "1", "--json"]);
+    // Far ahead (a memory-mode server numbers its positions from its start time in ns).
+    let ahead = "0:18446744073709550000.0,1:18446744073709550000.0";
+    let refused = s.cli(&["watch", "--from", ahead, "--limit", "1", "--json"]);
     assert_eq!(refused.code, 3, "{} {}", refused.stdout, refused.stderr);
     assert_eq!(refused.json()["status"], "invalid_position", "{}", refused.stdout);
     assert!(refused.stderr.contains("past this server's newest event"), "{}", refused.stderr);

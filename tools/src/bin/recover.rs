@@ -348,6 +348,9 @@ impl TopUpUsers {
 fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Option<u16>) -> Result<bool, String> {
     let (cluster, ledger) = open_dir(dir)?;
     let shards = cluster.shards;
+    if let Some(shard) = only.filter(|&s| s >= shards) {
+        return Err(format!("--shard {shard}: the directory has shards 0..={}", shards - 1));
+    }
     let mut printed = 0u64;
     for shard in 0..shards {
         if only.is_some_and(|s| s != shard) {

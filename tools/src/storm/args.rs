@@ -163,8 +163,15 @@ impl Args {
         if self.count.is_some() && self.read_percent >= 100 {
             return Err("--count counts writes, and --read-percent 100 sends none: lower it, or use --duration".into());
         }
-        if self.tip_max == 0 || self.topup_yuan == 0 || self.poor_yuan == 0 {
-            return Err("--tip-max, --topup-yuan and --poor-yuan must be at least 1".into());
+        const AMOUNT_MAX: u64 = 1_000_000_000_000;
+        let amounts = [self.tip_max, self.topup_yuan, self.poor_yuan];
+        if amounts.iter().any(|a| !(1..=AMOUNT_MAX).contains(a)) {
+            return Err(format!("--tip-max, --topup-yuan and --poor-yuan must be in 1..={AMOUNT_MAX}"));
+        }
+        // Ids run from the base up, one a write: room for any run below 2^62.
+        let ids = stormledger::workload::TIP_BASE..=1u64 << 62;
+        if self.id_base.is_some_and(|base| !ids.contains(&base)) {
+            return Err(format!("--id-base must be in {}..={}", ids.start(), ids.end()));
         }
         if self.connect.is_some() && (self.durability.is_some() || self.shards.is_some()) {
             return Err("--durability and --shards apply to --engine and --spawn only".into());
@@ -209,6 +216,10 @@ mod tests {
         for bad in ["1e-300", "0.5", "0", "-1", "NaN", "inf", "1e10"] {
             let e = parse(&[&format!("--rate={bad}")]).validate().expect_err(bad);
             assert!(e.contains("--rate"), "{bad}: {e}");
+        }
+        for bad in ["--id-base=1", "--id-base=18446744073709551615", "--topup-yuan=18446744073709551615", "--tip-max=0"]
+        {
+            assert!(parse(&[bad]).validate().is_err(), "{bad}");
         }
         let e = parse(&["--count=10", "--read-percent=100"]).validate().expect_err("no writes to count");
         assert!(e.contains("--count"), "{e}");

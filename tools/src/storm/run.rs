@@ -593,7 +593,7 @@ fn run(args: Args) -> Result<i32, Fatal> {
         r.finish().map_err(|e| Fatal(1, format!("writing the record: {e}")))?;
     }
     let mut outcome = result?;
-    if let Some(note) = stop_note {
+    if let Some(note) = &stop_note {
         eprintln!("stormledger-storm: {note}");
     }
     let c = &shared.counters;
@@ -612,6 +612,10 @@ fn run(args: Args) -> Result<i32, Fatal> {
     }
     if unresolved > 0 {
         failures.push(format!("{unresolved} in-doubt commands could not be resolved"));
+    }
+    // `--spawn`: a server that does not drain and exit 0 on SIGTERM broke its contract.
+    if let Some(note) = stop_note {
+        failures.push(note);
     }
     if load(&c.unexpected_duplicates) > 0 {
         failures.push(format!(
