@@ -588,7 +588,8 @@ impl StorageFile for FaultyFile {
 /// What survives a simulated crash of a [`MemStorage`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Crash {
-    /// `kill -9` of the process: the kernel keeps every write and every directory change.
+    /// `kill -9` of the process: the kernel keeps every write and every directory change, and
+    /// what was not durable stays not durable (a later `PowerLoss` of the image loses it).
     ProcessKill,
     /// Power loss: only synced bytes and directory entries made durable by `sync_dir` survive.
     PowerLoss,
@@ -638,12 +639,31 @@ impl MemStorage {
     /// A new, independent image holding what survives `crash` of this one.
     pub fn crash(&self, crash: Crash) -> MemStorage {
         let st = self.state.lock();
+        if crash == Crash::ProcessKill {
+            // The kernel outlives the process: the page cache and the directory entries stay as
+            // they are, durable or not, and so do the writes still waiting for a sync.
+            let inodes = st
+                .inodes
+                .iter()
+                .map(|(&ino, inode)| (ino, Inode { live: inode.live.clone(), durable: inode.durable.clone() }))
+                .collect();
+            let pending = st
+                .pending
+                .iter()
+                .map(|w| PendingWrite { inode: w.inode, offset: w.offset, data: w.data.clone() })
+                .collect();
+            let state = MemState {
+                next_inode: st.next_inode,
+                live_names: st.live_names.clone(),
+                durable_names: st.durable_names.clone(),
+                inodes,
+                pending,
+            };
+            return MemStorage { state: Arc::new(Mutex::new(state)) };
+        }
         let mut inodes: HashMap<u64, Inode> = HashMap::new();
         for (&ino, inode) in &st.inodes {
-            let bytes = match crash {
-                Crash::ProcessKill => inode.live.clone(),
-                Crash::PowerLoss | Crash::TornWrite { .. } => inode.durable.clone(),
-            };
+            let bytes = inode.durable.clone();
             inodes.insert(ino, Inode { live: bytes.clone(), durable: bytes });
         }
         if let Crash::TornWrite { keep_bytes } = crash {
@@ -661,10 +681,7 @@ impl MemStorage {
                 }
             }
         }
-        let names = match crash {
-            Crash::ProcessKill => st.live_names.clone(),
-            Crash::PowerLoss | Crash::TornWrite { .. } => st.durable_names.clone(),
-        };
+        let names = st.durable_names.clone();
         let state = MemState {
             next_inode: st.next_inode,
             live_names: names.clone(),
@@ -940,6 +957,13 @@ mod tests {
         assert_eq!(&torn[..8], b"abcdef\0\0");
         let killed = mem.crash(Crash::ProcessKill).read_live(&p).unwrap();
         assert_eq!(&killed[..8], b"abcdefgh");
+        // A kill keeps the page cache, not durability: a power loss after it loses the same.
+        let killed_then_lost = mem.crash(Crash::ProcessKill).crash(Crash::PowerLoss).read_live(&p).unwrap();
+        assert_eq!(&killed_then_lost[..8], b"abcd\0\0\0\0");
+        let name = dir.join("b");
+        mem.allocate(&name, 4).unwrap();
+        assert!(mem.crash(Crash::ProcessKill).read_live(&name).is_some());
+        assert!(mem.crash(Crash::ProcessKill).crash(Crash::PowerLoss).read_live(&name).is_none());
     }
 
     #[test]
