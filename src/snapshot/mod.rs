@@ -495,6 +495,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_written_snapshot_survives_a_power_loss_right_after() {
+        use crate::storage::{Crash, MemStorage};
+        let storage = MemStorage::new();
+        let dir = Path::new("/mem/snapshots");
+        let meta = SnapshotMeta { lsns: vec![7], timestamp: 1 };
+        // The first snapshot of a directory: no retention pass after it syncs the directory.
+        let written = write_snapshot_in(&storage, dir, &meta, &[(1, b"x".as_slice())]).unwrap();
+        let image = storage.crash(Crash::PowerLoss);
+        let loaded = load_latest_in(&image, dir).unwrap().expect("the snapshot's name is durable");
+        assert_eq!((loaded.path, loaded.meta.lsns), (written.path, vec![7]));
+    }
+
+    #[test]
     fn a_damaged_snapshots_number_is_never_reused_nor_its_file_overwritten() {
         let storage = crate::storage::MemStorage::new();
         let dir = Path::new("/mem/snapshots");
