@@ -340,6 +340,65 @@ fn a_log_that_ends_before_its_snapshot_refuses_to_start() {
     }
 }
 
+/// The log ending exactly one record before the lsn its snapshot covers (its last records
+/// zeroed, as a lost write-back of the log's last pages would leave them): starting would write
+/// the next batch under the snapshot's lsn, which the restart after skips as covered.
+#[test]
+fn a_log_one_record_short_of_its_snapshot_refuses_to_start() {
+    use stormledger::storage::MmapStorage;
+    use stormledger::wal::{shard_dir, WalReader};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 5, 0);
+        assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
+        node.shutdown();
+    }
+    let sdir = shard_dir(dir.path(), 0);
+    let covered = stormledger::snapshot::load_latest(&sdir.join("snapshots")).unwrap().unwrap().meta.lsns[0];
+    let (reader, _) = WalReader::open(&sdir, 0, &MmapStorage).unwrap();
+    let record = reader.iter().map(|r| r.unwrap()).find(|r| r.lsn == covered).expect("the covered record");
+    let (path, offset) = (sdir.join(format!("{:08}.wal", record.segment)), record.offset as usize);
+    drop(reader);
+    assert_eq!(segments(&sdir).last(), Some(&path), "one segment: no later one to miss");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset..].fill(0);
+    std::fs::write(&path, bytes).unwrap();
+    match Node::open(node_config(dir.path(), 1)) {
+        Err(NodeError::Corrupt(message)) => {
+            let expected = format!("the log ends at lsn {} but the snapshot covers up to {covered}", covered - 1);
+            assert!(message.contains(&expected), "{message}")
+        }
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+}
+
+/// The last segment cut short (a copy or restore that stopped early): its size no longer
+/// matches its header. Refused, naming the file, never read as a log that ends there (a cut
+/// inside a record would have been truncated as a torn tail).
+#[test]
+fn a_segment_cut_short_refuses_to_start_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 5, 0);
+        node.shutdown();
+    }
+    let seg = segments(&dir.path().join("shard-00")).last().unwrap().clone();
+    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+    match Node::open(node_config(dir.path(), 1)) {
+        Err(NodeError::Corrupt(message)) => assert!(message.contains("00000000.wal"), "{message}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+}
+
 /// The last record of shard 0's log: its file, offset and lsn.
 fn last_record(dir: &Path) -> (std::path::PathBuf, u64, u64) {
     use stormledger::storage::MmapStorage;
