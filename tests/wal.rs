@@ -152,6 +152,23 @@ fn only_synced_records_survive_power_loss() {
     assert_eq!(read_all(&mem_dir(), &again).0, (1..=45).collect::<Vec<_>>());
 }
 
+/// Buffered mode syncs only at `sync_durable` (a clean shutdown, a snapshot): it must cover the
+/// segments sealed since, not only the active one. Without the seal's sync at a rollover, a
+/// power loss after `sync_durable` lost records of a sealed segment under later durable ones.
+#[test]
+fn buffered_mode_sync_durable_covers_the_segments_sealed_since() {
+    let mem = MemStorage::new();
+    let (mut wal, _) = Wal::open(&mem_dir(), SHARD, cfg(PersistMode::Buffered), Arc::new(mem.clone())).unwrap();
+    let mut last = 0;
+    while wal.segment_indexes().len() < 4 {
+        let lsn = wal.next_lsn();
+        last = wal.append(1, lsn * 10, &payload(lsn, len_for(lsn))).unwrap();
+        wal.sync().unwrap(); // buffered: no durability
+    }
+    wal.sync_durable().unwrap();
+    assert_eq!(read_all(&mem_dir(), &mem.crash(Crash::PowerLoss)).0, (1..=last).collect::<Vec<_>>());
+}
+
 #[test]
 fn buffered_mode_survives_process_kill_not_power_loss() {
     let mem = MemStorage::new();
