@@ -600,17 +600,23 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_log() {
     let spec = spec();
     let mut config = node_config(dir.path(), 1);
     config.retire_log = true;
+    // Small segments, several between the snapshots: the second snapshot retires the log
+    // before the first, and only that (the fallback needs the log after the first).
+    config.segment_size = 64 * 1024;
     let before = {
         let node = Node::open(config.clone()).unwrap();
         setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 20, 0);
         assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
-        storm(node.engine(), &spec, 5, 0);
+        storm(node.engine(), &spec, 20, 20);
         assert_eq!(admin(node.engine(), kind::SNAPSHOT), 0);
-        storm(node.engine(), &spec, 5, 5);
+        storm(node.engine(), &spec, 5, 40);
         let b = balances(node.engine(), &spec);
         node.shutdown();
         b
     };
+    let segs = segments(&dir.path().join("shard-00"));
+    assert!(!segs.iter().any(|p| p.ends_with("00000000.wal")), "the log before the first snapshot is retired: {segs:?}");
     let snapdir = dir.path().join("shard-00/snapshots");
     let mut snaps: Vec<_> = std::fs::read_dir(&snapdir).unwrap().map(|e| e.unwrap().path()).collect();
     snaps.sort();
