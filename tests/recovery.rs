@@ -616,7 +616,10 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_log() {
         b
     };
     let segs = segments(&dir.path().join("shard-00"));
-    assert!(!segs.iter().any(|p| p.ends_with("00000000.wal")), "the log before the first snapshot is retired: {segs:?}");
+    assert!(
+        !segs.iter().any(|p| p.ends_with("00000000.wal")),
+        "the log before the first snapshot is retired: {segs:?}"
+    );
     let snapdir = dir.path().join("shard-00/snapshots");
     let mut snaps: Vec<_> = std::fs::read_dir(&snapdir).unwrap().map(|e| e.unwrap().path()).collect();
     snaps.sort();
