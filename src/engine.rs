@@ -919,6 +919,7 @@ fn write_marker(path: &std::path::Path, on: bool) -> Result<(), crate::error::St
     }
     crate::storage::sync_dir_path(path.parent().unwrap_or(std::path::Path::new(".")))
 }
+
 /// Whether the shards' replica streams fit together, so that a start can complete the messages
 /// a crash cut off: no shard has applied more messages from a source than the source sent (the
 /// source lost part of its log: a shard directory deleted or restored from an older copy), and
