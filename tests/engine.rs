@@ -768,6 +768,51 @@ fn a_copy_drained_while_its_claim_holder_is_in_the_log_takes_the_claim() {
 }
 
 #[test]
+fn a_copy_routed_by_a_held_top_up_id_the_batch_ahead_releases_is_refused_busy() {
+    // A window of 16 ids and 4 096 kept top-ups at most. After the set-up's two top-ups and
+    // 4 110 more (begun and confirmed), the kept ones are exactly at their bound, the oldest
+    // being the set-up's 10 000 001 and 10 000 002, held outside the window. G's tip pushes a
+    // begin out of the window, its top-up is kept and 10 000 001 dropped; A's tip drops
+    // 10 000 002 the same way, and with it the shard's claim on the id. B, a tip under
+    // 10 000 002, was routed here by that claim and is drained while A is in the log. Checked
+    // before A is applied, the id would look held; B would then run under an id this shard no
+    // longer owns (another shard may claim it meanwhile): it must be refused `busy` instead.
+    let (engine, mut held) = pipelined_engine(16);
+    let mut cfg = config(1);
+    cfg.limits.ids_max = 16;
+    let max = ShardState::new(0, 1, cfg.ledger.clone(), cfg.limits.clone()).topups_max() as u64;
+    assert_eq!(max, 4_096);
+    for first in (0..max + 14).step_by(32) {
+        let ids = first..(first + 32).min(max + 14);
+        let begins: Vec<Command> =
+            ids.clone().map(|i| Command::TopUpBegin { id: 100_000 + i, user: 1, method: 1, fen: 600 }).collect();
+        assert!(engine.execute(&begins).iter().all(|r| r.status.get() == 0));
+        let confirms: Vec<Command> = ids
+            .map(|i| Command::TopUpConfirm {
+                id: 100_000 + i,
+                fen: 600,
+                channel_txn: text_field(&format!("T{i}")).unwrap(),
+            })
+            .collect();
+        assert!(engine.execute(&confirms).iter().all(|r| r.status.get() == 0));
+    }
+    let tip = Command::Tip { id: 10_000_002, from: 2, to: 1_000_000, coins: 5 };
+    assert_eq!(status(&engine, tip), Status::ExistsWithDifferentFields, "the id is held by its top-up");
+    let a = Command::Tip { id: 7_001, from: 1, to: 1_000_000, coins: 10 };
+    let (_, [g, ra, rb]) = pipeline_three(&engine, &mut held, a, (tip, 0));
+    assert_eq!(g.status(), Status::Ok);
+    wait_drained(&engine);
+    held.release.send(()).unwrap();
+    assert_eq!(ra.status(), Status::Ok);
+    assert_eq!(rb.status(), Status::Busy);
+    assert_eq!(engine.balance(2), Some(1_000), "B not applied");
+    // The id is free: a retry claims it anew and is applied once.
+    assert_eq!(status(&engine, tip), Status::Ok);
+    assert_eq!(send(&engine, tip, 0).reply().flags, 1, "a second retry is the duplicate");
+    assert_eq!(engine.balance(2), Some(1_000 - 5));
+}
+
+#[test]
 fn shutdown_finishes_cross_shard_work_in_flight() {
     // A settlement is in its home shard's log when the shutdown starts; the other shard, with
     // nothing queued, would stop at once, before the settlement's part reaches it. The shutdown
