@@ -43,6 +43,10 @@ const READ_BUFFER_INITIAL: usize = 64 * 1024;
 /// Consumed bytes at the front of the buffer are only reclaimed past this mark, so that many
 /// small pipelined frames do not each cost a memmove of the rest of the buffer.
 const COMPACT_THRESHOLD: usize = 64 * 1024;
+/// A buffer grown past this by a large frame (up to about twice `FRAME_BYTES_MAX`) goes back to
+/// `READ_BUFFER_INITIAL` once it is empty, so an idle connection keeps at most this much. Storm
+/// frames (a few tens of KiB, pipelined) never grow it this far.
+const KEEP_CAPACITY_MAX: usize = 256 * 1024;
 
 /// Reads frames from a byte stream.
 pub struct FrameReader<R> {
@@ -105,6 +109,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if self.start == self.buffer.len() {
             self.buffer.clear();
             self.start = 0;
+            if self.buffer.capacity() > KEEP_CAPACITY_MAX {
+                self.buffer = Vec::with_capacity(READ_BUFFER_INITIAL);
+            }
         }
     }
 
@@ -169,5 +176,32 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.writer
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::layout::CommandRecord;
+    use crate::protocol::codec::Payload;
+    use crate::protocol::frame::COMMANDS_PER_FRAME_MAX;
+
+    #[test]
+    fn the_read_buffer_shrinks_back_after_a_large_frame() {
+        let large = Frame::new(1, Payload::Commands(vec![CommandRecord::default(); COMMANDS_PER_FRAME_MAX]));
+        let small = Frame::new(2, Payload::Commands(vec![CommandRecord::default(); 4]));
+        let mut bytes = Vec::new();
+        large.encode(&mut bytes).unwrap();
+        small.encode(&mut bytes).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            assert!(bytes.len() > 2 * KEEP_CAPACITY_MAX, "the large frame grows the buffer past the mark");
+            let mut reader = FrameReader::new(&bytes[..]);
+            assert_eq!(reader.read_frame().await.unwrap(), Some(large));
+            assert_eq!(reader.read_frame().await.unwrap(), Some(small));
+            assert!(reader.buffer.capacity() <= KEEP_CAPACITY_MAX, "kept {} bytes", reader.buffer.capacity());
+            assert_eq!(reader.read_frame().await.unwrap(), None);
+        });
     }
 }
