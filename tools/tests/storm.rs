@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use stormledger::config::LedgerConfig;
 use stormledger::engine::{Engine, EngineConfig};
 use stormledger::server::{Backend, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -62,12 +63,16 @@ impl TestServer {
 
     /// With `tls`, the server uses the test certificate of `tests/fixtures/tls`.
     fn start_with(tls: bool) -> TestServer {
+        TestServer::start_full(tls, LedgerConfig::default())
+    }
+
+    fn start_full(tls: bool, ledger: LedgerConfig) -> TestServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
-                let engine = Engine::in_memory(EngineConfig { shards: 2, ..EngineConfig::default() }).unwrap();
+                let engine = Engine::in_memory(EngineConfig { shards: 2, ledger, ..EngineConfig::default() }).unwrap();
                 let backend: Arc<dyn Backend> = Arc::new(engine);
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -488,6 +493,78 @@ fn spawn_run_verifies() {
     let (code, json) = run_storm(&args);
     assert_verified(code, &json);
     assert_eq!(json["mode"], "spawn");
+}
+
+/// Rules other than the built-in ones: twice the coins a yuan buys, other shares, other prices
+/// of the gifts the storm buys. `CUSTOM_RULES` is the same as a config file's table.
+fn custom_rules() -> LedgerConfig {
+    LedgerConfig {
+        coins_per_yuan: 20,
+        streamer_share_bp: 6_000,
+        union_share_bp: 500,
+        gifts: vec![(1, 2), (2, 15), (3, 100), (4, 520), (5, 1_000), (6, 30_000)],
+        ..LedgerConfig::default()
+    }
+}
+
+const CUSTOM_RULES: &str = "[ledger]\ncoins_per_yuan = 20\nstreamer_share_bp = 6000\nunion_share_bp = 500\n\
+                            gifts = [[1, 2], [2, 15], [3, 100], [4, 520], [5, 1000], [6, 30000]]\n";
+
+/// Balances are checked against the rules the server runs with: a config file's `[ledger]`
+/// table (`--config`), or the rules a server stored in its data directory; the built-in rules
+/// against a server with others fail the run (never the reverse).
+#[test]
+fn balances_are_checked_against_the_servers_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, CUSTOM_RULES).unwrap();
+    let config = config.to_str().unwrap();
+    let empty = dir.path().join("empty");
+    let empty = empty.to_str().unwrap();
+    let server = TestServer::start_full(false, custom_rules());
+    let addr = server.addr.to_string();
+    let connect = |extra: &[&str]| {
+        let mut args = vec!["--connect", &addr, "--token", TOKEN, "--count", "3000", "--probe-reads", "0"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(SHAPE);
+        run_storm(&args)
+    };
+    // A fresh setup: the top-ups credited 20 coins a yuan.
+    let (code, json) = connect(&["--config", config, "--data-dir", empty]);
+    assert_verified(code, &json);
+    assert_eq!(json["fresh_setup"], true);
+    assert_eq!(json["ledger_rules"], config);
+    // The built-in rules split tips and price gifts otherwise: the run fails.
+    let (code, json) = connect(&["--data-dir", empty]);
+    assert_eq!((code, &json["verified"]), (1, &Value::Bool(false)), "{json:#}");
+    assert_eq!(json["ledger_rules"], "built-in");
+    // The rules a server stored in its data directory are used without --config.
+    let data = dir.path().join("data");
+    let node = stormledger::node::Node::open(stormledger::node::NodeConfig {
+        engine: EngineConfig { shards: 2, ledger: custom_rules(), ..EngineConfig::default() },
+        durability: stormledger::node::Durability::Buffered,
+        ..stormledger::node::NodeConfig::new(data.clone())
+    })
+    .unwrap();
+    drop(node);
+    let (code, json) = connect(&["--data-dir", data.to_str().unwrap()]);
+    assert_verified(code, &json);
+    assert_eq!(json["ledger_rules"], data.join("ledger.json").to_str().unwrap());
+    // The engine of --engine and the server of --spawn run with --config's rules.
+    let mut args = vec!["--engine", "--durability", "memory", "--count", "3000", "--config", config];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    assert_eq!(json["ledger_rules"], config);
+    let mut args = vec!["--spawn", "--durability", "buffered", "--count", "3000", "--config", config];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert_verified(code, &json);
+    // A config file with invalid rules is a usage error.
+    std::fs::write(dir.path().join("bad.toml"), "[ledger]\ncoins_per_yuan = 0\n").unwrap();
+    let bad = dir.path().join("bad.toml");
+    let (code, json) = run_storm(&["--engine", "--config", bad.to_str().unwrap(), "--json"]);
+    assert_eq!((code, &json["status"]), (2, &Value::from("error")), "{json:#}");
 }
 
 /// With `--json` the last line is one JSON object on every path: a run that ends early (here,

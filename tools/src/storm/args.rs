@@ -44,6 +44,12 @@ pub struct Args {
     /// Drive the engine in-process (no TCP), through the durable node facade.
     #[arg(long)]
     pub engine: bool,
+    /// A server config file whose `[ledger]` table holds the business rules to check balances
+    /// against (coins per yuan, shares, gift prices); the server of --spawn and the engine of
+    /// --engine run with them. [default: for --connect, DIR/ledger.json (see --data-dir) if
+    /// present, the rules the server stored; otherwise the built-in rules]
+    #[arg(long, env = "STORMLEDGER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The `stormledger` binary for --spawn (default: next to this executable).
     #[arg(long, value_name = "PATH")]
     pub server_bin: Option<PathBuf>,
@@ -99,7 +105,7 @@ pub struct Args {
     /// Top-up of a poor user, in yuan.
     #[arg(long, default_value_t = 1)]
     pub poor_yuan: u64,
-    /// Top-up of every other user, in yuan (10 coins per yuan).
+    /// Top-up of every other user, in yuan (10 coins per yuan by default, see --config).
     #[arg(long, default_value_t = 648)]
     pub topup_yuan: u64,
     /// Largest tip, in coins (tips are 1..=N).

@@ -3,8 +3,9 @@
 //! Only commands answered `ok` move money. A tip or gift of `coins` takes `coins` from the payer
 //! and splits them as the state machine does (`spend_checked`): the streamer gets
 //! floor(coins * streamer_share_bp / 10000), the union floor(coins * union_share_bp / 10000)
-//! (every storm streamer belongs to the storm union), the platform the remainder. The shares come
-//! from `LedgerConfig::default()`, which is what `serve` and the engine run with.
+//! (every storm streamer belongs to the storm union), the platform the remainder. The shares, the
+//! gift prices and the coins a yuan buys come from the server's `LedgerConfig` (`--config`, or
+//! the data directory's `ledger.json`; the built-in rules otherwise).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -13,6 +14,8 @@ use stormledger::ledger::Command;
 use stormledger::workload::STREAMER_BASE;
 
 pub struct Model {
+    /// Coins a top-up of one yuan credits.
+    pub coins_per_yuan: u64,
     streamer_bp: u64,
     union_bp: u64,
     gifts: Vec<(u64, u64)>,
@@ -43,6 +46,7 @@ pub struct Spend {
 impl Model {
     pub fn new(config: &LedgerConfig, users: u64, streamers: u64) -> Model {
         Model {
+            coins_per_yuan: config.coins_per_yuan,
             streamer_bp: config.streamer_share_bp,
             union_bp: config.union_share_bp,
             gifts: config.gifts.clone(),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
+use stormledger::cli::serve::FileConfig;
 use stormledger::client::{ClientError, TlsClientConfig};
 use stormledger::config::LedgerConfig;
 use stormledger::engine::EngineConfig;
@@ -461,8 +462,37 @@ struct Outcome {
     probe: Option<ProbeReport>,
 }
 
+/// The business rules the balances are checked against, and where they came from (see
+/// `Args::config`). A usage error if a file named cannot be read or holds invalid rules.
+fn ledger_rules(args: &Args) -> Result<(LedgerConfig, String), Fatal> {
+    let from_file = match &args.config {
+        Some(path) => {
+            let file = FileConfig::load(path).map_err(|e| Fatal(2, format!("--config: {e}")))?;
+            let ledger = file.ledger.unwrap_or_default();
+            ledger.validate().map_err(|e| Fatal(2, format!("--config {} [ledger]: {e}", path.display())))?;
+            Some((ledger, path.display().to_string()))
+        }
+        None => None,
+    };
+    if args.connect.is_some() {
+        // The rules the server stored on its first start are the ones it runs with.
+        let stored = stormledger::node::read_data_dir(&args.data_dir)
+            .map_err(|e| Fatal(2, format!("--data-dir {}: {e}", args.data_dir.display())))?;
+        if let Some((_, ledger)) = stored {
+            let source = args.data_dir.join("ledger.json").display().to_string();
+            if from_file.as_ref().is_some_and(|(l, _)| *l != ledger) {
+                eprintln!(
+                    "stormledger-storm: note: using the rules in {source}, which the server stored; --config's differ"
+                );
+            }
+            return Ok((ledger, source));
+        }
+    }
+    Ok(from_file.unwrap_or_else(|| (LedgerConfig::default(), "built-in".to_string())))
+}
+
 fn run(args: Args) -> Result<i32, Fatal> {
-    let ledger = LedgerConfig::default();
+    let (ledger, rules) = ledger_rules(&args)?;
     let spec = StormSpec {
         users: args.users,
         streamers: args.streamers,
@@ -492,7 +522,7 @@ fn run(args: Args) -> Result<i32, Fatal> {
             .prefix("stormledger-storm-")
             .tempdir()
             .map_err(|e| Fatal(3, format!("cannot create a temporary data directory: {e}")))?;
-        let mut engine = EngineConfig::default();
+        let mut engine = EngineConfig { ledger: ledger.clone(), ..EngineConfig::default() };
         if let Some(n) = args.shards {
             engine.shards = n;
         }
@@ -504,7 +534,8 @@ fn run(args: Args) -> Result<i32, Fatal> {
         ("engine", durability_name(durability).to_string(), target)
     } else if args.spawn {
         let bin = spawn::server_binary(args.server_bin.clone()).map_err(|e| Fatal(3, e))?;
-        let s = spawn::spawn(bin, args.durability, args.shards).map_err(|e| Fatal(3, e))?;
+        let custom = (ledger != LedgerConfig::default()).then_some(&ledger);
+        let s = spawn::spawn(bin, args.durability, args.shards, custom).map_err(|e| Fatal(3, e))?;
         let target =
             Target::Tcp { addr: s.addr.clone(), token: s.token.clone(), tls: None, allow_remote_plaintext: false };
         spawned = Some(s);
@@ -652,6 +683,7 @@ fn run(args: Args) -> Result<i32, Fatal> {
         "mode": mode,
         "tls": args.tls_ca.is_some(),
         "durability": durability,
+        "ledger_rules": rules,
         "connections": args.connections,
         "batch": args.batch,
         "window": if args.rate.is_some() { Value::Null } else { json!(args.window) },
@@ -783,7 +815,8 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
     }
     if fresh {
         for (i, &key) in keys[..keys.len() - 2].iter().enumerate() {
-            let expected = if key <= spec.users { spec.topup_yuan_of(key) as i64 * 10 } else { 0 };
+            let expected =
+                if key <= spec.users { (spec.topup_yuan_of(key) * shared.model.coins_per_yuan) as i64 } else { 0 };
             if baseline[i].is_some_and(|b| b != expected) {
                 setup_mismatches += 1;
             }

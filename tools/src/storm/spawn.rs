@@ -1,12 +1,13 @@
 //! `--spawn`: runs `stormledger serve --listen 127.0.0.1:0 --data-dir <tempdir> --token <random>`,
 //! waits for its `listening on ADDR` line, and stops it with SIGTERM at the end.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use stormledger::config::LedgerConfig;
 use stormledger::node::Durability;
 
 /// How long the server may take to print `listening on`.
@@ -20,6 +21,9 @@ pub struct Spawned {
     pub token: String,
     /// Removed when the run ends (after the server has stopped).
     _data_dir: tempfile::TempDir,
+    /// The config file holding the `[ledger]` rules the server was started with, if not the
+    /// built-in ones.
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 /// The `stormledger` binary: `explicit`, or next to the current executable (or its parent, for
@@ -59,7 +63,29 @@ pub fn random_token() -> String {
     format!("storm-{:016x}{:016x}", rng.next_u64(), rng.next_u64())
 }
 
-pub fn spawn(bin: PathBuf, durability: Option<Durability>, shards: Option<u16>) -> Result<Spawned, String> {
+/// The config file of a server run with `ledger` as its rules, and nothing else.
+fn ledger_config_file(ledger: &LedgerConfig) -> Result<tempfile::NamedTempFile, String> {
+    #[derive(serde::Serialize)]
+    struct OnlyLedger<'a> {
+        ledger: &'a LedgerConfig,
+    }
+    let text = toml::to_string(&OnlyLedger { ledger }).map_err(|e| format!("cannot encode the [ledger] rules: {e}"))?;
+    let mut file = tempfile::Builder::new()
+        .prefix("stormledger-storm-")
+        .suffix(".toml")
+        .tempfile()
+        .map_err(|e| format!("cannot create a temporary config file: {e}"))?;
+    file.write_all(text.as_bytes()).map_err(|e| format!("cannot write a temporary config file: {e}"))?;
+    Ok(file)
+}
+
+pub fn spawn(
+    bin: PathBuf,
+    durability: Option<Durability>,
+    shards: Option<u16>,
+    ledger: Option<&LedgerConfig>,
+) -> Result<Spawned, String> {
+    let config = ledger.map(ledger_config_file).transpose()?;
     let data_dir = tempfile::Builder::new()
         .prefix("stormledger-storm-")
         .tempdir()
@@ -75,6 +101,8 @@ pub fn spawn(bin: PathBuf, durability: Option<Durability>, shards: Option<u16>) 
         .arg("--token")
         .arg(&token)
         .env_remove("STORMLEDGER_TOKEN")
+        // Not the caller's config file: its listen address, tokens or TLS files are not this run's.
+        .env_remove("STORMLEDGER_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -83,6 +111,9 @@ pub fn spawn(bin: PathBuf, durability: Option<Durability>, shards: Option<u16>) 
     }
     if let Some(n) = shards {
         command.arg("--shards").arg(n.to_string());
+    }
+    if let Some(file) = &config {
+        command.arg("--config").arg(file.path());
     }
     let mut child = command.spawn().map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
     let (tx, rx) = mpsc::channel::<String>();
@@ -105,7 +136,9 @@ pub fn spawn(bin: PathBuf, durability: Option<Durability>, shards: Option<u16>) 
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(addr) if !addr.is_empty() => return Ok(Spawned { child, addr, token, _data_dir: data_dir }),
+            Ok(addr) if !addr.is_empty() => {
+                return Ok(Spawned { child, addr, token, _data_dir: data_dir, _config: config })
+            }
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) | Err(mpsc::RecvTimeoutError::Timeout) => {
                 if let Ok(Some(status)) = child.try_wait() {
