@@ -90,6 +90,14 @@ fn verify_replay_and_inspect_a_healthy_directory() {
     assert_eq!(v["limits"], serde_json::json!({"accounts_max": 4096, "ids_max": 8192, "recorded": true}));
     let (code, out) = tool(&["replay", d, "--json"]);
     assert_eq!(code, 0, "{out}");
+    // Progress: with stderr not a terminal, plain lines instead of the bars (here, the shards
+    // load too fast for a line every two seconds; each says where it loaded from).
+    let out = Process::new(env!("CARGO_BIN_EXE_stormledger-recover")).args(["verify", d]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for shard in 0..2 {
+        assert!(stderr.contains(&format!("shard {shard}: loaded: genesis + ")), "{stderr}");
+        assert!(stderr.contains(&format!("shard {shard}: checking every snapshot")), "{stderr}");
+    }
     let (code, out) = tool(&["inspect", d, "--account", "7", "--limit", "50", "--json"]);
     assert_eq!(code, 0);
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -6,8 +6,10 @@
 //! takes the data directory's lock first, so it never runs beside a live server.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -110,12 +112,29 @@ fn progress(shard: u16) -> ProgressBar {
     bar
 }
 
+/// A step with no count to show: a spinner with `message` on a terminal, otherwise the message
+/// as one plain line.
+fn stage(message: String) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        eprintln!("stormledger-recover: {message}");
+        return ProgressBar::hidden();
+    }
+    let spinner = ProgressBar::new_spinner().with_message(message);
+    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+    spinner
+}
+
 struct ShardReport {
     shard: u16,
     loaded: Result<stormledger::node::LoadedShard, NodeError>,
 }
 
-/// Loads every shard at once, a thread each (as the server recovers), a progress line each.
+/// How often a replay reports progress in plain lines, when stderr is not a terminal (the
+/// progress bars show only on one): as the server does while it recovers.
+const PLAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Loads every shard at once, a thread each (as the server recovers), a progress line each: a
+/// bar on a terminal, otherwise a plain line every `PLAIN_PROGRESS_EVERY` and one at the end.
 fn load_all(
     dir: &Path,
     shards: u16,
@@ -123,13 +142,38 @@ fn load_all(
     limits: &ShardLimits,
 ) -> Vec<ShardReport> {
     let bars = MultiProgress::new();
+    let plain = !std::io::stderr().is_terminal();
     std::thread::scope(|scope| {
         let threads: Vec<_> = (0..shards)
             .map(|shard| {
                 let bar = bars.add(progress(shard));
                 scope.spawn(move || {
-                    let loaded = load_shard(dir, shard, shards, ledger, limits, &mut |n| bar.set_position(n));
+                    let started = Instant::now();
+                    let mut last = started;
+                    let mut report = |n: u64| {
+                        bar.set_position(n);
+                        if plain && last.elapsed() >= PLAIN_PROGRESS_EVERY {
+                            last = Instant::now();
+                            eprintln!(
+                                "stormledger-recover: shard {shard}: {n} log batches replayed in {:.0} s",
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                    };
+                    let loaded = load_shard(dir, shard, shards, ledger, limits, &mut report);
                     bar.finish_and_clear();
+                    if plain {
+                        match &loaded {
+                            Ok(l) => eprintln!(
+                                "stormledger-recover: shard {shard}: loaded: {} + {} commands in {} log batches, {:.1} s",
+                                l.snapshot_path.as_ref().map_or("genesis".into(), |p| p.display().to_string()),
+                                l.commands_replayed,
+                                l.batches_replayed,
+                                started.elapsed().as_secs_f64()
+                            ),
+                            Err(e) => eprintln!("stormledger-recover: shard {shard}: not loaded: {e}"),
+                        }
+                    }
                     ShardReport { shard, loaded }
                 })
             })
@@ -171,6 +215,9 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                 let mut problems = l.state.invariant_violations();
                 let mut snapshot_check = json!(null);
                 if !replay_only {
+                    let spinner = stage(format!(
+                        "shard {shard}: checking every snapshot, and the newest against the log it covers"
+                    ));
                     // Every snapshot kept, not only the one loaded: the older one is what a
                     // restart falls back on if the newest is damaged.
                     let snapdir = wal::shard_dir(dir, shard as u32).join("snapshots");
@@ -196,6 +243,7 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                             json!("differs")
                         }
                     };
+                    spinner.finish_and_clear();
                     if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &l.recovery.outcome {
                         problems.push(format!(
                             "torn last record in {} at offset {offset} ({bytes} bytes): run `stormledger-recover recover`",
