@@ -5,7 +5,9 @@
 //! Amounts are in the command's unit: coins for tips and gifts (a gift's amount is its price
 //! times its count, the coins it moves), fen for top-ups; `-` where a field does not apply.
 //! Account creation is recorded with the account id as ID; method binding is not recorded (its
-//! reply is labelled with the method id, which is not unique).
+//! reply is labelled with the method id, which is not unique). A top-up's begin and confirm share
+//! its id, but the setup sends a confirm only once the phase of its begin was answered in full, so each
+//! `ack` line belongs to the last `sent` line of its id.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
