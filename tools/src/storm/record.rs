@@ -6,8 +6,8 @@
 //! times its count, the coins it moves), fen for top-ups; `-` where a field does not apply.
 //! Account creation is recorded with the account id as ID; method binding is not recorded (its
 //! reply is labelled with the method id, which is not unique). A top-up's begin and confirm share
-//! its id, but the setup sends a confirm only once the phase of its begin was answered in full, so each
-//! `ack` line belongs to the last `sent` line of its id.
+//! its id, but the setup sends a confirm only once the phase of its begin was answered in full,
+//! so each `ack` line belongs to the last `sent` line of its id.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
