@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use stormledger::config::LedgerConfig;
+use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::engine::{Engine, EngineConfig};
 use stormledger::server::{Backend, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -63,16 +63,17 @@ impl TestServer {
 
     /// With `tls`, the server uses the test certificate of `tests/fixtures/tls`.
     fn start_with(tls: bool) -> TestServer {
-        TestServer::start_full(tls, LedgerConfig::default())
+        TestServer::start_full(tls, LedgerConfig::default(), ShardLimits::default())
     }
 
-    fn start_full(tls: bool, ledger: LedgerConfig) -> TestServer {
+    fn start_full(tls: bool, ledger: LedgerConfig, limits: ShardLimits) -> TestServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
-                let engine = Engine::in_memory(EngineConfig { shards: 2, ledger, ..EngineConfig::default() }).unwrap();
+                let engine =
+                    Engine::in_memory(EngineConfig { shards: 2, ledger, limits, ..EngineConfig::default() }).unwrap();
                 let backend: Arc<dyn Backend> = Arc::new(engine);
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -474,6 +475,28 @@ fn dropped_connections_mid_storm_still_verify() {
     assert_eq!(json["in_doubt"], json["in_doubt_resolved"], "{json:#}");
 }
 
+/// A server whose shards remember only their last 16 384 ids: at the storm's rate, well under the
+/// run. The writes in flight when a connection is cut are sent again at once, with the time they
+/// were first sent, while their ids are still remembered: each is answered with its first
+/// outcome and applied once (sent again only at the end of the run, many would have been
+/// forgotten and applied a second time).
+#[test]
+fn writes_in_doubt_are_resolved_before_the_server_forgets_their_ids() {
+    let limits = ShardLimits { ids_max: 16_384, ..ShardLimits::default() };
+    let server = TestServer::start_full(false, LedgerConfig::default(), limits);
+    let (proxy, killed) = start_dropping_proxy(server.addr, Duration::from_millis(800), 400_000, 4);
+    let addr = proxy.to_string();
+    let mut args = vec!["--connect", &addr, "--token", TOKEN, "--duration", "3", "--window", "16"];
+    args.extend_from_slice(SHAPE);
+    let (code, json) = run_storm(&args);
+    assert!(killed.load(Ordering::SeqCst) >= 1, "the proxy cut no connection: {json:#}");
+    assert!(json["in_doubt"].as_u64().unwrap() > 0, "no command was in flight at a cut: {json:#}");
+    assert_verified(code, &json);
+    assert_eq!(json["in_doubt"], json["in_doubt_resolved"], "{json:#}");
+    let writes = json["tips_acked"].as_u64().unwrap() + json["tips_rejected"].as_u64().unwrap();
+    assert!(writes > 4 * 16_384, "the run was too short to leave the window behind: {json:#}");
+}
+
 /// `--spawn` needs `stormledger serve`. Until the server binary has it, this test says so and
 /// returns (it cannot fail for a missing feature of another crate's binary).
 #[test]
@@ -521,7 +544,7 @@ fn balances_are_checked_against_the_servers_rules() {
     let config = config.to_str().unwrap();
     let empty = dir.path().join("empty");
     let empty = empty.to_str().unwrap();
-    let server = TestServer::start_full(false, custom_rules());
+    let server = TestServer::start_full(false, custom_rules(), ShardLimits::default());
     let addr = server.addr.to_string();
     let connect = |extra: &[&str]| {
         let mut args = vec!["--connect", &addr, "--token", TOKEN, "--count", "3000", "--probe-reads", "0"];

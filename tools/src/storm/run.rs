@@ -13,7 +13,7 @@ use stormledger::cli::serve::FileConfig;
 use stormledger::client::{ClientError, TlsClientConfig};
 use stormledger::config::LedgerConfig;
 use stormledger::engine::EngineConfig;
-use stormledger::layout::ReplyRecord;
+use stormledger::layout::{CommandRecord, ReplyRecord};
 use stormledger::ledger::command::SYSTEM_PLATFORM;
 use stormledger::ledger::{Command, Status};
 use stormledger::node::{Durability, Node, NodeConfig};
@@ -84,7 +84,9 @@ struct Shared {
     counters: Counters,
     hists: Mutex<Hists>,
     recorder: Option<Recorder>,
-    in_doubt: Mutex<Vec<Command>>,
+    /// Writes still in doubt when the storm ends (their immediate retries ran out of time),
+    /// with the time each was first sent.
+    in_doubt: Mutex<Vec<(Command, u64)>>,
     last_error: Mutex<Option<String>>,
     gen: Mutex<TipGen>,
     read_percent: u32,
@@ -112,6 +114,8 @@ struct Counters {
     in_doubt: AtomicU64,
     resolved: AtomicU64,
     unresolved: AtomicU64,
+    /// Of `unresolved`: retries refused `id_expired` (the server had forgotten their ids).
+    expired: AtomicU64,
     /// Replies flagged as duplicates to commands sent for the first time (id collision).
     unexpected_duplicates: AtomicU64,
     /// Ok replies whose value2 is not the coins the model expected.
@@ -236,6 +240,38 @@ impl Shared {
         }
     }
 
+    /// Sends writes in doubt again (same ids, same first-send times) until every one has a final
+    /// answer or `deadline` passes, and accounts for the answers. A write refused `id_expired`
+    /// stays unresolved: the server forgot its id, so whether it was applied is unknown. False
+    /// if the answers did not all come before the deadline (the writes are then still in doubt).
+    async fn resolve(&self, link: &Link, writes: &[Command], sent_at: &[u64], deadline: Instant) -> bool {
+        if let Some(r) = &self.recorder {
+            r.sent(writes, |g| self.model.gift_price(g));
+        }
+        match submit_final(link, writes, sent_at, deadline, |_, _| {}).await {
+            Ok(replies) => {
+                let expired = |r: &ReplyRecord| Status::from_code(r.status.get()) == Some(Status::IdExpired);
+                let (answered, replies): (Vec<(Command, ReplyRecord)>, Vec<(Command, ReplyRecord)>) =
+                    writes.iter().copied().zip(replies).partition(|(_, r)| !expired(r));
+                if let (Some(r), false) = (&self.recorder, replies.is_empty()) {
+                    let (commands, expired): (Vec<Command>, Vec<ReplyRecord>) = replies.into_iter().unzip();
+                    r.acks(&commands, &expired);
+                }
+                let (answered, replies): (Vec<Command>, Vec<ReplyRecord>) = answered.into_iter().unzip();
+                self.apply(&answered, &replies, true);
+                let c = &self.counters;
+                c.resolved.fetch_add(answered.len() as u64, Ordering::Relaxed);
+                c.unresolved.fetch_add((writes.len() - answered.len()) as u64, Ordering::Relaxed);
+                c.expired.fetch_add((writes.len() - answered.len()) as u64, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.note_error(&e);
+                false
+            }
+        }
+    }
+
     fn note_error(&self, e: &ClientError) {
         let mut last = self.last_error.lock().expect("lock");
         if last.is_none() {
@@ -246,7 +282,11 @@ impl Shared {
     /// Sends one batch and accounts for it; latency counts from `intended`.
     async fn run_batch(&self, link: &Link, batch: Batch, intended: Instant) {
         let Batch { writes, reads } = batch;
-        let records: Vec<_> = writes.iter().map(Command::to_record).collect();
+        // Every write says when it was first sent, and keeps saying it on every retry: a retry
+        // the server no longer remembers is then refused `id_expired`, never applied twice
+        // (docs/protocol.md, "Retrying safely").
+        let sent_at = unix_nanos();
+        let records: Vec<_> = writes.iter().map(|c| stamped(c, sent_at)).collect();
         if let Some(r) = &self.recorder {
             r.sent(&writes, |g| self.model.gift_price(g));
         }
@@ -277,8 +317,15 @@ impl Shared {
                     if let Err(e) = &other {
                         self.note_error(e);
                     }
+                    // The outcome is unknown: send the same writes again now, while the server
+                    // still remembers their ids (a crashed server is back within seconds; its
+                    // window may hold only seconds of a storm). Not timed: the latency would be
+                    // the outage's.
                     self.counters.in_doubt.fetch_add(writes.len() as u64, Ordering::Relaxed);
-                    self.in_doubt.lock().expect("lock").extend(writes);
+                    let stamps = vec![sent_at; writes.len()];
+                    if !self.resolve(link, &writes, &stamps, Instant::now() + FINAL_RETRY_FOR).await {
+                        self.in_doubt.lock().expect("lock").extend(writes.into_iter().zip(stamps));
+                    }
                 }
             }
         }
@@ -303,9 +350,22 @@ impl Shared {
 ///
 /// `on_final` is called once per submission with the commands that got their final reply in it
 /// and those replies, as they arrive: on `Err`, the replies it was given are the ones known.
+/// Nanoseconds since the Unix epoch (this host's clock): a write's first-send time.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// `command`'s record, saying it was first sent at `sent_at`.
+fn stamped(command: &Command, sent_at: u64) -> CommandRecord {
+    let mut record = command.to_record();
+    record.timestamp.set(sent_at);
+    record
+}
+
 async fn submit_final(
     link: &Link,
     commands: &[Command],
+    sent_at: &[u64],
     deadline: Instant,
     mut on_final: impl FnMut(&[Command], &[ReplyRecord]),
 ) -> Result<Vec<ReplyRecord>, ClientError> {
@@ -316,7 +376,7 @@ async fn submit_final(
         if pending.is_empty() {
             return Ok(replies.into_iter().map(|r| r.expect("filled")).collect());
         }
-        let records = pending.iter().map(|&i| commands[i].to_record()).collect();
+        let records = pending.iter().map(|&i| stamped(&commands[i], sent_at[i])).collect();
         match link.submit(records).await {
             Ok(got) if got.len() == pending.len() => {
                 let (mut done, mut done_replies) = (Vec::new(), Vec::new());
@@ -391,6 +451,7 @@ async fn read_balances(links: &[Arc<Link>], keys: &[u64]) -> Result<Vec<Option<i
 /// cut short (a failed task, a killed server) leaves every acknowledged command in the record.
 async fn setup(links: &[Arc<Link>], spec: &StormSpec, shared: &Arc<Shared>) -> Result<bool, Fatal> {
     let fresh = Arc::new(AtomicBool::new(true));
+    let users = spec.users;
     for phase in spec.setup_phases() {
         let chunks: Vec<Vec<Command>> = phase.chunks(SETUP_CHUNK).map(<[Command]>::to_vec).collect();
         let queue = Arc::new(Mutex::new(chunks));
@@ -410,14 +471,23 @@ async fn setup(links: &[Arc<Link>], spec: &StormSpec, shared: &Arc<Shared>) -> R
                         }
                     };
                     let deadline = Instant::now() + FINAL_RETRY_FOR;
-                    let replies = submit_final(&link, &chunk, deadline, record_acks)
+                    let sent_at = vec![unix_nanos(); chunk.len()];
+                    let replies = submit_final(&link, &chunk, &sent_at, deadline, record_acks)
                         .await
                         .map_err(|e| fatal_client("setup", e))?;
                     for (command, reply) in chunk.iter().zip(&replies) {
                         let status = Status::from_code(reply.status.get());
                         if status != Some(Status::Ok) {
                             let name = status.map_or("unknown", Status::name);
-                            return Err(Fatal(1, format!("setup: {command:?} answered {name}")));
+                            let hint = match (command, status) {
+                                (Command::CreateAccount { .. }, Some(Status::ExistsWithDifferentFields)) => format!(
+                                    " (the storm's accounts are users 1..={users}, streamers {STREAMER_BASE}.. and union \
+                                     {UNION_ID}; this server holds another account under one of those ids: run on a \
+                                     fresh data directory, or use --spawn)"
+                                ),
+                                _ => String::new(),
+                            };
+                            return Err(Fatal(1, format!("setup: {command:?} answered {name}{hint}")));
                         }
                         if matches!(command, Command::CreateAccount { .. }) && reply.flags & 1 != 0 {
                             fresh.store(false, Ordering::Relaxed);
@@ -642,7 +712,11 @@ fn run(args: Args) -> Result<i32, Fatal> {
         failures.push(format!("{} balances after setup differ from the top-ups", outcome.setup_mismatches));
     }
     if unresolved > 0 {
-        failures.push(format!("{unresolved} in-doubt commands could not be resolved"));
+        let expired = load(&c.expired);
+        failures.push(format!(
+            "{unresolved} in-doubt commands could not be resolved ({expired} of them refused id_expired: the \
+             server had forgotten their ids, so whether they were applied is unknown)"
+        ));
     }
     // `--spawn`: a server that does not drain and exit 0 on SIGTERM broke its contract.
     if let Some(note) = stop_note {
@@ -731,6 +805,7 @@ fn run(args: Args) -> Result<i32, Fatal> {
         "in_doubt": load(&c.in_doubt),
         "in_doubt_resolved": load(&c.resolved),
         "in_doubt_unresolved": unresolved,
+        "in_doubt_id_expired": load(&c.expired),
         "reconnects": load(&c.reconnects),
         "fresh_setup": outcome.fresh,
         "accounts_checked": outcome.accounts_checked,
@@ -883,21 +958,10 @@ async fn drive(args: &Args, spec: &StormSpec, links: &[Arc<Link>], shared: Arc<S
             shared.counters.unresolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             continue;
         }
-        let link = &links[0];
-        if let Some(r) = &shared.recorder {
-            r.sent(chunk, |g| shared.model.gift_price(g));
-        }
-        // `apply` records the acks once every reply is final.
-        match submit_final(link, chunk, resolve_deadline, |_, _| {}).await {
-            Ok(replies) => {
-                shared.apply(chunk, &replies, true);
-                shared.counters.resolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                shared.note_error(&e);
-                shared.counters.unresolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                gave_up = true;
-            }
+        let (writes, sent_at): (Vec<Command>, Vec<u64>) = chunk.iter().copied().unzip();
+        if !shared.resolve(&links[0], &writes, &sent_at, resolve_deadline).await {
+            shared.counters.unresolved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            gave_up = true;
         }
     }
     if !in_doubt.is_empty() {
