@@ -32,6 +32,8 @@ pub struct ProbeReport {
 pub const PER_SEC_MIN: f64 = 1.0;
 /// Most probe reads per second (`--probe-reads`).
 pub const PER_SEC_MAX: f64 = 100_000.0;
+/// Shortest wait before the probe opens its connection again after failing to.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A running probe; `finish` stops it and returns what it measured.
 pub struct Probe {
@@ -112,19 +114,27 @@ fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicB
                     return report;
                 }
             };
+            // A lost connection (a server restarted mid-storm) is opened again, at most every
+            // `RECONNECT_PAUSE`, until the storm ends: the probe measures the reads after it too.
             runtime.block_on(async {
-                let client = match Client::connect_with(addr, config).await {
-                    Ok(client) => client,
-                    Err(e) => {
-                        report.error = Some(format!("probe connection: {e}"));
-                        return;
-                    }
-                };
+                let mut client: Option<Client> = None;
                 while !stop.load(Ordering::Relaxed) {
+                    let c = match client.take().filter(|c| !c.is_closed()) {
+                        Some(c) => c,
+                        None => match Client::connect_with(addr, config.clone()).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                report.failed += 1;
+                                report.error.get_or_insert_with(|| format!("probe connection: {e}"));
+                                pause(interval.max(RECONNECT_PAUSE), stop);
+                                continue;
+                            }
+                        },
+                    };
                     let mut query = QueryRecord { kind: QUERY_KIND_BALANCE, ..QueryRecord::default() };
                     query.key.set(key());
                     let start = Instant::now();
-                    match client.queries(vec![query]).await {
+                    match c.queries(vec![query]).await {
                         Ok(_) => {
                             let ns = start.elapsed().as_nanos() as u64;
                             report.latency_ns.saturating_record(ns.max(1));
@@ -132,11 +142,9 @@ fn run(target: Target, users: u64, interval: Duration, seed: u64, stop: &AtomicB
                         Err(e) => {
                             report.failed += 1;
                             report.error.get_or_insert_with(|| format!("probe read: {e}"));
-                            if client.is_closed() {
-                                return;
-                            }
                         }
                     }
+                    client = Some(c);
                     pause(interval, stop);
                 }
             });
