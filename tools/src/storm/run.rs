@@ -345,11 +345,6 @@ impl Shared {
     }
 }
 
-/// Submits `commands` until every one has a final (non-retryable) reply, resubmitting the same
-/// ids after connection loss or `busy`. Replies in order.
-///
-/// `on_final` is called once per submission with the commands that got their final reply in it
-/// and those replies, as they arrive: on `Err`, the replies it was given are the ones known.
 /// Nanoseconds since the Unix epoch (this host's clock): a write's first-send time.
 fn unix_nanos() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
@@ -362,6 +357,12 @@ fn stamped(command: &Command, sent_at: u64) -> CommandRecord {
     record
 }
 
+/// Submits `commands` until every one has a final (non-retryable) reply, resubmitting the same
+/// ids, each with its first-send time from `sent_at`, after connection loss or `busy`. Replies in
+/// order.
+///
+/// `on_final` is called once per submission with the commands that got their final reply in it
+/// and those replies, as they arrive: on `Err`, the replies it was given are the ones known.
 async fn submit_final(
     link: &Link,
     commands: &[Command],
