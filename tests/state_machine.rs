@@ -641,8 +641,8 @@ fn a_settlements_total_is_recorded_only_for_the_settlement_it_names() {
 /// Business rules at their edges: the boundaries, orders and reply values that the tables above
 /// and the model (`tests/model.rs`) do not pin down. Each test was written against a planted
 /// mistake (session 18's mutation testing of the ledger rules) that the rest of the suite let
-/// through (a cap one off, a
-/// status order swapped, a reply value taken from the wrong field, a decode bound loosened).
+/// through: a cap one off, a status order swapped, a reply value taken from the wrong field, a
+/// decode bound loosened.
 mod edges {
     use super::{begin, bind, confirm, streamer, tip, union, user, Ledger, SEC, T0};
     use stormledger::config::{LedgerConfig, ShardLimits};
