@@ -178,3 +178,68 @@ async fn a_silent_server_times_a_call_out_and_the_retrying_client_gives_up_in_bo
         "the first attempt and two retries, each on a new connection"
     );
 }
+
+/// The CLI's side of "Retrying safely": a tip that gets no answer exits 3 with
+/// `unknown_outcome` and the time it was first sent; sent again with `--first-sent`, once the
+/// server has forgotten its id, it is refused `id_expired` instead of being applied a second
+/// time. (Sent again without it, it would be: a fresh first-send time passes the horizon.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_the_first_send_time_of_a_write_in_doubt_and_a_retry_with_it_is_never_applied_twice() {
+    let cli = |addr: String, args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_stormledger"))
+                .args(["--connect", &addr, "--token", TOKEN, "--json", "--timeout", "1"])
+                .args(&args)
+                .env_remove("STORMLEDGER_DATA_DIR")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{e}: {stdout:?} {}", String::from_utf8_lossy(&out.stderr)));
+            (out.status.code(), json)
+        })
+    };
+    let tip = |id: u64| -> Vec<String> {
+        ["tip", "--id", &id.to_string(), "--from", "1", "--to", "100", "--coins", "5"].map(String::from).to_vec()
+    };
+
+    // No answer: the outcome is unknown, and the first-send time is printed for the retry.
+    let hole = black_hole(Arc::new(AtomicUsize::new(0))).await;
+    let (code, json) = cli(hole.to_string(), tip(9_001)).await.unwrap();
+    assert_eq!(code, Some(3), "{json}");
+    assert_eq!(json["status"], "unknown_outcome", "{json}");
+    let first_sent = json["first_sent"].as_u64().unwrap_or_else(|| panic!("no first_sent: {json}"));
+    assert!(json["error"].as_str().unwrap().contains(&format!("--first-sent {first_sent}")), "{json}");
+
+    // A server that applied the tip (first sent then) and has since forgotten its id: a window
+    // of 16 ids, then 20 more tips.
+    let limits = stormledger::config::ShardLimits { ids_max: 16, ..Default::default() };
+    let engine = Arc::new(Engine::in_memory(EngineConfig { shards: 1, limits, ..EngineConfig::default() }).unwrap());
+    let backend: Arc<dyn Backend> = engine.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        stormledger::server::run(listener, backend, ServerConfig::new(TOKEN), std::future::pending::<()>()).await.ok();
+    });
+    let direct = Client::connect(server, TOKEN).await.unwrap();
+    let confirm = Command::TopUpConfirm { id: 5, fen: 10_000, channel_txn: text_field("T5").unwrap() };
+    let mut setup = vec![
+        Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 },
+        Command::CreateAccount { account: 100, kind: AccountKind::Streamer, flags: 0, union: 0 },
+        Command::BindMethod { user: 1, method: 1, channel: Channel::Alipay },
+        Command::TopUpBegin { id: 5, user: 1, method: 1, fen: 10_000 },
+        confirm,
+    ];
+    setup.push(Command::Tip { id: 9_001, from: 1, to: 100, coins: 5 });
+    setup.extend((0..20).map(|i| Command::Tip { id: 10_000 + i, from: 1, to: 100, coins: 1 }));
+    for c in setup {
+        assert_eq!(direct.submit(vec![c.to_record()]).await.unwrap()[0].status.get(), 0, "{c:?}");
+    }
+    let balance = engine.balance(1);
+
+    let mut retry = tip(9_001);
+    retry.extend(["--first-sent".to_string(), first_sent.to_string()]);
+    let (code, json) = cli(server.to_string(), retry).await.unwrap();
+    assert_eq!((code, json["status"].as_str()), (Some(1), Some("id_expired")), "{json}");
+    assert_eq!(engine.balance(1), balance, "not applied a second time");
+}

@@ -67,6 +67,13 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
 
+    /// Writes with an id (topup begin, tip, gift, pay, settle): when the command was first
+    /// sent, in ns since the Unix epoch [default: now]. To retry a write whose outcome was
+    /// unknown (exit 3), pass the `first_sent` its first attempt printed: a server that has
+    /// forgotten the id by then refuses it `id_expired` instead of applying it a second time.
+    #[arg(long, global = true, value_name = "NS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub first_sent: Option<u64>,
+
     #[command(subcommand)]
     pub command: Command,
 }

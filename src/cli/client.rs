@@ -48,17 +48,19 @@ struct Failure {
     /// The JSON `status`: usage_error, unsupported, unreachable, auth_failed, unknown_outcome.
     status: &'static str,
     message: String,
+    /// For `unknown_outcome`: the write's first-send time, for `--first-sent` on its retry.
+    first_sent: Option<u64>,
 }
 
 impl Failure {
     fn usage(message: impl Into<String>) -> Failure {
-        Failure { exit: EXIT_USAGE, status: "usage_error", message: message.into() }
+        Failure { exit: EXIT_USAGE, status: "usage_error", message: message.into(), first_sent: None }
     }
     fn unreachable(message: impl Into<String>) -> Failure {
-        Failure { exit: EXIT_UNREACHABLE, status: "unreachable", message: message.into() }
+        Failure { exit: EXIT_UNREACHABLE, status: "unreachable", message: message.into(), first_sent: None }
     }
     fn auth(message: impl Into<String>) -> Failure {
-        Failure { exit: EXIT_UNREACHABLE, status: "auth_failed", message: message.into() }
+        Failure { exit: EXIT_UNREACHABLE, status: "auth_failed", message: message.into(), first_sent: None }
     }
 }
 
@@ -67,7 +69,14 @@ pub fn main(cli: &Cli) -> i32 {
     if let Cmd::Watch(args) = &cli.command {
         return watch_main(cli, args);
     }
-    let result = build(&cli.command).and_then(|request| {
+    let result = build(&cli.command).and_then(|mut request| {
+        // A write with an id says when it was first sent: now, or the first attempt's time for a
+        // retry (docs/protocol.md, "Retrying safely").
+        if let Request::Write { record, cmd: Some(cmd), .. } = &mut request {
+            if cmd.transfer_id().is_some() {
+                record.timestamp.set(cli.first_sent.unwrap_or_else(unix_nanos));
+            }
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -89,11 +98,18 @@ pub fn main(cli: &Cli) -> i32 {
             if cli.json {
                 let mut obj = Obj::new();
                 obj.set("status", failure.status).set("error", failure.message);
+                if let Some(first_sent) = failure.first_sent {
+                    obj.set("first_sent", first_sent);
+                }
                 emit(&obj.to_string());
             }
             failure.exit
         }
     }
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn ledger(cmd: Command, admin: bool) -> Request {
@@ -215,6 +231,7 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
                     exit: EXIT_UNREACHABLE,
                     status: body.code.name(),
                     message: format!("watch refused: {}: {}", body.code.name(), body.message),
+                    first_sent: None,
                 })
             }
             Err(ClientError::Auth(body)) => {
@@ -428,16 +445,21 @@ async fn connect(cli: &Cli, admin: bool, timeout: Duration) -> Result<Client, Fa
     })
 }
 
-fn in_doubt(cli: &Cli, write: bool, error: impl core::fmt::Display) -> Failure {
+fn in_doubt(cli: &Cli, first_sent: Option<u64>, error: impl core::fmt::Display) -> Failure {
     let addr = &cli.connect;
-    if write {
+    if let Some(first_sent) = first_sent {
+        let retry = if first_sent > 0 {
+            format!("retry it unchanged, with the same id and --first-sent {first_sent}")
+        } else {
+            "retry it unchanged, with the same id".to_string()
+        };
         Failure {
             exit: EXIT_UNREACHABLE,
             status: "unknown_outcome",
             message: format!(
-                "no definitive answer from {addr} ({error}): the command may or may not have been applied; \
-                 retry it unchanged, with the same id"
+                "no definitive answer from {addr} ({error}): the command may or may not have been applied; {retry}"
             ),
+            first_sent: (first_sent > 0).then_some(first_sent),
         }
     } else {
         Failure::unreachable(format!("the read failed at {addr}: {error}"))
@@ -447,13 +469,17 @@ fn in_doubt(cli: &Cli, write: bool, error: impl core::fmt::Display) -> Failure {
 async fn execute(cli: &Cli, request: Request) -> Result<(Obj, String), Failure> {
     let timeout = Duration::from_secs(cli.timeout);
     let admin = matches!(request, Request::Write { admin: true, .. });
-    let write = matches!(request, Request::Write { .. });
+    // For a write: its first-send time (0 if it has none), which a retry must repeat.
+    let first_sent = match &request {
+        Request::Write { record, .. } => Some(record.timestamp.get()),
+        _ => None,
+    };
     let client = connect(cli, admin, timeout).await?;
     let work = run(&client, request);
     match tokio::time::timeout(timeout, work).await {
         Ok(Ok(result)) => Ok(result),
-        Ok(Err(e)) => Err(in_doubt(cli, write, e)),
-        Err(_) => Err(in_doubt(cli, write, format!("no answer within {} s", cli.timeout))),
+        Ok(Err(e)) => Err(in_doubt(cli, first_sent, e)),
+        Err(_) => Err(in_doubt(cli, first_sent, format!("no answer within {} s", cli.timeout))),
     }
 }
 
