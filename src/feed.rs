@@ -573,9 +573,9 @@ impl Feed {
                     // for the log to pass it would skip every event until then, unseen.
                     let last = feed.last();
                     if position > last {
+                        // At most `ERROR_MESSAGE_LEN` (120) bytes reach the client: short.
                         return Err(ResolveError::Invalid(format!(
-                            "shard {}: position {}.{} is past this server's newest event ({}.{}): it never had, or lost, \
-                             the events up to it; resynchronise (from a balance read, then --from now)",
+                            "{}:{}.{} is past the newest event {}.{}: lost or never here; resync from balances",
                             feed.shard, position.lsn, position.index, last.lsn, last.index
                         )));
                     }

@@ -271,7 +271,7 @@ async fn a_slow_subscriber_is_dropped_while_the_ledger_keeps_acknowledging() {
     match &end {
         ClientError::Server(error) => {
             assert_eq!(error.code, ErrorCode::SUBSCRIBER_TOO_SLOW);
-            assert!(error.message.contains("resynchronise"), "{}", error.message);
+            assert!(error.message.contains("resync from balances"), "{}", error.message);
         }
         other => panic!("expected subscriber_too_slow, got {other}"),
     }

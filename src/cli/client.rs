@@ -227,12 +227,17 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
             }
             Err(e @ ClientError::PlaintextToRemote(_)) => return fail(plaintext_to_remote(&e)),
             Err(ClientError::Server(body)) => {
+                let advice = if body.code == ErrorCode::POSITION_TOO_OLD || body.code == ErrorCode::INVALID_POSITION {
+                    " (then watch --from now)"
+                } else {
+                    ""
+                };
                 return fail(Failure {
                     exit: EXIT_UNREACHABLE,
                     status: body.code.name(),
-                    message: format!("watch refused: {}: {}", body.code.name(), body.message),
+                    message: format!("watch refused: {}: {}{advice}", body.code.name(), body.message),
                     first_sent: None,
-                })
+                });
             }
             Err(ClientError::Auth(body)) => {
                 return fail(Failure::auth(format!("authentication failed: {}", body.message)))
@@ -254,7 +259,22 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
                         }
                         other => ("unreachable", other.to_string()),
                     };
-                    let message = format!("the event stream ended ({reason}); resume with --from {cursor}");
+                    // Resuming works unless the server no longer has the events after the
+                    // position (or never had them): then only a resync does.
+                    let lost = matches!(
+                        &error,
+                        ClientError::Server(body) if body.code == ErrorCode::SUBSCRIBER_TOO_SLOW
+                            || body.code == ErrorCode::POSITION_TOO_OLD
+                            || body.code == ErrorCode::INVALID_POSITION
+                    );
+                    let message = if lost {
+                        format!(
+                            "the event stream ended ({reason}); the events after {cursor} are not all on the \
+                             server any more: resynchronise from balance reads, then watch --from now"
+                        )
+                    } else {
+                        format!("the event stream ended ({reason}); resume with --from {cursor}")
+                    };
                     eprintln!("stormledger: {message}");
                     if cli.json {
                         // The last line is one JSON object, as for every other failure.
@@ -284,19 +304,29 @@ fn event_line(e: &crate::layout::EventRecord, cursor: &crate::feed::Cursor, json
     let position = cursor.to_string();
     let spend = matches!(e.kind, event_kind::TIP | event_kind::GIFT | event_kind::EVENT_PAYMENT);
     if !json {
-        let mut line =
-            format!("{position} {kind} id={} account={} amount={}", e.id.get(), e.account.get(), e.amount.get());
-        if spend {
-            line += &format!(
-                " to={} streamer={} union={}:{} platform={}",
-                e.counterparty.get(),
-                e.streamer_share.get(),
-                e.union.get(),
-                e.union_share.get(),
-                e.platform_share.get()
-            );
-        }
-        return line;
+        // The same units as the JSON: money in yuan, coins as coins.
+        let head = format!("{position} {kind} id={} account={}", e.id.get(), e.account.get());
+        return match e.kind {
+            event_kind::TOPUP_SUCCEEDED => {
+                format!("{head} amount={} coins={}", format_yuan(e.amount.get() as i64), e.streamer_share.get())
+            }
+            event_kind::TOPUP_FAILED | event_kind::TOPUP_REFUNDED => {
+                format!("{head} amount={}", format_yuan(e.amount.get() as i64))
+            }
+            _ if spend => {
+                let mut line = format!(
+                    "{head} coins={} to={} streamer_share={}",
+                    e.amount.get(),
+                    e.counterparty.get(),
+                    e.streamer_share.get()
+                );
+                if e.union.get() != 0 {
+                    line += &format!(" union={} union_share={}", e.union.get(), e.union_share.get());
+                }
+                line + &format!(" platform_share={}", e.platform_share.get())
+            }
+            _ => format!("{head} coins={}", e.amount.get()),
+        };
     }
     let mut obj = Obj::new();
     obj.set("status", "ok")

@@ -493,10 +493,8 @@ impl Handler {
                 if let Err(too_old) = shard_feed.read_after(after, WATCH_EVENTS_PER_FRAME, &mut events) {
                     return last(
                         ErrorCode::SUBSCRIBER_TOO_SLOW,
-                        format!(
-                            "fell behind the event ring at {shard}:{after} ({too_old}); resynchronise (from a balance \
-                             read, then watch from now)"
-                        ),
+                        // At most `ERROR_MESSAGE_LEN` (120) bytes reach the client: short.
+                        format!("fell behind at {shard}:{after}; {too_old}; resync from balances"),
                     );
                 }
                 let Some(newest) = events.last() else { continue };
