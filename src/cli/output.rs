@@ -220,6 +220,9 @@ pub fn write_report(kind_code: u8, cmd: Option<&Command>, extra: &Obj, reply: &R
     if let Some(cmd) = cmd {
         command_fields(cmd, &mut obj);
         result_fields(cmd, status, reply.value.get(), reply.value2.get(), &mut obj);
+    } else if kind_code == kind::SNAPSHOT && status == Some(Status::Ok) {
+        // Every shard wrote one, durably.
+        obj.set("shards", reply.value.get());
     }
     if reply.flags & 1 != 0 {
         obj.set("duplicate", true);
@@ -329,5 +332,9 @@ mod tests {
         let obj = write_report(kind::TIP, Some(&cmd), &Obj::new(), &reply);
         assert_eq!(obj.get("duplicate"), Some(&Value::Bool(true)));
         assert_eq!(obj.get("spent"), Some(&Value::from(500)));
+        // A snapshot says how many shards wrote one.
+        let mut reply = ReplyRecord::default();
+        reply.value.set(2);
+        assert_eq!(write_line(&write_report(kind::SNAPSHOT, None, &Obj::new(), &reply)), "ok snapshot shards=2");
     }
 }
