@@ -621,6 +621,8 @@ impl Node {
             }
             return Ok(Node { engine: Arc::new(engine), limits, _lock: Some(lock) });
         }
+        // A directory's first start: what it records once its shards are allocated.
+        let mut new_dir = None;
         match read_data_dir(&dir)? {
             Some((mut cluster, ledger)) => {
                 if cluster.shards != config.engine.shards {
@@ -667,9 +669,10 @@ impl Node {
                     let shard_dir = wal::shard_dir(&dir, shard as u32);
                     config.storage.0.create_dir_all(&shard_dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
                 }
-                let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
-                write_atomic(&dir, "ledger.json", &ledger)?;
-                write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
+                // Recorded once every shard's state is allocated (below), before any log file is
+                // made: a first start that cannot allocate what its limits ask for (a typo in
+                // `--ids-max`) stops without recording them, and the next start is a first one.
+                new_dir = Some(cluster);
             }
         }
         let shards = config.engine.shards;
@@ -707,6 +710,11 @@ impl Node {
         let loaded = per_shard(shards, "recover", load)?;
         crate::engine::check_replicas(&loaded.iter().map(|l| &l.state).collect::<Vec<_>>())
             .map_err(|e| NodeError::Corrupt(format!("{}: {e}", dir.display())))?;
+        if let Some(cluster) = new_dir {
+            let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
+            write_atomic(&dir, "ledger.json", &ledger)?;
+            write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
+        }
         // Then, every shard loaded, the writes: each log's writer, which zeroes a torn tail after
         // the snapshot (never one it covers) and continues after exactly the records replayed,
         // and the damaged snapshots set aside.

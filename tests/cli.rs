@@ -784,3 +784,31 @@ fn a_memory_server_on_a_stored_ledger_says_it_starts_empty() {
     let again = Server::spawn(cmd, dir.path()).unwrap_or_else(|run| panic!("{}", run.stderr));
     assert_eq!(again.ok(&["balance", "1", "--json"]).json()["balance"], 0);
 }
+
+/// A first start whose limits cannot be allocated (an `--ids-max` of 4 294 967 295: hundreds of
+/// GiB) records nothing: the next start, with sane limits, is a first start and works. (It was
+/// recorded before the allocation, and every later start aborted on it.) Where the system lets
+/// the reservation through (overcommit without a limit), the server starts and there is nothing
+/// to check.
+#[test]
+fn limits_a_first_start_cannot_allocate_are_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--ids-max", "4294967295", "--data-dir"]).arg(&data);
+    match Server::spawn(cmd, &data) {
+        Ok(started) => {
+            drop(started);
+            eprintln!("skipping: this system reserved the memory");
+            return;
+        }
+        Err(run) => assert_ne!(run.code, 0, "{}", run.stderr),
+    }
+    assert!(!data.join("cluster.json").exists(), "the limits were recorded");
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--data-dir"]).arg(&data);
+    let server = Server::spawn(cmd, &data).unwrap_or_else(|run| panic!("{}", run.stderr));
+    let cluster = std::fs::read_to_string(data.join("cluster.json")).unwrap();
+    assert!(cluster.contains("\"ids_max\": 1048576"), "{cluster}");
+    drop(server);
+}
