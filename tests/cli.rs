@@ -486,6 +486,14 @@ fn serve_configuration_errors_exit_2() {
     let mut cmd = bin();
     cmd.args(["serve", "--durability", "fast"]);
     assert_eq!(run_bounded(cmd).code, 2);
+
+    // A snapshot threshold whose bytes would not fit a u64 (it wrapped to 1 MiB).
+    let mut cmd = bin();
+    cmd.args(["serve", "--durability", "memory", "--snapshot-every-mib", "17592186044417", "--data-dir"])
+        .arg(dir.path());
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("--snapshot-every-mib must be in 0..=1048576"), "{}", run.stderr);
 }
 
 fn tls_fixture(name: &str) -> String {

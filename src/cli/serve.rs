@@ -19,6 +19,8 @@ use crate::wal::LogWrite;
 
 pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+/// Largest `--snapshot-every-mib`: 1 TiB of log between snapshots (its bytes must fit a u64).
+pub const SNAPSHOT_EVERY_MIB_MAX: u64 = 1 << 20;
 
 /// The optional TOML config file. Keys are the long flags with `_` for `-`; `[ledger]` holds the
 /// business rules (`config::LedgerConfig`; only honoured on the first start of a data directory
@@ -179,10 +181,13 @@ impl ServeConfig {
         let node_defaults = NodeConfig::new(&data_dir);
         let feed_events_max =
             args.feed_events_max.or(file.feed_events_max).unwrap_or(EngineConfig::default().feed_events_max);
-        let snapshot_every_bytes = args
-            .snapshot_every_mib
-            .or(file.snapshot_every_mib)
-            .map_or(node_defaults.snapshot_every_bytes, |mib| mib << 20);
+        let snapshot_every_bytes = match args.snapshot_every_mib.or(file.snapshot_every_mib) {
+            None => node_defaults.snapshot_every_bytes,
+            Some(mib) if mib <= SNAPSHOT_EVERY_MIB_MAX => mib << 20,
+            Some(mib) => {
+                return Err(format!("--snapshot-every-mib must be in 0..={SNAPSHOT_EVERY_MIB_MAX}, got {mib}"));
+            }
+        };
         let segment_mib = args.segment_mib.or(file.segment_mib).unwrap_or(node_defaults.segment_size >> 20);
         if !(1..=1024).contains(&segment_mib) {
             return Err(format!("--segment-mib must be in 1..=1024, got {segment_mib}"));
