@@ -736,6 +736,8 @@ fn a_pipelined_retry_of_an_id_the_batch_ahead_forgets_is_refused_not_reapplied()
     assert_eq!(ra.status(), Status::Ok);
     assert_eq!(rb.status(), Status::IdExpired);
     assert_eq!(engine.balance(2), Some(1_000 - 16), "501 tipped once");
+    // Refused before the log, and counted in the metrics all the same.
+    assert_eq!(engine.stats().commands(kind::TIP, Status::IdExpired), 1);
 }
 
 #[test]

@@ -519,6 +519,8 @@ impl Applier {
         let mut replies: Vec<Vec<(u32, ReplyRecord)>> =
             parts.iter().map(|p| Vec::with_capacity(p.items.len())).collect();
         for (p, tag, reply) in batch.refused.drain(..) {
+            // Counted with the rest: `id_expired` and `busy` before the log are answers too.
+            metrics.command(reply.kind, Status::from_code(reply.status.get()).unwrap_or(Status::Busy));
             replies[p].push((tag, reply));
         }
         // Whether a command of this batch claimed its id again (`keep_directory_true`).

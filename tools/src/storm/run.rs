@@ -210,7 +210,10 @@ impl Shared {
                     }
                     *if is_tip { &mut n.tips_ok } else { &mut n.gifts_ok } += 1;
                 }
-                Some(s) if s.is_retryable() => n.refused += 1,
+                // Not applied, and not for a business reason: the write waited longer than the
+                // shard's idempotency window lasts (a window far smaller than the writes in
+                // flight). Counted with the refusals, out of tips_per_sec.
+                Some(s) if s.is_retryable() || s == Status::IdExpired => n.refused += 1,
                 s => {
                     *if is_tip { &mut n.tips_rejected } else { &mut n.gifts_rejected } += 1;
                     if is_tip && s == Some(Status::InsufficientFunds) {
@@ -841,7 +844,7 @@ fn print_table(r: &Value) {
         ("tips_insufficient_funds", "  of which insufficient_funds"),
         ("gifts_acked", "gifts ok"),
         ("gifts_rejected", "gifts rejected"),
-        ("writes_refused_retryable", "writes refused (busy...)"),
+        ("writes_refused_retryable", "writes refused (busy, id_expired)"),
         ("tips_per_sec", "tips/s"),
         ("writes_per_sec", "writes/s"),
         ("write_p50_us", "write p50 us"),
