@@ -494,6 +494,14 @@ fn serve_configuration_errors_exit_2() {
     let run = run_bounded(cmd);
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("--snapshot-every-mib must be in 0..=1048576"), "{}", run.stderr);
+    // The event ring: neither empty nor terabytes (it aborted allocating them).
+    for events in ["0", "1099511627776"] {
+        let mut cmd = bin();
+        cmd.args(["serve", "--durability", "memory", "--feed-events-max", events, "--data-dir"]).arg(dir.path());
+        let run = run_bounded(cmd);
+        assert_eq!(run.code, 2, "{events}: {}", run.stderr);
+        assert!(run.stderr.contains("--feed-events-max must be in 16..=134217728"), "{}", run.stderr);
+    }
 }
 
 fn tls_fixture(name: &str) -> String {

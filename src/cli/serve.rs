@@ -19,6 +19,10 @@ use crate::wal::LogWrite;
 
 pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+/// Bounds of `--feed-events-max`, the events each shard keeps for watchers (96 B each): at least
+/// as many as the other windows' least, at most 128 M (12 GiB a shard).
+pub const FEED_EVENTS_MIN: usize = 16;
+pub const FEED_EVENTS_MAX: usize = 1 << 27;
 /// Largest `--snapshot-every-mib`: 1 TiB of log between snapshots (its bytes must fit a u64).
 pub const SNAPSHOT_EVERY_MIB_MAX: u64 = 1 << 20;
 
@@ -181,6 +185,12 @@ impl ServeConfig {
         let node_defaults = NodeConfig::new(&data_dir);
         let feed_events_max =
             args.feed_events_max.or(file.feed_events_max).unwrap_or(EngineConfig::default().feed_events_max);
+        if !(FEED_EVENTS_MIN..=FEED_EVENTS_MAX).contains(&feed_events_max) {
+            return Err(format!(
+                "--feed-events-max must be in {FEED_EVENTS_MIN}..={FEED_EVENTS_MAX} (96 bytes each, per shard), got \
+                 {feed_events_max}"
+            ));
+        }
         let snapshot_every_bytes = match args.snapshot_every_mib.or(file.snapshot_every_mib) {
             None => node_defaults.snapshot_every_bytes,
             Some(mib) if mib <= SNAPSHOT_EVERY_MIB_MAX => mib << 20,
