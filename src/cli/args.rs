@@ -132,7 +132,7 @@ pub struct ServeArgs {
     pub durability: Option<Durability>,
 
     /// Accounts one shard can hold (user wallets + a stripe of every striped account)
-    /// [default: 4194304]. Memory: ~96 bytes per account of capacity.
+    /// [default: 4194304]. Memory: ~110 bytes per account (README "Limits").
     #[arg(long, env = "STORMLEDGER_ACCOUNTS_MAX", value_name = "N")]
     pub accounts_max: Option<u32>,
 
@@ -140,7 +140,7 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_HISTORY_MAX", value_name = "N")]
     pub history_max: Option<u32>,
 
-    /// Idempotency records kept per shard (~120 bytes each): the idempotency window
+    /// Idempotency records kept per shard (~152 bytes each): the idempotency window
     /// [default: 1048576].
     #[arg(long, env = "STORMLEDGER_IDS_MAX", value_name = "N")]
     pub ids_max: Option<u32>,

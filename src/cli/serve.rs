@@ -384,13 +384,13 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     // What the node runs with: a data directory's recorded shard count and limits win.
     let limits = node.limits();
     eprintln!(
-        "stormledger: data directory {}, {} shards (accounts_max {}, ids_max {} a shard), durability {:?}, log write {}, \
+        "stormledger: data directory {}, {} shards (accounts_max {}, ids_max {} a shard), durability {}, log write {}, \
          log prefill {}, client token {}, admin token {}",
         dir.display(),
         node.engine().shards(),
         limits.accounts_max,
         limits.ids_max,
-        config.durability,
+        config.durability.name(),
         config.log_write,
         if config.log_prefill { "on" } else { "off" },
         describe(&config.token),

@@ -4,7 +4,7 @@
 //!
 //! Amounts are in the command's unit: coins for tips and gifts (a gift's amount is its price
 //! times its count, the coins it moves), fen for top-ups; `-` where a field does not apply.
-//! Account creation is recorded with the account id as ID; method binding is not recorded (its
+//! Account creation is recorded with the account id as ID, method binding with the user's (its
 //! reply is labelled with the method id, which is not unique). A top-up's begin and confirm share
 //! its id, but the setup sends a confirm only once the phase of its begin was answered in full,
 //! so each `ack` line belongs to the last `sent` line of its id.
@@ -58,6 +58,9 @@ impl Recorder {
                 Command::CreateAccount { account, kind, .. } => {
                     writeln!(out, "sent {account} create_{} - - -", kind.name())
                 }
+                // Under the user's id (its reply is labelled with the method's, which every
+                // storm user shares): the storm binds one method a user.
+                Command::BindMethod { user, .. } => writeln!(out, "sent {user} bind_method {user} - -"),
                 _ => Ok(()),
             };
         }
@@ -67,11 +70,12 @@ impl Recorder {
     pub fn acks(&self, commands: &[Command], replies: &[ReplyRecord]) {
         let mut out = self.out.lock().expect("record lock");
         for (command, reply) in commands.iter().zip(replies) {
-            if matches!(command, Command::BindMethod { .. }) {
-                continue;
-            }
             let status = Status::from_code(reply.status.get()).map(Status::name).unwrap_or("unknown");
-            let _ = writeln!(out, "ack {} {status}", command.reply_id());
+            let id = match *command {
+                Command::BindMethod { user, .. } => user,
+                _ => command.reply_id(),
+            };
+            let _ = writeln!(out, "ack {id} {status}");
         }
     }
 
