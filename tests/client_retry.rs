@@ -17,6 +17,18 @@ use tokio::net::{TcpListener, TcpStream};
 
 const TOKEN: &str = "retry-test-token";
 
+/// A server over an in-memory engine of `config` on 127.0.0.1:0, on this runtime.
+async fn serve(config: EngineConfig) -> (Arc<Engine>, std::net::SocketAddr) {
+    let engine = Arc::new(Engine::in_memory(config).unwrap());
+    let backend: Arc<dyn Backend> = engine.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        stormledger::server::run(listener, backend, ServerConfig::new(TOKEN), std::future::pending::<()>()).await.ok();
+    });
+    (engine, server)
+}
+
 /// Forwards to `server`; the first connection is cut as soon as the client has sent more than
 /// `cut_after` bytes (after forwarding them), so the server gets the batch but the client never
 /// sees its replies. Later connections are forwarded untouched.
@@ -82,13 +94,7 @@ async fn proxy(server: std::net::SocketAddr, cut_after: usize, connections: Arc<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_connection_is_retried_and_every_tip_is_applied_once() {
-    let engine = Arc::new(Engine::in_memory(EngineConfig { shards: 2, ..EngineConfig::default() }).unwrap());
-    let backend: Arc<dyn Backend> = engine.clone();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        stormledger::server::run(listener, backend, ServerConfig::new(TOKEN), std::future::pending::<()>()).await.ok();
-    });
+    let (engine, server) = serve(EngineConfig { shards: 2, ..EngineConfig::default() }).await;
 
     let direct = Client::connect(server, TOKEN).await.unwrap();
     let setup = [
@@ -214,13 +220,7 @@ async fn the_cli_prints_the_first_send_time_of_a_write_in_doubt_and_a_retry_with
     // A server that applied the tip (first sent then) and has since forgotten its id: a window
     // of 16 ids, then 20 more tips.
     let limits = stormledger::config::ShardLimits { ids_max: 16, ..Default::default() };
-    let engine = Arc::new(Engine::in_memory(EngineConfig { shards: 1, limits, ..EngineConfig::default() }).unwrap());
-    let backend: Arc<dyn Backend> = engine.clone();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        stormledger::server::run(listener, backend, ServerConfig::new(TOKEN), std::future::pending::<()>()).await.ok();
-    });
+    let (engine, server) = serve(EngineConfig { shards: 1, limits, ..EngineConfig::default() }).await;
     let direct = Client::connect(server, TOKEN).await.unwrap();
     let confirm = Command::TopUpConfirm { id: 5, fen: 10_000, channel_txn: text_field("T5").unwrap() };
     let mut setup = vec![
