@@ -254,7 +254,8 @@ impl Shared {
         match submit_final(link, writes, sent_at, deadline, |_, _| {}).await {
             Ok(replies) => {
                 let expired = |r: &ReplyRecord| Status::from_code(r.status.get()) == Some(Status::IdExpired);
-                let (answered, replies): (Vec<(Command, ReplyRecord)>, Vec<(Command, ReplyRecord)>) =
+                type Answered = Vec<(Command, ReplyRecord)>;
+                let (answered, replies): (Answered, Answered) =
                     writes.iter().copied().zip(replies).partition(|(_, r)| !expired(r));
                 if let (Some(r), false) = (&self.recorder, replies.is_empty()) {
                     let (commands, expired): (Vec<Command>, Vec<ReplyRecord>) = replies.into_iter().unzip();
