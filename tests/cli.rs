@@ -475,6 +475,15 @@ fn serve_configuration_errors_exit_2() {
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("--allow-remote") && run.stderr.contains("TLS"), "{}", run.stderr);
 
+    // A value out of range names where it came from: the flag, or the config file's key.
+    let config = dir.path().join("shards.toml");
+    std::fs::write(&config, "shards = 65\n").unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--durability", "memory", "--config"]).arg(&config).arg("--data-dir").arg(dir.path());
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("config file: shards must be in 1..=64, got 65"), "{}", run.stderr);
+
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "listen_address = \"127.0.0.1:1\"\n").unwrap();
     let mut cmd = bin();

@@ -62,6 +62,16 @@ impl FileConfig {
     }
 }
 
+/// How an error names a setting: its flag (given on the command line or by its environment
+/// variable), or its key in the config file.
+fn named(from_flag: bool, flag: &str, key: &str) -> String {
+    if from_flag {
+        flag.to_string()
+    } else {
+        format!("config file: {key}")
+    }
+}
+
 /// Where a token comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
@@ -144,7 +154,10 @@ impl ServeConfig {
         };
         let shards = match args.shards.or(file.shards) {
             Some(n) if (1..=SHARDS_MAX).contains(&n) => n,
-            Some(n) => return Err(format!("--shards must be in 1..={SHARDS_MAX}, got {n}")),
+            Some(n) => {
+                let name = named(args.shards.is_some(), "--shards", "shards");
+                return Err(format!("{name} must be in 1..={SHARDS_MAX}, got {n}"));
+            }
             None => EngineConfig::default().shards,
         };
         let durability = match (args.durability, file.durability) {
@@ -186,8 +199,9 @@ impl ServeConfig {
         let feed_events_max =
             args.feed_events_max.or(file.feed_events_max).unwrap_or(EngineConfig::default().feed_events_max);
         if !(FEED_EVENTS_MIN..=FEED_EVENTS_MAX).contains(&feed_events_max) {
+            let name = named(args.feed_events_max.is_some(), "--feed-events-max", "feed_events_max");
             return Err(format!(
-                "--feed-events-max must be in {FEED_EVENTS_MIN}..={FEED_EVENTS_MAX} (96 bytes each, per shard), got \
+                "{name} must be in {FEED_EVENTS_MIN}..={FEED_EVENTS_MAX} (96 bytes each, per shard), got \
                  {feed_events_max}"
             ));
         }
@@ -195,12 +209,14 @@ impl ServeConfig {
             None => node_defaults.snapshot_every_bytes,
             Some(mib) if mib <= SNAPSHOT_EVERY_MIB_MAX => mib << 20,
             Some(mib) => {
-                return Err(format!("--snapshot-every-mib must be in 0..={SNAPSHOT_EVERY_MIB_MAX}, got {mib}"));
+                let name = named(args.snapshot_every_mib.is_some(), "--snapshot-every-mib", "snapshot_every_mib");
+                return Err(format!("{name} must be in 0..={SNAPSHOT_EVERY_MIB_MAX}, got {mib}"));
             }
         };
         let segment_mib = args.segment_mib.or(file.segment_mib).unwrap_or(node_defaults.segment_size >> 20);
         if !(1..=1024).contains(&segment_mib) {
-            return Err(format!("--segment-mib must be in 1..=1024, got {segment_mib}"));
+            let name = named(args.segment_mib.is_some(), "--segment-mib", "segment_mib");
+            return Err(format!("{name} must be in 1..=1024, got {segment_mib}"));
         }
         let log_write = match (args.log_write, file.log_write) {
             (Some(w), _) => w,
@@ -211,7 +227,8 @@ impl ServeConfig {
         let pipeline_min_batch =
             args.pipeline_min_batch.or(file.pipeline_min_batch).unwrap_or(EngineConfig::default().pipeline_min_batch);
         if pipeline_min_batch > 65_536 {
-            return Err(format!("--pipeline-min-batch must be in 0..=65536, got {pipeline_min_batch}"));
+            let name = named(args.pipeline_min_batch.is_some(), "--pipeline-min-batch", "pipeline_min_batch");
+            return Err(format!("{name} must be in 0..=65536, got {pipeline_min_batch}"));
         }
         Ok(ServeConfig {
             data_dir,
