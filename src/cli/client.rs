@@ -74,7 +74,7 @@ pub fn main(cli: &Cli) -> i32 {
         // retry (docs/protocol.md, "Retrying safely").
         if let Request::Write { record, cmd: Some(cmd), .. } = &mut request {
             if cmd.transfer_id().is_some() {
-                record.timestamp.set(cli.first_sent.unwrap_or_else(unix_nanos));
+                record.timestamp.set(cli.first_sent.unwrap_or_else(crate::client::retry::unix_nanos));
             }
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -106,10 +106,6 @@ pub fn main(cli: &Cli) -> i32 {
             failure.exit
         }
     }
-}
-
-fn unix_nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn ledger(cmd: Command, admin: bool) -> Request {

@@ -44,7 +44,9 @@ pub fn stamp_first_send(commands: &mut [CommandRecord], now: u64) {
     }
 }
 
-fn unix_nanos() -> u64 {
+/// Now, in ns since the Unix epoch (this host's clock): the first-send time of a command sent
+/// now (`stamp_first_send`; the CLI and the storm tool stamp with it too).
+pub fn unix_nanos() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 

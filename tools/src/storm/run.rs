@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use stormledger::cli::serve::FileConfig;
+use stormledger::client::retry::unix_nanos;
 use stormledger::client::{ClientError, TlsClientConfig};
 use stormledger::config::LedgerConfig;
 use stormledger::engine::EngineConfig;
@@ -347,11 +348,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Nanoseconds since the Unix epoch (this host's clock): a write's first-send time.
-fn unix_nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// `command`'s record, saying it was first sent at `sent_at`.
