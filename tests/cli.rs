@@ -270,8 +270,12 @@ fn rejections_and_usage_errors() {
     let bad_position = s.cli(&["watch", "--from", "nonsense"]);
     assert_eq!(bad_position.code, 2);
     // clap's own usage errors (a bad value, an unknown flag): with --json, one JSON object too.
-    for args in [&["balance", "abc", "--json"][..], &["--json", "tip", "--id", "1", "--bogus"], &["--json", "nonsense"]]
-    {
+    for args in [
+        &["balance", "abc", "--json"][..],
+        &["--json", "tip", "--id", "1", "--bogus"],
+        &["--json", "nonsense"],
+        &["--json", "watch", "--limit", "0"],
+    ] {
         let run = s.cli(args);
         assert_eq!(run.code, 2, "{args:?}: {} {}", run.stdout, run.stderr);
         let line: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("one JSON object");

@@ -490,8 +490,8 @@ pub struct WatchArgs {
     /// or `earliest` (everything the server retains) or `now` (the default: new events only).
     #[arg(long, value_name = "POSITION")]
     pub from: Option<String>,
-    /// Stop (exit 0) after this many events.
-    #[arg(long)]
+    /// Stop (exit 0) after this many events (at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
 }
 

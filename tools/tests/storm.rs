@@ -650,11 +650,11 @@ fn balances_are_checked_against_the_servers_rules() {
     std::fs::write(dir.path().join("bad.toml"), "[ledger]\ncoins_per_yuan = 0\n").unwrap();
     let bad = dir.path().join("bad.toml");
     let (code, json) = run_storm(&["--engine", "--config", bad.to_str().unwrap(), "--json"]);
-    assert_eq!((code, &json["status"]), (2, &Value::from("error")), "{json:#}");
+    assert_eq!((code, &json["status"]), (2, &Value::from("usage_error")), "{json:#}");
 }
 
 /// With `--json` the last line is one JSON object on every path: a run that ends early (here,
-/// no token to connect with) prints `{"status":"error",...,"verified":false}`, and a shard
+/// no token to connect with, a usage error) prints `{"status":"usage_error",...,"verified":false}`, and a shard
 /// count out of range is a usage error before anything starts.
 #[test]
 fn json_runs_that_end_early_still_end_with_one_json_object() {
@@ -668,9 +668,9 @@ fn json_runs_that_end_early_still_end_with_one_json_object() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("a JSON last line");
-    assert_eq!((last["status"].as_str(), last["verified"].as_bool()), (Some("error"), Some(false)), "{last}");
+    assert_eq!((last["status"].as_str(), last["verified"].as_bool()), (Some("usage_error"), Some(false)), "{last}");
     assert_eq!(last["exit"].as_i64(), out.status.code().map(i64::from), "{last}");
-    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(2));
     for shards in ["0", "65"] {
         let out = Command::new(storm_bin()).args(["--engine", "--shards", shards, "--json"]).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "--shards {shards}");
@@ -679,4 +679,32 @@ fn json_runs_that_end_early_still_end_with_one_json_object() {
         // `status` first, as every JSON object the tools print.
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("{\"status\""), "{line}");
     }
+}
+
+/// `--connect` in plaintext to another host is refused before the token is sent, as the CLI
+/// refuses it: a usage error (exit 2) that names the flags to pass, not "unreachable".
+#[test]
+fn plaintext_to_another_host_is_a_usage_error() {
+    let ip = {
+        let Ok(socket) = std::net::UdpSocket::bind("0.0.0.0:0") else { return };
+        if socket.connect("10.255.255.255:9").is_err() {
+            return;
+        }
+        match socket.local_addr() {
+            Ok(a) if !a.ip().is_loopback() && !a.ip().is_unspecified() => a.ip(),
+            _ => {
+                eprintln!("no non-loopback address on this host: not tested");
+                return;
+            }
+        }
+    };
+    // The kernel completes the TCP handshake from the backlog; nothing ever reads.
+    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind a non-loopback address");
+    let addr = listener.local_addr().unwrap().to_string();
+    let (code, json) = run_storm(&["--connect", &addr, "--token", TOKEN, "--duration", "1", "--json"]);
+    assert_eq!(code, 2, "{json}");
+    assert_eq!(json["status"], "usage_error", "{json}");
+    assert_eq!(json["verified"], false, "{json}");
+    let error = json["error"].as_str().unwrap();
+    assert!(error.contains("--tls-ca") && error.contains("--allow-remote-plaintext"), "{error}");
 }

@@ -45,7 +45,13 @@ const COUNT_ONLY_TIME_LIMIT: Duration = Duration::from_secs(3600);
 struct Fatal(i32, String);
 
 fn fatal_client(what: &str, e: ClientError) -> Fatal {
-    Fatal(3, format!("{what}: {e}"))
+    match e {
+        // A usage error, as the CLI reports it: the flags chose plaintext to another host.
+        ClientError::PlaintextToRemote(_) => {
+            Fatal(2, format!("{what}: {e}: pass --tls-ca FILE, or --allow-remote-plaintext on a trusted network"))
+        }
+        _ => Fatal(3, format!("{what}: {e}")),
+    }
 }
 
 pub fn main(args: Args) -> i32 {
@@ -64,7 +70,8 @@ pub fn main(args: Args) -> i32 {
             eprintln!("stormledger-storm: {message}");
             if json {
                 // The last line is still one JSON object: a run that ended early verified nothing.
-                println!("{}", json!({"status": "error", "exit": code, "error": message, "verified": false}));
+                let status = if code == 2 { "usage_error" } else { "error" };
+                println!("{}", json!({"status": status, "exit": code, "error": message, "verified": false}));
             }
             code
         }
