@@ -115,6 +115,17 @@ fn verify_replay_and_inspect_a_healthy_directory() {
     }
     // The confirm that credited the account is there (it used to be left out).
     assert!(lines.iter().any(|l| l["kind"] == "topup_confirm"), "{out}");
+    // Every user binds payment method 1: a method id is not an account, so `--account 1` shows
+    // user 1's binding and top-ups, not everyone's.
+    let (code, out) = tool(&["inspect", d, "--account", "1", "--limit", "100000", "--json"]);
+    assert_eq!(code, 0);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of = |kind: &str| lines.iter().filter(|l| l["kind"] == kind).collect::<Vec<_>>();
+    assert_eq!(of("bind_method").len(), 1, "{out}");
+    assert!(!of("topup_begin").is_empty(), "{out}");
+    for l in of("bind_method").into_iter().chain(of("topup_begin")) {
+        assert_eq!(l["a"], 1, "another user's record: {l}");
+    }
     // --from: an lsn on every shard, or a feed position (after it on the shards it names).
     let (code, out) = tool(&["inspect", d, "--limit", "1000000"]);
     assert_eq!(code, 0);

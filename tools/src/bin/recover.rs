@@ -431,13 +431,10 @@ fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Opti
                     continue;
                 }
                 let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
-                // The id field is an account only in an account's creation; elsewhere it is the
-                // command's own id, which shares no namespace with accounts.
-                let creates = matches!(c.kind, kind::CREATE_ACCOUNT | kind::REPLICA_CREATE);
-                let names = |acc: u64| acc == a || acc == b || (creates && acc == id);
                 if let (Some(acc), Some(users)) = (account, topup_users.as_mut()) {
                     let callback = matches!(c.kind, kind::TOPUP_CONFIRM | kind::TOPUP_FAIL);
-                    let named = names(acc) || (callback && users.user(id, &sdir, &cluster, &ledger)? == Some(acc));
+                    let named = accounts_named(c).contains(&Some(acc))
+                        || (callback && users.user(id, &sdir, &cluster, &ledger)? == Some(acc));
                     if !named {
                         continue;
                     }
@@ -456,6 +453,28 @@ fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Opti
         }
     }
     Ok(true)
+}
+
+/// The accounts a logged command names as parties, by kind: the other fields are ids of other
+/// namespaces (a command's own id, a payment method, a gift, an event) or amounts. A top-up's
+/// callbacks name only the top-up (its begin names the user: `TopUpUsers`).
+fn accounts_named(c: &CommandRecord) -> [Option<u64>; 2] {
+    let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
+    let union = (b != 0).then_some(b);
+    match c.kind {
+        kind::CREATE_ACCOUNT | kind::REPLICA_CREATE => [Some(id), union],
+        kind::TIP | kind::GIFT | kind::PAY_EVENT => [Some(a), Some(b)],
+        kind::BIND_METHOD
+        | kind::TOPUP_BEGIN
+        | kind::SETTLE
+        | kind::SET_DAILY_CAP
+        | kind::FREEZE
+        | kind::UNFREEZE
+        | kind::REPLICA_FREEZE
+        | kind::REPLICA_SETTLE => [Some(a), None],
+        // TOPUP_CONFIRM, TOPUP_FAIL, TICK, SETTLE_TOTAL (a total and a shard count).
+        _ => [None, None],
+    }
 }
 
 fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
