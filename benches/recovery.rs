@@ -108,7 +108,7 @@ fn main() {
         let txn = stormledger::layout::text_field("T").unwrap();
         apply(&mut state, Command::BindMethod { user, method: 1, channel: stormledger::ledger::Channel::Alipay });
         apply(&mut state, Command::TopUpBegin { id, user, method: 1, fen });
-        apply(&mut state, Command::TopUpConfirm { id, fen, channel_txn: txn });
+        apply(&mut state, Command::TopUpConfirm { id, fen, channel_txn: txn, paid_by: 0 });
         apply(&mut state, Command::Tip { id: (1 << 49) + user, from: user, to: streamer, coins: 1 + user % 97 });
     }
     let user = state.account(accounts / 2).unwrap();

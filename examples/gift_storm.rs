@@ -149,7 +149,7 @@ async fn gift_storm(args: Args) -> Result<(), Error> {
     let confirm = |i: usize| {
         let id = topup_base + i as u64;
         let channel_txn = text_field(&format!("A{id}")).expect("short enough");
-        Command::TopUpConfirm { id, fen, channel_txn }
+        Command::TopUpConfirm { id, fen, channel_txn, paid_by: 0 }
     };
     all_ok(&client, "top-up confirm", (0..users.len()).map(confirm)).await?;
     let funded = total_balance(&client, &users).await?;

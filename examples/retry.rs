@@ -105,7 +105,12 @@ async fn retry(args: Args) -> Result<(), Error> {
         Command::CreateAccount { account: streamer, kind: AccountKind::Streamer, flags: 0, union: 0 },
         Command::BindMethod { user, method: 1, channel: Channel::Alipay },
         Command::TopUpBegin { id: topup, user, method: 1, fen: 98_00 },
-        Command::TopUpConfirm { id: topup, fen: 98_00, channel_txn: text_field("retry-example").expect("short") },
+        Command::TopUpConfirm {
+            id: topup,
+            fen: 98_00,
+            channel_txn: text_field("retry-example").expect("short"),
+            paid_by: 0,
+        },
     ];
     for command in setup {
         expect_ok(&format!("{command:?}"), &direct.submit(vec![command.to_record()]).await?[0])?;

@@ -86,7 +86,7 @@ async fn wallet(args: Args) -> Result<(), Error> {
     //    (up to 24 printable ASCII characters) and the amount. The wallet is credited now; the
     //    reply carries the coins credited (value) and the balance after (value2).
     let channel_txn = text_field(&format!("WX{topup}")).ok_or("channel transaction id too long")?;
-    let confirm = Command::TopUpConfirm { id: topup, fen: PACK_FEN, channel_txn };
+    let confirm = Command::TopUpConfirm { id: topup, fen: PACK_FEN, channel_txn, paid_by: 0 };
     let first = send(&client, confirm).await?;
     expect_ok("top-up confirm", &first)?;
     println!(

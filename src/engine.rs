@@ -341,13 +341,18 @@ impl Engine {
                 immediate.push(refuse(status));
                 continue;
             }
-            let command = match Command::from_record(record) {
+            let mut command = match Command::from_record(record) {
                 Ok(c) => c,
                 Err(status) => {
                     immediate.push(refuse(status));
                     continue;
                 }
             };
+            // A confirmation that does not say when the channel was paid was paid by its first
+            // send at the latest (logged with the command: replay decides as the run did).
+            if let Command::TopUpConfirm { paid_by: paid_by @ 0, .. } = &mut command {
+                *paid_by = record.timestamp.get();
+            }
             if maintenance {
                 immediate.push((tag, reply_record(&command, Reply::status(Status::Maintenance))));
                 continue;

@@ -114,6 +114,7 @@ impl StormSpec {
                     id: TOPUP_BASE + u,
                     fen: self.topup_yuan_of(u) * 100,
                     channel_txn: text_field(&format!("S{u}")).expect("short ascii"),
+                    paid_by: 0,
                 })
                 .collect();
             phases.push(begins);

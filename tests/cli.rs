@@ -329,6 +329,58 @@ fn unreachable_and_wrong_token_exit_3() {
     assert_eq!(run_bounded(cmd).code, 3);
 }
 
+/// A payment callback refused `maintenance` (the server paused past the top-up's deadline)
+/// and retried with the first-send time it was refused with still credits the user: it was on
+/// time. The same late callback sent for the first time after the deadline is refunded.
+#[test]
+fn a_callback_refused_during_maintenance_and_retried_later_still_credits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stormledger.toml");
+    std::fs::write(&config, "[ledger]\ntopup_ttl_seconds = 1\n").unwrap();
+    let mut cmd = bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", "memory", "--shards", "2", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path());
+    let s = Server::spawn(cmd, dir.path()).unwrap_or_else(|r| panic!("{} {}", r.code, r.stderr));
+    s.ok(&["account", "create", "--id", "1", "--kind", "user", "--real-name"]);
+    s.ok(&["method", "bind", "--user", "1", "--method", "5", "--channel", "alipay"]);
+    for id in ["100", "101"] {
+        s.ok(&["topup", "begin", "--id", id, "--user", "1", "--method", "5", "--amount", "30.00"]);
+    }
+    s.ok(&["admin", "maintenance", "on"]);
+    let confirm = ["topup", "confirm", "--id", "100", "--channel-txn", "TXN-100", "--amount", "30.00"];
+    let refused = s.cli(&[&["--json"][..], &confirm].concat());
+    assert_eq!(refused.code, 1, "{} {}", refused.stdout, refused.stderr);
+    let refused = refused.json();
+    assert_eq!(refused["status"], "maintenance");
+    let first_sent = refused["first_sent"].as_u64().expect("a refusal to retry says when it was first sent");
+    let human = s.cli(&confirm);
+    assert!(human.stdout.contains("--first-sent"), "{}", human.stdout);
+    // Both top-ups expire (the shards' ticks run while writes are paused).
+    for id in ["100", "101"] {
+        let deadline = Instant::now() + WAIT;
+        while s.ok(&["topup", "status", "--id", id, "--json"]).json()["state"] != "expired" {
+            assert!(Instant::now() < deadline, "top-up {id} never expired");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    s.ok(&["admin", "maintenance", "off"]);
+    // Sent for the first time now, after the deadline: refunded, not credited.
+    let late = s.cli(&["--json", "topup", "confirm", "--id", "101", "--channel-txn", "TXN-101", "--amount", "30.00"]);
+    assert_eq!(late.json()["status"], "topup_refunded", "{}", late.stdout);
+    // The retry of the refused callback, with its first-send time: credited.
+    let first = first_sent.to_string();
+    let retry = s.ok(&[&["--json", "--first-sent", &first][..], &confirm].concat()).json();
+    assert_eq!(retry["status"], "ok", "{retry}");
+    assert_eq!(s.ok(&["balance", "1", "--json"]).json()["balance"], 300);
+    assert_eq!(s.ok(&["topup", "status", "--id", "100", "--json"]).json()["state"], "succeeded");
+    // And a repeat of it, without the time: the first answer, nothing credited twice.
+    let again = s.ok(&[&["--json"][..], &confirm].concat()).json();
+    assert_eq!((again["status"].as_str(), again["duplicate"].as_bool()), (Some("ok"), Some(true)), "{again}");
+    assert_eq!(s.ok(&["balance", "1", "--json"]).json()["balance"], 300);
+}
+
 #[test]
 fn maintenance_blocks_writes_not_reads() {
     let dir = tempfile::tempdir().unwrap();

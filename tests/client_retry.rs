@@ -106,7 +106,7 @@ async fn a_cut_connection_is_retried_and_every_tip_is_applied_once() {
     for c in setup {
         assert_eq!(direct.submit(vec![c.to_record()]).await.unwrap()[0].status.get(), 0, "{c:?}");
     }
-    let confirm = Command::TopUpConfirm { id: 5, fen: 10_000, channel_txn: text_field("T5").unwrap() };
+    let confirm = Command::TopUpConfirm { id: 5, fen: 10_000, channel_txn: text_field("T5").unwrap(), paid_by: 0 };
     assert_eq!(direct.submit(vec![confirm.to_record()]).await.unwrap()[0].status.get(), 0);
 
     let connections = Arc::new(AtomicUsize::new(0));
@@ -222,7 +222,7 @@ async fn the_cli_prints_the_first_send_time_of_a_write_in_doubt_and_a_retry_with
     let limits = stormledger::config::ShardLimits { ids_max: 16, ..Default::default() };
     let (engine, server) = serve(EngineConfig { shards: 1, limits, ..EngineConfig::default() }).await;
     let direct = Client::connect(server, TOKEN).await.unwrap();
-    let confirm = Command::TopUpConfirm { id: 5, fen: 10_000, channel_txn: text_field("T5").unwrap() };
+    let confirm = Command::TopUpConfirm { id: 5, fen: 10_000, channel_txn: text_field("T5").unwrap(), paid_by: 0 };
     let mut setup = vec![
         Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 },
         Command::CreateAccount { account: 100, kind: AccountKind::Streamer, flags: 0, union: 0 },

@@ -180,6 +180,7 @@ async fn drive(addr: String, book: Arc<Mutex<Book>>, seed: u64, next_id: Arc<std
                     id: topup,
                     fen: 600,
                     channel_txn: text_field(&format!("T{topup}")).unwrap(),
+                    paid_by: 0,
                 };
                 if client.submit(vec![confirm.to_record()]).await.is_err() {
                     return;
@@ -251,7 +252,8 @@ async fn confirm_all(addr: &str, book: &Mutex<Book>) -> BTreeMap<u64, i64> {
         .collect();
     let mut credited = BTreeMap::new();
     for id in topups {
-        let confirm = Command::TopUpConfirm { id, fen: 600, channel_txn: text_field(&format!("T{id}")).unwrap() };
+        let confirm =
+            Command::TopUpConfirm { id, fen: 600, channel_txn: text_field(&format!("T{id}")).unwrap(), paid_by: 0 };
         let r = client.submit(vec![confirm.to_record()]).await.unwrap();
         assert_eq!(status(&r[0]), Status::Ok, "confirm of top-up {id} (a duplicate gets its original result)");
         let Command::TopUpBegin { user, .. } = book.lock().unwrap().commands[&id].0 else { unreachable!() };

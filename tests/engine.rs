@@ -51,7 +51,12 @@ fn setup(engine: &Engine, users: u64, coins: u64) {
         (1..=users).map(|u| Command::TopUpBegin { id: 10_000_000 + u, user: u, method: 1, fen }).collect();
     assert!(engine.execute(&begins).iter().all(|r| r.status.get() == 0));
     let confirms: Vec<Command> = (1..=users)
-        .map(|u| Command::TopUpConfirm { id: 10_000_000 + u, fen, channel_txn: text_field(&format!("W{u}")).unwrap() })
+        .map(|u| Command::TopUpConfirm {
+            id: 10_000_000 + u,
+            fen,
+            channel_txn: text_field(&format!("W{u}")).unwrap(),
+            paid_by: 0,
+        })
         .collect();
     assert!(engine.execute(&confirms).iter().all(|r| r.status.get() == 0));
 }
@@ -497,7 +502,7 @@ fn a_begin_refused_busy_leaves_no_claim_and_a_copy_after_it_claims_again() {
     let statuses: Vec<Status> = replies.iter().map(|r| Status::from_code(r.status.get()).unwrap()).collect();
     assert_eq!(statuses, [Status::Busy, Status::Ok, Status::Ok]);
     assert_eq!(engine.directory_len(), ids + 1);
-    let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: text_field("W7").unwrap() };
+    let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: text_field("W7").unwrap(), paid_by: 0 };
     assert_eq!(status(&engine, confirm), Status::Ok, "the callback finds its top-up");
     assert_eq!(engine.balance(1), Some(120));
 }
@@ -794,6 +799,7 @@ fn a_copy_routed_by_a_held_top_up_id_the_batch_ahead_releases_is_refused_busy() 
                 id: 100_000 + i,
                 fen: 600,
                 channel_txn: text_field(&format!("T{i}")).unwrap(),
+                paid_by: 0,
             })
             .collect();
         assert!(engine.execute(&confirms).iter().all(|r| r.status.get() == 0));
@@ -1007,7 +1013,7 @@ fn a_shard_full_of_wallets_still_takes_every_striped_account_created_elsewhere()
     assert_eq!(status(&engine, Command::BindMethod { user: payer, method: 1, channel: Channel::Alipay }), Status::Ok);
     let begin = Command::TopUpBegin { id: 77, user: payer, method: 1, fen: 600 };
     assert_eq!(status(&engine, begin), Status::Ok);
-    let confirm = Command::TopUpConfirm { id: 77, fen: 600, channel_txn: text_field("T77").unwrap() };
+    let confirm = Command::TopUpConfirm { id: 77, fen: 600, channel_txn: text_field("T77").unwrap(), paid_by: 0 };
     assert_eq!(status(&engine, confirm), Status::Ok);
     let tip = Command::Tip { id: 78, from: payer, to: *made.last().unwrap(), coins: 10 };
     assert_eq!(status(&engine, tip), Status::Ok);
@@ -1197,9 +1203,9 @@ fn a_callback_after_its_begin_in_one_frame_finds_the_top_up() {
     ]);
     assert!(setup.iter().all(|r| r.status.get() == 0));
     let replies = engine.execute(&[
-        Command::TopUpConfirm { id: 76, fen: 600, channel_txn: text_field("T76").unwrap() },
+        Command::TopUpConfirm { id: 76, fen: 600, channel_txn: text_field("T76").unwrap(), paid_by: 0 },
         Command::TopUpBegin { id: 77, user: 1, method: 1, fen: 600 },
-        Command::TopUpConfirm { id: 77, fen: 600, channel_txn: text_field("T77").unwrap() },
+        Command::TopUpConfirm { id: 77, fen: 600, channel_txn: text_field("T77").unwrap(), paid_by: 0 },
         Command::TopUpBegin { id: 78, user: 1, method: 1, fen: 600 },
         Command::TopUpFail { id: 78, reason: stormledger::ledger::FailReason::Declined },
         // Before its begin in the frame: the shard has no such top-up yet.

@@ -82,6 +82,7 @@ fn setup(engine: &Engine, users: u64) -> u64 {
             id: 10_000_000 + u,
             fen: 9_800,
             channel_txn: text_field(&format!("W{u}")).unwrap(),
+            paid_by: 0,
         })
         .collect();
     ok(engine, &confirms);
@@ -133,8 +134,12 @@ async fn resume_after_disconnect_has_no_gap_and_no_duplicate() {
     // retried tip (no second event) and a settlement (one event per shard).
     ok(&engine, &[Command::TopUpBegin { id: 30_000_001, user: 1, method: 1, fen: 600 }]);
     ok(&engine, &[Command::TopUpFail { id: 30_000_001, reason: FailReason::Declined }]);
-    let refunded =
-        engine.execute(&[Command::TopUpConfirm { id: 30_000_001, fen: 600, channel_txn: text_field("LATE").unwrap() }]);
+    let refunded = engine.execute(&[Command::TopUpConfirm {
+        id: 30_000_001,
+        fen: 600,
+        channel_txn: text_field("LATE").unwrap(),
+        paid_by: 0,
+    }]);
     assert_ne!(refunded[0].status.get(), 0);
     ok(&engine, &tips(1..101, users));
     ok(&engine, &[Command::Gift { id: 200, from: 2, to: STREAMER, gift: 2, count: 3 }]);

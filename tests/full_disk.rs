@@ -127,7 +127,7 @@ fn a_full_disk_refuses_writes_keeps_reads_and_loses_nothing_acknowledged() {
             setup.push(Command::BindMethod { user: u, method: 1, channel: Channel::Alipay });
             setup.push(Command::TopUpBegin { id: 9_000_000 + u, user: u, method: 1, fen: 64_800 });
             let txn = text_field(&format!("T{u}")).unwrap();
-            setup.push(Command::TopUpConfirm { id: 9_000_000 + u, fen: 64_800, channel_txn: txn });
+            setup.push(Command::TopUpConfirm { id: 9_000_000 + u, fen: 64_800, channel_txn: txn, paid_by: 0 });
         }
         for c in setup {
             assert_eq!(submit(&client, &[c]).await, [Status::Ok], "{c:?}");

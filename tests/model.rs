@@ -230,7 +230,7 @@ impl Model {
                 self.topups.insert(id, t);
                 Ok
             }
-            Command::TopUpConfirm { id, fen, channel_txn } => {
+            Command::TopUpConfirm { id, fen, channel_txn, paid_by: _ } => {
                 // Routed to the owner of the id: a top-up's id stays owned while it is kept.
                 let Some(t) = self.topups.get(&id).cloned() else { return NotFound };
                 match t.state {
@@ -383,7 +383,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
             .prop_map(|(user, method, channel)| Command::BindMethod { user, method, channel }),
         4 => (id.clone(), user.clone(), 1u64..3, fen.clone()).prop_map(|(id, user, method, fen)| Command::TopUpBegin { id, user, method, fen }),
         4 => (id.clone(), fen, prop::sample::select(vec!["A", "B"]))
-            .prop_map(|(id, fen, t)| Command::TopUpConfirm { id, fen, channel_txn: text_field(t).unwrap() }),
+            .prop_map(|(id, fen, t)| Command::TopUpConfirm { id, fen, channel_txn: text_field(t).unwrap(), paid_by: 0 }),
         1 => (id.clone(), prop::sample::select(vec![FailReason::Declined, FailReason::Timeout]))
             .prop_map(|(id, reason)| Command::TopUpFail { id, reason }),
         8 => (id.clone(), user.clone(), streamer.clone(), coins.clone()).prop_map(|(id, from, to, coins)| Command::Tip { id, from, to, coins }),

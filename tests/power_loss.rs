@@ -137,7 +137,7 @@ fn drive(
                     3 | 4 if !b.begun.is_empty() => {
                         let topup = b.begun[rng.below(b.begun.len() as u64) as usize];
                         let channel_txn = text_field(&format!("C{topup}")).unwrap();
-                        Command::TopUpConfirm { id: topup, fen: 600, channel_txn }
+                        Command::TopUpConfirm { id: topup, fen: 600, channel_txn, paid_by: 0 }
                     }
                     _ => Command::Tip { id, from: 1 + rng.below(USERS), to: streamer, coins: 1 + rng.below(30) },
                 };
@@ -251,7 +251,7 @@ fn power_loss_and_torn_writes_lose_nothing_acknowledged() {
             let id = 9_000_000_000 + u * 100 + t;
             setup.push(Command::TopUpBegin { id, user: u, method: 1, fen: 64_800 });
             let txn = text_field(&format!("S{id}")).unwrap();
-            setup.push(Command::TopUpConfirm { id, fen: 64_800, channel_txn: txn });
+            setup.push(Command::TopUpConfirm { id, fen: 64_800, channel_txn: txn, paid_by: 0 });
         }
     }
     for c in setup {
@@ -334,7 +334,7 @@ fn a_buffered_snapshot_and_the_log_it_covers_survive_a_power_loss() {
         let id = 9_000_000_000 + u;
         commands.push(Command::TopUpBegin { id, user: u, method: 1, fen: 64_800 });
         let channel_txn = text_field(&format!("B{id}")).unwrap();
-        commands.push(Command::TopUpConfirm { id, fen: 64_800, channel_txn });
+        commands.push(Command::TopUpConfirm { id, fen: 64_800, channel_txn, paid_by: 0 });
     }
     for c in commands {
         assert_eq!(node.engine().execute(&[c])[0].status.get(), 0, "{c:?}");

@@ -681,7 +681,8 @@ fn a_top_up_callback_after_its_id_left_the_window_is_routed_and_applied_across_r
     let user = 7u64;
     let status = |engine: &Engine, command: Command| engine.execute(&[command])[0];
     let begin = Command::TopUpBegin { id: 4_000_001, user, method: 1, fen: 600 };
-    let confirm = Command::TopUpConfirm { id: 4_000_001, fen: 600, channel_txn: text_field("LATE-1").unwrap() };
+    let confirm =
+        Command::TopUpConfirm { id: 4_000_001, fen: 600, channel_txn: text_field("LATE-1").unwrap(), paid_by: 0 };
     assert_eq!(status(node.engine(), begin).status.get(), 0);
     // A storm pushes the begin out of its shard's 64-id window (and of the directory's).
     storm(node.engine(), &spec, 10, 0);

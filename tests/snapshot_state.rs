@@ -55,7 +55,7 @@ impl Gen {
             Command::TopUpBegin { id, fen, .. } => self.begun.push((id, fen)),
             Command::TopUpConfirm { channel_txn, .. } if !self.begun.is_empty() && self.rng.below(5) > 0 => {
                 let (id, fen) = self.begun[self.rng.below(self.begun.len() as u64) as usize];
-                return Command::TopUpConfirm { id, fen, channel_txn };
+                return Command::TopUpConfirm { id, fen, channel_txn, paid_by: 0 };
             }
             _ => {}
         }
@@ -89,6 +89,7 @@ fn random_command(rng: &mut SplitMix64) -> Command {
             id,
             fen: fens[rng.below(5) as usize],
             channel_txn: text_field(["A", "B"][rng.below(2) as usize]).unwrap(),
+            paid_by: 0,
         },
         8 => Command::TopUpFail { id, reason: FailReason::ALL[rng.below(4) as usize] },
         9 | 10 | 14 | 15 | 16 => Command::Tip { id: id + 1_000, from: user, to: streamer, coins: 1 + rng.below(30) },

@@ -3,7 +3,7 @@
 
 use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::layout::text_field;
-use stormledger::ledger::command::{flags, Command, FailReason, SYSTEM_PAYOUT, SYSTEM_PLATFORM};
+use stormledger::ledger::command::{flags, Command, FailReason, SYSTEM_PAYOUT, SYSTEM_PLATFORM, SYSTEM_SUSPENSE};
 use stormledger::ledger::{AccountKind, Channel, Reply, ShardState, Status, TopUpState};
 
 const SEC: u64 = 1_000_000_000;
@@ -80,7 +80,7 @@ fn begin(id: u64, user: u64, fen: u64) -> Command {
     Command::TopUpBegin { id, user, method: 1, fen }
 }
 fn confirm(id: u64, fen: u64, txn: &str) -> Command {
-    Command::TopUpConfirm { id, fen, channel_txn: text_field(txn).unwrap() }
+    Command::TopUpConfirm { id, fen, channel_txn: text_field(txn).unwrap(), paid_by: 0 }
 }
 fn tip(id: u64, from: u64, to: u64, coins: u64) -> Command {
     Command::Tip { id, from, to, coins }
@@ -217,6 +217,59 @@ fn pending_topups_expire() {
         (confirm(1, 600, "LATE"), TopUpRefunded, Some(600)),
     ]);
     assert_eq!(l.balance(10), 0);
+}
+
+/// A confirmation that says the channel was paid before the deadline (`paid_by`: the engine
+/// fills it with the callback's first-send time) credits a top-up that expired while the
+/// callback could not get through (maintenance, an outage); paid at or after the deadline, or
+/// not saying, it is refunded as before. Either way a repeat gets the first answer.
+#[test]
+fn a_confirmation_paid_before_the_deadline_credits_an_expired_top_up() {
+    let paid = |id: u64, txn: &str, paid_by: u64| Command::TopUpConfirm {
+        id,
+        fen: 600,
+        channel_txn: text_field(txn).unwrap(),
+        paid_by,
+    };
+    let mut l = Ledger::new();
+    l.table(&[(user(10), Ok, None), (bind(10, 1), Ok, None)]);
+    let ttl = 15 * 60 * SEC;
+    let begun = [1u64, 2, 3].map(|id| {
+        l.ok(begin(id, 10, 600));
+        l.now
+    });
+    // Long after every deadline (the server was paused or down).
+    l.advance(3 * 3600);
+    l.ok(Command::Tick);
+    for id in 1..=3 {
+        assert_eq!(l.state.topup(id).unwrap().state, TopUpState::Expired);
+    }
+    let clearing = l.balance(Channel::Alipay.clearing_account());
+    // Paid one nanosecond before its deadline: credited, as if confirmed in time.
+    let on_time = paid(1, "T1", begun[0] + ttl - 1);
+    assert_eq!(l.run(on_time).status, Ok);
+    assert_eq!(l.balance(10), 60);
+    assert_eq!(l.state.topup(1).unwrap().state, TopUpState::Succeeded);
+    assert_eq!(l.balance(Channel::Alipay.clearing_account()), clearing - 600);
+    // Its repeat, whatever it says about the time: the first answer, no second credit.
+    let again = l.run(paid(1, "T1", 0));
+    assert_eq!((again.status, again.duplicate, again.value), (Ok, true, 60));
+    assert_eq!(l.balance(10), 60);
+    // A different amount while expired: still the amount check of a pending top-up.
+    let wrong = Command::TopUpConfirm { id: 2, fen: 3_000, channel_txn: text_field("T2").unwrap(), paid_by: begun[1] };
+    assert_eq!(l.run(wrong).status, AmountMismatch);
+    // Paid at its deadline: too late, refunded (the user is not credited).
+    assert_eq!(l.run(paid(2, "T2", begun[1] + ttl)).status, TopUpRefunded);
+    // Not saying when (0): refunded.
+    assert_eq!(l.run(paid(3, "T3", 0)).status, TopUpRefunded);
+    assert_eq!(l.balance(10), 60);
+    assert_eq!(l.balance(SYSTEM_SUSPENSE), 0);
+    // A top-up that failed stays failed: the channel said so, whatever the time.
+    l.ok(begin(4, 10, 600));
+    let begun4 = l.now;
+    l.ok(Command::TopUpFail { id: 4, reason: FailReason::Declined });
+    assert_eq!(l.run(paid(4, "T4", begun4)).status, TopUpRefunded);
+    assert_eq!(l.balance(10), 60);
 }
 
 #[test]

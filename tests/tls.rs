@@ -118,7 +118,7 @@ fn funding() -> Vec<Vec<Command>> {
             Command::BindMethod { user: USER, method: 5, channel: Channel::Alipay },
         ],
         vec![Command::TopUpBegin { id: 100, user: USER, method: 5, fen: 3_000 }],
-        vec![Command::TopUpConfirm { id: 100, fen: 3_000, channel_txn: text_field("TXN-1").unwrap() }],
+        vec![Command::TopUpConfirm { id: 100, fen: 3_000, channel_txn: text_field("TXN-1").unwrap(), paid_by: 0 }],
     ]
 }
 

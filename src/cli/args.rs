@@ -67,10 +67,12 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
 
-    /// Writes with an id (topup begin, tip, gift, pay, settle): when the command was first
-    /// sent, in ns since the Unix epoch [default: now]. To retry a write whose outcome was
-    /// unknown (exit 3), pass the `first_sent` its first attempt printed: a server that has
-    /// forgotten the id by then refuses it `id_expired` instead of applying it a second time.
+    /// Writes with an id (topup begin, tip, gift, pay, settle) and topup confirm: when the
+    /// command was first sent, in ns since the Unix epoch [default: now]. To retry a write
+    /// whose outcome was unknown (exit 3) or that was refused busy or maintenance, pass the
+    /// `first_sent` its first attempt printed: a server that has forgotten the id by then
+    /// refuses it `id_expired` instead of applying it a second time, and a confirmation first
+    /// sent before its top-up's deadline still credits it.
     #[arg(long, global = true, value_name = "NS", value_parser = clap::value_parser!(u64).range(1..))]
     pub first_sent: Option<u64>,
 

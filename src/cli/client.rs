@@ -70,10 +70,11 @@ pub fn main(cli: &Cli) -> i32 {
         return watch_main(cli, args);
     }
     let result = build(&cli.command).and_then(|mut request| {
-        // A write with an id says when it was first sent: now, or the first attempt's time for a
-        // retry (docs/protocol.md, "Retrying safely").
+        // A write with an id, and a top-up's confirmation, says when it was first sent: now, or
+        // the first attempt's time for a retry (docs/protocol.md, "Retrying safely"; a
+        // confirmation first sent before its top-up's deadline is on time).
         if let Request::Write { record, cmd: Some(cmd), .. } = &mut request {
-            if cmd.transfer_id().is_some() {
+            if cmd.transfer_id().is_some() || matches!(cmd, Command::TopUpConfirm { .. }) {
                 record.timestamp.set(cli.first_sent.unwrap_or_else(crate::client::retry::unix_nanos));
             }
         }
@@ -139,7 +140,7 @@ fn build(command: &Cmd) -> Result<Request, Failure> {
                     "--channel-txn {channel_txn:?}: must be 1 to 24 printable ASCII characters without spaces"
                 ))
             })?;
-            ledger(Command::TopUpConfirm { id: *id, fen: *amount, channel_txn: text }, false)
+            ledger(Command::TopUpConfirm { id: *id, fen: *amount, channel_txn: text, paid_by: 0 }, false)
         }
         Cmd::Topup(TopupCmd::Fail { id, reason }) => {
             ledger(Command::TopUpFail { id: *id, reason: (*reason).into() }, false)
@@ -503,7 +504,19 @@ async fn execute(cli: &Cli, request: Request) -> Result<(Obj, String), Failure> 
     let client = connect(cli, admin, timeout).await?;
     let work = run(&client, request);
     match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(result)) => Ok(result),
+        Ok(Ok((mut obj, mut line))) => {
+            // Refused before anything happened, to be retried: the retry repeats the first-send
+            // time, as after an unknown outcome.
+            let retryable = matches!(
+                obj.get("status").and_then(|s| s.as_str()),
+                Some("busy" | "maintenance" | "unavailable" | "shutting_down")
+            );
+            if let (true, Some(first_sent @ 1..)) = (retryable, first_sent) {
+                obj.set("first_sent", first_sent);
+                line.push_str(&format!(" (retry it unchanged, with the same id and --first-sent {first_sent})"));
+            }
+            Ok((obj, line))
+        }
         Ok(Err(e)) => Err(in_doubt(cli, first_sent, e)),
         Err(_) => Err(in_doubt(cli, first_sent, format!("no answer within {} s", cli.timeout))),
     }

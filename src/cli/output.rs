@@ -140,9 +140,12 @@ pub fn command_fields(cmd: &Command, obj: &mut Obj) {
         Command::TopUpBegin { id, user, method, fen } => {
             obj.set("id", id).set("user", user).set("method", method).set("amount", format_yuan(fen as i64));
         }
-        Command::TopUpConfirm { id, fen, channel_txn } => {
+        Command::TopUpConfirm { id, fen, channel_txn, paid_by } => {
             let record = CommandRecord { text: channel_txn, ..CommandRecord::default() };
             obj.set("id", id).set("channel_txn", record.text_str()).set("amount", format_yuan(fen as i64));
+            if paid_by != 0 {
+                obj.set("paid_by", paid_by);
+            }
         }
         Command::TopUpFail { id, reason } => {
             obj.set("id", id).set("reason", reason.name());

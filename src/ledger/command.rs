@@ -299,6 +299,11 @@ pub enum Command {
         id: u64,
         fen: u64,
         channel_txn: [u8; TEXT_LEN],
+        /// When the channel says it was paid, at the latest (ns since the Unix epoch; 0: not
+        /// said). A confirmation paid before its top-up's deadline credits the top-up even if
+        /// it expired meanwhile (the callback was refused `maintenance`, or the server was
+        /// down). The engine fills it at ingest, when 0, with the command's first-send time.
+        paid_by: u64,
     },
     TopUpFail {
         id: u64,
@@ -460,7 +465,7 @@ impl Command {
             kind::TOPUP_CONFIRM => {
                 check_id(id)?;
                 check_amount(c, crate::ledger::amount::FEN_MAX)?;
-                Command::TopUpConfirm { id, fen: c, channel_txn: r.text }
+                Command::TopUpConfirm { id, fen: c, channel_txn: r.text, paid_by: d }
             }
             kind::TOPUP_FAIL => {
                 check_id(id)?;
@@ -544,8 +549,8 @@ impl Command {
                 r.code.set(channel as u16);
             }
             Command::TopUpBegin { id, user, method, fen } => set(&mut r, id, user, method, fen, 0),
-            Command::TopUpConfirm { id, fen, channel_txn } => {
-                set(&mut r, id, 0, 0, fen, 0);
+            Command::TopUpConfirm { id, fen, channel_txn, paid_by } => {
+                set(&mut r, id, 0, 0, fen, paid_by);
                 r.text = channel_txn;
             }
             Command::TopUpFail { id, reason } => {

@@ -782,8 +782,8 @@ impl ShardState {
             Command::TopUpBegin { id, user, method, fen } => {
                 (self.topup_begin(timestamp, id, user, method, fen), Fanout::None)
             }
-            Command::TopUpConfirm { id, fen, channel_txn } => {
-                (self.topup_confirm(timestamp, id, fen, channel_txn), Fanout::None)
+            Command::TopUpConfirm { id, fen, channel_txn, paid_by } => {
+                (self.topup_confirm(timestamp, id, fen, channel_txn, paid_by), Fanout::None)
             }
             Command::TopUpFail { id, reason } => (self.topup_fail(id, reason), Fanout::None),
             Command::Tip { id, from, to, coins } => {
@@ -1251,9 +1251,14 @@ impl ShardState {
         debug_assert_eq!(self.pending.len(), self.topups_pending);
     }
 
-    fn topup_confirm(&mut self, timestamp: u64, id: u64, fen: u64, txn: [u8; TEXT_LEN]) -> Reply {
+    fn topup_confirm(&mut self, timestamp: u64, id: u64, fen: u64, txn: [u8; TEXT_LEN], paid_by: u64) -> Reply {
         let Some(topup) = self.topups.get(&id).copied() else { return Reply::status(Status::NotFound) };
-        match topup.state {
+        // Paid before the deadline, confirmed after: the callback was late through no fault of
+        // the user's (refused `maintenance`, the server down, the channel slow). The top-up
+        // expired only because nothing was heard in time: it is credited as if still pending.
+        let paid_in_time = topup.state == TopUpState::Expired && paid_by != 0 && paid_by < topup.deadline;
+        let state = if paid_in_time { TopUpState::Pending } else { topup.state };
+        match state {
             TopUpState::Succeeded | TopUpState::Refunded => {
                 let original = topup.confirm_reply.expect("a confirmed top-up has its reply");
                 if topup.channel_txn == txn && topup.confirmed_fen == fen {
@@ -1767,7 +1772,7 @@ mod overflow_tests {
         assert_eq!(state.apply(now, &begin).0.status, Status::Ok);
         // Coins issued elsewhere (on the platform's account) to the end of the range.
         shift(&mut state, SYSTEM_ISSUANCE, SYSTEM_PLATFORM, i64::MAX - 10);
-        let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: [0; TEXT_LEN] };
+        let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: [0; TEXT_LEN], paid_by: 0 };
         now += 1;
         assert_eq!(state.apply(now, &confirm).0.status, Status::Overflow, "was a panic in `transfer`");
         assert_eq!(state.topup(7).map(|t| t.state), Some(TopUpState::Pending));
@@ -1780,7 +1785,7 @@ mod overflow_tests {
         let (mut state, mut now) = shard();
         now += 1;
         let begin = Command::TopUpBegin { id: 7, user: 1, method: 1, fen: 600 };
-        let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: [0; TEXT_LEN] };
+        let confirm = Command::TopUpConfirm { id: 7, fen: 600, channel_txn: [0; TEXT_LEN], paid_by: 0 };
         for command in [begin, confirm] {
             now += 1;
             assert_eq!(state.apply(now, &command).0.status, Status::Ok);

@@ -1510,7 +1510,8 @@ mod tests {
         for id in 1..=n {
             let begin = Command::TopUpBegin { id, user: 5, method: 1, fen: 600 };
             assert_eq!(state.apply(ts + 2 * id, &begin).0.status, Status::Ok);
-            let confirm = Command::TopUpConfirm { id, fen: 600, channel_txn: [b'x'; crate::layout::TEXT_LEN] };
+            let confirm =
+                Command::TopUpConfirm { id, fen: 600, channel_txn: [b'x'; crate::layout::TEXT_LEN], paid_by: 0 };
             assert_eq!(state.apply(ts + 2 * id + 1, &confirm).0.status, Status::Ok);
         }
         state
