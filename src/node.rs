@@ -183,6 +183,18 @@ impl ClusterFile {
 pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, NodeError> {
     let cluster_path = dir.join("cluster.json");
     if !cluster_path.exists() {
+        // A first start writes `cluster.json` before any log file or snapshot: a directory that
+        // has one but not `cluster.json` lost it, and a start would replay its log under
+        // guessed settings (another shard count, other rules) and change acknowledged answers.
+        if let Some(found) = ledger_files_in(dir) {
+            return Err(NodeError::Corrupt(format!(
+                "{} is missing, but the directory holds a ledger ({}): restore cluster.json and ledger.json from a \
+                 backup of this directory (they record the shard count, the limits and the business rules its log \
+                 was written under); nothing was changed",
+                cluster_path.display(),
+                found.display()
+            )));
+        }
         return Ok(None);
     }
     let parse = |path: &Path| -> Result<String, NodeError> { std::fs::read_to_string(path).map_err(io(path)) };
@@ -210,6 +222,25 @@ pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, 
     let ledger: LedgerConfig = serde_json::from_str(&parse(&ledger_path)?)
         .map_err(|e| NodeError::Corrupt(format!("{}: {e}", ledger_path.display())))?;
     Ok(Some((cluster, ledger)))
+}
+
+/// A log segment or snapshot in one of `dir`'s shard directories, if there is any.
+fn ledger_files_in(dir: &Path) -> Option<PathBuf> {
+    let entries = |d: &Path| std::fs::read_dir(d).into_iter().flatten().flatten().map(|e| e.path());
+    for shard_dir in entries(dir) {
+        let is_shard = shard_dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("shard-"));
+        if !is_shard || !shard_dir.is_dir() {
+            continue;
+        }
+        let named = |p: &Path, test: &dyn Fn(&str) -> bool| p.file_name().and_then(|n| n.to_str()).is_some_and(test);
+        if let Some(segment) = entries(&shard_dir).find(|p| named(p, &|n| wal::parse_segment_file_name(n).is_some())) {
+            return Some(segment);
+        }
+        if let Some(snapshot) = entries(&shard_dir.join("snapshots")).find(|p| named(p, &|n| n.ends_with(".snap"))) {
+            return Some(snapshot);
+        }
+    }
+    None
 }
 
 /// Writes a small file atomically: tmp, fsync, rename, fsync the directory.

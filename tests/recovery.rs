@@ -191,6 +191,37 @@ fn the_limits_that_decide_results_are_kept_with_the_directory() {
     assert_eq!((cluster(dir.path()).accounts_max, cluster(dir.path()).ids_max), (Some(4096), Some(64)));
 }
 
+/// A directory that lost `cluster.json` but holds a log is refused, naming the file and
+/// changing nothing: started as a new directory, it would replay its log under whatever shard
+/// count, limits and rules the start was given, and rewrite `ledger.json` with them.
+#[test]
+fn a_ledger_without_its_cluster_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, node, spec) = set_up_with_a_64_id_window(dir.path());
+    let before = balances(node.engine(), &spec);
+    node.shutdown();
+    let cluster = std::fs::read(dir.path().join("cluster.json")).unwrap();
+    let ledger = std::fs::read(dir.path().join("ledger.json")).unwrap();
+    std::fs::remove_file(dir.path().join("cluster.json")).unwrap();
+    for shards in [2, 4] {
+        let mut other = config.clone();
+        other.engine.shards = shards;
+        let err = Node::open(other).err().expect("refused").to_string();
+        assert!(err.contains("cluster.json is missing") && err.contains("shard-0"), "{err}");
+    }
+    let err = stormledger::node::read_data_dir(dir.path()).expect_err("refused").to_string();
+    assert!(err.contains("cluster.json"), "{err}");
+    // Nothing was changed or added.
+    assert!(!dir.path().join("cluster.json").exists());
+    assert_eq!(std::fs::read(dir.path().join("ledger.json")).unwrap(), ledger);
+    assert!(!dir.path().join("shard-02").exists());
+    // With the file back, the ledger starts as it was.
+    std::fs::write(dir.path().join("cluster.json"), cluster).unwrap();
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+    node.shutdown();
+}
+
 #[test]
 fn the_segment_size_may_change_between_restarts() {
     let dir = tempfile::tempdir().unwrap();
