@@ -814,6 +814,7 @@ impl Node {
                 dir: shard_dir.join("snapshots"),
                 storage: config.storage.clone(),
                 every_bytes: config.snapshot_every_bytes,
+                logged_since: loaded.commands_replayed * std::mem::size_of::<CommandRecord>() as u64,
                 retire_log: config.retire_log,
                 kept: kept_lsns,
             }));

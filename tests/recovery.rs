@@ -127,6 +127,37 @@ fn snapshots_retire_the_log_and_restart_from_them() {
     assert_eq!(balances(node.engine(), &spec), before);
 }
 
+/// The log since the newest snapshot counts toward `snapshot_every_bytes` across restarts: a
+/// server restarted more often than that much log is written still snapshots (and retires
+/// its log), instead of counting from zero at every start and never reaching the threshold.
+#[test]
+fn restarts_do_not_put_the_next_snapshot_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let mut config = node_config(dir.path(), 2);
+    let node = Node::open(config.clone()).unwrap();
+    setup(node.engine(), &spec);
+    node.shutdown();
+    let snapshots = |shard: &str| {
+        std::fs::read_dir(dir.path().join(shard).join("snapshots"))
+            .map_or(0, |d| d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".snap")).count())
+    };
+    assert_eq!((snapshots("shard-00"), snapshots("shard-01")), (0, 0));
+    // Each run writes far less than the threshold; the setup's log alone is more than it.
+    let record = std::mem::size_of::<CommandRecord>() as u64;
+    config.snapshot_every_bytes = 300 * record;
+    let mut before = Vec::new();
+    for run in 0..3 {
+        let node = Node::open(config.clone()).unwrap();
+        storm(node.engine(), &spec, 1, run);
+        before = balances(node.engine(), &spec);
+        node.shutdown();
+    }
+    assert!(snapshots("shard-00") > 0 && snapshots("shard-01") > 0, "no snapshot after three restarts");
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+}
+
 #[test]
 fn a_second_node_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();

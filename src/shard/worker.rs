@@ -302,6 +302,10 @@ pub struct SnapshotPolicy {
     pub storage: crate::storage::SharedStorage,
     /// Take one after this many bytes of log (0 = only on request).
     pub every_bytes: u64,
+    /// Bytes of log records after the newest snapshot when the shard starts (the ones it
+    /// replayed): they count toward `every_bytes`, so that restarts more frequent than
+    /// `every_bytes` of log do not put the next snapshot off for ever (and the log with it).
+    pub logged_since: u64,
     /// Retire log segments covered by the oldest kept snapshot.
     pub retire_log: bool,
     /// Log positions of the snapshots already on disk, oldest first (at most 2).
@@ -746,7 +750,8 @@ pub fn run(
         feed: config.feed.clone(),
         poisoned: false,
         last_lsn: recovered_lsn,
-        logged_bytes: 0,
+        // The log since the newest snapshot counts from before this start (`logged_since`).
+        logged_bytes: config.snapshot.as_ref().map_or(0, |p| p.logged_since),
         spare_records: Vec::new(),
         spare_batches: Vec::new(),
     };
