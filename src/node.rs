@@ -12,6 +12,7 @@
 //! DIR/cluster.json       shard count and format version (fixed at creation)
 //! DIR/ledger.json        the business rules the log was written under (replay needs them)
 //! DIR/maintenance        present while writes are paused (`admin maintenance on`)
+//! DIR/clean-stop         present while the node is stopped after a clean shutdown
 //! DIR/shard-NN/*.wal     the shard's log segments (docs/wal-format.md)
 //! DIR/shard-NN/snapshots/snapshot-*.snap   the shard's newest two snapshots
 //! ```
@@ -222,6 +223,20 @@ pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, 
     let ledger: LedgerConfig = serde_json::from_str(&parse(&ledger_path)?)
         .map_err(|e| NodeError::Corrupt(format!("{}: {e}", ledger_path.display())))?;
     Ok(Some((cluster, ledger)))
+}
+
+/// What a torn last record means in a directory marked cleanly stopped (`CLEAN_STOP_FILE`):
+/// damage to an acknowledged record (no write was in progress when it stopped).
+pub fn damaged_after_clean_stop(outcome: &RecoveryOutcome, mark: &Path) -> Option<String> {
+    let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = outcome else { return None };
+    Some(format!(
+        "the last record of {} ({bytes} bytes at offset {offset}) is damaged, but the server had stopped cleanly \
+         ({} is there): no write was cut short, so this record was acknowledged and has been damaged since. \
+         Restore the directory from a backup or replica; `stormledger-recover recover` would truncate the record \
+         and lose the commands it holds",
+        path.display(),
+        mark.display()
+    ))
 }
 
 /// A log segment or snapshot in one of `dir`'s shard directories, if there is any.
@@ -606,11 +621,18 @@ impl Journal for WalJournal {
 /// The marker file of `admin maintenance on` in the data directory.
 pub const MAINTENANCE_FILE: &str = "maintenance";
 
+/// Written once a shutdown has synced every shard's log, removed by the next start before its
+/// first write: a start that finds it knows no write was cut short, so a damaged last record
+/// is damage (bit rot after the stop), not a torn write, and is refused instead of truncated.
+pub const CLEAN_STOP_FILE: &str = "clean-stop";
+
 /// A running node.
 pub struct Node {
     engine: Arc<Engine>,
     /// The limits the shards run with (a data directory's recorded ones win over the config's).
     limits: ShardLimits,
+    /// The data directory (`None` in memory): a clean shutdown marks it (`CLEAN_STOP_FILE`).
+    dir: Option<PathBuf>,
     _lock: Option<DirLock>,
 }
 
@@ -650,7 +672,7 @@ impl Node {
             for shard_feed in engine.feed().shards() {
                 shard_feed.start_after(start);
             }
-            return Ok(Node { engine: Arc::new(engine), limits, _lock: Some(lock) });
+            return Ok(Node { engine: Arc::new(engine), limits, dir: None, _lock: Some(lock) });
         }
         // A directory's first start: what it records once its shards are allocated.
         let mut new_dir = None;
@@ -741,6 +763,19 @@ impl Node {
         let loaded = per_shard(shards, "recover", load)?;
         crate::engine::check_replicas(&loaded.iter().map(|l| &l.state).collect::<Vec<_>>())
             .map_err(|e| NodeError::Corrupt(format!("{}: {e}", dir.display())))?;
+        // After a clean stop no write was cut short: a bad last record is damage, and it was
+        // acknowledged. The mark goes before the first write, so that a crash from now on
+        // leaves no mark behind it.
+        let clean_stop = dir.join(CLEAN_STOP_FILE);
+        if clean_stop.exists() {
+            for (shard, l) in loaded.iter().enumerate() {
+                if let Some(damage) = damaged_after_clean_stop(&l.recovery.outcome, &clean_stop) {
+                    return Err(NodeError::Corrupt(format!("shard {shard}: {damage}")));
+                }
+            }
+            std::fs::remove_file(&clean_stop).map_err(io(&clean_stop))?;
+            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        }
         if let Some(cluster) = new_dir {
             let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
             write_atomic(&dir, "ledger.json", &ledger)?;
@@ -831,7 +866,7 @@ impl Node {
                 dir.join(MAINTENANCE_FILE).display()
             );
         }
-        Ok(Node { engine: Arc::new(engine), limits: config.engine.limits, _lock: Some(lock) })
+        Ok(Node { engine: Arc::new(engine), limits: config.engine.limits, dir: Some(dir), _lock: Some(lock) })
     }
 
     /// The engine (also the server's `Backend`).
@@ -845,8 +880,17 @@ impl Node {
     }
 
     /// Drains the queues, syncs the logs and stops the workers; then releases the lock.
+    /// Stops the engine (every shard drains and syncs its log) and, if every log is healthy,
+    /// marks the directory cleanly stopped (`CLEAN_STOP_FILE`).
     pub fn shutdown(self) {
         self.engine.shutdown();
+        let Some(dir) = &self.dir else { return };
+        if self.engine.stats().poisoned_shards() > 0 {
+            return;
+        }
+        if let Err(e) = write_atomic(dir, CLEAN_STOP_FILE, b"stopped cleanly: every shard's log synced\n") {
+            eprintln!("note: could not mark the clean stop: {e}");
+        }
     }
 }
 

@@ -534,9 +534,24 @@ fn a_torn_last_record_after_the_snapshot_is_still_truncated_at_start() {
     let (path, offset, lsn) = last_record(dir.path());
     assert!(lsn > snapshot_lsn);
     damage_record(&path, offset);
+    // The node stopped cleanly, so the record was not torn by a crash: it was acknowledged and
+    // damaged since. Refused, naming the mark, and nothing changed.
+    let mark = dir.path().join(stormledger::node::CLEAN_STOP_FILE);
+    assert!(mark.exists(), "a clean shutdown marks the directory");
+    let err = Node::open(node_config(dir.path(), 1)).err().expect("refused").to_string();
+    assert!(err.contains("stopped cleanly") && err.contains("acknowledged"), "{err}");
+    assert!(mark.exists());
+    let (_, report) =
+        stormledger::wal::WalReader::open(&dir.path().join("shard-00"), 0, &stormledger::storage::MmapStorage).unwrap();
+    assert!(matches!(report.outcome, stormledger::wal::RecoveryOutcome::WouldTruncateTail { .. }), "{report:?}");
+    // Without the mark (a crash, as `kill -9` leaves it) it is a torn write: truncated.
+    std::fs::remove_file(&mark).unwrap();
     let node = Node::open(node_config(dir.path(), 1)).unwrap();
     assert_eq!(balances(node.engine(), &spec), before, "the torn batch is gone, nothing else");
+    // A start removes the mark before it writes; a crash now leaves none.
+    assert!(!mark.exists());
     node.shutdown();
+    assert!(mark.exists());
     // Zeroed at the start: the log reads clean (anything logged since went in its place).
     let (_, report) =
         stormledger::wal::WalReader::open(&dir.path().join("shard-00"), 0, &stormledger::storage::MmapStorage).unwrap();

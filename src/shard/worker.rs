@@ -1002,6 +1002,9 @@ pub fn run(
     if !w.poisoned {
         if let Err(error) = log.sync_all() {
             eprintln!("shard {shard}: final sync failed: {error}");
+            // Not a clean stop (`node::CLEAN_STOP_FILE` is not written).
+            w.poisoned = true;
+            w.metrics.flush(true);
         }
     }
     drop(log);

@@ -185,6 +185,19 @@ fn a_torn_tail_fails_verify_and_recover_repairs_only_it() {
     bytes[end as usize..end as usize + 40].copy_from_slice(&[0xAB; 40]);
     std::fs::write(&path, &bytes).unwrap();
 
+    // The node stopped cleanly (`make_dir`), which a crash mid-append never does: with its mark
+    // there, the bad last record is damage to an acknowledged one. Reported, never truncated.
+    let mark = dir.path().join(stormledger::node::CLEAN_STOP_FILE);
+    assert!(mark.exists());
+    let (code, out) = tool(&["verify", d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("stopped cleanly"), "{out}");
+    let (code, out) = tool(&["recover", d, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("stopped cleanly") && out.contains("to accept the loss"), "{out}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "never truncated");
+    // As after a crash: no mark.
+    std::fs::remove_file(&mark).unwrap();
     let (code, out) = tool(&["verify", d]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("torn"), "{out}");
@@ -295,6 +308,8 @@ fn recover_writes_nothing_unless_the_whole_directory_can_then_start() {
     // A torn tail on shard 0 (repairable) and shard 1's log lost (not): no shard is touched.
     let dir = tempfile::tempdir().unwrap();
     make_dir(dir.path());
+    // As a crash leaves it: no clean-stop mark (with it, the tail would be damage, not torn).
+    std::fs::remove_file(dir.path().join(stormledger::node::CLEAN_STOP_FILE)).unwrap();
     let (path, end) = last_segment(dir.path());
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[end as usize..end as usize + 40].copy_from_slice(&[0xAB; 40]);

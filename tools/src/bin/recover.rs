@@ -244,7 +244,12 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                         }
                     };
                     spinner.finish_and_clear();
-                    if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &l.recovery.outcome {
+                    let mark = dir.join(stormledger::node::CLEAN_STOP_FILE);
+                    if let Some(damage) = stormledger::node::damaged_after_clean_stop(&l.recovery.outcome, &mark)
+                        .filter(|_| mark.exists())
+                    {
+                        problems.push(damage);
+                    } else if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &l.recovery.outcome {
                         problems.push(format!(
                             "torn last record in {} at offset {offset} ({bytes} bytes): run `stormledger-recover recover`",
                             path.display()
@@ -495,8 +500,20 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
     let mut out = Vec::new();
     let mut covered = Vec::new();
     let mut states = Vec::new();
+    // After a clean stop a bad last record is damage, not a torn write: refused like the rest,
+    // unless the operator removes the mark to accept the loss (the message says so).
+    let mark = dir.join(stormledger::node::CLEAN_STOP_FILE);
+    let marked = mark.exists();
     for r in load_all(dir, shards, &ledger, &replay_limits(&cluster)) {
         match r.loaded {
+            Ok(l) if marked && stormledger::node::damaged_after_clean_stop(&l.recovery.outcome, &mark).is_some() => {
+                ok = false;
+                covered.push(0);
+                let damage = stormledger::node::damaged_after_clean_stop(&l.recovery.outcome, &mark).expect("some");
+                out.push(json!({"shard": r.shard, "ok": false, "error": damage,
+                    "advice": format!("restore this shard from a replica or backup; to accept the loss of that \
+                        record instead, delete {} and run recover again", mark.display())}));
+            }
             Ok(l) => {
                 covered.push(l.snapshot_lsn);
                 out.push(json!({"shard": r.shard, "ok": true, "recovery": outcome_json(&l.recovery.outcome),
