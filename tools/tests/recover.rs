@@ -223,6 +223,15 @@ fn corruption_in_the_middle_is_reported_and_never_truncated() {
     let (code, out) = tool(&["verify", d, "--json"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("00000000.wal"), "names the file: {out}");
+    // inspect: damage (exit 1, as verify), not a usage error; the other shard is still shown,
+    // and with --json the last line says which shard could not be read.
+    let (code, out) = tool(&["inspect", d, "--limit", "100000", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (last, records) = lines.split_last().unwrap();
+    assert!(!records.is_empty() && records.iter().all(|r| r["shard"] == 1), "{out}");
+    assert_eq!((last["status"].as_str(), last["shards"][0]["shard"].as_u64()), (Some("failed"), Some(0)), "{last}");
+    assert!(last["shards"][0]["error"].as_str().unwrap().contains("00000000.wal"), "{last}");
     let (code, out) = tool(&["recover", d]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "never truncated");

@@ -62,7 +62,8 @@ enum Cmd {
         /// Only this shard.
         #[arg(long)]
         shard: Option<u16>,
-        /// Accepted for symmetry: the records are JSON lines anyway.
+        /// The records are JSON lines anyway; with --json, shards whose log cannot be read
+        /// (exit 1) are also reported in one last object (`status` `failed`).
         #[arg(long)]
         json: bool,
     },
@@ -398,63 +399,111 @@ impl TopUpUsers {
     }
 }
 
-fn inspect(dir: &Path, account: Option<u64>, from: Start, limit: u64, only: Option<u16>) -> Result<bool, String> {
+fn inspect(
+    dir: &Path,
+    account: Option<u64>,
+    from: Start,
+    limit: u64,
+    only: Option<u16>,
+    json_out: bool,
+) -> Result<bool, String> {
     let (cluster, ledger) = open_dir(dir)?;
     let shards = cluster.shards;
     if let Some(shard) = only.filter(|&s| s >= shards) {
         return Err(format!("--shard {shard}: the directory has shards 0..={}", shards - 1));
     }
     let mut printed = 0u64;
+    // A shard whose log cannot be read is reported and the others are still shown: exit 1.
+    let mut damaged = Vec::new();
     for shard in 0..shards {
         if only.is_some_and(|s| s != shard) {
             continue;
         }
-        let sdir = wal::shard_dir(dir, shard as u32);
-        let (reader, _) = WalReader::open(&sdir, shard as u32, &MmapStorage).map_err(|e| e.to_string())?;
-        let mut topup_users = match account {
-            Some(_) => Some(TopUpUsers::scan(&reader)?),
-            None => None,
-        };
-        // The first command shown: (lsn, index in its batch).
-        let (from_lsn, from_index) = match &from {
-            Start::Lsn(lsn) => (*lsn, 0),
-            Start::After(cursor) => cursor.get(shard).map_or((1, 0), |p| (p.lsn, p.index as u64 + 1)),
-        };
-        let start = from_lsn.max(reader.first_lsn());
-        if start >= reader.next_lsn() {
+        let shown = inspect_shard(dir, shard, &cluster, &ledger, account, &from, limit, &mut printed);
+        match shown {
+            Ok(true) => {}
+            Ok(false) => break, // --limit reached
+            Err(e) => {
+                eprintln!("stormledger-recover: shard {shard}: {e}");
+                damaged.push(json!({"shard": shard, "error": e}));
+            }
+        }
+    }
+    if damaged.is_empty() {
+        return Ok(true);
+    }
+    if json_out {
+        // Last, after the records: what could not be shown.
+        println!("{}", json!({"status": "failed", "ok": false, "shards": damaged}));
+    }
+    Ok(false)
+}
+
+/// Prints one shard's records from `from`, counting them in `printed`; `Ok(false)` once
+/// `limit` is reached. `Err`: its log cannot be read (damage: `verify` says more).
+#[allow(clippy::too_many_arguments)]
+fn inspect_shard(
+    dir: &Path,
+    shard: u16,
+    cluster: &ClusterFile,
+    ledger: &LedgerConfig,
+    account: Option<u64>,
+    from: &Start,
+    limit: u64,
+    printed: &mut u64,
+) -> Result<bool, String> {
+    let sdir = wal::shard_dir(dir, shard as u32);
+    let (reader, report) = WalReader::open(&sdir, shard as u32, &MmapStorage).map_err(|e| e.to_string())?;
+    if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &report.outcome {
+        eprintln!(
+            "stormledger-recover: shard {shard}: not shown: a bad last record in {} at offset {offset} ({bytes} \
+             bytes); see `stormledger-recover verify`",
+            path.display()
+        );
+    }
+    let mut topup_users = match account {
+        Some(_) => Some(TopUpUsers::scan(&reader)?),
+        None => None,
+    };
+    // The first command shown: (lsn, index in its batch).
+    let (from_lsn, from_index) = match from {
+        Start::Lsn(lsn) => (*lsn, 0),
+        Start::After(cursor) => cursor.get(shard).map_or((1, 0), |p| (p.lsn, p.index as u64 + 1)),
+    };
+    let start = from_lsn.max(reader.first_lsn());
+    if start >= reader.next_lsn() {
+        return Ok(true);
+    }
+    for record in reader.iter_from(start).map_err(|e| e.to_string())? {
+        let record = record.map_err(|e| e.to_string())?;
+        if record.kind != RECORD_KIND_COMMANDS {
             continue;
         }
-        for record in reader.iter_from(start).map_err(|e| e.to_string())? {
-            let record = record.map_err(|e| e.to_string())?;
-            if record.kind != RECORD_KIND_COMMANDS {
+        let cmds =
+            <[CommandRecord]>::ref_from_bytes(record.payload).map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
+        for (i, c) in cmds.iter().enumerate() {
+            if record.lsn == from_lsn && (i as u64) < from_index {
                 continue;
             }
-            let cmds = <[CommandRecord]>::ref_from_bytes(record.payload)
-                .map_err(|_| format!("lsn {}: bad batch", record.lsn))?;
-            for (i, c) in cmds.iter().enumerate() {
-                if record.lsn == from_lsn && (i as u64) < from_index {
+            let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
+            if let (Some(acc), Some(users)) = (account, topup_users.as_mut()) {
+                let callback = matches!(c.kind, kind::TOPUP_CONFIRM | kind::TOPUP_FAIL);
+                let named = accounts_named(c).contains(&Some(acc))
+                    || (callback && users.user(id, &sdir, cluster, ledger)? == Some(acc));
+                if !named {
                     continue;
                 }
-                let (id, a, b) = (c.id.get(), c.a.get(), c.b.get());
-                if let (Some(acc), Some(users)) = (account, topup_users.as_mut()) {
-                    let callback = matches!(c.kind, kind::TOPUP_CONFIRM | kind::TOPUP_FAIL);
-                    let named = accounts_named(c).contains(&Some(acc))
-                        || (callback && users.user(id, &sdir, &cluster, &ledger)? == Some(acc));
-                    if !named {
-                        continue;
-                    }
-                }
-                if printed >= limit {
-                    return Ok(true);
-                }
-                let line = json!({
-                    "shard": shard, "lsn": record.lsn, "index": i, "timestamp": c.timestamp.get(),
-                    "kind": kind::name(c.kind), "id": id, "a": a, "b": b, "c": c.c.get(), "d": c.d.get(),
-                    "code": c.code.get(), "flags": c.flags, "text": c.text_str(),
-                });
-                println!("{line}");
-                printed += 1;
             }
+            if *printed >= limit {
+                return Ok(false);
+            }
+            let line = json!({
+                "shard": shard, "lsn": record.lsn, "index": i, "timestamp": c.timestamp.get(),
+                "kind": kind::name(c.kind), "id": id, "a": a, "b": b, "c": c.c.get(), "d": c.d.get(),
+                "code": c.code.get(), "flags": c.flags, "text": c.text_str(),
+            });
+            println!("{line}");
+            *printed += 1;
         }
     }
     Ok(true)
@@ -619,7 +668,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Verify { dir, json } => verify(&dir, json, false),
         Cmd::Replay { dir, json } => verify(&dir, json, true),
-        Cmd::Inspect { dir, account, from, limit, shard, json: _ } => inspect(&dir, account, from, limit, shard),
+        Cmd::Inspect { dir, account, from, limit, shard, json } => inspect(&dir, account, from, limit, shard, json),
         Cmd::Recover { dir, dry_run, json } => recover(&dir, dry_run, json),
     };
     match result {
