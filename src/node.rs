@@ -465,9 +465,10 @@ pub fn load_shard_with_feed(
 pub enum SnapshotCheck {
     /// The shard has no snapshot: its state is the log's replay, nothing to compare.
     NoSnapshot,
-    /// Nothing before the newest snapshot to replay from: the log starts after the older
-    /// snapshot (or there is none) and does not reach back to lsn 1.
-    NoEarlierStart,
+    /// Nothing before the newest snapshot (at `to_lsn`) to replay from: the log starts at
+    /// `log_from`, not lsn 1, and no older snapshot it continues is kept (none, one the log
+    /// starts after, or one of the same lsn: taken with nothing logged in between).
+    NoEarlierStart { log_from: u64, to_lsn: u64 },
     /// The replay of the log from `from_lsn` (0: genesis, else the older snapshot's lsn) up to
     /// the newest snapshot's lsn gave the snapshot's state.
     Matches { from_lsn: u64, to_lsn: u64, commands: u64 },
@@ -515,7 +516,7 @@ pub fn check_snapshot_against_log(
     let (mut state, from_lsn) = match older {
         Some((lsn, snap)) => (decode(&snap)?, lsn),
         None if report.first_lsn <= 1 => (ShardState::new(shard, shards, ledger.clone(), limits.clone()), 0),
-        None => return Ok(SnapshotCheck::NoEarlierStart),
+        None => return Ok(SnapshotCheck::NoEarlierStart { log_from: report.first_lsn, to_lsn }),
     };
     state.defer_publishing();
     let mut commands = 0u64;

@@ -235,7 +235,10 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                     // The snapshot against the log it covers, where the log reaches back before it.
                     snapshot_check = match check_snapshot_against_log(dir, shard, cluster.shards, &ledger, &limits) {
                         Ok(SnapshotCheck::NoSnapshot) => json!("no snapshot"),
-                        Ok(SnapshotCheck::NoEarlierStart) => json!("not checked: the log starts after the snapshot"),
+                        Ok(SnapshotCheck::NoEarlierStart { log_from, to_lsn }) => json!(format!(
+                            "not checked: nothing to replay it from (the log starts at lsn {log_from}, not 1, and no \
+                             older snapshot before lsn {to_lsn} that the log continues is kept)"
+                        )),
                         Ok(SnapshotCheck::Matches { from_lsn, to_lsn, commands }) => {
                             json!({"matches_log_from_lsn": from_lsn, "to_lsn": to_lsn, "commands": commands})
                         }
