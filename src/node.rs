@@ -12,7 +12,7 @@
 //! DIR/cluster.json       shard count and format version (fixed at creation)
 //! DIR/ledger.json        the business rules the log was written under (replay needs them)
 //! DIR/maintenance        present while writes are paused (`admin maintenance on`)
-//! DIR/clean-stop         present while the node is stopped after a clean shutdown
+//! DIR/clean-stop         present while the node is stopped after a clean shutdown: each log's end
 //! DIR/shard-NN/*.wal     the shard's log segments (docs/wal-format.md)
 //! DIR/shard-NN/snapshots/snapshot-*.snap   the shard's newest two snapshots
 //! ```
@@ -225,18 +225,78 @@ pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, 
     Ok(Some((cluster, ledger)))
 }
 
-/// What a torn last record means in a directory marked cleanly stopped (`CLEAN_STOP_FILE`):
-/// damage to an acknowledged record (no write was in progress when it stopped).
-pub fn damaged_after_clean_stop(outcome: &RecoveryOutcome, mark: &Path) -> Option<String> {
-    let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = outcome else { return None };
-    Some(format!(
-        "the last record of {} ({bytes} bytes at offset {offset}) is damaged, but the server had stopped cleanly \
-         ({} is there): no write was cut short, so this record was acknowledged and has been damaged since. \
-         Restore the directory from a backup or replica; `stormledger-recover recover` would truncate the record \
-         and lose the commands it holds",
-        path.display(),
-        mark.display()
-    ))
+/// The mark of a clean stop (`CLEAN_STOP_FILE`): every shard's log end when it stopped.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CleanStop {
+    /// Per shard, the lsn its log's next append would have got.
+    pub next_lsn: Vec<u64>,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl CleanStop {
+    /// The mark in `dir`, if there is one. A mark that cannot be read still says the stop was
+    /// clean (it is written only then), without the log ends. Through `storage`, as the logs
+    /// (a simulated crash loses or keeps it with them).
+    pub fn read(storage: &dyn Storage, dir: &Path) -> Option<CleanStop> {
+        if !storage.list(dir).ok()?.iter().any(|name| name == CLEAN_STOP_FILE) {
+            return None;
+        }
+        let path = dir.join(CLEAN_STOP_FILE);
+        let next_lsn = storage
+            .open(&path, crate::storage::OpenMode::ReadOnly)
+            .ok()
+            .and_then(|file| serde_json::from_slice::<CleanStop>(file.bytes()).ok())
+            .map(|c| c.next_lsn)
+            .unwrap_or_default();
+        Some(CleanStop { next_lsn, path })
+    }
+
+    /// Writes the mark durably (a temporary file, renamed, the directory synced).
+    fn write(&self, storage: &dyn Storage, dir: &Path) -> Result<(), StorageError> {
+        let tmp = dir.join(format!("{CLEAN_STOP_FILE}.tmp"));
+        let _ = storage.remove(&tmp);
+        storage.write_file(&tmp, &[&serde_json::to_vec(self).expect("serializable")])?;
+        storage.rename(&tmp, &self.path)?;
+        storage.sync_dir(dir)
+    }
+
+    /// Removes the mark durably: before the first write of a start.
+    fn remove(&self, storage: &dyn Storage, dir: &Path) -> Result<(), StorageError> {
+        storage.remove(&self.path)?;
+        storage.sync_dir(dir)
+    }
+
+    /// What is wrong with `shard`'s log as recovery found it (`report`, read-only), given that
+    /// the node had stopped cleanly: no write was cut short, so a bad last record is damage to
+    /// an acknowledged one, and a log that ends before where it stopped lost acknowledged
+    /// records (its newest segment, or records zeroed).
+    pub fn damage(&self, shard: u16, report: &wal::RecoveryReport) -> Option<String> {
+        let mark = self.path.display();
+        let advice = "Restore the directory from a backup or replica";
+        if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &report.outcome {
+            return Some(format!(
+                "shard {shard}: the last record of {} ({bytes} bytes at offset {offset}) is damaged, but the server had \
+                 stopped cleanly ({mark} is there): no write was cut short, so this record was acknowledged and has \
+                 been damaged since. {advice}; `stormledger-recover recover` would truncate the record and lose the \
+                 commands it holds",
+                path.display()
+            ));
+        }
+        match self.next_lsn.get(shard as usize) {
+            Some(&stopped) if stopped != report.next_lsn => Some(format!(
+                "shard {shard}: the log ends before lsn {}, but the server had stopped cleanly before lsn {stopped} \
+                 ({mark}): {}. {advice}",
+                report.next_lsn,
+                if report.next_lsn < stopped {
+                    "acknowledged records are missing (the newest segment lost, or records zeroed)"
+                } else {
+                    "records were added after the stop by something else"
+                }
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// A log segment or snapshot in one of `dir`'s shard directories, if there is any.
@@ -632,8 +692,9 @@ pub struct Node {
     engine: Arc<Engine>,
     /// The limits the shards run with (a data directory's recorded ones win over the config's).
     limits: ShardLimits,
-    /// The data directory (`None` in memory): a clean shutdown marks it (`CLEAN_STOP_FILE`).
-    dir: Option<PathBuf>,
+    /// The data directory and its storage (`None` in memory): a clean shutdown marks it
+    /// (`CLEAN_STOP_FILE`).
+    dir: Option<(PathBuf, SharedStorage)>,
     _lock: Option<DirLock>,
 }
 
@@ -767,15 +828,13 @@ impl Node {
         // After a clean stop no write was cut short: a bad last record is damage, and it was
         // acknowledged. The mark goes before the first write, so that a crash from now on
         // leaves no mark behind it.
-        let clean_stop = dir.join(CLEAN_STOP_FILE);
-        if clean_stop.exists() {
-            for (shard, l) in loaded.iter().enumerate() {
-                if let Some(damage) = damaged_after_clean_stop(&l.recovery.outcome, &clean_stop) {
-                    return Err(NodeError::Corrupt(format!("shard {shard}: {damage}")));
+        if let Some(clean_stop) = CleanStop::read(storage.as_ref(), &dir) {
+            for (shard, l) in (0u16..).zip(&loaded) {
+                if let Some(damage) = clean_stop.damage(shard, &l.recovery) {
+                    return Err(NodeError::Corrupt(damage));
                 }
             }
-            std::fs::remove_file(&clean_stop).map_err(io(&clean_stop))?;
-            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+            clean_stop.remove(storage.as_ref(), &dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
         }
         if let Some(cluster) = new_dir {
             let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
@@ -867,7 +926,8 @@ impl Node {
                 dir.join(MAINTENANCE_FILE).display()
             );
         }
-        Ok(Node { engine: Arc::new(engine), limits: config.engine.limits, dir: Some(dir), _lock: Some(lock) })
+        let dir = Some((dir, config.storage.clone()));
+        Ok(Node { engine: Arc::new(engine), limits: config.engine.limits, dir, _lock: Some(lock) })
     }
 
     /// The engine (also the server's `Backend`).
@@ -885,11 +945,13 @@ impl Node {
     /// marks the directory cleanly stopped (`CLEAN_STOP_FILE`).
     pub fn shutdown(self) {
         self.engine.shutdown();
-        let Some(dir) = &self.dir else { return };
-        if self.engine.stats().poisoned_shards() > 0 {
+        let Some((dir, storage)) = &self.dir else { return };
+        let stats = self.engine.stats();
+        if stats.poisoned_shards() > 0 {
             return;
         }
-        if let Err(e) = write_atomic(dir, CLEAN_STOP_FILE, b"stopped cleanly: every shard's log synced\n") {
+        let mark = CleanStop { next_lsn: stats.log_next_lsns(), path: dir.join(CLEAN_STOP_FILE) };
+        if let Err(e) = mark.write(storage.0.as_ref(), dir) {
             eprintln!("note: could not mark the clean stop: {e}");
         }
     }

@@ -479,6 +479,43 @@ fn damage_record(path: &Path, offset: u64) -> Vec<u8> {
     bytes
 }
 
+/// A clean stop records where every shard's log ended: a log found shorter at the next start
+/// (its last record zeroed, as a lost write-back or a wrong `dd` would leave it, which reads
+/// as a clean end) lost acknowledged records, and the start is refused instead of continuing
+/// without them.
+#[test]
+fn a_log_shorter_than_at_its_clean_stop_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let before = {
+        let node = Node::open(node_config(dir.path(), 1)).unwrap();
+        setup(node.engine(), &spec);
+        storm(node.engine(), &spec, 2, 0);
+        let b = balances(node.engine(), &spec);
+        node.shutdown();
+        b
+    };
+    let mark = dir.path().join(stormledger::node::CLEAN_STOP_FILE);
+    let (path, offset, lsn) = last_record(dir.path());
+    let recorded = stormledger::node::CleanStop::read(&stormledger::storage::MmapStorage, dir.path()).expect("marked");
+    assert_eq!(recorded.next_lsn, vec![lsn + 1], "the mark holds the log's end");
+    // The healthy directory starts (and a start removes the mark before it writes).
+    let node = Node::open(node_config(dir.path(), 1)).unwrap();
+    assert!(!mark.exists());
+    assert_eq!(balances(node.engine(), &spec), before);
+    node.shutdown();
+    // Now the last record is zeroed: the log reads clean, one record short.
+    let (path2, offset2, lsn2) = last_record(dir.path());
+    assert_eq!((path2, offset2, lsn2), (path.clone(), offset, lsn), "nothing was logged by the start");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset as usize..].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Node::open(node_config(dir.path(), 1)).err().expect("refused").to_string();
+    assert!(err.contains("stopped cleanly") && err.contains("missing"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing written");
+    assert!(mark.exists());
+}
+
 #[test]
 fn a_damaged_last_record_the_snapshot_covers_is_refused_and_never_truncated() {
     // `admin snapshot` then a stop: the log ends exactly at the snapshot's lsn. The snapshot

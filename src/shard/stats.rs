@@ -181,6 +181,8 @@ struct ShardCounters {
     /// Batches appended on the shard's log thread (`shard::log_stage`), not inline.
     pipelined: AtomicU64,
     poisoned: AtomicBool,
+    /// The lsn the shard's log would give its next record, set when the worker stops.
+    log_next_lsn: AtomicU64,
 }
 
 /// The engine's metrics. See the module docs and docs/operations.md.
@@ -250,6 +252,16 @@ impl EngineStats {
     /// Batches of `shard` appended on its log thread while it applied the batch before.
     pub fn pipelined_batches(&self, shard: usize) -> u64 {
         self.shards[shard].pipelined.load(Ordering::Relaxed)
+    }
+
+    /// A stopping shard's log end (`node::CleanStop`).
+    pub fn set_log_next_lsn(&self, shard: u16, next_lsn: u64) {
+        self.shards[shard as usize].log_next_lsn.store(next_lsn, Ordering::Relaxed);
+    }
+
+    /// Every shard's log end as its worker stopped (0 for one still running).
+    pub fn log_next_lsns(&self) -> Vec<u64> {
+        self.shards.iter().map(|s| s.log_next_lsn.load(Ordering::Relaxed)).collect()
     }
 
     /// Shards whose journal failed (they refuse all writes until restart).

@@ -248,10 +248,8 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                         }
                     };
                     spinner.finish_and_clear();
-                    let mark = dir.join(stormledger::node::CLEAN_STOP_FILE);
-                    if let Some(damage) = stormledger::node::damaged_after_clean_stop(&l.recovery.outcome, &mark)
-                        .filter(|_| mark.exists())
-                    {
+                    let clean_stop = stormledger::node::CleanStop::read(&MmapStorage, dir);
+                    if let Some(damage) = clean_stop.and_then(|c| c.damage(shard, &l.recovery)) {
                         problems.push(damage);
                     } else if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &l.recovery.outcome {
                         problems.push(format!(
@@ -554,17 +552,17 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
     let mut states = Vec::new();
     // After a clean stop a bad last record is damage, not a torn write: refused like the rest,
     // unless the operator removes the mark to accept the loss (the message says so).
-    let mark = dir.join(stormledger::node::CLEAN_STOP_FILE);
-    let marked = mark.exists();
+    let clean_stop = stormledger::node::CleanStop::read(&MmapStorage, dir);
     for r in load_all(dir, shards, &ledger, &replay_limits(&cluster)) {
+        let damage = r.loaded.as_ref().ok().and_then(|l| clean_stop.as_ref()?.damage(r.shard, &l.recovery));
         match r.loaded {
-            Ok(l) if marked && stormledger::node::damaged_after_clean_stop(&l.recovery.outcome, &mark).is_some() => {
+            Ok(_) if damage.is_some() => {
                 ok = false;
                 covered.push(0);
-                let damage = stormledger::node::damaged_after_clean_stop(&l.recovery.outcome, &mark).expect("some");
+                let mark = clean_stop.as_ref().expect("marked").path.display();
                 out.push(json!({"shard": r.shard, "ok": false, "error": damage,
-                    "advice": format!("restore this shard from a replica or backup; to accept the loss of that \
-                        record instead, delete {} and run recover again", mark.display())}));
+                    "advice": format!("restore this shard from a replica or backup; to accept the loss instead, \
+                        delete {mark} and run recover again")}));
             }
             Ok(l) => {
                 covered.push(l.snapshot_lsn);
