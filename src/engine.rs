@@ -1,8 +1,10 @@
 //! The engine facade: starts one worker per shard and routes commands and reads to them.
 //!
 //! Ingest (any thread): decode and shape-check each record, refuse what cannot run (maintenance,
-//! full queue) with a status, claim transfer ids in the directory, and push one `Part` per
-//! shard onto that shard's bounded queue. Nothing here blocks: a full queue answers `busy`.
+//! full queue, no replication permit free, a shard whose log failed) with a status, claim
+//! transfer ids in the directory, and push each shard's commands, in parts of at most
+//! `batch_commands_max`, onto that shard's bounded queue. Nothing here blocks: a full queue
+//! answers `busy`.
 //! Balance reads are answered on the calling thread from the shards' published balances.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -2,7 +2,8 @@
 //!
 //! Modules in reading order:
 //! - `config`: every limit and business parameter, validated at startup.
-//! - `layout`: the fixed little-endian command/reply records shared by the log and the wire.
+//! - `layout`: the fixed little-endian records shared by the log and the wire (command, reply,
+//!   query, history, event and watch records).
 //! - `ledger`: the deterministic wallet state machine (no IO, no clock, no randomness).
 //! - `shard`: routing, the id directory, bounded queues and the single-writer worker loop.
 //! - `engine`: the facade that starts the workers and routes commands and reads.
@@ -10,7 +11,8 @@
 //! - `node`: a durable node: data-directory lock, recovery, the engine over per-shard logs.
 //! - `wal`: the memory-mapped write-ahead log: segments, batch records, reader, recovery.
 //! - `storage`: the narrow file trait the log writes through (real, fault-injecting, crash image).
-//! - `snapshot`: the checksummed snapshot container (write tmp, fsync, rename, fsync dir; load).
+//! - `snapshot`: the checksummed snapshot container (write tmp, fsync, rename, fsync dir; load),
+//!   and `snapshot::state`, the shard-state codec.
 //! - `error`: typed errors of the IO layers (storage, wal, snapshot).
 //! - `protocol`: the wire format (frame header, codec, async framing); the only module that
 //!   knows wire bytes. Normative description in `docs/protocol.md`.
@@ -19,6 +21,7 @@
 //! - `client`: the async client (batching, pipelining, request-id matching) built on `protocol`.
 //! - `tls`: optional TLS under the framing (rustls on ring): PEM loading for server and client.
 //! - `workload`: the seeded gift-storm workload shared by benches, the storm tool and tests.
+//! - `mem`: huge-page hints for the big tables, and the allocator tuning (`tune_allocator`).
 //! - `cli`: the `stormledger` binary: `serve` (config, signals, metrics) and the client CLI.
 
 pub mod cli;

@@ -1,10 +1,11 @@
 //! A durable node: the engine over its data directory (lock, logs, snapshots, recovery).
 //!
 //! `Node::open` is what `stormledger serve` and the in-process tools call. It takes the data
-//! directory's lock, recovers every shard (`load_shard`: newest valid snapshot, then the log
-//! after it) and starts the engine with one write-ahead log per shard as its journal.
-//! `load_shard` is also what `stormledger-recover` runs, read-only: the server and the tool
-//! share one recovery path.
+//! directory's lock, loads every shard read-only (`load_shard_with_feed`: newest valid
+//! snapshot, then the log after it), then opens each log's writer (`Wal::open_covered`, which
+//! zeroes a torn tail) and starts the engine with one write-ahead log per shard as its journal
+//! (`WalJournal`). `load_shard` (the same load without the feed) is what
+//! `stormledger-recover` runs: the server and the tool share one recovery path.
 //!
 //! Data directory layout:
 //! ```text

@@ -1,7 +1,8 @@
 //! The idempotency table of one shard: transfer id -> sequence number of its record in the
 //! shard's id ring. Writer-only.
 //!
-//! Open addressing with linear probing over a power-of-two table at most half full, and
+//! Open addressing with linear probing over a power-of-two table at most half full (the id
+//! directory lets a re-claim, and its rebuild at recovery, fill a stripe to three quarters), and
 //! backward-shift deletion (no tombstones, so probe runs never grow with churn). It exists, rather
 //! than a `HashMap`, so the worker can prefetch the bucket of a command's id (and of the id it
 //! will evict) a few commands ahead: with a million ids per shard every access is a cache miss,

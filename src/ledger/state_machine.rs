@@ -4,8 +4,9 @@
 //! hash-map iteration order. The same commands with the same timestamps give the same replies
 //! and balances, which is what log replay, recovery and simulation tests rely on.
 //!
-//! Every money movement is a `transfer` between two accounts of the same unit on this shard, so
-//! each shard balances on its own (the sum of balances per unit is zero). Striped accounts
+//! Every money movement debits and credits the same amount in one unit on this shard (a
+//! `transfer`'s legs, or a spend's debit and its split credits, `split_spend`), so each shard
+//! balances on its own (the sum of balances per unit is zero). Striped accounts
 //! (streamers, unions, system accounts) have a stripe on every shard; a tip touches only the
 //! payer's shard. Cross-shard work (creating/freezing a striped account, settlement) is applied
 //! on the home shard first and then replicated: `apply` returns a `Fanout` for the engine.
@@ -738,7 +739,8 @@ impl ShardState {
         self.publish_deferred = false;
     }
 
-    /// Applies one command at `timestamp` (strictly increasing, assigned at ingest).
+    /// Applies one command at `timestamp` (strictly increasing, assigned by the shard's worker
+    /// when it drains the batch, and logged).
     pub fn apply(&mut self, timestamp: u64, command: &Command) -> (Reply, Fanout) {
         assert!(timestamp > self.last_timestamp, "timestamps must increase");
         self.last_timestamp = timestamp;

@@ -2,8 +2,10 @@
 //! append (durable per the configured mode) -> apply -> reply.
 //!
 //! A shard's `ShardState` is owned by exactly one thread, this one; other threads reach it only
-//! through its queues (writes: bounded; replica messages: admitted by the engine's replication
-//! permits; queries: bounded) and read published balances through the lock-free index.
+//! through its queues (writes: bounded; replica messages: an unbounded channel whose client
+//! work is admitted by the engine's replication permits, and whose re-sends at start and
+//! settlement totals are bounded by the outbox; queries: bounded) and read published balances
+//! through the lock-free index.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};

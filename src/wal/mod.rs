@@ -10,7 +10,9 @@
 //! shard worker acknowledges after `Wal::sync` returns), continue writing after a failed write,
 //! sync or allocation (the writer poisons itself), or repair anything but a torn tail.
 //!
-//! The shard worker's loop is: drain a batch -> `append` once -> `sync` once -> apply -> reply.
+//! Per batch the shard worker hands its records to its journal (`node::WalJournal`, on the
+//! shard's log thread in sync mode, `shard::log_stage`): `append` once, `sync` once; the worker
+//! applies and replies only after that result.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 #![deny(clippy::host_endian_bytes, clippy::big_endian_bytes)]

@@ -33,7 +33,8 @@ struct SegmentRef {
     first_lsn: u64,
 }
 
-/// The writer of one shard's log. Single-threaded by design: the shard worker owns it.
+/// The writer of one shard's log. Single-threaded by design: one thread at a time uses it, the
+/// shard worker, or in sync mode the shard's log thread (behind the `LogStage`'s mutex).
 pub struct Wal {
     dir: PathBuf,
     shard_id: u32,
