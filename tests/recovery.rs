@@ -49,6 +49,17 @@ fn storm(engine: &Engine, spec: &StormSpec, batches: usize, skip: usize) {
     }
 }
 
+/// A node of `shards` shards on `dir`: set up, `batches` of 100 tips, stopped cleanly; the
+/// balances it stopped with.
+fn stormed_and_stopped(dir: &Path, shards: u16, spec: &StormSpec, batches: usize) -> Vec<Option<i64>> {
+    let node = Node::open(node_config(dir, shards)).unwrap();
+    setup(node.engine(), spec);
+    storm(node.engine(), spec, batches, 0);
+    let b = balances(node.engine(), spec);
+    node.shutdown();
+    b
+}
+
 fn balances(engine: &Engine, spec: &StormSpec) -> Vec<Option<i64>> {
     let mut ids: Vec<u64> = (1..=spec.users).collect();
     ids.extend((0..spec.streamers).map(|s| STREAMER_BASE + s));
@@ -79,14 +90,7 @@ fn submit_one(engine: &Engine, record: CommandRecord) -> u16 {
 fn restart_recovers_every_acknowledged_command() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec();
-    let before = {
-        let node = Node::open(node_config(dir.path(), 2)).unwrap();
-        setup(node.engine(), &spec);
-        storm(node.engine(), &spec, 20, 0);
-        let b = balances(node.engine(), &spec);
-        node.shutdown();
-        b
-    };
+    let before = stormed_and_stopped(dir.path(), 2, &spec, 20);
     let node = Node::open(node_config(dir.path(), 2)).unwrap();
     assert_eq!(balances(node.engine(), &spec), before);
     // The same tips again are retries: original results, nothing moves.
@@ -487,14 +491,7 @@ fn damage_record(path: &Path, offset: u64) -> Vec<u8> {
 fn a_log_shorter_than_at_its_clean_stop_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec();
-    let before = {
-        let node = Node::open(node_config(dir.path(), 1)).unwrap();
-        setup(node.engine(), &spec);
-        storm(node.engine(), &spec, 2, 0);
-        let b = balances(node.engine(), &spec);
-        node.shutdown();
-        b
-    };
+    let before = stormed_and_stopped(dir.path(), 1, &spec, 2);
     let mark = dir.path().join(stormledger::node::CLEAN_STOP_FILE);
     let (path, offset, lsn) = last_record(dir.path());
     let recorded = stormledger::node::CleanStop::read(&stormledger::storage::MmapStorage, dir.path()).expect("marked");
