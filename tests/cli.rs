@@ -302,6 +302,23 @@ fn unreachable_and_wrong_token_exit_3() {
     let run = run_bounded(cmd);
     assert_eq!(run.code, 3, "{} {}", run.stdout, run.stderr);
     assert_eq!(run.json()["status"], "unreachable");
+    // A payment callback that could not be sent says when it was first tried: its retry
+    // repeats that time, which decides whether it was on time.
+    let mut cmd = bin();
+    cmd.args(["--connect", &format!("127.0.0.1:{port}"), "--token", "x", "--json", "topup", "confirm"]).args([
+        "--id",
+        "7",
+        "--channel-txn",
+        "T7",
+        "--amount",
+        "30.00",
+    ]);
+    let run = run_bounded(cmd);
+    assert_eq!(run.code, 3, "{} {}", run.stdout, run.stderr);
+    let json = run.json();
+    assert_eq!(json["status"], "unreachable");
+    let first_sent = json["first_sent"].as_u64().expect("first_sent");
+    assert!(run.stderr.contains(&format!("--first-sent {first_sent}")), "{}", run.stderr);
 
     // A malformed address is a usage error (exit 2), for every client command and for watch.
     for args in [&["balance", "1"][..], &["tip", "--id", "1", "--from", "1", "--to", "2", "--coins", "1"], &["watch"]] {
@@ -396,7 +413,14 @@ fn maintenance_blocks_writes_not_reads() {
     assert_eq!(s.ok(&["balance", "1", "--json"]).json()["balance"], 290);
 
     // Freeze and unfreeze through the admin role.
-    s.ok(&["admin", "freeze", "1"]);
+    let done = s.ok(&["--json", "admin", "freeze", "1"]).json();
+    assert_eq!((done["status"].as_str(), done["frozen"].as_bool()), (Some("ok"), Some(true)), "{done}");
+    // A refused freeze does not say `frozen`: nothing changed.
+    let refused = s.cli(&["--json", "admin", "freeze", "999"]);
+    assert_eq!(refused.code, 1);
+    let refused = refused.json();
+    assert_eq!(refused["status"], "account_not_found");
+    assert!(refused.get("frozen").is_none(), "{refused}");
     let frozen = s.cli(&["tip", "--id", "301", "--from", "1", "--to", "2", "--coins", "10"]);
     assert_eq!(frozen.code, 1);
     assert!(frozen.stdout.contains("account_frozen"), "{}", frozen.stdout);

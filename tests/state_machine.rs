@@ -238,6 +238,13 @@ fn a_confirmation_paid_before_the_deadline_credits_an_expired_top_up() {
         l.ok(begin(id, 10, 600));
         l.now
     });
+    // A payment time from before the begin (past 10 minutes of skew) is no payment time: the
+    // unit slips (seconds, milliseconds for ns) are refused, pending or expired, and change
+    // nothing; within the skew it is accepted.
+    for slip in [1, begun[0] / 1_000_000_000, begun[0] / 1_000_000, begun[0] - 600 * SEC - 1] {
+        assert_eq!(l.run(paid(1, "T1", slip)).status, InvalidPaidBy, "paid_by {slip}");
+    }
+    assert_eq!(l.state.topup(1).unwrap().state, TopUpState::Pending);
     // Long after every deadline (the server was paused or down).
     l.advance(3 * 3600);
     l.ok(Command::Tick);
@@ -245,6 +252,8 @@ fn a_confirmation_paid_before_the_deadline_credits_an_expired_top_up() {
         assert_eq!(l.state.topup(id).unwrap().state, TopUpState::Expired);
     }
     let clearing = l.balance(Channel::Alipay.clearing_account());
+    assert_eq!(l.run(paid(1, "T1", begun[0] / 1_000_000)).status, InvalidPaidBy, "expired: still refused");
+    assert_eq!(l.state.topup(1).unwrap().state, TopUpState::Expired);
     // Paid one nanosecond before its deadline: credited, as if confirmed in time.
     let on_time = paid(1, "T1", begun[0] + ttl - 1);
     assert_eq!(l.run(on_time).status, Ok);
@@ -262,6 +271,8 @@ fn a_confirmation_paid_before_the_deadline_credits_an_expired_top_up() {
     assert_eq!(l.run(paid(2, "T2", begun[1] + ttl)).status, TopUpRefunded);
     // Not saying when (0): refunded.
     assert_eq!(l.run(paid(3, "T3", 0)).status, TopUpRefunded);
+    // Ended: a repeat is answered from the state, whatever its time says.
+    assert_eq!(l.run(paid(3, "T3", 1)).status, TopUpRefunded);
     assert_eq!(l.balance(10), 60);
     assert_eq!(l.balance(SYSTEM_SUSPENSE), 0);
     // A top-up that failed stays failed: the channel said so, whatever the time.

@@ -501,7 +501,17 @@ async fn execute(cli: &Cli, request: Request) -> Result<(Obj, String), Failure> 
         Request::Write { record, .. } => Some(record.timestamp.get()),
         _ => None,
     };
-    let client = connect(cli, admin, timeout).await?;
+    let client = connect(cli, admin, timeout).await.map_err(|mut failure| {
+        // Not sent, so not applied; its retry still repeats the first-send time (a payment
+        // callback's says it was on time).
+        if let (EXIT_UNREACHABLE, "unreachable", Some(first_sent @ 1..)) = (failure.exit, failure.status, first_sent) {
+            failure.first_sent = Some(first_sent);
+            failure.message.push_str(&format!(
+                " (the command was not sent; retry it unchanged, with the same id and --first-sent {first_sent})"
+            ));
+        }
+        failure
+    })?;
     let work = run(&client, request);
     match tokio::time::timeout(timeout, work).await {
         Ok(Ok((mut obj, mut line))) => {

@@ -165,8 +165,9 @@ pub fn command_fields(cmd: &Command, obj: &mut Obj) {
         Command::SetDailyCap { user, coins } => {
             obj.set("user", user).set("coins", coins);
         }
-        Command::Freeze { account, frozen } => {
-            obj.set("account", account).set("frozen", frozen);
+        Command::Freeze { account, .. } => {
+            // Whether it is frozen now only with `ok` (`result_fields`): a refusal changed nothing.
+            obj.set("account", account);
         }
         Command::SettleTotal { id, total, shards, at } => {
             obj.set("id", id).set("settled", total).set("shards", shards).set("settle_timestamp", at);
@@ -181,6 +182,9 @@ pub fn command_fields(cmd: &Command, obj: &mut Obj) {
 /// What a reply's `value`/`value2` mean for this command and status (see `state_machine`).
 pub fn result_fields(cmd: &Command, status: Option<Status>, value: i64, value2: i64, obj: &mut Obj) {
     match (status, cmd) {
+        (Some(Status::Ok), Command::Freeze { frozen, .. }) => {
+            obj.set("frozen", *frozen);
+        }
         (Some(Status::Ok), Command::TopUpBegin { .. }) => {
             obj.set("coins", value);
         }

@@ -31,6 +31,10 @@ use crate::ledger::topups::TopUps;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// How far a top-up confirmation's payment time (`paid_by`) may fall before the top-up's begin
+/// (the gateway's clock behind the server's): 10 minutes. Earlier is `invalid_paid_by`.
+pub const PAID_BY_SKEW_NS: u64 = 600 * NS_PER_SEC;
+
 /// The platform account's slot: the system accounts are created first, in `SYSTEM_ACCOUNTS`'
 /// order, by `ShardState::new` (and a snapshot load checks they are there), so every spend
 /// reaches it without an index probe.
@@ -1258,6 +1262,13 @@ impl ShardState {
         // Paid before the deadline, confirmed after: the callback was late through no fault of
         // the user's (refused `maintenance`, the server down, the channel slow). The top-up
         // expired only because nothing was heard in time: it is credited as if still pending.
+        // A payment time from before the top-up began is not one: refused, so that a unit slip
+        // (seconds for ns) does not credit every late callback.
+        let acting = matches!(topup.state, TopUpState::Pending | TopUpState::Expired);
+        let begun = topup.deadline - self.config.topup_ttl_seconds * NS_PER_SEC;
+        if acting && paid_by != 0 && paid_by < begun.saturating_sub(PAID_BY_SKEW_NS) {
+            return Reply::status(Status::InvalidPaidBy);
+        }
         let paid_in_time = topup.state == TopUpState::Expired && paid_by != 0 && paid_by < topup.deadline;
         let state = if paid_in_time { TopUpState::Pending } else { topup.state };
         match state {

@@ -104,6 +104,10 @@ statuses! {
     /// is refused rather than risk applying it twice. Nothing changed; check with `lookup`
     /// or the account history before sending it again under a new id.
     IdExpired = 32, "id_expired";
+    /// A top-up's confirmation says the channel was paid before the top-up was begun (by more
+    /// than `PAID_BY_SKEW_NS` of clock skew): a payment time in the wrong unit (seconds,
+    /// milliseconds) or a clock far behind. Nothing changed; fix the time and retry.
+    InvalidPaidBy = 33, "invalid_paid_by";
 }
 
 impl Status {
