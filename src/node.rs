@@ -279,15 +279,15 @@ impl CleanStop {
             return Some(format!(
                 "shard {shard}: the last record of {} ({bytes} bytes at offset {offset}) is damaged, but the server had \
                  stopped cleanly ({mark} is there): no write was cut short, so this record was acknowledged and has \
-                 been damaged since. {advice}; `stormledger-recover recover` would truncate the record and lose the \
-                 commands it holds",
+                 been damaged since. {advice}; to accept the loss of the commands it holds instead, delete {mark} \
+                 and run `stormledger-recover recover`, which then truncates it",
                 path.display()
             ));
         }
         match self.next_lsn.get(shard as usize) {
             Some(&stopped) if stopped != report.next_lsn => Some(format!(
                 "shard {shard}: the log ends before lsn {}, but the server had stopped cleanly before lsn {stopped} \
-                 ({mark}): {}. {advice}",
+                 ({mark}): {}. {advice}; to accept the loss instead, delete {mark}",
                 report.next_lsn,
                 if report.next_lsn < stopped {
                     "acknowledged records are missing (the newest segment lost, or records zeroed)"
@@ -360,6 +360,8 @@ pub struct LoadedShard {
     /// Log records (batches) and commands replayed after the snapshot.
     pub batches_replayed: u64,
     pub commands_replayed: u64,
+    /// Bytes of log those records take (frames included): toward the next snapshot.
+    pub bytes_replayed: u64,
     pub recovery: wal::RecoveryReport,
 }
 
@@ -452,7 +454,7 @@ pub fn load_shard_with_feed(
             report.first_lsn
         )));
     }
-    let (mut batches, mut commands) = (0u64, 0u64);
+    let (mut batches, mut commands, mut bytes) = (0u64, 0u64, 0u64);
     let mut decoded: Vec<Command> = Vec::new();
     let mut events = crate::feed::BatchEvents::new(0);
     // No reader sees this state yet: balances are published once, after the replay.
@@ -502,6 +504,7 @@ pub fn load_shard_with_feed(
             }
             state.clear_evicted();
             batches += 1;
+            bytes += wal::record::record_size(record.payload.len() as u64);
             if batches % 64 == 0 {
                 progress(batches);
             }
@@ -517,6 +520,7 @@ pub fn load_shard_with_feed(
         damaged_snapshots: skipped.iter().filter_map(damaged_file).collect(),
         batches_replayed: batches,
         commands_replayed: commands,
+        bytes_replayed: bytes,
         recovery: report,
     })
 }
@@ -827,15 +831,16 @@ impl Node {
         crate::engine::check_replicas(&loaded.iter().map(|l| &l.state).collect::<Vec<_>>())
             .map_err(|e| NodeError::Corrupt(format!("{}: {e}", dir.display())))?;
         // After a clean stop no write was cut short: a bad last record is damage, and it was
-        // acknowledged. The mark goes before the first write, so that a crash from now on
-        // leaves no mark behind it.
-        if let Some(clean_stop) = CleanStop::read(storage.as_ref(), &dir) {
+        // acknowledged; a log shorter than it was lost records. The mark is removed once the
+        // logs are open, before their first append (a crash from then on leaves none behind;
+        // a start that fails before keeps it).
+        let clean_stop = CleanStop::read(storage.as_ref(), &dir);
+        if let Some(clean_stop) = &clean_stop {
             for (shard, l) in (0u16..).zip(&loaded) {
                 if let Some(damage) = clean_stop.damage(shard, &l.recovery) {
                     return Err(NodeError::Corrupt(damage));
                 }
             }
-            clean_stop.remove(storage.as_ref(), &dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
         }
         if let Some(cluster) = new_dir {
             let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
@@ -892,6 +897,9 @@ impl Node {
             Ok(wal)
         };
         let wals = per_shard(shards, "open-log", open_log)?;
+        if let Some(clean_stop) = clean_stop {
+            clean_stop.remove(storage.as_ref(), &dir).map_err(|e| NodeError::Corrupt(e.to_string()))?;
+        }
         for ((shard, loaded), wal) in (0u16..).zip(loaded).zip(wals) {
             let shard_dir = wal::shard_dir(&dir, shard as u32);
             if loaded.commands_replayed > 0 || loaded.snapshot_path.is_some() {
@@ -910,7 +918,7 @@ impl Node {
                 dir: shard_dir.join("snapshots"),
                 storage: config.storage.clone(),
                 every_bytes: config.snapshot_every_bytes,
-                logged_since: loaded.commands_replayed * std::mem::size_of::<CommandRecord>() as u64,
+                logged_since: loaded.bytes_replayed,
                 retire_log: config.retire_log,
                 kept: kept_lsns,
             }));

@@ -363,3 +363,29 @@ fn a_buffered_snapshot_and_the_log_it_covers_survive_a_power_loss() {
     assert_eq!(after, before);
     node.shutdown();
 }
+
+/// A start that fails before its first append (here: the log writer's first sync, as a
+/// read-only or failing disk would make it) keeps the clean-stop mark: the next start still
+/// knows the stop was clean, and refuses a damaged last record instead of truncating it.
+#[test]
+fn a_start_that_fails_before_writing_keeps_the_clean_stop_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = MemStorage::new();
+    let faults = FaultyStorage::new(Arc::new(storage.clone()));
+    let node = Node::open(config(dir.path(), &faults, 1, 0)).unwrap();
+    let create = Command::CreateAccount { account: 1, kind: AccountKind::User, flags: flags::REAL_NAME, union: 0 };
+    assert_eq!(node.engine().execute(&[create])[0].status.get(), 0);
+    node.shutdown();
+    assert!(stormledger::node::CleanStop::read(&storage, dir.path()).is_some());
+    // Opening the logs fails (their first sync); nothing was appended.
+    let faults = FaultyStorage::new(Arc::new(storage.clone()));
+    faults.fail_nth_sync(1);
+    assert!(Node::open(config(dir.path(), &faults, 1, 0)).is_err(), "the start fails");
+    assert!(stormledger::node::CleanStop::read(&storage, dir.path()).is_some(), "the mark is kept");
+    // And a start that succeeds removes it.
+    let faults = FaultyStorage::new(Arc::new(storage.clone()));
+    let node = Node::open(config(dir.path(), &faults, 1, 0)).unwrap();
+    assert!(stormledger::node::CleanStop::read(&storage, dir.path()).is_none());
+    assert_eq!(node.engine().balance(1), Some(0));
+    node.shutdown();
+}

@@ -504,7 +504,9 @@ impl Applier {
             match appended.result {
                 Ok(lsn) if !self.poisoned => {
                     self.last_lsn = lsn;
-                    self.logged_bytes += (appended.records.len() * std::mem::size_of::<CommandRecord>()) as u64;
+                    // What the log holds of the batch: its records and their frame (header, alignment).
+                    let payload = (appended.records.len() * std::mem::size_of::<CommandRecord>()) as u64;
+                    self.logged_bytes += crate::wal::record::record_size(payload);
                 }
                 Ok(_) => {}
                 Err(error) => {

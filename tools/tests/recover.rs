@@ -195,7 +195,16 @@ fn a_torn_tail_fails_verify_and_recover_repairs_only_it() {
     let (code, out) = tool(&["recover", d, "--json"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("stopped cleanly") && out.contains("to accept the loss"), "{out}");
+    let (code, out) = tool(&["recover", d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("to accept the loss instead, delete") && out.contains("clean-stop"), "{out}");
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "never truncated");
+    // inspect shows the records before it, and exits 1 as verify does.
+    let (code, out) = tool(&["inspect", d, "--limit", "100000", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((last["status"].as_str(), last["shards"][0]["shard"].as_u64()), (Some("failed"), Some(0)), "{last}");
+    assert!(out.lines().count() > 1, "the records before it are shown: {out}");
     // As after a crash: no mark.
     std::fs::remove_file(&mark).unwrap();
     let (code, out) = tool(&["verify", d]);

@@ -17,6 +17,7 @@ use serde_json::json;
 use zerocopy::FromBytes;
 
 use stormledger::config::{LedgerConfig, ShardLimits};
+use stormledger::error::StorageError;
 use stormledger::layout::CommandRecord;
 use stormledger::ledger::command::kind;
 use stormledger::node::{
@@ -420,7 +421,13 @@ fn inspect(
         if only.is_some_and(|s| s != shard) {
             continue;
         }
-        let shown = inspect_shard(dir, shard, &cluster, &ledger, account, &from, limit, &mut printed);
+        let mut bad_tail = None;
+        let shown = inspect_shard(dir, shard, &cluster, &ledger, account, &from, limit, &mut printed, &mut bad_tail);
+        if let Some(e) = bad_tail {
+            // Shown up to it; the record is not: damage or a torn write, exit 1 as `verify`.
+            eprintln!("stormledger-recover: shard {shard}: {e}");
+            damaged.push(json!({"shard": shard, "error": e}));
+        }
         match shown {
             Ok(true) => {}
             Ok(false) => break, // --limit reached
@@ -452,15 +459,16 @@ fn inspect_shard(
     from: &Start,
     limit: u64,
     printed: &mut u64,
+    bad_tail: &mut Option<String>,
 ) -> Result<bool, String> {
     let sdir = wal::shard_dir(dir, shard as u32);
     let (reader, report) = WalReader::open(&sdir, shard as u32, &MmapStorage).map_err(|e| e.to_string())?;
     if let RecoveryOutcome::WouldTruncateTail { path, offset, bytes, .. } = &report.outcome {
-        eprintln!(
-            "stormledger-recover: shard {shard}: not shown: a bad last record in {} at offset {offset} ({bytes} \
-             bytes); see `stormledger-recover verify`",
+        *bad_tail = Some(format!(
+            "not shown: a bad last record in {} at offset {offset} ({bytes} bytes), torn or damaged: see \
+             `stormledger-recover verify`",
             path.display()
-        );
+        ));
     }
     let mut topup_users = match account {
         Some(_) => Some(TopUpUsers::scan(&reader)?),
@@ -538,7 +546,11 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
     let _lock = if dry_run {
         None
     } else {
-        Some(DirLock::acquire(dir).map_err(|e| format!("{e} (stop the server before running recover)"))?)
+        Some(DirLock::acquire(dir).map_err(|e| match e {
+            StorageError::AlreadyLocked { .. } => format!("{e} (stop the server before running recover)"),
+            // A read-only directory, a permission: `recover` writes, the others only read.
+            _ => format!("{e} (recover needs to write to the directory; verify and inspect only read)"),
+        })?)
     };
     // First every shard is loaded as the server loads it, writing nothing: the replay passes
     // over a torn last record, so this is the directory as it will be once repaired. Anything
@@ -619,7 +631,13 @@ fn recover(dir: &Path, dry_run: bool, json_out: bool) -> Result<bool, String> {
         }
         for s in &out {
             match s.get("error") {
-                Some(e) => println!("shard {}: cannot repair: {e}", s["shard"]),
+                Some(e) => {
+                    let e = e.as_str().map_or_else(|| e.to_string(), str::to_string);
+                    println!("shard {}: cannot repair: {e}", s["shard"]);
+                    if let Some(advice) = s.get("advice").and_then(|a| a.as_str()) {
+                        println!("shard {}: {advice}", s["shard"]);
+                    }
+                }
                 None => println!(
                     "shard {}: {}{}",
                     s["shard"],
