@@ -151,12 +151,19 @@ fn restarts_do_not_put_the_next_snapshot_off() {
     let record = std::mem::size_of::<CommandRecord>() as u64;
     config.snapshot_every_bytes = 300 * record;
     let mut before = Vec::new();
+    let mut written = 0;
     for run in 0..3 {
         let node = Node::open(config.clone()).unwrap();
         storm(node.engine(), &spec, 1, run);
         before = balances(node.engine(), &spec);
+        let engine = node.engine().clone();
         node.shutdown();
+        written += engine.stats().snapshots(0) + engine.stats().snapshots(1);
+        // The log ends the metrics show are the ones the clean stop recorded.
+        let mark = stormledger::node::CleanStop::read(&stormledger::storage::MmapStorage, dir.path()).unwrap();
+        assert_eq!(engine.stats().log_next_lsns(), mark.next_lsn);
     }
+    assert!(written >= 2, "the snapshots are counted ({written})");
     assert!(snapshots("shard-00") > 0 && snapshots("shard-01") > 0, "no snapshot after three restarts");
     let node = Node::open(config).unwrap();
     assert_eq!(balances(node.engine(), &spec), before);

@@ -181,8 +181,12 @@ struct ShardCounters {
     /// Batches appended on the shard's log thread (`shard::log_stage`), not inline.
     pipelined: AtomicU64,
     poisoned: AtomicBool,
-    /// The lsn the shard's log would give its next record, set when the worker stops.
+    /// The lsn the shard's log gives its next record (after every batch, and when it stops).
     log_next_lsn: AtomicU64,
+    /// Log bytes (records and frames) since the last snapshot started.
+    log_since_snapshot: AtomicU64,
+    /// Snapshots written durably since the start.
+    snapshots: AtomicU64,
 }
 
 /// The engine's metrics. See the module docs and docs/operations.md.
@@ -254,12 +258,27 @@ impl EngineStats {
         self.shards[shard].pipelined.load(Ordering::Relaxed)
     }
 
-    /// A stopping shard's log end (`node::CleanStop`).
+    /// A shard's log end, after a batch and as it stops (`node::CleanStop`).
     pub fn set_log_next_lsn(&self, shard: u16, next_lsn: u64) {
         self.shards[shard as usize].log_next_lsn.store(next_lsn, Ordering::Relaxed);
     }
 
-    /// Every shard's log end as its worker stopped (0 for one still running).
+    /// A shard's log bytes since its last snapshot started.
+    pub fn set_log_since_snapshot(&self, shard: u16, bytes: u64) {
+        self.shards[shard as usize].log_since_snapshot.store(bytes, Ordering::Relaxed);
+    }
+
+    /// A snapshot of `shard` became durable.
+    pub fn snapshot_written(&self, shard: u16) {
+        self.shards[shard as usize].snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Snapshots `shard` wrote durably since the start.
+    pub fn snapshots(&self, shard: u16) -> u64 {
+        self.shards[shard as usize].snapshots.load(Ordering::Relaxed)
+    }
+
+    /// Every shard's log end (exact once its worker stopped: `node::CleanStop`).
     pub fn log_next_lsns(&self) -> Vec<u64> {
         self.shards.iter().map(|s| s.log_next_lsn.load(Ordering::Relaxed)).collect()
     }
@@ -303,7 +322,7 @@ impl EngineStats {
                 }
             }
         }
-        let per_shard: [(&str, &str, &str, ShardGetter); 3] = [
+        let per_shard: [(&str, &str, &str, ShardGetter); 6] = [
             (
                 "stormledger_engine_replies_total",
                 "counter",
@@ -321,6 +340,24 @@ impl EngineStats {
                 "counter",
                 "Journal batches appended on the shard's log thread while it applied the batch before (--pipeline-min-batch); the rest of stormledger_engine_batch_size's count were appended inline.",
                 |c| c.pipelined.load(Ordering::Relaxed),
+            ),
+            (
+                "stormledger_engine_log_next_lsn",
+                "gauge",
+                "The lsn the shard's log gives its next batch (its log end), after the last batch applied.",
+                |c| c.log_next_lsn.load(Ordering::Relaxed),
+            ),
+            (
+                "stormledger_engine_log_bytes_since_snapshot",
+                "gauge",
+                "Log bytes (records with their frames) since the shard's last snapshot started, counted across restarts; a snapshot starts at --snapshot-every-mib.",
+                |c| c.log_since_snapshot.load(Ordering::Relaxed),
+            ),
+            (
+                "stormledger_engine_snapshots_total",
+                "counter",
+                "Snapshots the shard wrote durably since the server started.",
+                |c| c.snapshots.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, get) in per_shard {
@@ -540,6 +577,9 @@ mod tests {
             "stormledger_engine_busy_refusals_total{shard=\"1\"} 2\n",
             "stormledger_engine_replies_total{shard=\"1\"} 0\n",
             "stormledger_engine_pipelined_batches_total{shard=\"0\"} 0\n",
+            "stormledger_engine_log_next_lsn{shard=\"1\"} 0\n",
+            "stormledger_engine_log_bytes_since_snapshot{shard=\"0\"} 0\n",
+            "stormledger_engine_snapshots_total{shard=\"1\"} 0\n",
             "stormledger_engine_queue_depth{shard=\"0\"} 3\n",
             "stormledger_engine_poisoned_shards 0\n",
             "# TYPE stormledger_engine_batch_size histogram\n",

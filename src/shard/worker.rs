@@ -504,6 +504,7 @@ impl Applier {
             match appended.result {
                 Ok(lsn) if !self.poisoned => {
                     self.last_lsn = lsn;
+                    self.peers.stats.set_log_next_lsn(shard, lsn + 1);
                     // What the log holds of the batch: its records and their frame (header, alignment).
                     let payload = (appended.records.len() * std::mem::size_of::<CommandRecord>()) as u64;
                     self.logged_bytes += crate::wal::record::record_size(payload);
@@ -762,7 +763,8 @@ pub fn run(
     let mut carry: Option<Part> = None;
     let mut shutting_down = false;
     let mut snapshot_requests: Vec<SnapshotDone> = Vec::new();
-    let mut snapshots = config.snapshot.clone().map(Snapshotter::new);
+    let mut snapshots = config.snapshot.clone().map(|policy| Snapshotter::new(policy, w.peers.stats.clone()));
+    w.peers.stats.set_log_next_lsn(shard, recovered_lsn + 1);
     // The batch in the log, applied once its result is in (pipelined journals only).
     let mut ahead: Option<Batch> = None;
     let mut pending_queries: VecDeque<QueryMsg> = VecDeque::new();
@@ -970,7 +972,9 @@ pub fn run(
         if let Some(s) = snapshots.as_mut() {
             s.poll(&mut log, shard);
             s.step(&mut w.state);
-            let due = s.policy.every_bytes > 0 && w.logged_bytes - s.logged_at_start >= s.policy.every_bytes;
+            let since = w.logged_bytes - s.logged_at_start;
+            w.peers.stats.set_log_since_snapshot(shard, since);
+            let due = s.policy.every_bytes > 0 && since >= s.policy.every_bytes;
             if (due || !snapshot_requests.is_empty()) && !w.poisoned {
                 // A snapshot that starts now covers every batch handed to the log.
                 if !s.writing() {
@@ -1065,11 +1069,13 @@ struct Snapshotter {
     in_flight: Option<(u64, SnapshotWriter, Vec<SnapshotDone>)>,
     /// The last snapshot's section buffers, encoded into again by the next one.
     buffers: crate::snapshot::state::SectionBuffers,
+    /// Counts the snapshots written (`stormledger_engine_snapshots_total`).
+    stats: Arc<EngineStats>,
 }
 
 impl Snapshotter {
-    fn new(policy: SnapshotPolicy) -> Snapshotter {
-        Snapshotter { policy, logged_at_start: 0, encoding: None, in_flight: None, buffers: Default::default() }
+    fn new(policy: SnapshotPolicy, stats: Arc<EngineStats>) -> Snapshotter {
+        Snapshotter { policy, logged_at_start: 0, encoding: None, in_flight: None, buffers: Default::default(), stats }
     }
 
     /// A snapshot is being encoded or written.
@@ -1186,6 +1192,7 @@ impl Snapshotter {
         };
         match &result {
             Ok(()) => {
+                self.stats.snapshot_written(shard);
                 self.policy.kept.push(lsn);
                 if self.policy.kept.len() > crate::snapshot::SNAPSHOTS_KEPT {
                     self.policy.kept.remove(0);
