@@ -472,14 +472,18 @@ async fn connect(cli: &Cli, admin: bool, timeout: Duration) -> Result<Client, Fa
     })
 }
 
+/// What to do with a write that may be retried: the same command, with its first-send time.
+fn retry_advice(first_sent: u64) -> String {
+    match first_sent {
+        0 => "retry it unchanged, with the same id".to_string(),
+        _ => format!("retry it unchanged, with the same id and --first-sent {first_sent}"),
+    }
+}
+
 fn in_doubt(cli: &Cli, first_sent: Option<u64>, error: impl core::fmt::Display) -> Failure {
     let addr = &cli.connect;
     if let Some(first_sent) = first_sent {
-        let retry = if first_sent > 0 {
-            format!("retry it unchanged, with the same id and --first-sent {first_sent}")
-        } else {
-            "retry it unchanged, with the same id".to_string()
-        };
+        let retry = retry_advice(first_sent);
         Failure {
             exit: EXIT_UNREACHABLE,
             status: "unknown_outcome",
@@ -506,9 +510,7 @@ async fn execute(cli: &Cli, request: Request) -> Result<(Obj, String), Failure> 
         // callback's says it was on time).
         if let (EXIT_UNREACHABLE, "unreachable", Some(first_sent @ 1..)) = (failure.exit, failure.status, first_sent) {
             failure.first_sent = Some(first_sent);
-            failure.message.push_str(&format!(
-                " (the command was not sent; retry it unchanged, with the same id and --first-sent {first_sent})"
-            ));
+            failure.message.push_str(&format!(" (the command was not sent; {})", retry_advice(first_sent)));
         }
         failure
     })?;
@@ -517,13 +519,11 @@ async fn execute(cli: &Cli, request: Request) -> Result<(Obj, String), Failure> 
         Ok(Ok((mut obj, mut line))) => {
             // Refused before anything happened, to be retried: the retry repeats the first-send
             // time, as after an unknown outcome.
-            let retryable = matches!(
-                obj.get("status").and_then(|s| s.as_str()),
-                Some("busy" | "maintenance" | "unavailable" | "shutting_down")
-            );
+            let status = obj.get("status").and_then(|s| s.as_str());
+            let retryable = Status::ALL.iter().any(|s| s.is_retryable() && Some(s.name()) == status);
             if let (true, Some(first_sent @ 1..)) = (retryable, first_sent) {
                 obj.set("first_sent", first_sent);
-                line.push_str(&format!(" (retry it unchanged, with the same id and --first-sent {first_sent})"));
+                line.push_str(&format!(" ({})", retry_advice(first_sent)));
             }
             Ok((obj, line))
         }

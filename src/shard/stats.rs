@@ -181,7 +181,7 @@ struct ShardCounters {
     /// Batches appended on the shard's log thread (`shard::log_stage`), not inline.
     pipelined: AtomicU64,
     poisoned: AtomicBool,
-    /// The lsn the shard's log gives its next record (after every batch, and when it stops).
+    /// The lsn the shard's log gives its next record (set at start and after every batch).
     log_next_lsn: AtomicU64,
     /// Log bytes (records and frames) since the last snapshot started.
     log_since_snapshot: AtomicU64,
@@ -258,7 +258,7 @@ impl EngineStats {
         self.shards[shard].pipelined.load(Ordering::Relaxed)
     }
 
-    /// A shard's log end, after a batch and as it stops (`node::CleanStop`).
+    /// A shard's log end: at its start and after every batch logged (`node::CleanStop`).
     pub fn set_log_next_lsn(&self, shard: u16, next_lsn: u64) {
         self.shards[shard as usize].log_next_lsn.store(next_lsn, Ordering::Relaxed);
     }
@@ -278,7 +278,7 @@ impl EngineStats {
         self.shards[shard as usize].snapshots.load(Ordering::Relaxed)
     }
 
-    /// Every shard's log end (exact once its worker stopped: `node::CleanStop`).
+    /// Every shard's log end (final once its worker stopped: `node::CleanStop`).
     pub fn log_next_lsns(&self) -> Vec<u64> {
         self.shards.iter().map(|s| s.log_next_lsn.load(Ordering::Relaxed)).collect()
     }

@@ -1015,9 +1015,6 @@ pub fn run(
             w.metrics.flush(true);
         }
     }
-    if !w.poisoned {
-        w.peers.stats.set_log_next_lsn(shard, w.last_lsn + 1);
-    }
     drop(log);
     w.state
 }
