@@ -34,15 +34,18 @@ fn zeroed<T: ZeroIsValid>(n: usize) -> Box<[T]> {
     unsafe { Box::<[T]>::new_zeroed_slice(n).assume_init() }
 }
 
-const HASH: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// The first table position of `id`: a multiplicative hash (ids are often sequential; the
-/// multiply spreads them) mapped onto `0..table` by a multiply-shift, so the table needs no
-/// power-of-two size and costs exactly 32 bytes per account of capacity.
+/// The first table position of `id`: its keyed hash (`ledger::hash`: account ids are chosen by
+/// clients too) mapped onto `0..table` by a multiply-shift, so the table needs no power-of-two
+/// size and costs exactly 32 bytes per account of capacity.
 #[inline]
 fn home(id: u64, table: usize) -> usize {
-    let h = id.wrapping_mul(HASH);
-    ((h as u128 * table as u128) >> 64) as usize
+    reduce(crate::ledger::hash::hash(id), table)
+}
+
+/// `hash` mapped onto `0..n`, monotonic in `hash`.
+#[inline]
+fn reduce(hash: u64, n: usize) -> usize {
+    ((hash as u128 * n as u128) >> 64) as usize
 }
 
 impl AccountIndex {
@@ -159,8 +162,8 @@ impl AccountIndex {
     pub(crate) fn load(&self, ids: impl Iterator<Item = u64> + Clone) -> Result<u32, LoadError> {
         assert!(self.is_empty(), "load fills an empty index");
         let regions = self.table.div_ceil(LOAD_REGION).min(LOAD_REGIONS_MAX);
-        // Monotonic in the home position (both are the top bits of the same product).
-        let region = |id: u64| ((id.wrapping_mul(HASH) as u128 * regions as u128) >> 64) as usize;
+        // Monotonic in the home position (both are the top bits of the same hash).
+        let region = |id: u64| reduce(crate::ledger::hash::hash(id), regions);
         let mut starts = vec![0usize; regions + 1];
         let mut n = 0usize;
         for id in ids.clone() {

@@ -166,8 +166,6 @@ impl Default for Added {
 }
 
 impl Added {
-    /// The part of `key`: top bits of a multiplicative hash that the maps' own hashing does
-    /// not share (they place entries by the low bits of theirs).
     #[inline]
     fn part(&self, key: &MethodKey) -> &IdMap<MethodKey, Channel> {
         &self.parts[part_of(key)]
@@ -194,10 +192,12 @@ impl Added {
     }
 }
 
+/// The part of `key`: the top bits of a hash of the maps' own (keyed) hash of it, so that the
+/// keys of one part still differ in the bits a map places entries and tags by.
 #[inline]
 fn part_of(key: &MethodKey) -> usize {
-    let hash = key.0.wrapping_mul(0xD6E8_FEB8_6659_FD93).wrapping_add(key.1).wrapping_mul(0xA076_1D64_78BD_642F);
-    (hash >> (64 - ADDED_PARTS.trailing_zeros())) as usize
+    use crate::ledger::hash::{hash, hash_of};
+    (hash(hash_of(key)) >> (64 - ADDED_PARTS.trailing_zeros())) as usize
 }
 
 impl Methods {

@@ -12,7 +12,6 @@
 //! on the home shard first and then replicated: `apply` returns a `Fanout` for the engine.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::config::{LedgerConfig, ShardLimits};
@@ -41,26 +40,10 @@ pub const PAID_BY_SKEW_NS: u64 = 600 * NS_PER_SEC;
 const PLATFORM_SLOT: u32 = 0;
 const _: () = assert!(SYSTEM_ACCOUNTS[PLATFORM_SLOT as usize].0 == SYSTEM_PLATFORM);
 
-/// A deterministic, fast hasher for integer keys. Hash maps in the state machine are only ever
-/// probed, never iterated for output, so their order cannot leak into results.
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(b as u64);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+/// The state machine's hash maps: keyed by the process's key (`ledger::hash`), since clients
+/// choose the ids in them. They are only ever probed, never iterated for output, so neither
+/// their order nor the key can leak into results.
+pub type IdMap<K, V> = HashMap<K, V, crate::ledger::hash::Keyed>;
 
 /// What a command answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -49,7 +49,9 @@ impl Default for IdDirectory {
 
 #[inline]
 fn stripe_of(id: u64) -> usize {
-    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize
+    // The top bits of the keyed hash (a stripe's table places ids by lower ones): a client
+    // cannot choose ids that all land in one stripe and fill it.
+    (crate::ledger::hash::hash(id) >> 56) as usize
 }
 
 impl IdDirectory {
@@ -221,6 +223,24 @@ fn claim_of(lookup: Lookup) -> Claim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_chosen_to_share_a_stripe_under_a_fixed_hash_spread_over_all() {
+        // 66 000 such ids filled four stripes before the hash was keyed, and every other id
+        // homed there answered `busy`.
+        let ids = crate::ledger::id_table::tests::colliding_under_a_fixed_hash(66_000);
+        let directory = IdDirectory::with_capacity(1 << 20);
+        let mut out = Vec::new();
+        let requests: Vec<(u64, u16)> = ids.iter().map(|&id| (id, 0)).collect();
+        directory.claim_many(&requests, &mut out);
+        assert!(out.iter().all(|c| *c == Claim::New), "no stripe filled up");
+        let mut per_stripe = [0u32; STRIPES];
+        for &id in &ids {
+            per_stripe[stripe_of(id)] += 1;
+        }
+        let fair = (ids.len() / STRIPES) as u32;
+        assert!(per_stripe.iter().all(|&n| n < 2 * fair), "{per_stripe:?}");
+    }
 
     #[test]
     fn claims_route_retries_and_refuse_when_full() {
