@@ -439,6 +439,37 @@ async fn an_all_shards_after_record_starts_after_its_own_position() {
     server.stop().await;
 }
 
+/// docs/protocol.md: every frame of a watch stream carries the `Watch` frame's request id, the
+/// `shutting_down` that ends it too (it used to carry 0, as a connection-level error does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutting_down_that_ends_a_watch_stream_carries_its_request_id() {
+    use stormledger::feed::{watch_mode, watch_record, ALL_SHARDS};
+    use stormledger::protocol::{ErrorCode, Frame, FrameReader, FrameWriter, Hello, Payload, Role};
+    let engine = engine(1, 1 << 10);
+    let users = setup(&engine, 3);
+    ok(&engine, &tips(1..6, users));
+    let server = serve(engine.clone()).await;
+    let (r, w) = tokio::net::TcpStream::connect(server.addr).await.unwrap().into_split();
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    let hello = Hello { role: Role::Client, token: TOKEN.as_bytes().to_vec() };
+    w.write_frame(&Frame::new(3, Payload::Hello(hello))).await.unwrap();
+    let auth = r.read_frame().await.unwrap().unwrap();
+    assert!(matches!(auth.payload, Payload::AuthOk(_)));
+    assert_eq!(auth.request_id, 3, "AuthOk echoes the Hello's request id");
+    let request = watch_record(ALL_SHARDS, watch_mode::EARLIEST, Position::default());
+    w.write_frame(&Frame::new(42, Payload::Watch(vec![request]))).await.unwrap();
+    let stop = tokio::spawn(server.stop());
+    let last = loop {
+        let frame = r.read_frame().await.unwrap().expect("an error before the close");
+        assert_eq!(frame.request_id, 42, "{frame:?}");
+        if let Payload::Error(error) = frame.payload {
+            break error;
+        }
+    };
+    assert_eq!(last.code, ErrorCode::SHUTTING_DOWN);
+    stop.await.unwrap();
+}
+
 /// A cursor that names more shards than a server can have is refused where it is parsed, and
 /// one the caller built by hand is refused by the client before it connects: neither can ever
 /// be sent, so neither is a retryable I/O error.

@@ -371,7 +371,26 @@ async fn a_frame_before_auth_is_refused_and_not_submitted() {
     conn.send(&commands_frame(4, vec![command(1, 1, 0)])).await;
     let frame = conn.expect_error_then_close(ErrorCode::NOT_AUTHENTICATED).await;
     assert_eq!(frame.request_id, 4);
+    // A large frame is refused from its header: the server does not wait for (and buffer) a
+    // body from a peer that has not authenticated.
+    let large = commands_frame(5, (0..8192).map(|i| command(i + 1, 1, 0)).collect());
+    let mut conn = RawConn::open(server.addr).await;
+    conn.send(&large[..HEADER_SIZE]).await;
+    let frame = conn.expect_error_then_close(ErrorCode::NOT_AUTHENTICATED).await;
+    assert_eq!(frame.request_id, 5);
     assert_eq!(server.mock.submitted(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_ok_echoes_the_hellos_request_id() {
+    let server = TestServer::start(|_| {}).await;
+    let mut conn = RawConn::open(server.addr).await;
+    let hello = Hello { role: Role::Client, token: TOKEN.as_bytes().to_vec() };
+    conn.send(&encode(Frame::new(77, Payload::Hello(hello)))).await;
+    let frame = conn.next().await.expect("auth answer");
+    assert!(matches!(frame.payload, Payload::AuthOk(_)), "{frame:?}");
+    assert_eq!(frame.request_id, 77);
     server.shutdown().await;
 }
 

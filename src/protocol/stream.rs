@@ -10,7 +10,8 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codec::{decode, Frame};
-use super::frame::{check, Check, ProtocolError, HEADER_SIZE};
+use super::frame::{check, Check, FrameHeader, FrameKind, ProtocolError, HEADER_SIZE};
+use zerocopy::FromBytes;
 
 /// Why `FrameReader::read_frame` failed.
 #[derive(Debug)]
@@ -22,6 +23,8 @@ pub enum FrameReadError {
     Protocol(ProtocolError),
     /// The peer closed the stream in the middle of a frame.
     TruncatedFrame { buffered: usize },
+    /// `read_frame_of` was given a header of another kind (its body was not read).
+    UnexpectedKind { kind: u16, request_id: u64 },
 }
 
 impl core::fmt::Display for FrameReadError {
@@ -31,6 +34,9 @@ impl core::fmt::Display for FrameReadError {
             FrameReadError::Protocol(error) => write!(f, "protocol: {error}"),
             FrameReadError::TruncatedFrame { buffered } => {
                 write!(f, "connection closed in the middle of a frame ({buffered} bytes buffered)")
+            }
+            FrameReadError::UnexpectedKind { kind, request_id } => {
+                write!(f, "a frame of kind {kind} (request {request_id}) where another kind was expected")
             }
         }
     }
@@ -76,11 +82,33 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// Cancel safe: if the future is dropped, buffered bytes are kept and the next call resumes.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameReadError> {
+        self.read_frame_filtered(None).await
+    }
+
+    /// `read_frame` where only a frame of `kind` may come (the handshake's Hello): a valid header
+    /// of another kind is answered `UnexpectedKind` as soon as it arrives, before its body is
+    /// read, so a peer that has not authenticated cannot make the reader buffer a large body.
+    /// Cancel safe, as `read_frame`.
+    pub async fn read_frame_of(&mut self, kind: FrameKind) -> Result<Option<Frame>, FrameReadError> {
+        self.read_frame_filtered(Some(kind as u16)).await
+    }
+
+    async fn read_frame_filtered(&mut self, only: Option<u16>) -> Result<Option<Frame>, FrameReadError> {
         loop {
             let unconsumed = self.buffer.get(self.start..).unwrap_or_default();
             // The header is validated as soon as it arrives (inside `check`), so an oversized or
             // malformed frame is refused before its body is read.
-            let needed = match check(unconsumed).map_err(FrameReadError::Protocol)? {
+            let checked = check(unconsumed).map_err(FrameReadError::Protocol)?;
+            if let (Some(only), Ok((header, _))) = (only, FrameHeader::read_from_prefix(unconsumed)) {
+                // Checked: `check` validated the header (or it would have failed above).
+                if header.kind.get() != only {
+                    return Err(FrameReadError::UnexpectedKind {
+                        kind: header.kind.get(),
+                        request_id: header.request_id.get(),
+                    });
+                }
+            }
+            let needed = match checked {
                 Check::Complete { .. } => {
                     let (frame, len) = match decode(unconsumed).map_err(FrameReadError::Protocol)? {
                         Some(decoded) => decoded,

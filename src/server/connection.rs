@@ -43,8 +43,8 @@ use crate::layout::{
     WATCH_RECORD_SIZE,
 };
 use crate::protocol::{
-    AnswerIndexRecord, AuthOk, ErrorBody, ErrorCode, Frame, FrameReadError, FrameReader, FrameWriter, Hello, Payload,
-    ProtocolError, QueryAnswer, Role, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, QUERIES_PER_FRAME_MAX,
+    AnswerIndexRecord, AuthOk, ErrorBody, ErrorCode, Frame, FrameKind, FrameReadError, FrameReader, FrameWriter, Hello,
+    Payload, ProtocolError, QueryAnswer, Role, BODY_BYTES_MAX, COMMANDS_PER_FRAME_MAX, QUERIES_PER_FRAME_MAX,
     QUERY_KIND_BALANCE, QUERY_KIND_HISTORY,
 };
 
@@ -220,36 +220,36 @@ async fn serve_stream<R, W>(
     // Handshake: the first frame must be a valid Hello with a valid token, within the timeout.
     let first = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return,
-        first = timeout_at(deadline, reader.read_frame()) => first,
+        // Only a Hello: another kind is refused from its header, its body unread.
+        first = timeout_at(deadline, reader.read_frame_of(FrameKind::Hello)) => first,
+    };
+    let not_hello = |kind: u16, request_id: u64| {
+        add(&stats.protocol_errors, 1);
+        let message = format!("the first frame must be Hello, not kind {kind}");
+        Err(Frame::new(request_id, Payload::Error(ErrorBody::new(ErrorCode::NOT_AUTHENTICATED, message))))
     };
     let hello_result = match first {
         Err(_elapsed) => return,
         Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))) | Ok(Err(FrameReadError::TruncatedFrame { .. })) => return,
         Ok(Err(FrameReadError::Protocol(error))) => Err(protocol_error_frame(&error, stats)),
+        Ok(Err(FrameReadError::UnexpectedKind { kind, request_id })) => not_hello(kind, request_id),
         Ok(Ok(Some(frame))) => {
             add(&stats.frames_received, 1);
             match frame.payload {
                 Payload::Hello(hello) => match authenticate(&hello, shared) {
-                    Some(role) => Ok(role),
+                    Some(role) => Ok((role, frame.request_id)),
                     None => {
                         add(&stats.auth_failures, 1);
                         let error = ErrorBody::new(ErrorCode::AUTH_FAILED, "authentication failed");
                         Err(Frame::new(frame.request_id, Payload::AuthFailed(error)))
                     }
                 },
-                other => {
-                    add(&stats.protocol_errors, 1);
-                    let message = format!("the first frame must be Hello, not kind {}", other.kind() as u16);
-                    Err(Frame::new(
-                        frame.request_id,
-                        Payload::Error(ErrorBody::new(ErrorCode::NOT_AUTHENTICATED, message)),
-                    ))
-                }
+                other => not_hello(other.kind() as u16, frame.request_id),
             }
         }
     };
-    let role = match hello_result {
-        Ok(role) => role,
+    let (role, hello_id) = match hello_result {
+        Ok(accepted) => accepted,
         Err(frame) => {
             close_with(&mut writer, &frame, shared).await;
             return;
@@ -264,7 +264,7 @@ async fn serve_stream<R, W>(
         queries_per_frame_max: QUERIES_PER_FRAME_MAX as u32,
         connection_id,
     };
-    match timeout(config.write_timeout, writer.write_frame(&Frame::new(0, Payload::AuthOk(auth_ok)))).await {
+    match timeout(config.write_timeout, writer.write_frame(&Frame::new(hello_id, Payload::AuthOk(auth_ok)))).await {
         Ok(Ok(())) => add(&stats.frames_sent, 1),
         _ => return,
     }
@@ -294,9 +294,11 @@ async fn close_with<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, frame: &
     .await;
 }
 
-fn shutting_down() -> ReadEnd {
+/// The last frame when the server stops: connection-level (request id 0), or on a watch stream
+/// the `Watch` frame's request id, as every frame of the stream.
+fn shutting_down(request_id: u64) -> ReadEnd {
     let error = ErrorBody::new(ErrorCode::SHUTTING_DOWN, "server shutting down");
-    ReadEnd::Last(Frame::new(0, Payload::Error(error)))
+    ReadEnd::Last(Frame::new(request_id, Payload::Error(error)))
 }
 
 /// A framing error: connection-level, so request id 0 (it answers none of the client's requests).
@@ -396,7 +398,7 @@ impl Handler {
             let read = tokio::select! {
                 // A shutdown stops reading at once; a partially received frame is discarded
                 // unsubmitted, and frames already submitted drain through the writer.
-                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
+                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(0),
                 // The writer gave up (write timeout or socket error): nothing can be answered.
                 _ = self.tx.closed() => break ReadEnd::Closed,
                 read = timeout_at(idle_deadline, reader.read_frame()) => read,
@@ -415,9 +417,10 @@ impl Handler {
                     break ReadEnd::Last(Frame::new(0, Payload::Error(error)));
                 }
                 Ok(Ok(Some(frame))) => frame,
-                Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))) | Ok(Err(FrameReadError::TruncatedFrame { .. })) => {
-                    break ReadEnd::Closed
-                }
+                Ok(Ok(None))
+                | Ok(Err(FrameReadError::Io(_)))
+                | Ok(Err(FrameReadError::TruncatedFrame { .. }))
+                | Ok(Err(FrameReadError::UnexpectedKind { .. })) => break ReadEnd::Closed,
                 Ok(Err(FrameReadError::Protocol(error))) => break ReadEnd::Last(protocol_error_frame(&error, stats)),
             };
             idle_deadline = Instant::now() + config.idle_timeout;
@@ -429,7 +432,7 @@ impl Handler {
             // Reserve the answer's bytes, then the reply slot, before submitting: these are the
             // memory and in-flight limits. Until both are there, nothing more is read.
             let reservation = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
+                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(0),
                 _ = self.tx.closed() => break ReadEnd::Closed,
                 reservation = self.reserve(answer_bytes_max(&frame.payload)) => match reservation {
                     Some(reservation) => reservation,
@@ -437,7 +440,7 @@ impl Handler {
                 },
             };
             let permit = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(),
+                _ = shutdown.wait_for(|stop| *stop) => break shutting_down(0),
                 permit = self.tx.clone().reserve_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break ReadEnd::Closed,
@@ -509,7 +512,7 @@ impl Handler {
                 continue;
             }
             tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return shutting_down(),
+                _ = shutdown.wait_for(|stop| *stop) => return shutting_down(request_id),
                 _ = self.tx.closed() => return ReadEnd::Closed,
                 result = changed.changed() => if result.is_err() { return ReadEnd::Closed },
                 read = reader.read_frame() => match read {
@@ -542,13 +545,14 @@ impl Handler {
     /// Queues one frame of a watch stream for the writer, once its bytes are reserved and a slot
     /// is free. `Err` carries how the stream ends instead.
     async fn send_streamed(&self, frame: Frame, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadEnd> {
+        let request_id = frame.request_id;
         let reservation = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => return Err(shutting_down()),
+            _ = shutdown.wait_for(|stop| *stop) => return Err(shutting_down(request_id)),
             _ = self.tx.closed() => return Err(ReadEnd::Closed),
             reservation = self.reserve(answer_bytes(&frame.payload)) => reservation.ok_or(ReadEnd::Closed)?,
         };
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => Err(shutting_down()),
+            _ = shutdown.wait_for(|stop| *stop) => Err(shutting_down(request_id)),
             sent = self.tx.send(Outgoing { frame, reservation }) => sent.map_err(|_| ReadEnd::Closed),
         }
     }
