@@ -133,6 +133,25 @@ impl LedgerConfig {
     }
 }
 
+impl LedgerConfig {
+    /// `validate`, plus the checks a new configuration must pass that rules already stored in a
+    /// data directory are not held to (they decided its log's answers, so they stay readable):
+    /// every preset pack buys a whole number of coins (one that does not could never be bought:
+    /// each begin of it would answer `amount_not_coin_multiple`).
+    pub fn validate_new(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        let coins = |fen: u64| crate::ledger::amount::fen_to_coins(fen, self.coins_per_yuan);
+        if let Some(&unbuyable) = self.topup_presets_fen.iter().find(|&&fen| coins(fen).is_none()) {
+            return Err(ConfigError(format!(
+                "the top-up pack of {} yuan is not a whole number of coins at {} coins per yuan",
+                crate::ledger::amount::format_yuan(unbuyable as i64),
+                self.coins_per_yuan
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl ShardLimits {
     /// Checks the sizes are usable.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -180,6 +199,22 @@ mod tests {
         refused(&with(u64::MAX, 10_001), "share_bp");
         refused(&with(u64::MAX, u64::MAX), "share_bp");
         refused(&with(u64::MAX - 9_999, 10_000), "share_bp");
+    }
+
+    #[test]
+    fn a_new_configuration_may_not_offer_a_pack_no_one_can_buy() {
+        let with = |presets: Vec<u64>, coins_per_yuan| LedgerConfig {
+            topup_presets_fen: presets,
+            coins_per_yuan,
+            ..Default::default()
+        };
+        assert_eq!(LedgerConfig::default().validate_new(), Ok(()));
+        // 0.99 yuan at 10 coins a yuan is 9.9 coins.
+        let unbuyable = with(vec![600, 99], 10);
+        assert_eq!(unbuyable.validate(), Ok(()), "stored rules stay readable");
+        let Err(ConfigError(reason)) = unbuyable.validate_new() else { panic!("accepted") };
+        assert!(reason.contains("0.99 yuan") && reason.contains("10 coins per yuan"), "{reason}");
+        assert_eq!(with(vec![99, 600], 100).validate_new(), Ok(()), "99 coins at 100 a yuan");
     }
 
     #[test]

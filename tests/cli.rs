@@ -202,7 +202,16 @@ fn full_flow() {
     let full = s.ok(&["history", "1", "--json", "--limit", "2"]).json();
     let next = full["next"].as_str().expect("a next cursor");
     assert_eq!(s.ok(&["history", "1", "--json", "--before", next]).json()["records"].as_array().unwrap().len(), 1);
-    assert!(s.ok(&["history", "1"]).stdout.contains("tip"));
+    // The human table: the top-up's amount in yuan, named (it used to be bare fen next to an
+    // AMOUNT in coins), and the shard of each entry.
+    let table = s.ok(&["history", "1"]).stdout;
+    assert!(table.lines().next().is_some_and(|h| h.contains(" SHARD ") && h.ends_with(" DETAIL")), "{table}");
+    assert!(table.contains("tip") && table.contains(" topup=30.00"), "{table}");
+    assert!(!table.contains(" 3000"), "{table}");
+    // A fen account (coin sales, a system account) says its unit, with yuan.
+    let sales = stormledger::ledger::command::SYSTEM_COIN_SALES.to_string();
+    let human = s.ok(&["balance", &sales]).stdout;
+    assert!(human.contains("(coin_sales) balance 3000 fen (30.00 yuan)"), "{human}");
 
     let l = s.ok(&["lookup", "--id", "200", "--json"]).json();
     assert_eq!(l["status"], "ok");
@@ -838,7 +847,13 @@ fn watch_json_ends_with_a_status_and_refuses_a_position_ahead_of_the_server() {
     s.ok(&["tip", "--id", "200", "--from", "1", "--to", "2", "--coins", "7"]);
     let events = s.cli(&["watch", "--from", "earliest", "--limit", "2"]);
     let lines: Vec<&str> = events.stdout.lines().collect();
-    assert!(lines[0].contains("topup_succeeded id=100 account=1 amount=30.00 coins=300"), "{}", events.stdout);
+    assert!(
+        lines[0].contains("topup_succeeded id=100 account=1 amount=30.00 coins=300 channel=alipay"),
+        "{}",
+        events.stdout
+    );
+    let event = s.ok(&["--json", "watch", "--from", "earliest", "--limit", "1"]).stdout;
+    assert!(event.contains("\"channel\":\"alipay\""), "the JSON names the channel too: {event}");
     assert!(lines[1].contains("tip id=200 account=1 coins=7 to=2 streamer_share=3"), "{}", events.stdout);
     assert!(!lines[1].contains("union="), "no union: {}", events.stdout);
 

@@ -294,6 +294,16 @@ fn watch_main(cli: &Cli, args: &super::args::WatchArgs) -> i32 {
     })
 }
 
+/// A payment channel's name from its code (`unknown` for a code this version does not know).
+fn channel_name(code: u64) -> &'static str {
+    u16::try_from(code).ok().and_then(crate::ledger::Channel::from_code).map_or("unknown", |c| c.name())
+}
+
+/// A top-up failure reason's name from its code (`unknown` likewise).
+fn reason_name(code: u64) -> &'static str {
+    u16::try_from(code).ok().and_then(crate::ledger::FailReason::from_code).map_or("unknown", |r| r.name())
+}
+
 /// One event as a line: JSON, or `position kind id account -> counterparty amount ...`.
 fn event_line(e: &crate::layout::EventRecord, cursor: &crate::feed::Cursor, json: bool) -> String {
     use crate::feed::event_kind;
@@ -304,11 +314,17 @@ fn event_line(e: &crate::layout::EventRecord, cursor: &crate::feed::Cursor, json
         // The same units as the JSON: money in yuan, coins as coins.
         let head = format!("{position} {kind} id={} account={}", e.id.get(), e.account.get());
         return match e.kind {
-            event_kind::TOPUP_SUCCEEDED => {
-                format!("{head} amount={} coins={}", format_yuan(e.amount.get() as i64), e.streamer_share.get())
+            event_kind::TOPUP_SUCCEEDED => format!(
+                "{head} amount={} coins={} channel={}",
+                format_yuan(e.amount.get() as i64),
+                e.streamer_share.get(),
+                channel_name(e.detail.get())
+            ),
+            event_kind::TOPUP_REFUNDED => {
+                format!("{head} amount={} channel={}", format_yuan(e.amount.get() as i64), channel_name(e.detail.get()))
             }
-            event_kind::TOPUP_FAILED | event_kind::TOPUP_REFUNDED => {
-                format!("{head} amount={}", format_yuan(e.amount.get() as i64))
+            event_kind::TOPUP_FAILED => {
+                format!("{head} amount={} reason={}", format_yuan(e.amount.get() as i64), reason_name(e.detail.get()))
             }
             _ if spend => {
                 let mut line = format!(
@@ -337,9 +353,15 @@ fn event_line(e: &crate::layout::EventRecord, cursor: &crate::feed::Cursor, json
     match e.kind {
         event_kind::TOPUP_SUCCEEDED => {
             obj.set("amount", format_yuan(e.amount.get() as i64)).set("coins", e.streamer_share.get());
+            obj.set("channel", channel_name(e.detail.get())).set("detail", e.detail.get());
         }
-        event_kind::TOPUP_FAILED | event_kind::TOPUP_REFUNDED => {
-            obj.set("amount", format_yuan(e.amount.get() as i64)).set("detail", e.detail.get());
+        event_kind::TOPUP_REFUNDED => {
+            obj.set("amount", format_yuan(e.amount.get() as i64)).set("channel", channel_name(e.detail.get()));
+            obj.set("detail", e.detail.get());
+        }
+        event_kind::TOPUP_FAILED => {
+            obj.set("amount", format_yuan(e.amount.get() as i64)).set("reason", reason_name(e.detail.get()));
+            obj.set("detail", e.detail.get());
         }
         event_kind::SETTLE => {
             obj.set("coins", e.amount.get());
@@ -547,7 +569,17 @@ async fn run(client: &Client, request: Request) -> Result<(Obj, String), ClientE
             obj.set("status", status_name(code)).set("account", account);
             let line = if code == Status::Ok.code() {
                 obj.set("balance", reply.value.get());
-                format!("account {account} balance {}", reply.value.get())
+                // The fen accounts (system: channels, suspense, coin sales) say so, with yuan.
+                let system = crate::ledger::command::SYSTEM_ACCOUNTS.iter().find(|(id, _)| *id == account);
+                match system.map(|(_, kind)| (kind.name(), kind.unit())) {
+                    Some((name, crate::ledger::command::Unit::Fen)) => format!(
+                        "account {account} ({name}) balance {} fen ({} yuan)",
+                        reply.value.get(),
+                        format_yuan(reply.value.get())
+                    ),
+                    Some((name, _)) => format!("account {account} ({name}) balance {}", reply.value.get()),
+                    None => format!("account {account} balance {}", reply.value.get()),
+                }
             } else if code == Status::NotFound.code() {
                 format!("not_found: account {account} does not exist")
             } else {
@@ -657,21 +689,24 @@ async fn run(client: &Client, request: Request) -> Result<(Obj, String), ClientE
             if answer.history.is_empty() {
                 lines.push(format!("account {account}: no records"));
             } else {
+                // AMOUNT and BALANCE in the account's unit (coins); BALANCE of a streamer or
+                // union is its stripe on SHARD, not the total. DETAIL names its unit.
                 lines.push(format!(
-                    "{:<30} {:>20} {:<14} {:<28} {:>14} {:>14} {:>20} DETAIL",
-                    "TIME (UTC)", "ID", "KIND", "STATUS", "AMOUNT", "BALANCE", "COUNTERPARTY"
+                    "{:<30} {:>20} {:<14} {:<28} {:>14} {:>14} {:>5} {:>20} DETAIL",
+                    "TIME (UTC)", "ID", "KIND", "STATUS", "AMOUNT", "BALANCE", "SHARD", "COUNTERPARTY"
                 ));
                 for h in &answer.history {
                     lines.push(format!(
-                        "{:<30} {:>20} {:<14} {:<28} {:>14} {:>14} {:>20} {}",
+                        "{:<30} {:>20} {:<14} {:<28} {:>14} {:>14} {:>5} {:>20} {}",
                         output::format_time(h.timestamp.get()),
                         h.id.get(),
                         kind::name(h.kind),
                         status_name(h.status.get()),
                         h.amount.get(),
                         h.balance_after.get(),
+                        h.shard,
                         h.counterparty.get(),
-                        h.detail.get()
+                        output::history_detail(h)
                     ));
                 }
             }

@@ -270,6 +270,18 @@ pub fn history_entry(h: &HistoryRecord) -> Obj {
     obj
 }
 
+/// A history entry's `detail` as the human output shows it: named, in its unit (`topup=30.00`
+/// yuan, `gift=3`, `event=5`), empty when the kind has none.
+pub fn history_detail(h: &HistoryRecord) -> String {
+    match h.kind {
+        kind::TOPUP_BEGIN | kind::TOPUP_CONFIRM => format!("topup={}", format_yuan(h.detail.get() as i64)),
+        kind::GIFT => format!("gift={}", h.detail.get()),
+        kind::PAY_EVENT => format!("event={}", h.detail.get()),
+        _ if h.detail.get() == 0 => String::new(),
+        _ => format!("detail={}", h.detail.get()),
+    }
+}
+
 /// Nanoseconds since the Unix epoch as RFC 3339 UTC with nanoseconds.
 pub fn format_time(ns: u64) -> String {
     let secs = ns / 1_000_000_000;

@@ -187,7 +187,7 @@ impl ServeConfig {
             }
         }
         let ledger = file.ledger.unwrap_or_default();
-        ledger.validate().map_err(|e| format!("config file [ledger]: {e}"))?;
+        ledger.validate_new().map_err(|e| format!("config file [ledger]: {e}"))?;
         let defaults = ShardLimits::default();
         let limits = ShardLimits {
             accounts_max: args.accounts_max.or(file.accounts_max).unwrap_or(defaults.accounts_max),

@@ -86,6 +86,16 @@ fn verify_replay_and_inspect_a_healthy_directory() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["ok"], true);
     assert_eq!(v["coin_sum"], "0");
+    // The balances by kind, for a reconciliation: 100 users topped up 6 yuan each (60 coins at
+    // 10 a yuan), every coin issued was sold, and the tips only moved coins between holders.
+    let b = |key: &str| v["balances"][key].as_str().unwrap_or_else(|| panic!("{key}: {v}")).parse::<i128>().unwrap();
+    assert_eq!(
+        (b("issuance_coins"), b("coin_sales_fen"), b("channel_fen"), b("suspense_fen")),
+        (-6000, 60_000, -60_000, 0)
+    );
+    let held = ["user_coins", "streamer_coins", "union_coins", "platform_coins", "payout_coins"];
+    assert_eq!(held.iter().map(|k| b(k)).sum::<i128>(), 6000, "{v}");
+    assert!(v["shards"][0]["balances"]["user_coins"].is_string(), "per shard too: {v}");
     // It replays under the limits the directory was made with (they decide results).
     assert_eq!(v["limits"], serde_json::json!({"accounts_max": 4096, "ids_max": 8192, "recorded": true}));
     let (code, out) = tool(&["replay", d, "--json"]);

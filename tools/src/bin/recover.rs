@@ -20,6 +20,7 @@ use stormledger::config::{LedgerConfig, ShardLimits};
 use stormledger::error::StorageError;
 use stormledger::layout::CommandRecord;
 use stormledger::ledger::command::kind;
+use stormledger::ledger::AccountKind;
 use stormledger::node::{
     check_snapshot_against_log, load_shard, read_data_dir, ClusterFile, NodeError, SnapshotCheck, RECORD_KIND_COMMANDS,
 };
@@ -202,6 +203,7 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
     let mut ok = true;
     let mut out = Vec::new();
     let mut totals = [0i128; 2];
+    let mut by_kind = [0i128; KINDS.len()];
     let limits = replay_limits(&cluster);
     let recorded = cluster.records_limits();
     let reports = load_all(dir, cluster.shards, &ledger, &limits);
@@ -269,6 +271,10 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                 let sums = l.state.unit_sums();
                 totals[0] += sums[0];
                 totals[1] += sums[1];
+                let balances = kind_totals(l.state.accounts());
+                for (all, shard_sum) in by_kind.iter_mut().zip(&balances) {
+                    *all += shard_sum;
+                }
                 ok &= problems.is_empty();
                 out.push(json!({
                     "shard": shard,
@@ -286,6 +292,7 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
                     "accounts": l.state.accounts().len(),
                     "last_timestamp": l.state.last_timestamp(),
                     "replica_messages_to_complete": pending,
+                    "balances": kind_totals_json(&balances),
                     "snapshot_check": snapshot_check,
                 }));
             }
@@ -306,6 +313,7 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
             "problems": problems,
             "fen_sum": totals[0].to_string(),
             "coin_sum": totals[1].to_string(),
+            "balances": kind_totals_json(&by_kind),
             "limits": limits,
         });
         println!("{summary}");
@@ -324,6 +332,12 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
         for problem in &problems {
             println!("cluster: FAILED: {problem}");
         }
+        if !states.is_empty() {
+            let balances = kind_totals_json(&by_kind);
+            let line: Vec<String> =
+                balances.as_object().into_iter().flatten().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("balances by kind, every shard: {}", line.join(", "));
+        }
         if !recorded {
             println!(
                 "note: the directory does not record its limits (made before they were); replayed with accounts_max {} and ids_max {}",
@@ -333,6 +347,41 @@ fn verify(dir: &Path, json_out: bool, replay_only: bool) -> Result<bool, String>
         println!("{}", if ok { "all checks passed" } else { "verification FAILED" });
     }
     Ok(ok)
+}
+
+/// The account kinds `kind_totals` sums, in order, with the unit of their balances.
+const KINDS: [(AccountKind, &str); 9] = [
+    (AccountKind::User, "coins"),
+    (AccountKind::Streamer, "coins"),
+    (AccountKind::Union, "coins"),
+    (AccountKind::Platform, "coins"),
+    (AccountKind::Payout, "coins"),
+    (AccountKind::Issuance, "coins"),
+    (AccountKind::CoinSales, "fen"),
+    (AccountKind::Channel, "fen"),
+    (AccountKind::Suspense, "fen"),
+];
+
+/// The sum of the balances of each kind in `KINDS` (wallets, earnings, each system account:
+/// what a reconciliation compares with its own tally).
+fn kind_totals(accounts: &[stormledger::ledger::account::Account]) -> [i128; KINDS.len()] {
+    let mut sums = [0i128; KINDS.len()];
+    for a in accounts {
+        if let Some(i) = KINDS.iter().position(|(kind, _)| *kind == a.kind) {
+            sums[i] += i128::from(a.balance);
+        }
+    }
+    sums
+}
+
+/// `{"user_coins": "N", ..., "channel_fen": "N"}`: strings, as `fen_sum` (sums may pass 2^53).
+fn kind_totals_json(sums: &[i128; KINDS.len()]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = KINDS
+        .iter()
+        .zip(sums)
+        .map(|((kind, unit), sum)| (format!("{}_{unit}", kind.name()), json!(sum.to_string())))
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 /// Where `inspect` starts (`--from`).
