@@ -34,8 +34,15 @@ use crate::wal::{self, LogWrite, PersistMode, RecoveryOutcome, Wal, WalConfig, W
 
 /// The record kind of a batch of commands in the log.
 pub const RECORD_KIND_COMMANDS: u16 = 1;
-/// Version of the data-directory layout (cluster.json).
-pub const DATA_FORMAT_VERSION: u32 = 1;
+/// Version of the data directory (cluster.json), raised when records an older build would read
+/// differently may be written: a build refuses a directory of a format it does not know, so a
+/// rollback is refused instead of replaying the log to other answers (docs/wal-format.md,
+/// "Version history"). 2: a `topup_confirm`'s `d` (paid by) decides its answer, and the
+/// `clean-stop` mark. A start upgrades a directory of an older format it reads (`FORMATS_READ`)
+/// before it writes anything else.
+pub const DATA_FORMAT_VERSION: u32 = 2;
+/// The formats this build reads: its own, and those it upgrades.
+pub const FORMATS_READ: [u32; 2] = [1, 2];
 
 /// How a batch is made durable before it is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -90,6 +97,11 @@ pub struct NodeConfig {
     pub snapshot_every_bytes: u64,
     /// Delete log segments covered by the older of the two kept snapshots.
     pub retire_log: bool,
+    /// Start even if the wall clock is more than `CLOCK_BEHIND_MAX_NS` behind the newest
+    /// logged timestamp (`serve --allow-clock-behind`; see `NodeError::ClockBehind`).
+    pub allow_clock_behind: bool,
+    /// The wall clock that stamps commands at ingest (a test's own, or the system's).
+    pub clock: NodeClock,
     /// Where the logs and snapshots live: real files, or for simulation tests an in-memory
     /// crash image (`storage::MemStorage`; the directory's small files, its lock and the
     /// maintenance marker stay real files).
@@ -107,10 +119,35 @@ impl NodeConfig {
             log_prefill: true,
             snapshot_every_bytes: 512 << 20,
             retire_log: true,
+            allow_clock_behind: false,
+            clock: NodeClock::default(),
             storage: SharedStorage::default(),
         }
     }
 }
+
+/// `NodeConfig::clock`: the system's wall clock unless a test gives its own.
+#[derive(Clone)]
+pub struct NodeClock(pub Arc<dyn crate::shard::worker::Clock>);
+
+impl Default for NodeClock {
+    fn default() -> Self {
+        NodeClock(Arc::new(SystemClock))
+    }
+}
+
+impl std::fmt::Debug for NodeClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeClock")
+    }
+}
+
+/// How far the wall clock may be behind the newest logged timestamp at a start (60 s). Further
+/// behind, the start is refused (`NodeError::ClockBehind`) unless `allow_clock_behind`.
+pub use crate::shard::worker::CLOCK_BEHIND_MAX_NS;
+
+/// A start whose clock is this far after the log's newest command (7 days) prints a note.
+pub const CLOCK_AHEAD_NOTE_NS: u64 = 7 * 86_400_000_000_000;
 
 /// Why a node could not start (or a shard could not be loaded).
 #[derive(Debug)]
@@ -127,6 +164,12 @@ pub enum NodeError {
     },
     /// Recovery found damage it must not repair by itself.
     Corrupt(String),
+    /// The wall clock is more than `CLOCK_BEHIND_MAX_NS` behind the newest logged timestamp
+    /// (`logged`, `now`: ns since the Unix epoch).
+    ClockBehind {
+        logged: u64,
+        now: u64,
+    },
 }
 
 impl core::fmt::Display for NodeError {
@@ -138,6 +181,17 @@ impl core::fmt::Display for NodeError {
                 write!(f, "data directory {} is in use by another stormledger process", path.display())
             }
             NodeError::Corrupt(what) => write!(f, "refusing to start: {what}"),
+            NodeError::ClockBehind { logged, now } => write!(
+                f,
+                "refusing to start: this machine's clock ({}) is {} s behind the newest command in the log ({}). \
+                 Either this clock is wrong (fix it: NTP) or an earlier run's was ahead. Started now, commands \
+                 would be stamped after the log's time until the clock caught up: top-ups would not expire, \
+                 the business day would not turn, and clients with correct clocks would be refused \
+                 (id_expired, invalid_paid_by). To start anyway: --allow-clock-behind",
+                crate::cli::output::format_time(*now),
+                logged.saturating_sub(*now) / 1_000_000_000,
+                crate::cli::output::format_time(*logged)
+            ),
         }
     }
 }
@@ -202,8 +256,13 @@ pub fn read_data_dir(dir: &Path) -> Result<Option<(ClusterFile, LedgerConfig)>, 
     let parse = |path: &Path| -> Result<String, NodeError> { std::fs::read_to_string(path).map_err(io(path)) };
     let cluster: ClusterFile = serde_json::from_str(&parse(&cluster_path)?)
         .map_err(|e| NodeError::Corrupt(format!("{}: {e}", cluster_path.display())))?;
-    if cluster.format != DATA_FORMAT_VERSION {
-        return Err(NodeError::Corrupt(format!("{}: unknown data format {}", cluster_path.display(), cluster.format)));
+    if !FORMATS_READ.contains(&cluster.format) {
+        return Err(NodeError::Corrupt(format!(
+            "{}: data format {}, newer than this build's ({DATA_FORMAT_VERSION}): a newer build has run on this \
+             directory, and this one could replay its log to other answers; start it with that build (or newer)",
+            cluster_path.display(),
+            cluster.format
+        )));
     }
     // Used as it is (a start takes the recorded count over its own): a count no start could
     // have recorded is damage, not an empty ledger of no shards.
@@ -743,6 +802,8 @@ impl Node {
         }
         // A directory's first start: what it records once its shards are allocated.
         let mut new_dir = None;
+        // A directory of an older format: its `cluster.json` of this build's format.
+        let mut upgrade = None;
         match read_data_dir(&dir)? {
             Some((mut cluster, ledger)) => {
                 if cluster.shards != config.engine.shards {
@@ -774,6 +835,10 @@ impl Node {
                     cluster.accounts_max = Some(config.engine.limits.accounts_max);
                     cluster.ids_max = Some(config.engine.limits.ids_max);
                     write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
+                }
+                if cluster.format != DATA_FORMAT_VERSION {
+                    // Upgraded once every shard has loaded, before the first write (below).
+                    upgrade = Some(ClusterFile { format: DATA_FORMAT_VERSION, ..cluster });
                 }
             }
             None => {
@@ -842,10 +907,47 @@ impl Node {
                 }
             }
         }
+        // The wall clock against the log's time, before anything is written.
+        let logged = loaded.iter().map(|l| l.state.last_timestamp()).max().unwrap_or(0);
+        let now = config.clock.0.now_ns();
+        if logged > now.saturating_add(CLOCK_BEHIND_MAX_NS) {
+            if !config.allow_clock_behind {
+                return Err(NodeError::ClockBehind { logged, now });
+            }
+            eprintln!(
+                "warning: {}: starting with the clock {} s behind the log's newest command (--allow-clock-behind): \
+                 commands are stamped after it until the clock catches up",
+                dir.display(),
+                (logged - now) / 1_000_000_000
+            );
+        }
+        if logged != 0 && now > logged.saturating_add(CLOCK_AHEAD_NOTE_NS) {
+            // Maybe just a long stop; but a clock far ahead (a bad clock at boot) would stamp its
+            // time on every command from now on, for good: say it while it can still be undone.
+            eprintln!(
+                "note: {}: the clock ({}) is {} days after the log's newest command ({}); if the ledger was not \
+                 stopped that long, stop it now and fix the clock: every command is stamped with it, and later \
+                 timestamps never go back",
+                dir.display(),
+                crate::cli::output::format_time(now),
+                (now - logged) / 86_400_000_000_000,
+                crate::cli::output::format_time(logged)
+            );
+        }
         if let Some(cluster) = new_dir {
             let ledger = serde_json::to_vec_pretty(&config.engine.ledger).expect("serializable");
             write_atomic(&dir, "ledger.json", &ledger)?;
             write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
+        }
+        if let Some(cluster) = upgrade {
+            // Before anything an older build would misread can be written (a refused start above
+            // leaves the directory to the build that wrote it).
+            write_atomic(&dir, "cluster.json", &serde_json::to_vec_pretty(&cluster).expect("serializable"))?;
+            eprintln!(
+                "note: {}: data format upgraded to {DATA_FORMAT_VERSION}; builds that do not read it refuse the \
+                 directory from now on (docs/operations.md, \"Upgrades and rollbacks\")",
+                dir.display()
+            );
         }
         // Then, every shard loaded, the writes: each log's writer, which zeroes a torn tail after
         // the snapshot (never one it covers) and continues after exactly the records replayed,
@@ -927,7 +1029,7 @@ impl Node {
             );
             states.push(loaded.state);
         }
-        let engine = Engine::start_with_feed(&config.engine, states, journals, policies, Arc::new(SystemClock), feed);
+        let engine = Engine::start_with_feed(&config.engine, states, journals, policies, config.clock.0.clone(), feed);
         if engine.keep_maintenance_in(dir.join(MAINTENANCE_FILE)) {
             eprintln!(
                 "note: writes are paused: `admin maintenance on` was in effect when the server stopped \

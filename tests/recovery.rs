@@ -233,6 +233,95 @@ fn the_limits_that_decide_results_are_kept_with_the_directory() {
     assert_eq!((cluster(dir.path()).accounts_max, cluster(dir.path()).ids_max), (Some(4096), Some(64)));
 }
 
+/// A directory of data format 1 (written before a `topup_confirm`'s `d` decided its answer)
+/// starts, and is upgraded to this build's format before anything is written, so that a
+/// rollback to a build that would replay its log to other answers is refused. A format newer
+/// than this build's is refused, saying which build to use, and is left as it is; so is an
+/// older one whose start is refused for another reason.
+#[test]
+fn an_older_format_is_upgraded_at_its_start_and_a_newer_one_refused() {
+    use stormledger::node::{read_data_dir, DATA_FORMAT_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let (config, node, spec) = set_up_with_a_64_id_window(dir.path());
+    let before = balances(node.engine(), &spec);
+    node.shutdown();
+    let path = dir.path().join("cluster.json");
+    let with_format = |format: u32| {
+        let mut cluster: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        cluster["format"] = format.into();
+        std::fs::write(&path, serde_json::to_vec(&cluster).unwrap()).unwrap();
+    };
+    assert_eq!(DATA_FORMAT_VERSION, 2);
+
+    with_format(3);
+    let err = Node::open(config.clone()).err().expect("refused").to_string();
+    assert!(err.contains("data format 3, newer than this build's (2)") && err.contains("cluster.json"), "{err}");
+    assert!(read_data_dir(dir.path()).is_err(), "the tool refuses it too");
+    assert!(std::fs::read_to_string(&path).unwrap().contains("\"format\":3"), "left as it was");
+
+    // Format 1, with a start refused for another reason (the shard count's directory lost):
+    // still format 1, for the build that wrote it.
+    with_format(1);
+    let shard = dir.path().join("shard-01");
+    let aside = dir.path().join("shard-01.aside");
+    std::fs::rename(&shard, &aside).unwrap();
+    assert!(Node::open(config.clone()).is_err());
+    assert_eq!(read_data_dir(dir.path()).unwrap().unwrap().0.format, 1);
+    std::fs::rename(&aside, &shard).unwrap();
+
+    let node = Node::open(config).unwrap();
+    assert_eq!(read_data_dir(dir.path()).unwrap().unwrap().0.format, 2, "upgraded at the start");
+    assert_eq!(balances(node.engine(), &spec), before);
+    node.shutdown();
+}
+
+/// A start whose clock is more than a minute behind the log's newest command (an earlier run's
+/// clock was ahead, or this one is behind) is refused, saying why and how to start anyway:
+/// started, it would stamp every command after the log's time until the clock caught up (no
+/// top-up expiry, no new business day, correct clients refused). `allow_clock_behind` starts
+/// it, and timestamps still only grow. A clock up to a minute behind starts as before.
+#[test]
+fn a_clock_far_behind_the_log_refuses_the_start_unless_allowed() {
+    use stormledger::node::{NodeClock, NodeError};
+    use stormledger::shard::worker::{Clock, ManualClock, SystemClock};
+    let dir = tempfile::tempdir().unwrap();
+    let day = 86_400_000_000_000u64;
+    let real = SystemClock.now_ns();
+    let mut config = node_config(dir.path(), 2);
+    // A run with the clock a day ahead.
+    config.clock = NodeClock(std::sync::Arc::new(ManualClock::new(real + day, 1_000)));
+    let spec = spec();
+    let node = Node::open(config.clone()).unwrap();
+    setup(node.engine(), &spec);
+    let before = balances(node.engine(), &spec);
+    let logged = node.engine().audit().iter().map(|a| a.last_timestamp).max().unwrap();
+    assert!(logged > real + day);
+    node.shutdown();
+
+    config.clock = NodeClock::default();
+    match Node::open(config.clone()) {
+        Err(error @ NodeError::ClockBehind { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains("s behind the newest command in the log"), "{message}");
+            assert!(message.contains("--allow-clock-behind"), "{message}");
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("started a day behind the log"),
+    }
+    // Half a minute behind is within the margin.
+    config.clock = NodeClock(std::sync::Arc::new(ManualClock::new(logged - 30_000_000_000, 1_000)));
+    Node::open(config.clone()).expect("half a minute behind starts").shutdown();
+
+    config.clock = NodeClock::default();
+    config.allow_clock_behind = true;
+    let node = Node::open(config).unwrap();
+    assert_eq!(balances(node.engine(), &spec), before);
+    storm(node.engine(), &spec, 1, 0);
+    let after = node.engine().audit().iter().map(|a| a.last_timestamp).max().unwrap();
+    assert!(after > logged, "timestamps still grow: {after} after {logged}");
+    node.shutdown();
+}
+
 /// A directory that lost `cluster.json` but holds a log is refused, naming the file and
 /// changing nothing: started as a new directory, it would replay its log under whatever shard
 /// count, limits and rules the start was given, and rewrite `ledger.json` with them.

@@ -203,6 +203,13 @@ pub struct ServeArgs {
     #[arg(long, env = "STORMLEDGER_ALLOW_REMOTE", action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_remote: bool,
+
+    /// Start even if this machine's clock is more than 60 s behind the newest command in the
+    /// log (refused otherwise: commands would be stamped after the log's time until the clock
+    /// caught up). A one-off override after checking the clock, so not a config file key.
+    #[arg(long, env = "STORMLEDGER_ALLOW_CLOCK_BEHIND", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_clock_behind: bool,
 }
 
 pub fn parse_log_write(s: &str) -> Result<LogWrite, String> {

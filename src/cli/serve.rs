@@ -133,6 +133,8 @@ pub struct ServeConfig {
     pub segment_size: u64,
     pub log_write: LogWrite,
     pub log_prefill: bool,
+    /// Start with the clock behind the log's time (`NodeConfig::allow_clock_behind`).
+    pub allow_clock_behind: bool,
     pub pipeline_min_batch: usize,
 }
 
@@ -248,6 +250,7 @@ impl ServeConfig {
             log_write,
             log_prefill,
             pipeline_min_batch,
+            allow_clock_behind: args.allow_clock_behind,
         })
     }
 }
@@ -378,6 +381,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         log_write: config.log_write,
         log_prefill: config.log_prefill,
         snapshot_every_bytes: config.snapshot_every_bytes,
+        allow_clock_behind: config.allow_clock_behind,
         ..NodeConfig::new(dir.clone())
     };
     let node = Node::open(node_config).map_err(|e| match e {

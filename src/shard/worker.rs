@@ -81,6 +81,15 @@ impl Clock for SystemClock {
     }
 }
 
+/// How far the wall clock may fall behind a shard's newest timestamp: 60 s. Timestamps only
+/// grow (a batch is stamped `max(now, last + 1)`), so with the clock further behind, commands
+/// are stamped just after that timestamp, not at the clock's time, until it catches up: for
+/// that long top-ups do not expire, the business day does not turn, and a client's `timestamp`
+/// or `paid_by` from a correct clock looks out of date (`id_expired`, `invalid_paid_by`). A
+/// start that finds its clock this far behind the log refuses (`node::NodeError::ClockBehind`);
+/// a running shard says so on stderr, once a minute while it lasts.
+pub const CLOCK_BEHIND_MAX_NS: u64 = 60_000_000_000;
+
 /// A clock for tests and simulations: starts at a fixed instant and moves forward by `step`
 /// nanoseconds on every reading, so runs are reproducible.
 pub struct ManualClock {
@@ -745,6 +754,8 @@ pub fn run(
     let recovered_lsn = journal.recovered_lsn();
     let mut log = LogStage::new(journal, shard);
     let mut last_assigned = state.last_timestamp();
+    // When the next "clock behind" warning may be printed (once a minute of the clock's time).
+    let mut clock_warning_after = 0u64;
     let metrics = ShardMetrics::new(peers.stats.clone(), shard);
     let mut w = Applier {
         shard,
@@ -921,6 +932,14 @@ pub fn run(
             }
         }
         let now = clock.now_ns();
+        if last_assigned > now.saturating_add(CLOCK_BEHIND_MAX_NS) && now >= clock_warning_after {
+            eprintln!(
+                "warning: shard {shard}: the clock is {} s behind this shard's newest timestamp: commands are stamped \
+                 after it (top-ups do not expire, the business day does not turn) until the clock catches up",
+                (last_assigned - now) / 1_000_000_000
+            );
+            clock_warning_after = now.saturating_add(CLOCK_BEHIND_MAX_NS);
+        }
         let deadline_passed = w.state.next_deadline().is_some_and(|d| d <= now);
         if batch.entries.is_empty() && ahead.is_none() && deadline_passed && !w.poisoned {
             batch.entries.push(Entry::Tick);
