@@ -603,7 +603,9 @@ impl Engine {
                 } as usize;
                 let before = match query.before_ts.get() {
                     0 => None,
-                    ts => Some((ts, query.before_shard.get() as u16)),
+                    // Entries before (ts, shard): a shard past u16 is past every shard, as u16::MAX
+                    // is (a cast would wrap it to an earlier one and skip entries).
+                    ts => Some((ts, u16::try_from(query.before_shard.get()).unwrap_or(u16::MAX))),
                 };
                 let home = home_shard(key, self.shards) as usize;
                 if self.indexes[home].lookup(key).is_none() {

@@ -172,6 +172,19 @@ fn history_of_a_striped_account_is_merged_newest_first_with_a_cursor() {
         q.before_shard.set(page.next_before_shard);
     }
     assert_eq!(seen, (101..=110).rev().collect::<Vec<_>>(), "newest first, no gap, no duplicate");
+    // A cursor's shard past u16 is past every shard (as u16::MAX), not wrapped to an earlier
+    // one: 65 536 used to be taken for shard 0 and skip shard 1's entries at that instant.
+    let newest = {
+        q.before_ts.set(0);
+        engine.query_blocking(q).history[0]
+    };
+    q.before_ts.set(newest.timestamp.get());
+    for past in [u64::from(u16::MAX), 1 << 16, u64::MAX] {
+        q.before_shard.set(past);
+        assert_eq!(engine.query_blocking(q).history[0].id, newest.id, "before_shard {past}");
+    }
+    q.before_shard.set(u64::from(newest.shard));
+    assert_ne!(engine.query_blocking(q).history[0].id, newest.id, "the cursor's own entry is not before it");
     q.key.set(999_999);
     q.before_ts.set(0);
     assert_eq!(engine.query_blocking(q).reply.status.get(), Status::NotFound.code());
