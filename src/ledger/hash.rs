@@ -1,13 +1,19 @@
 //! The hash of every table keyed by ids a client chooses: the idempotency tables, the top-up
 //! index, the id directory's stripes, the account index and the state machine's hash maps.
 //!
-//! It is foldhash's (hashbrown's default hasher), keyed once per process from the operating
-//! system's random source (through `std::hash::RandomState`), so no client can compute ids
-//! that collide. A fixed hash can be inverted: with the multiplicative hash these tables used
-//! before, 100 000 tips whose ids shared one probe run took a shard 12.9 s instead of 0.46 s,
-//! and the restart that replayed them 37 s instead of 0.85 s; 66 000 ids filling a few of the
-//! directory's stripes made every other id homed there answer `busy` (session 20,
-//! docs/benchmarks.md).
+//! An id's hash is foldhash's for one `u64` (hashbrown's default hasher: the 128-bit product of
+//! the id xor one key with another key, its two halves xored), with keys drawn once per process
+//! from the operating system's random source (through `std::hash::RandomState`), so no client
+//! can compute ids that collide. A fixed hash can be inverted: with the multiplicative hash
+//! these tables used before, 100 000 tips whose ids shared one probe run took a shard 12.9 s
+//! instead of 0.46 s, and the restart that replayed them 37 s instead of 0.85 s; 66 000 ids
+//! filling a few of the directory's stripes made every other id homed there answer `busy`
+//! (docs/benchmarks.md, "Session 20"). Ids that differ only in their high bits collided under it
+//! even with no one trying (the bucket came from the product's middle bits, which high input
+//! bits do not reach); the fold mixes every input bit into the middle ones. It costs the state
+//! machine bench about a fifth (its ids are sequential, which a fixed multiplicative hash spread
+//! perfectly; keyed, they land at random like any ids). The hash maps (`Keyed`) use foldhash's
+//! full hasher, which also takes pairs.
 //!
 //! The key is the one random thing in `ledger`, and it reaches no result: it decides where an
 //! entry sits in memory, and no table is iterated into an output (a snapshot encodes accounts by
@@ -31,10 +37,19 @@ static KEYED: LazyLock<SeedableRandomState> = LazyLock::new(|| {
     SeedableRandomState::with_seed(random.hash_one(2u64), shared)
 });
 
-/// The keyed hash of one id.
+/// The keys of `hash` (the second odd, so that the product keeps every bit of the first).
+static KEYS: LazyLock<(u64, u64)> = LazyLock::new(|| {
+    let random = std::hash::RandomState::new();
+    (random.hash_one(3u64), random.hash_one(4u64) | 1)
+});
+
+/// The keyed hash of one id: foldhash's folded multiply (see the module docs), inlined with the
+/// keys read from one static.
 #[inline]
 pub fn hash(id: u64) -> u64 {
-    KEYED.hash_one(id)
+    let (k0, k1) = *KEYS;
+    let product = u128::from(id ^ k0) * u128::from(k1);
+    (product as u64) ^ ((product >> 64) as u64)
 }
 
 /// The hash builder of `state_machine::IdMap`: the process's key.
@@ -78,5 +93,15 @@ mod tests {
             stripes[(hash(id) >> 56) as usize] += 1;
         }
         assert!(stripes.iter().all(|&n| (1..=512).contains(&n)), "{stripes:?}");
+    }
+
+    #[test]
+    fn ids_that_differ_only_in_high_bits_spread() {
+        // `(i << 40) | 7`: a fixed multiplicative hash gave all 65 536 the same bucket bits
+        // (17-32 of the product, which input bits from 40 up do not reach). Keyed and folded,
+        // they fill buckets as random ids do (about 63 % of 65 536 distinct).
+        let buckets: std::collections::BTreeSet<u64> =
+            (0..65_536u64).map(|i| (hash((i << 40) | 7) >> 17) & 0xFFFF).collect();
+        assert!(buckets.len() > 35_000, "{} buckets", buckets.len());
     }
 }
