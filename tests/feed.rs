@@ -411,12 +411,14 @@ async fn a_subscriber_behind_the_snapshot_resumes_after_a_restart_from_it() {
     node.shutdown();
 }
 
-/// docs/protocol.md: a `shard = 0xFFFF` record sets the mode for every shard not listed, and
-/// mode 1 is "after (lsn, index)": its position counts, where it used to be taken as 0.0 (a
-/// subscriber got the events it asked to skip).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_all_shards_after_record_starts_after_its_own_position() {
-    use stormledger::feed::{watch_mode, watch_record, ALL_SHARDS};
+type RawConnection = (
+    stormledger::protocol::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    stormledger::protocol::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+);
+
+/// A one-shard engine with five tips, served, and a connection authenticated by a Hello of
+/// request id `hello_id`; also the request id its AuthOk carried.
+async fn one_shard_with_tips_and_a_raw_connection(hello_id: u64) -> (Arc<Engine>, Running, RawConnection, u64) {
     use stormledger::protocol::{Frame, FrameReader, FrameWriter, Hello, Payload, Role};
     let engine = engine(1, 1 << 10);
     let users = setup(&engine, 3);
@@ -425,8 +427,20 @@ async fn an_all_shards_after_record_starts_after_its_own_position() {
     let (r, w) = tokio::net::TcpStream::connect(server.addr).await.unwrap().into_split();
     let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
     let hello = Hello { role: Role::Client, token: TOKEN.as_bytes().to_vec() };
-    w.write_frame(&Frame::new(0, Payload::Hello(hello))).await.unwrap();
-    assert!(matches!(r.read_frame().await.unwrap().unwrap().payload, Payload::AuthOk(_)));
+    w.write_frame(&Frame::new(hello_id, Payload::Hello(hello))).await.unwrap();
+    let auth = r.read_frame().await.unwrap().unwrap();
+    assert!(matches!(auth.payload, Payload::AuthOk(_)), "{auth:?}");
+    (engine, server, (r, w), auth.request_id)
+}
+
+/// docs/protocol.md: a `shard = 0xFFFF` record sets the mode for every shard not listed, and
+/// mode 1 is "after (lsn, index)": its position counts, where it used to be taken as 0.0 (a
+/// subscriber got the events it asked to skip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_all_shards_after_record_starts_after_its_own_position() {
+    use stormledger::feed::{watch_mode, watch_record, ALL_SHARDS};
+    use stormledger::protocol::{Frame, Payload};
+    let (engine, server, (mut r, mut w), _) = one_shard_with_tips_and_a_raw_connection(0).await;
     let newest = engine.feed().shard(0).last();
     // Not 0.0 (what the record was taken for), and not past the newest event.
     let asked = Position::new(newest.lsn, 0);
@@ -444,20 +458,15 @@ async fn an_all_shards_after_record_starts_after_its_own_position() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutting_down_that_ends_a_watch_stream_carries_its_request_id() {
     use stormledger::feed::{watch_mode, watch_record, ALL_SHARDS};
-    use stormledger::protocol::{ErrorCode, Frame, FrameReader, FrameWriter, Hello, Payload, Role};
-    let engine = engine(1, 1 << 10);
-    let users = setup(&engine, 3);
-    ok(&engine, &tips(1..6, users));
-    let server = serve(engine.clone()).await;
-    let (r, w) = tokio::net::TcpStream::connect(server.addr).await.unwrap().into_split();
-    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
-    let hello = Hello { role: Role::Client, token: TOKEN.as_bytes().to_vec() };
-    w.write_frame(&Frame::new(3, Payload::Hello(hello))).await.unwrap();
-    let auth = r.read_frame().await.unwrap().unwrap();
-    assert!(matches!(auth.payload, Payload::AuthOk(_)));
-    assert_eq!(auth.request_id, 3, "AuthOk echoes the Hello's request id");
+    use stormledger::protocol::{ErrorCode, Frame, Payload};
+    let (_engine, server, (mut r, mut w), auth_id) = one_shard_with_tips_and_a_raw_connection(3).await;
+    assert_eq!(auth_id, 3, "AuthOk echoes the Hello's request id");
     let request = watch_record(ALL_SHARDS, watch_mode::EARLIEST, Position::default());
     w.write_frame(&Frame::new(42, Payload::Watch(vec![request]))).await.unwrap();
+    // The stream has begun (a shutdown before the server read the Watch ends the connection,
+    // not a stream: request id 0).
+    let accepted = r.read_frame().await.unwrap().unwrap();
+    assert!(matches!(accepted.payload, Payload::Watch(_)) && accepted.request_id == 42, "{accepted:?}");
     let stop = tokio::spawn(server.stop());
     let last = loop {
         let frame = r.read_frame().await.unwrap().expect("an error before the close");
