@@ -1,19 +1,19 @@
 //! The hash of every table keyed by ids a client chooses: the idempotency tables, the top-up
 //! index, the id directory's stripes, the account index and the state machine's hash maps.
 //!
-//! An id's hash is foldhash's for one `u64` (hashbrown's default hasher: the 128-bit product of
-//! the id xor one key with another key, its two halves xored), with keys drawn once per process
-//! from the operating system's random source (through `std::hash::RandomState`), so no client
-//! can compute ids that collide. A fixed hash can be inverted: with the multiplicative hash
-//! these tables used before, 100 000 tips whose ids shared one probe run took a shard 12.9 s
-//! instead of 0.46 s, and the restart that replayed them 37 s instead of 0.85 s; 66 000 ids
-//! filling a few of the directory's stripes made every other id homed there answer `busy`
-//! (docs/benchmarks.md, "Session 20"). Ids that differ only in their high bits collided under it
-//! even with no one trying (the bucket came from the product's middle bits, which high input
-//! bits do not reach); the fold mixes every input bit into the middle ones. It costs the state
-//! machine bench 12-20 % (its ids are sequential, which a fixed multiplicative hash spread
-//! perfectly; keyed, they land at random like any ids). The hash maps (`Keyed`) use foldhash's
-//! full hasher, which also takes pairs.
+//! An id's hash is foldhash's quality hash of one `u64` (hashbrown's default hasher: the
+//! 128-bit product of the id xor one key with another key, its two halves xored, then folded
+//! again with a constant), with keys drawn once per process from the operating system's random
+//! source (through `std::hash::RandomState`), so no client can compute ids that collide. A
+//! fixed hash can be inverted: with the multiplicative hash these tables used before, 100 000
+//! tips whose ids shared one probe run took a shard 12.5 s instead of 0.34 s, and the restart
+//! that replayed them 13.6 s; ids aimed at 4 of the directory's 256 stripes made 5 042 of 5 048
+//! other ids homed there answer `busy` (docs/benchmarks.md, "Session 20"). Ids that differ only
+//! in their high bits collided under it even with no one trying (the bucket came from the
+//! product's middle bits, which high input bits do not reach); the folds mix every input bit
+//! into the middle ones, under any key (`keyed`). The cost on the state machine bench, whose
+//! sequential ids a fixed multiplicative hash spread perfectly, is in the same section. The
+//! hash maps (`Keyed`) use foldhash's own hasher, which also takes pairs.
 //!
 //! The key is the one random thing in `ledger`, and it reaches no result: it decides where an
 //! entry sits in memory, and no table is iterated into an output (a snapshot encodes accounts by
@@ -43,12 +43,27 @@ static KEYS: LazyLock<(u64, u64)> = LazyLock::new(|| {
     (random.hash_one(3u64), random.hash_one(4u64) | 1)
 });
 
-/// The keyed hash of one id: foldhash's folded multiply (see the module docs), inlined with the
-/// keys read from one static.
+/// The keyed hash of one id: foldhash's (see the module docs), inlined with the keys read from
+/// one static.
 #[inline]
 pub fn hash(id: u64) -> u64 {
     let (k0, k1) = *KEYS;
-    let product = u128::from(id ^ k0) * u128::from(k1);
+    keyed(id, k0, k1)
+}
+
+/// `hash` under the keys `k0`, `k1`: a folded multiply of the id with the keys, then another of
+/// that with a constant, as foldhash's quality hasher finishes. One alone leaves the middle bits
+/// (the bucket) of ids that differ only in their high bits to a few of the second key's bits:
+/// under some keys 65 536 such ids took a ninth of the buckets random ids take.
+#[inline]
+fn keyed(id: u64, k0: u64, k1: u64) -> u64 {
+    fold(fold(id ^ k0, k1), 0x243F_6A88_85A3_08D3)
+}
+
+/// The 128-bit product's halves, xored.
+#[inline]
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
     (product as u64) ^ ((product >> 64) as u64)
 }
 
@@ -96,12 +111,26 @@ mod tests {
     }
 
     #[test]
-    fn ids_that_differ_only_in_high_bits_spread() {
-        // `(i << 40) | 7`: a fixed multiplicative hash gave all 65 536 the same bucket bits
-        // (17-32 of the product, which input bits from 40 up do not reach). Keyed and folded,
-        // they fill buckets as random ids do (about 63 % of 65 536 distinct).
-        let buckets: std::collections::BTreeSet<u64> =
-            (0..65_536u64).map(|i| (hash((i << 40) | 7) >> 17) & 0xFFFF).collect();
-        assert!(buckets.len() > 35_000, "{} buckets", buckets.len());
+    fn structured_ids_spread_under_any_key() {
+        // Under many keys (the process's is one of them), ids that differ only in their high
+        // bits (`(i << 40) | 7`: a fixed multiplicative hash gave all 65 536 the same bucket
+        // bits, 17-32 of the product, which input bits from 40 up do not reach) and
+        // sequential ids fill buckets as random ids do (about 63 % of 65 536 distinct). One
+        // fold alone fell to 7 494 under one process's key.
+        let mut keys: Vec<(u64, u64)> = vec![*KEYS];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let k0 = x;
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            keys.push((k0, x | 1));
+        }
+        for (k0, k1) in keys {
+            for (name, id) in [("high bits", (|i| (i << 40) | 7) as fn(u64) -> u64), ("sequential", |i| i + 1)] {
+                let buckets: std::collections::BTreeSet<u64> =
+                    (0..65_536u64).map(|i| (keyed(id(i), k0, k1) >> 17) & 0xFFFF).collect();
+                assert!(buckets.len() > 38_000, "{name}, keys {k0:#x} {k1:#x}: {} buckets", buckets.len());
+            }
+        }
     }
 }
