@@ -299,7 +299,7 @@ impl Engine {
         let file = self.maintenance_file.lock();
         if let Some(path) = file.as_ref() {
             if let Err(error) = write_marker(path, on) {
-                eprintln!("admin maintenance: cannot record the switch in {}: {error}", path.display());
+                crate::log_line!("admin maintenance: cannot record the switch in {}: {error}", path.display());
                 return Status::Unavailable;
             }
         }
@@ -503,7 +503,7 @@ impl Engine {
             if failed.is_empty() {
                 reply.value.set(parts.len() as i64);
             } else {
-                eprintln!("admin snapshot failed: {}", failed.join("; "));
+                crate::log_line!("admin snapshot failed: {}", failed.join("; "));
                 reply.status.set(Status::Unavailable.code());
             }
             collector.fill(&[(tag, reply)]);

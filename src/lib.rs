@@ -24,6 +24,18 @@
 //! - `mem`: huge-page hints for the big tables, and the allocator tuning (`tune_allocator`).
 //! - `cli`: the `stormledger` binary: `serve` (config, signals, metrics) and the client CLI.
 
+/// `eprintln!` that never panics, for the server's threads (shard workers, log threads, the
+/// engine, connection tasks): `eprintln!` panics when stderr fails, as it does for good once the
+/// process reading the server's log has gone (EPIPE), and a shard whose thread dies answers
+/// every write `busy` from then on. The message is lost instead.
+#[macro_export]
+macro_rules! log_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod cli;
 pub mod client;
 pub mod config;

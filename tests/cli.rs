@@ -212,6 +212,9 @@ fn full_flow() {
     let sales = stormledger::ledger::command::SYSTEM_COIN_SALES.to_string();
     let human = s.ok(&["balance", &sales]).stdout;
     assert!(human.contains("(coin_sales) balance 3000 fen (30.00 yuan)"), "{human}");
+    let alipay = stormledger::ledger::Channel::Alipay.clearing_account().to_string();
+    let human = s.ok(&["balance", &alipay]).stdout;
+    assert!(human.contains("(channel alipay) balance -3000 fen (-30.00 yuan)"), "{human}");
 
     let l = s.ok(&["lookup", "--id", "200", "--json"]).json();
     assert_eq!(l["status"], "ok");

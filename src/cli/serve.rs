@@ -189,7 +189,11 @@ impl ServeConfig {
             }
         }
         let ledger = file.ledger.unwrap_or_default();
-        ledger.validate_new().map_err(|e| format!("config file [ledger]: {e}"))?;
+        // A new directory takes these rules, so they must be usable; an existing one keeps its
+        // own (`ledger.json`), and the file it was started with before must still start it.
+        let new_dir = !data_dir.join("cluster.json").exists();
+        let checked = if new_dir { ledger.validate_new() } else { ledger.validate() };
+        checked.map_err(|e| format!("config file [ledger]: {e}"))?;
         let defaults = ShardLimits::default();
         let limits = ShardLimits {
             accounts_max: args.accounts_max.or(file.accounts_max).unwrap_or(defaults.accounts_max),
@@ -505,6 +509,23 @@ mod tests {
         let super::super::args::Command::Serve(serve) = &cli.command else { panic!("not serve") };
         let serve = serve.clone();
         (cli, serve)
+    }
+
+    #[test]
+    fn a_pack_no_one_can_buy_is_refused_for_a_new_directory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("stormledger.toml");
+        std::fs::write(&config, "[ledger]\ntopup_presets_fen = [600, 99]\n").unwrap();
+        let data = dir.path().join("data");
+        let args = ["stormledger", "serve", "--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()];
+        let (cli, serve) = parse(&args);
+        let err = ServeConfig::resolve(&cli, &serve).unwrap_err();
+        assert!(err.contains("0.99 yuan"), "{err}");
+        // A directory that exists keeps the rules it stored (an earlier build accepted this
+        // file): the same file still starts it.
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("cluster.json"), "{}").unwrap();
+        assert!(ServeConfig::resolve(&cli, &serve).is_ok());
     }
 
     #[test]

@@ -245,7 +245,7 @@ impl Server {
                 Err(error) => {
                     // Accept errors are usually transient (EMFILE, ECONNABORTED). Back off rather
                     // than spin, and never give up: a ledger that stops accepting is an outage.
-                    eprintln!("stormledger: accept failed: {error}; retrying in {accept_backoff:?}");
+                    crate::log_line!("stormledger: accept failed: {error}; retrying in {accept_backoff:?}");
                     tokio::select! {
                         _ = &mut shutdown => break,
                         _ = tokio::time::sleep(accept_backoff) => {}

@@ -63,7 +63,9 @@ impl IdDirectory {
         // mapping for all (256 MiB at the default limits of two shards, touched at random by
         // every command).
         let tables = IdTable::new_parts(STRIPES, per_stripe).unwrap_or_else(|error| {
-            eprintln!("id directory: no mapping for its {STRIPES} stripes ({error}); allocating them one by one");
+            crate::log_line!(
+                "id directory: no mapping for its {STRIPES} stripes ({error}); allocating them one by one"
+            );
             (0..STRIPES).map(|_| IdTable::new(per_stripe)).collect()
         });
         let stripes: Box<[Mutex<IdTable>]> = tables.into_iter().map(Mutex::new).collect();

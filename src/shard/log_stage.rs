@@ -166,7 +166,7 @@ fn serve(journal: &Mutex<Box<dyn Journal>>, inbox: Receiver<Request>, outbox: Se
             }
             Request::RetireBefore(lsn) => {
                 if let Err(error) = journal.lock().retire_before(lsn) {
-                    eprintln!("shard {shard}: retiring log segments failed: {error}");
+                    crate::log_line!("shard {shard}: retiring log segments failed: {error}");
                 }
             }
         }

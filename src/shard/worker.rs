@@ -521,7 +521,7 @@ impl Applier {
                 Ok(_) => {}
                 Err(error) => {
                     if !self.poisoned {
-                        eprintln!("shard {shard}: journal failed, refusing all further writes: {error}");
+                        crate::log_line!("shard {shard}: journal failed, refusing all further writes: {error}");
                     }
                     self.poisoned = true;
                 }
@@ -933,7 +933,7 @@ pub fn run(
         }
         let now = clock.now_ns();
         if last_assigned > now.saturating_add(CLOCK_BEHIND_MAX_NS) && now >= clock_warning_after {
-            eprintln!(
+            crate::log_line!(
                 "warning: shard {shard}: the clock is {} s behind this shard's newest timestamp: commands are stamped \
                  after it (top-ups do not expire, the business day does not turn) until the clock catches up",
                 (last_assigned - now) / 1_000_000_000
@@ -1028,7 +1028,7 @@ pub fn run(
     assert!(!w.state.pinned(), "shard {shard}: a snapshot's encoding was left unfinished");
     if !w.poisoned {
         if let Err(error) = log.sync_all() {
-            eprintln!("shard {shard}: final sync failed: {error}");
+            crate::log_line!("shard {shard}: final sync failed: {error}");
             // Not a clean stop (`node::CLEAN_STOP_FILE` is not written).
             w.poisoned = true;
             w.metrics.flush(true);
@@ -1216,11 +1216,11 @@ impl Snapshotter {
                 let oldest = self.policy.kept[0];
                 if self.policy.retire_log && self.policy.kept.len() == crate::snapshot::SNAPSHOTS_KEPT && oldest > 0 {
                     if let Err(error) = log.retire_before(oldest + 1) {
-                        eprintln!("shard {shard}: retiring log segments failed: {error}");
+                        crate::log_line!("shard {shard}: retiring log segments failed: {error}");
                     }
                 }
             }
-            Err(error) => eprintln!("shard {shard}: snapshot failed: {error}"),
+            Err(error) => crate::log_line!("shard {shard}: snapshot failed: {error}"),
         }
         for done in waiting {
             done(result.clone().map(|()| lsn));

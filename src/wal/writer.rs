@@ -266,7 +266,7 @@ impl Wal {
         let shard = self.shard_id;
         let spawned = std::thread::Builder::new().name(format!("log-prefill-{shard}")).spawn(move || {
             if let Err(error) = job.run(&flag) {
-                eprintln!(
+                crate::log_line!(
                     "shard {shard}: zero-filling {} stopped: {error} (the log carries on; its syncs in that segment are slower)",
                     job.path().display()
                 );
@@ -274,7 +274,7 @@ impl Wal {
         });
         match spawned {
             Ok(thread) => self.prefill = Some(PrefillJob { stop, thread }),
-            Err(error) => eprintln!("shard {shard}: no thread to zero-fill the spare segment: {error}"),
+            Err(error) => crate::log_line!("shard {shard}: no thread to zero-fill the spare segment: {error}"),
         }
     }
 
