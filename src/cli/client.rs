@@ -570,18 +570,18 @@ async fn run(client: &Client, request: Request) -> Result<(Obj, String), ClientE
             let line = if code == Status::Ok.code() {
                 obj.set("balance", reply.value.get());
                 // The fen accounts (system: channels, suspense, coin sales) say so, with yuan.
-                let system = crate::ledger::command::SYSTEM_ACCOUNTS.iter().find(|(id, _)| *id == account);
                 // A clearing account is named by its channel too (`channel alipay`).
-                let channel = account
-                    .checked_sub(crate::ledger::command::SYSTEM_CHANNEL_BASE)
-                    .and_then(|code| u16::try_from(code).ok())
-                    .and_then(crate::ledger::Channel::from_code)
-                    .filter(|_| system.is_some_and(|(_, kind)| *kind == crate::ledger::AccountKind::Channel));
-                let name = |kind: &crate::ledger::AccountKind| match channel {
-                    Some(channel) => format!("channel {}", channel.name()),
-                    None => kind.name().to_string(),
+                let name = |kind: crate::ledger::AccountKind| {
+                    let code = account.wrapping_sub(crate::ledger::command::SYSTEM_CHANNEL_BASE);
+                    match u16::try_from(code).ok().and_then(crate::ledger::Channel::from_code) {
+                        Some(channel) if kind == crate::ledger::AccountKind::Channel => {
+                            format!("channel {}", channel.name())
+                        }
+                        _ => kind.name().to_string(),
+                    }
                 };
-                match system.map(|(_, kind)| (name(kind), kind.unit())) {
+                let system = crate::ledger::command::SYSTEM_ACCOUNTS.iter().find(|(id, _)| *id == account);
+                match system.map(|&(_, kind)| (name(kind), kind.unit())) {
                     Some((name, crate::ledger::command::Unit::Fen)) => format!(
                         "account {account} ({name}) balance {} fen ({} yuan)",
                         reply.value.get(),

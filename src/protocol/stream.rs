@@ -99,13 +99,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // The header is validated as soon as it arrives (inside `check`), so an oversized or
             // malformed frame is refused before its body is read.
             let checked = check(unconsumed).map_err(FrameReadError::Protocol)?;
-            if let (Some(only), Ok((header, _))) = (only, FrameHeader::read_from_prefix(unconsumed)) {
+            // Only in the handshake (`only`): every other frame's header is parsed once, by `check`.
+            if let Some(only) = only {
                 // Checked: `check` validated the header (or it would have failed above).
-                if header.kind.get() != only {
-                    return Err(FrameReadError::UnexpectedKind {
-                        kind: header.kind.get(),
-                        request_id: header.request_id.get(),
-                    });
+                if let Ok((header, _)) = FrameHeader::read_from_prefix(unconsumed) {
+                    if header.kind.get() != only {
+                        return Err(FrameReadError::UnexpectedKind {
+                            kind: header.kind.get(),
+                            request_id: header.request_id.get(),
+                        });
+                    }
                 }
             }
             let needed = match checked {
